@@ -16,27 +16,27 @@ import tempfile
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
-PROTO_DIR = PROTO_ROOT / "confide" / "v1"
 _IMPORT = re.compile(r"^from confide\.v1 import", re.MULTILINE)
 
 
-def proto_files() -> list[Path]:
-    return sorted(PROTO_DIR.glob("*.proto"))
+def proto_files(root: Path = PROTO_ROOT) -> list[Path]:
+    return sorted((root / "confide" / "v1").glob("*.proto"))
 
 
-def generate_into(out_dir: Path) -> list[Path]:
-    """Run protoc into ``out_dir`` and return the generated files (relative paths)."""
+def generate_into(out_dir: Path, root: Path = PROTO_ROOT) -> list[Path]:
+    """Run protoc on the .proto files under ``root`` into ``out_dir``; return the generated
+    files (paths relative to ``out_dir``)."""
     from grpc_tools import protoc
 
     well_known = str(importlib.resources.files("grpc_tools") / "_proto")
     args = [
         "grpc_tools.protoc",
-        f"-I{PROTO_ROOT}",
+        f"-I{root}",
         f"-I{well_known}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
-        *[str(p.relative_to(PROTO_ROOT)) for p in proto_files()],
+        *[str(p.relative_to(root)) for p in proto_files(root)],
     ]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed; see the messages above")
@@ -53,19 +53,21 @@ def generate_into(out_dir: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if the committed code is stale")
+    parser.add_argument("--root", type=Path, default=PROTO_ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    root: Path = args.root
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        generated = generate_into(out)
+        generated = generate_into(out, root)
         stale = []
         for rel in generated:
-            target = PROTO_ROOT / rel
+            target = root / rel
             if not target.exists() or not filecmp.cmp(out / rel, target, shallow=False):
                 stale.append(str(rel))
                 if not args.check:
                     target.write_bytes((out / rel).read_bytes())
-        expected = {PROTO_ROOT / rel for rel in generated}
-        extra = [p for p in PROTO_DIR.glob("*_pb2*.py*") if p not in expected]
+        expected = {root / rel for rel in generated}
+        extra = [p for p in (root / "confide" / "v1").glob("*_pb2*.py*") if p not in expected]
     if args.check:
         if stale or extra:
             print("stale generated code: " + ", ".join(stale + [str(p) for p in extra]))

@@ -255,10 +255,12 @@ class WatchJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
 
 class FetchGlobalModelRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "round")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    round: int
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("job_id", "seq", "timestamp_ms", "kind", "round", "node_id", "message", "metrics", "bytes", "state")

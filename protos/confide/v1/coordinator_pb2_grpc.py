@@ -140,7 +140,7 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchGlobalModel(self, request, context):
-        """Streams the job's current global model (a serialized TensorMap, chunked).
+        """Streams a global model of the job (a serialized TensorMap, chunked).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

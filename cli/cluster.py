@@ -1,0 +1,134 @@
+"""A local multi-node cluster of real processes on 127.0.0.1: one coordinator (with its
+embedded MQTT broker and SQLite state) and N node daemons, each with its own data folder.
+
+The demo, the benchmarks and the integration tests all use it, so what they exercise is what
+a user runs by hand: the same ``confide`` commands, separate processes, real sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from coordinator.broker import free_port
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        root: Path,
+        node_data_dirs: list[Path],
+        *,
+        threads_per_node: int = 1,
+        mqtt: bool = True,
+        heartbeat_interval_s: float = 2.0,
+        log_level: str = "INFO",
+    ) -> None:
+        self.root = Path(root)
+        self.node_data_dirs = [Path(d) for d in node_data_dirs]
+        self.threads_per_node = threads_per_node
+        self.mqtt = mqtt
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.log_level = log_level
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.mqtt_port = free_port() if mqtt else 0
+        self.coordinator: subprocess.Popen | None = None
+        self.nodes: dict[int, subprocess.Popen] = {}
+        (self.root / "logs").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def mqtt_url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.mqtt_port}" if self.mqtt else ""
+
+    def _env(self, threads: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["OMP_NUM_THREADS"] = str(threads)
+        env["TOKENIZERS_PARALLELISM"] = "false"
+        env["HF_HUB_OFFLINE"] = "1"
+        return env
+
+    def _spawn(self, name: str, args: list[str], threads: int) -> subprocess.Popen:
+        log = open(self.root / "logs" / f"{name}.log", "ab")  # noqa: SIM115 (owned by Popen)
+        cmd = [sys.executable, "-m", "cli.main", "--log-level", self.log_level, *args]
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(threads),
+                                cwd=Path(__file__).resolve().parent.parent)
+
+    def start_coordinator(self, timeout: float = 60.0) -> str:
+        ready = self.root / "coordinator.ready"
+        ready.unlink(missing_ok=True)
+        args = ["coordinator", "serve", "--listen", self.address,
+                "--data", str(self.root / "coordinator"), "--ready-file", str(ready),
+                "--heartbeat", str(self.heartbeat_interval_s)]
+        args += ["--mqtt-listen", f"127.0.0.1:{self.mqtt_port}"] if self.mqtt else ["--mqtt",
+                                                                                    "none"]
+        self.coordinator = self._spawn("coordinator", args, threads=1)
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self.coordinator.poll() is not None:
+                raise ClusterError("coordinator exited; see " + str(self.log("coordinator")))
+            if time.monotonic() > deadline:
+                raise ClusterError("coordinator did not start in time")
+            time.sleep(0.1)
+        return self.address
+
+    def start_node(self, index: int, *extra: str) -> subprocess.Popen:
+        args = ["node", "serve", "--coordinator", self.address,
+                "--data", str(self.node_data_dirs[index]), "--name", f"node{index}",
+                "--threads", str(self.threads_per_node), *extra]
+        process = self._spawn(f"node{index}", args, threads=self.threads_per_node)
+        self.nodes[index] = process
+        return process
+
+    def start(self) -> LocalCluster:
+        self.start_coordinator()
+        for index in range(len(self.node_data_dirs)):
+            self.start_node(index)
+        return self
+
+    def log(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.log"
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL: the node gets no chance to say goodbye (a crash, a pulled plug)."""
+        process = self.nodes.pop(index)
+        process.kill()
+        process.wait()
+
+    def kill_coordinator(self) -> None:
+        assert self.coordinator is not None
+        self.coordinator.kill()
+        self.coordinator.wait()
+        self.coordinator = None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        processes = [*self.nodes.values()]
+        if self.coordinator is not None:
+            processes.append(self.coordinator)
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in processes:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.nodes.clear()
+        self.coordinator = None
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

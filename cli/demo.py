@@ -1,0 +1,99 @@
+"""The main job: a local multi-node demo on embedded defaults (no broker, database or model
+hub to install). A coordinator and N node daemons start as separate processes on 127.0.0.1;
+each node holds a private non-IID shard of BBC News; they fine-tune all-MiniLM-L6-v2 with
+LoRA for a few federated rounds; a table reports accuracy before/after on a held-out set the
+nodes never saw, bytes up and down per round, and time per round."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from cli.cluster import ClusterError, LocalCluster
+from cli.experiment import run_experiment, shard_dirs
+from node.data import load_jsonl, prepare_bbc_shards
+from protos.sdk import job_spec
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", type=int, default=3, help="node daemons (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="federated rounds (default: %(default)s)")
+    p.add_argument("--method", default="fedavg-lora", help="learning method (default: %(default)s)")
+    p.add_argument("--params", default="", help="method parameters as JSON")
+    p.add_argument("--base", default="minilm", help="base model (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="Dirichlet label skew of the shards (default: %(default)s)")
+    p.add_argument("--max-per-node", type=int, default=240,
+                   help="training articles per node, 0 = all (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per article")
+    p.add_argument("--max-steps", type=int, default=0, help="cap on local steps per round")
+    p.add_argument("--lr", type=float, default=2e-3, help="local learning rate")
+    p.add_argument("--test-size", type=int, default=300,
+                   help="held-out articles evaluated before/after, 0 = all")
+    p.add_argument("--workdir", default="runs/demo", help="logs, data and state go here")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    workdir = Path(args.workdir)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    data_root = workdir / "data"
+    print(f"preparing {args.nodes} non-IID BBC News shards (alpha={args.alpha}) in {data_root}")
+    prepare_bbc_shards(data_root, nodes=args.nodes, alpha=args.alpha, seed=args.seed,
+                       max_train_per_node=args.max_per_node or None)
+    labels = json.loads((data_root / "labels.json").read_text())
+    test = load_jsonl(data_root / "test.jsonl")
+    if args.test_size:
+        test = test[: args.test_size]
+    for i, shard in enumerate(shard_dirs(data_root, args.nodes)):
+        counts = [0] * len(labels)
+        for example in load_jsonl(shard / "train.jsonl"):
+            counts[example.label] += 1
+        print(f"  node{i}: " + ", ".join(f"{name} {n}" for name, n in zip(labels, counts,
+                                                                          strict=True)))
+    spec = job_spec(
+        args.method,
+        name="demo",
+        rounds=args.rounds,
+        min_nodes=max(1, args.nodes - 1),
+        base=args.base,
+        num_labels=len(labels),
+        max_length=args.max_length,
+        max_steps=args.max_steps,
+        learning_rate=args.lr,
+        seed=args.seed,
+        params=json.loads(args.params) if args.params else None,
+    )
+    cluster = LocalCluster(workdir, shard_dirs(data_root, args.nodes))
+    try:
+        cluster.start()
+        print(f"coordinator on {cluster.address}, MQTT events on {cluster.mqtt_url}, "
+              f"{args.nodes} node daemons; logs in {workdir / 'logs'}")
+        result = run_experiment(cluster, spec, test, evaluate_rounds=True)
+    except ClusterError as exc:
+        print(f"error: {exc}")
+        return 1
+    finally:
+        cluster.stop()
+    print()
+    print(f"job {result.job_id} ({result.method}): {result.state} {result.reason}")
+    print(f"{'round':>5} {'nodes':>5} {'train loss':>10} {'accuracy':>9} {'up (KB)':>10} "
+          f"{'down (KB)':>10} {'seconds':>8}")
+    if result.before:
+        print(f"{0:>5} {'-':>5} {'-':>10} {result.before['accuracy']:>9.3f} {'-':>10} {'-':>10} "
+              f"{'-':>8}")
+    for r in result.rounds:
+        loss = r["metrics"].get("loss_last", float("nan"))
+        acc = r["eval"].get("accuracy", float("nan"))
+        print(f"{r['round']:>5} {r['participants']:>5} {loss:>10.4f} {acc:>9.3f} "
+              f"{r['bytes_up'] / 1e3:>10.1f} {r['bytes_down'] / 1e3:>10.1f} {r['seconds']:>8.1f}")
+    if result.before:
+        print(f"held-out accuracy ({len(test)} articles): before "
+              f"{result.before['accuracy']:.3f}, after {result.after.get('accuracy', float('nan')):.3f}")
+    print(f"demo finished in {time.monotonic() - started:.0f}s")
+    return 0 if result.ok else 1

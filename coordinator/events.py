@@ -1,0 +1,86 @@
+"""The job event log: every event is stored (for ``WatchJob`` replay and restarts), handed
+to live watchers, and published on MQTT when a broker is configured."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator
+
+from coordinator.store import Store, now_ms
+from protos.confide.v1 import coordinator_pb2 as pb
+from protos.events import EventPublisher, event_to_json, job_events_topic
+
+log = logging.getLogger(__name__)
+
+FINAL_KINDS = {"job.completed", "job.failed", "job.cancelled"}
+
+
+class EventLog:
+    def __init__(self, store: Store, publisher: EventPublisher | None = None) -> None:
+        self.store = store
+        self.publisher = publisher
+        self._watchers: dict[str, set[asyncio.Queue[pb.Event]]] = defaultdict(set)
+        self._seq: dict[str, int] = {}
+
+    def emit(
+        self,
+        job_id: str,
+        kind: str,
+        *,
+        round_number: int = 0,
+        node_id: str = "",
+        message: str = "",
+        metrics: dict[str, float] | None = None,
+        bytes_up: int = 0,
+        bytes_down: int = 0,
+        state: int = pb.JOB_STATE_UNSPECIFIED,
+    ) -> pb.Event:
+        seq = self._seq.get(job_id)
+        if seq is None:
+            seq = self.store.last_event_seq(job_id)
+        seq += 1
+        self._seq[job_id] = seq
+        event = pb.Event(
+            job_id=job_id,
+            seq=seq,
+            timestamp_ms=now_ms(),
+            kind=kind,
+            round=round_number,
+            node_id=node_id,
+            message=message,
+            state=state,
+        )
+        event.metrics.update(metrics or {})
+        event.bytes.up = bytes_up
+        event.bytes.down = bytes_down
+        self.store.append_event(event)
+        for queue in list(self._watchers[job_id]):
+            queue.put_nowait(event)
+        if self.publisher is not None:
+            self.publisher.publish(job_events_topic(job_id), event_to_json(event))
+        log.info("job %s: %s %s", job_id, kind, message)
+        return event
+
+    async def watch(self, job_id: str, after_seq: int = 0) -> AsyncIterator[pb.Event]:
+        """Past events after ``after_seq``, then live ones, until a final event."""
+        queue: asyncio.Queue[pb.Event] = asyncio.Queue()
+        self._watchers[job_id].add(queue)
+        try:
+            last = after_seq
+            for event in self.store.events(job_id, after_seq):
+                last = event.seq
+                yield event
+                if event.kind in FINAL_KINDS:
+                    return
+            while True:
+                event = await queue.get()
+                if event.seq <= last:
+                    continue
+                last = event.seq
+                yield event
+                if event.kind in FINAL_KINDS:
+                    return
+        finally:
+            self._watchers[job_id].discard(queue)

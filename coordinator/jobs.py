@@ -1,0 +1,92 @@
+"""Job specs: defaults for what a user left unset, and validation with actionable errors.
+
+A proto3 field left unset reads as zero or empty, so "0" means "the default" for every field
+whose zero makes no sense; the coordinator fills those in once, at submission, and stores the
+complete spec so every node of every round sees the same values.
+"""
+
+from __future__ import annotations
+
+import re
+
+from node.methods import get_method, method_params
+from protos.confide.v1 import coordinator_pb2 as pb
+
+TASKS = ("sequence-classification", "causal-lm")
+JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{12}$")
+DATASET_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+DEFAULTS = {
+    "method": "fedavg-lora",
+    "rounds": 3,
+    "min_nodes": 1,
+    "round_timeout_s": 600.0,
+    "wait_for_nodes_s": 60.0,
+    "task": "sequence-classification",
+    "base": "tiny-bert",
+    "num_labels": 2,
+    "max_length": 128,
+    "lora_r": 8,
+    "local_epochs": 1,
+    "batch_size": 16,
+    "learning_rate": 5e-4,
+    "dataset": "train",
+}
+
+
+def normalize_spec(spec: pb.JobSpec) -> pb.JobSpec:
+    """Return a complete copy of ``spec``; ValueError names the first bad field."""
+    s = pb.JobSpec()
+    s.CopyFrom(spec)
+    d = DEFAULTS
+    s.method = s.method or d["method"]
+    s.rounds = s.rounds or d["rounds"]
+    s.min_nodes = s.min_nodes or d["min_nodes"]
+    s.round_timeout_s = s.round_timeout_s or d["round_timeout_s"]
+    s.wait_for_nodes_s = s.wait_for_nodes_s or d["wait_for_nodes_s"]
+    m = s.model
+    m.task = m.task or d["task"]
+    m.base = m.base or d["base"]
+    m.max_length = m.max_length or d["max_length"]
+    if m.task == "sequence-classification":
+        m.num_labels = m.num_labels or d["num_labels"]
+    m.lora.r = m.lora.r or d["lora_r"]
+    m.lora.alpha = m.lora.alpha or 2.0 * m.lora.r
+    t = s.train
+    t.local_epochs = t.local_epochs or d["local_epochs"]
+    t.batch_size = t.batch_size or d["batch_size"]
+    t.learning_rate = t.learning_rate or d["learning_rate"]
+    t.dataset = t.dataset or d["dataset"]
+
+    checks = [
+        (len(s.name) <= 128, "name: at most 128 characters"),
+        (1 <= s.rounds <= 100_000, f"rounds: must be 1..100000, got {s.rounds}"),
+        (s.min_nodes <= 10_000, f"min_nodes: at most 10000, got {s.min_nodes}"),
+        (
+            s.nodes_per_round == 0 or s.nodes_per_round >= s.min_nodes,
+            f"nodes_per_round ({s.nodes_per_round}) must be 0 (all) or >= min_nodes "
+            f"({s.min_nodes})",
+        ),
+        (s.round_timeout_s > 0, "round_timeout_s: must be positive"),
+        (s.wait_for_nodes_s > 0, "wait_for_nodes_s: must be positive"),
+        (m.task in TASKS, f"model.task: must be one of {', '.join(TASKS)}, got {m.task!r}"),
+        (
+            m.task != "sequence-classification" or 2 <= m.num_labels <= 100_000,
+            f"model.num_labels: must be >= 2 for classification, got {m.num_labels}",
+        ),
+        (1 <= m.max_length <= 65_536, f"model.max_length: must be 1..65536, got {m.max_length}"),
+        (1 <= m.lora.r <= 4096, f"model.lora.r: must be 1..4096, got {m.lora.r}"),
+        (0 <= m.lora.dropout < 1, f"model.lora.dropout: must be in [0, 1), got {m.lora.dropout}"),
+        (1 <= t.batch_size <= 65_536, f"train.batch_size: must be 1..65536, got {t.batch_size}"),
+        (0 < t.learning_rate < 10, f"train.learning_rate: must be in (0, 10), got "
+                                   f"{t.learning_rate}"),
+        (t.local_epochs <= 10_000, f"train.local_epochs: at most 10000, got {t.local_epochs}"),
+        (bool(DATASET_PATTERN.match(t.dataset)),
+         f"train.dataset: letters, digits, '_', '.', '-' only, got {t.dataset!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    method = get_method(s.method)  # ValueError lists the known methods
+    method.parse_config(method_params(s))
+    return s

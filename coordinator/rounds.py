@@ -1,0 +1,271 @@
+"""The round engine: one ``JobRunner`` per running job.
+
+For each round it waits until ``min_nodes`` nodes are online, selects the round's nodes,
+sends each the task and the global state, gathers their updates under the round deadline,
+hands the valid ones to the method's pure ``aggregate`` and commits the new global state.
+Everything it commits goes through the ``Store``, so a restarted coordinator resumes a job at
+the first round that was not committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Sequence
+
+from coordinator.events import EventLog
+from coordinator.sessions import NodeSession, SessionRegistry, TaskOutcome
+from coordinator.store import RoundRecord, Store
+from node.methods import ClientUpdate, FederatedMethod, get_method, method_params
+from protos.codec import CodecError, tensor_map_from_bytes, tensor_map_to_bytes, to_dense
+from protos.confide.v1 import coordinator_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class JobFailed(Exception):
+    """The job cannot go on; the message says why, for the user."""
+
+
+def weighted_metrics(outcomes: Sequence[TaskOutcome]) -> dict[str, float]:
+    """Example-weighted means of the nodes' metrics (each node reports its own)."""
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for outcome in outcomes:
+        w = float(max(outcome.num_examples, 1))
+        for key, value in outcome.metrics.items():
+            totals[key] = totals.get(key, 0.0) + w * value
+            weights[key] = weights.get(key, 0.0) + w
+    return {key: totals[key] / weights[key] for key in totals}
+
+
+class JobRunner:
+    def __init__(
+        self,
+        job_id: str,
+        store: Store,
+        sessions: SessionRegistry,
+        events: EventLog,
+    ) -> None:
+        self.job_id = job_id
+        self.store = store
+        self.sessions = sessions
+        self.events = events
+        status = store.job(job_id)
+        if status is None:
+            raise KeyError(job_id)
+        self.spec = status.spec
+        self.method: FederatedMethod = get_method(self.spec.method)
+        self.config = self.method.parse_config(method_params(self.spec))
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> asyncio.Task:
+        self.task = asyncio.create_task(self.run(), name=f"job-{self.job_id}")
+        return self.task
+
+    async def cancel(self, reason: str) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        self.store.set_job_state(self.job_id, pb.CANCELLED, reason)
+        self.events.emit(self.job_id, "job.cancelled", message=reason, state=pb.CANCELLED)
+
+    # ------------------------------------------------------------------ the job
+
+    async def run(self) -> None:
+        status = self.store.job(self.job_id)
+        assert status is not None
+        resumed = status.rounds_completed > 0 or status.state == pb.RUNNING
+        self.store.set_job_state(self.job_id, pb.RUNNING)
+        self.events.emit(
+            self.job_id,
+            "job.started",
+            message=f"resumed after round {status.rounds_completed}" if resumed else "",
+            state=pb.RUNNING,
+        )
+        try:
+            latest = self.store.latest_global(self.job_id)
+            if latest is None:
+                state = await self._initial_state()
+                self.store.save_global(self.job_id, 0, state)
+                first_round = 1
+            else:
+                first_round, state = latest[0] + 1, latest[1]
+            for round_number in range(first_round, self.spec.rounds + 1):
+                state = await self._run_round(round_number, state)
+        except JobFailed as exc:
+            self.store.set_job_state(self.job_id, pb.FAILED, str(exc))
+            self.events.emit(self.job_id, "job.failed", message=str(exc), state=pb.FAILED)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must fail the job visibly, not hang it
+            log.exception("job %s crashed", self.job_id)
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            self.store.set_job_state(self.job_id, pb.FAILED, reason)
+            self.events.emit(self.job_id, "job.failed", message=reason, state=pb.FAILED)
+            return
+        self.store.set_job_state(self.job_id, pb.COMPLETED)
+        self.events.emit(
+            self.job_id, "job.completed", round_number=self.spec.rounds, state=pb.COMPLETED
+        )
+
+    async def _wait_for_nodes(self, count: int) -> list[NodeSession]:
+        deadline = time.monotonic() + self.spec.wait_for_nodes_s
+        while True:
+            online = [s for s in self.sessions.online() if not s.busy]
+            if len(online) >= count:
+                return online
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise JobFailed(
+                    f"only {len(online)} idle node(s) online, the job needs {count} "
+                    f"(waited {self.spec.wait_for_nodes_s:.0f}s); start more nodes or lower "
+                    "min_nodes"
+                )
+            self.sessions.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.sessions.changed.wait(), min(remaining, 1.0))
+
+    def _new_task(self, kind: int, round_number: int, has_global: bool) -> pb.Task:
+        return pb.Task(
+            task_id=uuid.uuid4().hex,
+            job_id=self.job_id,
+            round=round_number,
+            kind=kind,
+            spec=self.spec,
+            has_global=has_global,
+            deadline_s=self.spec.round_timeout_s,
+        )
+
+    async def _initial_state(self) -> dict:
+        """Ask one node to build the model from the spec and upload its initial trainable
+        state (as Flower does), so the coordinator never needs the model itself."""
+        reasons = []
+        for _attempt in range(3):
+            (session,) = random.sample(await self._wait_for_nodes(1), 1)
+            task = self._new_task(pb.INIT, 0, has_global=False)
+            outcome = await session.run_task(task, None, self.spec.round_timeout_s)
+            if outcome.ok:
+                try:
+                    state = {k: to_dense(v) for k, v in tensor_map_from_bytes(outcome.payload)
+                             .items()}
+                except CodecError as exc:
+                    reasons.append(f"{outcome.node_id}: invalid initial state: {exc}")
+                    continue
+                self.events.emit(
+                    self.job_id,
+                    "job.initialized",
+                    node_id=outcome.node_id,
+                    message=f"{len(state)} trainable tensors, "
+                    f"{sum(t.numel() for t in state.values()):,} parameters",
+                    bytes_up=outcome.bytes_up,
+                    bytes_down=outcome.bytes_down,
+                )
+                return state
+            reasons.append(f"{outcome.node_id}: {outcome.reason}")
+        raise JobFailed("could not initialize the model: " + "; ".join(reasons))
+
+    def _select(self, online: list[NodeSession], round_number: int) -> list[NodeSession]:
+        online = sorted(online, key=lambda s: s.node_id)
+        count = self.spec.nodes_per_round or len(online)
+        rng = random.Random(f"{self.spec.seed}/{round_number}")
+        return rng.sample(online, min(count, len(online)))
+
+    async def _run_round(self, round_number: int, state: dict) -> dict:
+        started = time.monotonic()
+        selected = self._select(await self._wait_for_nodes(self.spec.min_nodes), round_number)
+        record = RoundRecord(round=round_number, state="running",
+                             selected=[s.node_id for s in selected])
+        self.store.save_round(self.job_id, record)
+        self.events.emit(
+            self.job_id,
+            "round.started",
+            round_number=round_number,
+            message=f"{len(selected)} node(s): " + ", ".join(record.selected),
+        )
+        payload = tensor_map_to_bytes(state)
+        outcomes = await asyncio.gather(
+            *(
+                self._train_on(session, round_number, payload)
+                for session in selected
+            )
+        )
+        updates: list[ClientUpdate] = []
+        accepted: list[TaskOutcome] = []
+        for outcome in outcomes:
+            record.bytes_up += outcome.bytes_up
+            record.bytes_down += outcome.bytes_down
+            update = self._accept(outcome, state, round_number, record)
+            if update is not None:
+                updates.append(update)
+                accepted.append(outcome)
+        record.participants = [u.node_id for u in updates]
+        record.metrics = weighted_metrics(accepted)
+        record.seconds = time.monotonic() - started
+        if len(updates) < self.spec.min_nodes:
+            record.state = "failed"
+            self.store.save_round(self.job_id, record)
+            why = "; ".join(f"{node}: {reason}" for node, reason in record.dropped.items())
+            message = (
+                f"round {round_number}: {len(updates)} of {len(selected)} node(s) returned a "
+                f"valid update, min_nodes is {self.spec.min_nodes}" + (f" ({why})" if why else "")
+            )
+            self.events.emit(self.job_id, "round.failed", round_number=round_number,
+                             message=message, bytes_up=record.bytes_up,
+                             bytes_down=record.bytes_down)
+            raise JobFailed(message)
+        new_state = self.method.aggregate(self.config, state, updates, round_number)
+        self.store.save_global(self.job_id, round_number, new_state)
+        record.state = "completed"
+        self.store.save_round(self.job_id, record)
+        self.events.emit(
+            self.job_id,
+            "round.completed",
+            round_number=round_number,
+            message=f"{len(updates)} update(s) aggregated in {record.seconds:.1f}s",
+            metrics=record.metrics,
+            bytes_up=record.bytes_up,
+            bytes_down=record.bytes_down,
+        )
+        return new_state
+
+    async def _train_on(self, session: NodeSession, round_number: int,
+                        payload: bytes) -> TaskOutcome:
+        task = self._new_task(pb.TRAIN, round_number, has_global=True)
+        return await session.run_task(task, payload, self.spec.round_timeout_s)
+
+    def _accept(self, outcome: TaskOutcome, state: dict, round_number: int,
+                record: RoundRecord) -> ClientUpdate | None:
+        """Decode and check one node's update; a bad one is dropped, never aggregated."""
+        reason = outcome.reason
+        update = None
+        if outcome.ok:
+            try:
+                decoded = tensor_map_from_bytes(outcome.payload or b"")
+                self.method.check_update(state, decoded)
+                update = ClientUpdate(outcome.node_id, decoded, outcome.num_examples)
+            except (CodecError, ValueError) as exc:
+                reason = f"invalid update: {exc}"
+        if update is None:
+            record.dropped[outcome.node_id] = reason
+            self.events.emit(self.job_id, "node.dropped", round_number=round_number,
+                             node_id=outcome.node_id, message=reason,
+                             bytes_up=outcome.bytes_up, bytes_down=outcome.bytes_down)
+            return None
+        self.events.emit(
+            self.job_id,
+            "node.done",
+            round_number=round_number,
+            node_id=outcome.node_id,
+            message=f"{outcome.num_examples} examples in {outcome.seconds:.1f}s",
+            metrics=outcome.metrics,
+            bytes_up=outcome.bytes_up,
+            bytes_down=outcome.bytes_down,
+        )
+        return update

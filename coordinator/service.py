@@ -1,0 +1,287 @@
+"""The coordinator's gRPC servicer: every RPC validates its input and answers with a proper
+status code and a message a person can act on; a bad request never kills the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from coordinator.events import EventLog
+from coordinator.jobs import JOB_ID_PATTERN, normalize_spec
+from coordinator.rounds import JobRunner
+from coordinator.sessions import NodeSession, SessionRegistry
+from coordinator.store import TERMINAL_STATES, Store
+from protos.chunking import split_payload
+from protos.codec import tensor_map_to_bytes
+from protos.confide.v1 import coordinator_pb2 as pb
+from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
+from protos.identity import (
+    REGISTER_DOMAIN,
+    SESSION_DOMAIN,
+    node_id_for,
+    register_message,
+    session_message,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_CLOCK_SKEW_MS = 5 * 60 * 1000
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def unary(handler):
+    """Turn ``_Abort`` into a gRPC status, and any other exception into INTERNAL with the
+    exception named, so one bad request never takes the daemon down."""
+
+    @functools.wraps(handler)
+    async def wrapper(self, request, context):
+        try:
+            return await handler(self, request, context)
+        except _Abort as exc:
+            await context.abort(exc.code, exc.message)
+        except Exception as exc:
+            log.exception("%s failed", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"{handler.__name__} failed: {type(exc).__name__}: {exc}")
+
+    return wrapper
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(
+        self,
+        store: Store,
+        sessions: SessionRegistry,
+        events: EventLog,
+        *,
+        mqtt_url: str = "",
+        heartbeat_interval_s: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.sessions = sessions
+        self.events = events
+        self.mqtt_url = mqtt_url
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.runners: dict[str, JobRunner] = {}
+
+    # ------------------------------------------------------------------ jobs
+
+    def start_job(self, job_id: str) -> None:
+        runner = JobRunner(job_id, self.store, self.sessions, self.events)
+        self.runners[job_id] = runner
+        runner.start()
+
+    def resume_jobs(self) -> list[str]:
+        """Restart the runners of jobs that were pending or running when we stopped."""
+        job_ids = self.store.job_ids((pb.PENDING, pb.RUNNING))
+        for job_id in job_ids:
+            self.start_job(job_id)
+        return job_ids
+
+    async def stop_jobs(self) -> None:
+        for runner in self.runners.values():
+            if runner.task is not None and not runner.task.done():
+                runner.task.cancel()
+        await asyncio.gather(
+            *(r.task for r in self.runners.values() if r.task is not None),
+            return_exceptions=True,
+        )
+
+    def _job_or_abort(self, job_id: str, context) -> pb.JobStatus:
+        if not JOB_ID_PATTERN.match(job_id):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"job_id must be 12 lowercase hex characters, got {job_id[:40]!r}")
+        status = self.store.job(job_id)
+        if status is None:
+            raise _Abort(grpc.StatusCode.NOT_FOUND,
+                         f"no job {job_id!r}; list jobs with `confide job list`")
+        return status
+
+    # ------------------------------------------------------------------ RPCs
+
+    @unary
+    async def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:
+        if len(request.public_key) != 32:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         "public_key must be a raw 32-byte Ed25519 public key, got "
+                         f"{len(request.public_key)} bytes")
+        skew = abs(time.time() * 1000 - request.timestamp_ms)
+        if skew > MAX_CLOCK_SKEW_MS:
+            raise _Abort(grpc.StatusCode.UNAUTHENTICATED,
+                         f"timestamp is {skew / 1000:.0f}s away from the coordinator's "
+                         "clock (limit 300s); fix the node's clock")
+        _verify(request.public_key, request.signature,
+                register_message(request.public_key, request.timestamp_ms), REGISTER_DOMAIN)
+        info = request.info
+        if len(info.name) > 128 or len(info.roles) > 16 or len(info.peer_address) > 256:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         "node info too large: name <= 128 chars, <= 16 roles, "
+                         "peer_address <= 256 chars")
+        if len(info.datasets) > 256:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "at most 256 datasets per node")
+        node_id = node_id_for(request.public_key)
+        self.store.upsert_node(node_id, request.public_key, info)
+        log.info("registered node %s (%s)", node_id, info.name)
+        return pb.RegisterResponse(node_id=node_id, mqtt_url=self.mqtt_url)
+
+    async def Session(
+        self, request_iterator: AsyncIterator[pb.NodeMessage], context
+    ) -> AsyncIterator[pb.CoordinatorMessage]:
+        try:
+            hello = await asyncio.wait_for(anext(request_iterator), 30)
+        except (StopAsyncIteration, TimeoutError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session must start with hello")
+        if hello.WhichOneof("body") != "hello":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "the first session message must be `hello`")
+        node_id = hello.hello.node_id
+        public_key = self.store.node_key(node_id) if len(node_id) <= 64 else None
+        if public_key is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"node {node_id[:64]!r} is not registered; call Register first")
+        nonce = os.urandom(32)
+        yield pb.CoordinatorMessage(challenge=pb.SessionChallenge(nonce=nonce))
+        try:
+            proof = await asyncio.wait_for(anext(request_iterator), 30)
+        except (StopAsyncIteration, TimeoutError):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no proof for the challenge")
+        try:
+            if proof.WhichOneof("body") != "proof":
+                raise _Abort(grpc.StatusCode.UNAUTHENTICATED,
+                             "the second session message must be `proof`")
+            _verify(public_key, proof.proof.signature, session_message(nonce, node_id),
+                    SESSION_DOMAIN)
+        except _Abort as exc:
+            await context.abort(exc.code, exc.message)
+
+        session = NodeSession(node_id)
+        self.sessions.add(session)
+        self.store.touch_node(node_id)
+        yield pb.CoordinatorMessage(welcome=pb.SessionWelcome(
+            heartbeat_interval_s=self.heartbeat_interval_s, mqtt_url=self.mqtt_url))
+        log.info("node %s connected", node_id)
+        reader = asyncio.create_task(self._read_session(session, request_iterator))
+        try:
+            while True:
+                message = await session.outbox.get()
+                if message is None:
+                    break
+                yield message
+        finally:
+            reader.cancel()
+            session.close(session.close_reason or "stream ended")
+            self.sessions.remove(session)
+            self.store.touch_node(node_id)
+            log.info("node %s disconnected: %s", node_id, session.close_reason)
+
+    async def _read_session(self, session: NodeSession, request_iterator) -> None:
+        try:
+            async for message in request_iterator:
+                reply = session.handle(message)
+                if reply is not None and not session.closed:
+                    session.outbox.put_nowait(reply)
+            session.close("node closed the stream")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            session.close(f"stream error: {type(exc).__name__}")
+
+    @unary
+    async def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.JobStatus:
+        try:
+            spec = normalize_spec(request.spec)
+        except ValueError as exc:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid job spec: {exc}") from None
+        job_id = uuid.uuid4().hex[:12]
+        self.store.create_job(job_id, spec)
+        self.events.emit(job_id, "job.submitted", message=spec.name or spec.method,
+                         state=pb.PENDING)
+        self.start_job(job_id)
+        status = self.store.job(job_id)
+        assert status is not None
+        return status
+
+    @unary
+    async def GetJob(self, request: pb.GetJobRequest, context) -> pb.JobStatus:
+        return self._job_or_abort(request.job_id, context)
+
+    @unary
+    async def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
+        jobs = [self.store.job(job_id) for job_id in self.store.job_ids()]
+        return pb.ListJobsResponse(jobs=[j for j in jobs if j is not None])
+
+    @unary
+    async def CancelJob(self, request: pb.GetJobRequest, context) -> pb.JobStatus:
+        status = self._job_or_abort(request.job_id, context)
+        if status.state in TERMINAL_STATES:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"job {request.job_id} already ended "
+                         f"({pb.JobState.Name(status.state)})")
+        runner = self.runners.get(request.job_id)
+        if runner is not None:
+            await runner.cancel("cancelled by request")
+        return self._job_or_abort(request.job_id, context)
+
+    async def WatchJob(self, request: pb.WatchJobRequest, context) -> AsyncIterator[pb.Event]:
+        try:
+            self._job_or_abort(request.job_id, context)
+        except _Abort as exc:
+            await context.abort(exc.code, exc.message)
+        async for event in self.events.watch(request.job_id, request.after_seq):
+            yield event
+
+    @unary
+    async def ListNodes(self, request: pb.ListNodesRequest, context) -> pb.ListNodesResponse:
+        nodes = self.store.nodes()
+        for node in nodes:
+            session = self.sessions.get(node.node_id)
+            node.online = session is not None and not session.closed
+            node.busy = bool(session and session.busy)
+        return pb.ListNodesResponse(nodes=nodes)
+
+    async def FetchGlobalModel(self, request: pb.FetchGlobalModelRequest,
+                               context) -> AsyncIterator[pb.Chunk]:
+        try:
+            status = self._job_or_abort(request.job_id, context)
+            if request.HasField("round") and request.round > status.rounds_completed:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"job {request.job_id} has completed {status.rounds_completed} "
+                             f"round(s); round {request.round} is not available yet")
+            if request.HasField("round"):
+                state = self.store.load_global(request.job_id, request.round)
+            else:
+                latest = self.store.latest_global(request.job_id)
+                state = latest[1] if latest else None
+            if state is None:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"job {request.job_id} has no global model yet; wait for its "
+                             "first round")
+        except _Abort as exc:
+            await context.abort(exc.code, exc.message)
+        for chunk in split_payload(tensor_map_to_bytes(state), f"{request.job_id}-global"):
+            yield chunk
+
+
+def _verify(public_key: bytes, signature: bytes, message: bytes, domain: bytes) -> None:
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        raise _Abort(grpc.StatusCode.UNAUTHENTICATED,
+                     f"invalid signature for {domain.decode(errors='replace').rstrip(chr(0))}; "
+                     "the node must sign with the key it registered") from None
+

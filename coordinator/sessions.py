@@ -1,0 +1,239 @@
+"""Live node sessions: the coordinator's end of each node's long-lived bidirectional stream.
+
+A node dials out and keeps one ``Session`` stream open, so it needs no open port. Down the
+stream go tasks and the global state (chunked); up it come heartbeats, the update (chunked)
+and the result. ``NodeSession.run_task`` turns that message exchange into one awaitable
+with a deadline, counting every byte that crosses in each direction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from protos.chunking import ChunkAssembler, ChunkError, split_payload
+from protos.confide.v1 import coordinator_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+#: gRPC frames every message with a 5-byte prefix (compression flag + length)
+GRPC_FRAME_BYTES = 5
+
+
+def wire_bytes(message) -> int:
+    """Bytes a message occupies in the gRPC stream (protobuf plus gRPC framing)."""
+    return message.ByteSize() + GRPC_FRAME_BYTES
+
+
+@dataclass
+class TaskOutcome:
+    """What came back for one task: an update payload, or the reason there is none."""
+
+    node_id: str
+    task_id: str
+    ok: bool
+    reason: str = ""
+    payload: bytes | None = None
+    num_examples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _PendingTask:
+    task: pb.Task
+    assembler: ChunkAssembler
+    future: asyncio.Future
+    started: float
+    bytes_up: int = 0
+    bytes_down: int = 0
+    payload: bytes | None = None
+
+    def outcome(self, node_id: str, ok: bool, reason: str = "", **extra) -> TaskOutcome:
+        return TaskOutcome(
+            node_id=node_id,
+            task_id=self.task.task_id,
+            ok=ok,
+            reason=reason,
+            payload=self.payload,
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            seconds=time.monotonic() - self.started,
+            **extra,
+        )
+
+    def settle(self, outcome: TaskOutcome) -> None:
+        if not self.future.done():
+            self.future.set_result(outcome)
+
+
+class NodeSession:
+    """One connected node: an outbox the stream drains, and the tasks in flight."""
+
+    def __init__(self, node_id: str, max_update_bytes: int = 1 << 31) -> None:
+        self.node_id = node_id
+        self.max_update_bytes = max_update_bytes
+        self.outbox: asyncio.Queue[pb.CoordinatorMessage | None] = asyncio.Queue()
+        self.last_seen = time.monotonic()
+        self.busy = False
+        self.closed = False
+        self.close_reason = ""
+        self.progress: dict[str, tuple[int, int, float]] = {}
+        self._pending: dict[str, _PendingTask] = {}
+
+    # ------------------------------------------------------------- sending
+
+    def send(self, message: pb.CoordinatorMessage) -> int:
+        if self.closed:
+            raise ConnectionError(f"node {self.node_id} is disconnected ({self.close_reason})")
+        self.outbox.put_nowait(message)
+        return wire_bytes(message)
+
+    async def run_task(
+        self, task: pb.Task, global_payload: bytes | None, timeout: float
+    ) -> TaskOutcome:
+        """Send ``task`` (and the global state), wait for the node's answer or the deadline."""
+        loop = asyncio.get_running_loop()
+        limit = self.max_update_bytes
+        pending = _PendingTask(
+            task=task,
+            assembler=ChunkAssembler(transfer_id=task.task_id, max_bytes=limit),
+            future=loop.create_future(),
+            started=time.monotonic(),
+        )
+        self._pending[task.task_id] = pending
+        try:
+            try:
+                pending.bytes_down += self.send(pb.CoordinatorMessage(task=task))
+                if global_payload is not None:
+                    for chunk in split_payload(global_payload, task.task_id):
+                        message = pb.CoordinatorMessage(
+                            global_chunk=pb.TaskChunk(task_id=task.task_id, chunk=chunk)
+                        )
+                        pending.bytes_down += self.send(message)
+            except ConnectionError as exc:
+                return pending.outcome(self.node_id, False, str(exc))
+            try:
+                return await asyncio.wait_for(asyncio.shield(pending.future), timeout)
+            except TimeoutError:
+                reason = f"no result within the round deadline of {timeout:.0f}s"
+                self._cancel(task.task_id, reason)
+                return pending.outcome(self.node_id, False, reason)
+            except asyncio.CancelledError:  # the job was cancelled: free the node now
+                self._cancel(task.task_id, "job cancelled")
+                raise
+        finally:
+            self._pending.pop(task.task_id, None)
+
+    def _cancel(self, task_id: str, reason: str) -> None:
+        with contextlib.suppress(ConnectionError):
+            self.send(pb.CoordinatorMessage(cancel=pb.CancelTask(task_id=task_id, reason=reason)))
+
+    # ------------------------------------------------------------- receiving
+
+    def handle(self, message: pb.NodeMessage) -> pb.CoordinatorMessage | None:
+        """Process one message from the node; returns a direct reply, if any."""
+        self.last_seen = time.monotonic()
+        kind = message.WhichOneof("body")
+        if kind == "heartbeat":
+            self.busy = message.heartbeat.busy
+            return pb.CoordinatorMessage(heartbeat_ack=pb.HeartbeatAck(seq=message.heartbeat.seq))
+        if kind == "update_chunk":
+            self._on_update_chunk(message)
+        elif kind == "result":
+            self._on_result(message)
+        elif kind == "failure":
+            pending = self._pending.get(message.failure.task_id)
+            if pending is not None:
+                reason = message.failure.reason[:2000] or "node reported a failure"
+                pending.bytes_up += wire_bytes(message)
+                pending.settle(pending.outcome(self.node_id, False, f"node failed: {reason}"))
+        elif kind == "progress":
+            p = message.progress
+            self.progress[p.task_id] = (p.step, p.total_steps, p.loss)
+        else:
+            log.warning("node %s sent an unexpected %s message; ignored", self.node_id, kind)
+        return None
+
+    def _on_update_chunk(self, message: pb.NodeMessage) -> None:
+        pending = self._pending.get(message.update_chunk.task_id)
+        if pending is None or pending.future.done():
+            return  # late chunk of a task that already ended: ignore
+        pending.bytes_up += wire_bytes(message)
+        try:
+            payload = pending.assembler.add(message.update_chunk.chunk)
+        except ChunkError as exc:
+            pending.settle(pending.outcome(self.node_id, False, f"invalid update stream: {exc}"))
+            return
+        if payload is not None:
+            pending.payload = payload
+
+    def _on_result(self, message: pb.NodeMessage) -> None:
+        result = message.result
+        pending = self._pending.get(result.task_id)
+        if pending is None or pending.future.done():
+            return
+        pending.bytes_up += wire_bytes(message)
+        if pending.payload is None:
+            got = pending.assembler.received_bytes
+            reason = f"result arrived before the complete update ({got} bytes received)"
+            pending.settle(pending.outcome(self.node_id, False, reason))
+            return
+        pending.settle(
+            pending.outcome(
+                self.node_id,
+                True,
+                num_examples=int(result.num_examples),
+                metrics=dict(result.metrics),
+            )
+        )
+
+    def close(self, reason: str) -> None:
+        """The stream ended: every task in flight fails now rather than at its deadline."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        for pending in list(self._pending.values()):
+            pending.settle(pending.outcome(self.node_id, False, f"node disconnected: {reason}"))
+        self.outbox.put_nowait(None)
+
+
+class SessionRegistry:
+    """The sessions currently open, by node id (a reconnect replaces the old session)."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, NodeSession] = {}
+        self.changed = asyncio.Event()
+
+    def add(self, session: NodeSession) -> None:
+        old = self._sessions.get(session.node_id)
+        if old is not None:
+            old.close("replaced by a new session from the same node")
+        self._sessions[session.node_id] = session
+        self.changed.set()
+
+    def remove(self, session: NodeSession) -> None:
+        if self._sessions.get(session.node_id) is session:
+            del self._sessions[session.node_id]
+            self.changed.set()
+
+    def get(self, node_id: str) -> NodeSession | None:
+        return self._sessions.get(node_id)
+
+    def online(self) -> list[NodeSession]:
+        return [s for s in self._sessions.values() if not s.closed]
+
+    def expire(self, max_silence_s: float) -> list[NodeSession]:
+        """Close sessions silent for longer than ``max_silence_s`` (a dead peer, a partition)."""
+        now = time.monotonic()
+        expired = [s for s in self.online() if now - s.last_seen > max_silence_s]
+        for session in expired:
+            session.close(f"no heartbeat for {max_silence_s:.0f}s")
+            self.remove(session)
+        return expired

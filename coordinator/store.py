@@ -1,0 +1,289 @@
+"""Coordinator state in SQLite (one file, WAL mode) plus global models as safetensors.
+
+Everything a restarted coordinator needs to resume lives here: registered nodes, jobs and
+their specs, finished rounds with their byte counts and metrics, the event log that
+``WatchJob`` replays, and the global model after every completed round. A round is
+committed by writing its model file first (atomically) and its row second, so a crash in
+between leaves the previous round as the last complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from protos.confide.v1 import coordinator_pb2 as pb
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL,
+    info BLOB NOT NULL,
+    registered_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    spec BLOB NOT NULL,
+    state INTEGER NOT NULL,
+    rounds_completed INTEGER NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT '',
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    selected TEXT NOT NULL,
+    participants TEXT NOT NULL,
+    dropped TEXT NOT NULL,
+    bytes_up INTEGER NOT NULL,
+    bytes_down INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    metrics TEXT NOT NULL,
+    PRIMARY KEY (job_id, round)
+);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    event BLOB NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+"""
+
+TERMINAL_STATES = (pb.COMPLETED, pb.FAILED, pb.CANCELLED)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    state: str
+    selected: list[str] = field(default_factory=list)
+    participants: list[str] = field(default_factory=list)
+    dropped: dict[str, str] = field(default_factory=dict)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_proto(self) -> pb.RoundSummary:
+        summary = pb.RoundSummary(
+            round=self.round,
+            state=self.state,
+            selected=self.selected,
+            participants=self.participants,
+            seconds=self.seconds,
+        )
+        summary.dropped.update(self.dropped)
+        summary.metrics.update(self.metrics)
+        summary.bytes.up = self.bytes_up
+        summary.bytes.down = self.bytes_down
+        return summary
+
+
+class Store:
+    """Thread-safe access to the coordinator's SQLite file and model directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.data_dir / "coordinator.sqlite"
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _execute(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # ------------------------------------------------------------------ nodes
+
+    def upsert_node(self, node_id: str, public_key: bytes, info: pb.NodeInfo) -> None:
+        now = now_ms()
+        self._execute(
+            "INSERT INTO nodes VALUES (?, ?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET "
+            "info = excluded.info, last_seen_ms = excluded.last_seen_ms",
+            (node_id, public_key, info.SerializeToString(), now, now),
+        )
+
+    def node_key(self, node_id: str) -> bytes | None:
+        rows = self._execute("SELECT public_key FROM nodes WHERE node_id = ?", (node_id,))
+        return rows[0][0] if rows else None
+
+    def touch_node(self, node_id: str) -> None:
+        self._execute("UPDATE nodes SET last_seen_ms = ? WHERE node_id = ?", (now_ms(), node_id))
+
+    def nodes(self) -> list[pb.NodeStatus]:
+        rows = self._execute(
+            "SELECT node_id, info, registered_ms, last_seen_ms FROM nodes ORDER BY registered_ms"
+        )
+        result = []
+        for node_id, info, registered, seen in rows:
+            status = pb.NodeStatus(node_id=node_id, registered_ms=registered, last_seen_ms=seen)
+            status.info.ParseFromString(info)
+            result.append(status)
+        return result
+
+    # ------------------------------------------------------------------ jobs
+
+    def create_job(self, job_id: str, spec: pb.JobSpec) -> None:
+        now = now_ms()
+        self._execute(
+            "INSERT INTO jobs (job_id, spec, state, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?)",
+            (job_id, spec.SerializeToString(), pb.PENDING, now, now),
+        )
+
+    def set_job_state(self, job_id: str, state: int, reason: str = "") -> None:
+        self._execute(
+            "UPDATE jobs SET state = ?, reason = ?, updated_ms = ? WHERE job_id = ?",
+            (state, reason, now_ms(), job_id),
+        )
+
+    def job(self, job_id: str) -> pb.JobStatus | None:
+        rows = self._execute(
+            "SELECT job_id, spec, state, rounds_completed, reason, created_ms, updated_ms "
+            "FROM jobs WHERE job_id = ?",
+            (job_id,),
+        )
+        if not rows:
+            return None
+        job_id, spec, state, done, reason, created, updated = rows[0]
+        status = pb.JobStatus(
+            job_id=job_id,
+            state=state,
+            rounds_completed=done,
+            reason=reason,
+            created_ms=created,
+            updated_ms=updated,
+        )
+        status.spec.ParseFromString(spec)
+        status.rounds.extend(r.to_proto() for r in self.rounds(job_id))
+        return status
+
+    def job_ids(self, states: tuple[int, ...] | None = None) -> list[str]:
+        rows = self._execute("SELECT job_id, state FROM jobs ORDER BY created_ms")
+        return [job_id for job_id, state in rows if states is None or state in states]
+
+    # ------------------------------------------------------------------ rounds
+
+    def rounds(self, job_id: str) -> list[RoundRecord]:
+        rows = self._execute(
+            "SELECT round, state, selected, participants, dropped, bytes_up, bytes_down, "
+            "seconds, metrics FROM rounds WHERE job_id = ? ORDER BY round",
+            (job_id,),
+        )
+        return [
+            RoundRecord(
+                round=r,
+                state=state,
+                selected=json.loads(selected),
+                participants=json.loads(participants),
+                dropped=json.loads(dropped),
+                bytes_up=up,
+                bytes_down=down,
+                seconds=seconds,
+                metrics=json.loads(metrics),
+            )
+            for r, state, selected, participants, dropped, up, down, seconds, metrics in rows
+        ]
+
+    def save_round(self, job_id: str, record: RoundRecord) -> None:
+        """Record a round; a completed one also advances the job's ``rounds_completed``."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        job_id,
+                        record.round,
+                        record.state,
+                        json.dumps(record.selected),
+                        json.dumps(record.participants),
+                        json.dumps(record.dropped),
+                        record.bytes_up,
+                        record.bytes_down,
+                        record.seconds,
+                        json.dumps(record.metrics),
+                    ),
+                )
+                if record.state == "completed":
+                    self._db.execute(
+                        "UPDATE jobs SET rounds_completed = MAX(rounds_completed, ?), "
+                        "updated_ms = ? WHERE job_id = ?",
+                        (record.round, now_ms(), job_id),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    # ------------------------------------------------------------------ events
+
+    def append_event(self, event: pb.Event) -> None:
+        self._execute(
+            "INSERT INTO events VALUES (?, ?, ?)",
+            (event.job_id, event.seq, event.SerializeToString()),
+        )
+
+    def last_event_seq(self, job_id: str) -> int:
+        rows = self._execute("SELECT MAX(seq) FROM events WHERE job_id = ?", (job_id,))
+        return rows[0][0] or 0
+
+    def events(self, job_id: str, after_seq: int = 0) -> list[pb.Event]:
+        rows = self._execute(
+            "SELECT event FROM events WHERE job_id = ? AND seq > ? ORDER BY seq",
+            (job_id, after_seq),
+        )
+        return [pb.Event.FromString(blob) for (blob,) in rows]
+
+    # ------------------------------------------------------------------ models
+
+    def _model_dir(self, job_id: str) -> Path:
+        return self.data_dir / "jobs" / job_id
+
+    def save_global(self, job_id: str, round_number: int, state: dict[str, torch.Tensor]) -> Path:
+        """Write the global state after ``round_number`` (0: initial) atomically. Every
+        round is kept (adapters are small) so clients can evaluate the whole trajectory."""
+        folder = self._model_dir(job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"global-r{round_number:05d}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in state.items()},
+            str(tmp),
+            metadata={"job_id": job_id, "round": str(round_number)},
+        )
+        os.replace(tmp, path)
+        return path
+
+    def load_global(self, job_id: str, round_number: int) -> dict[str, torch.Tensor] | None:
+        path = self._model_dir(job_id) / f"global-r{round_number:05d}.safetensors"
+        return load_file(str(path)) if path.exists() else None
+
+    def latest_global(self, job_id: str) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """The global state of the last round the database calls complete."""
+        status = self.job(job_id)
+        if status is None:
+            return None
+        state = self.load_global(job_id, status.rounds_completed)
+        return (status.rounds_completed, state) if state is not None else None

@@ -1,0 +1,119 @@
+"""Assembles and runs the node daemon: its key, local data, model store, peer gRPC server
+(NodePeer + health) and the outbound session with the coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from node.data import LocalData
+from node.device import select_device
+from node.peer import NodePeerService
+from node.session import CoordinatorLink
+from node.store import ModelStore
+from node.worker import TaskWorker
+from protos.confide.v1 import coordinator_pb2 as pb
+from protos.confide.v1 import node_pb2_grpc as node_grpc
+from protos.identity import NodeKey
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class NodeConfig:
+    coordinator: str = "127.0.0.1:50051"
+    #: the node's private folder: datasets (*.jsonl), its key, its models
+    data_dir: Path = Path("runs/node")
+    name: str = ""
+    #: the peer service's address; "" disables it (a node behind NAT needs none)
+    listen: str = "127.0.0.1:0"
+    #: the address other parties should dial, when it differs from `listen` (NAT, docker)
+    advertise: str = ""
+    device: str = "auto"
+    roles: list[str] = field(default_factory=lambda: ["trainer"])
+    mqtt: str = ""
+    #: torch intra-op threads; 0 keeps torch's default
+    threads: int = 0
+
+
+class NodeDaemon:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.data_dir = Path(config.data_dir)
+        self.key = NodeKey.load_or_create(self.data_dir / "node_key.pem")
+        self.data = LocalData(self.data_dir)
+        self.models = ModelStore(self.data_dir / "models")
+        self.device = select_device(config.device)
+        self.server: grpc.aio.Server | None = None
+        self.link: CoordinatorLink | None = None
+        self._link_task: asyncio.Task | None = None
+        self.peer_port = 0
+
+    @property
+    def node_id(self) -> str:
+        return self.key.node_id
+
+    def info(self) -> pb.NodeInfo:
+        info = pb.NodeInfo(
+            name=self.config.name or self.node_id[:8],
+            roles=self.config.roles,
+            device=str(self.device),
+            version=VERSION,
+        )
+        if self.peer_port:
+            host = self.config.listen.rsplit(":", 1)[0]
+            info.peer_address = self.config.advertise or f"{host}:{self.peer_port}"
+        info.datasets.update(self.data.datasets())
+        return info
+
+    async def start(self) -> None:
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        if self.config.listen:
+            self.server = grpc.aio.server()
+            self.peer_port = self.server.add_insecure_port(self.config.listen)
+            if self.peer_port == 0:
+                raise OSError(f"cannot listen on {self.config.listen}")
+        info = self.info()
+        if self.server is not None:
+            node_grpc.add_NodePeerServicer_to_server(NodePeerService(info, self.models),
+                                                     self.server)
+            health_servicer = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
+            await self.server.start()
+            for name in ("", "confide.v1.NodePeer"):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        worker = TaskWorker(self.data, self.models, self.device)
+        self.link = CoordinatorLink(self.config.coordinator, self.key, info, worker,
+                                    mqtt_override=self.config.mqtt)
+        self._link_task = asyncio.create_task(self.link.run(), name="coordinator-link")
+        log.info("node %s (%s) on %s, %d dataset(s): %s; peer service %s", self.node_id,
+                 info.name, self.device, len(info.datasets),
+                 ", ".join(f"{k}={v}" for k, v in info.datasets.items()) or "none",
+                 info.peer_address or "off")
+
+    async def stop(self) -> None:
+        if self._link_task is not None:
+            self._link_task.cancel()
+            await asyncio.gather(self._link_task, return_exceptions=True)
+        if self.link is not None:
+            await self.link.close()
+        if self.server is not None:
+            await self.server.stop(1.0)
+
+
+async def serve(config: NodeConfig) -> None:
+    daemon = NodeDaemon(config)
+    await daemon.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await daemon.stop()

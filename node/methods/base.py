@@ -1,0 +1,147 @@
+"""The interface every federated learning method implements.
+
+A method is split the way its paper's algorithm box is: what a node does with the global
+state it received (``client_update``: turn local training into the bytes it sends), and the
+pure aggregation the coordinator runs over the nodes' updates (``aggregate``). Both sides are
+pure functions of tensors and a config, so the coordinator can import them without importing
+any node daemon internals, and tests can run them without processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from google.protobuf import json_format
+
+from protos.codec import SeedProjectedTensor, SparseTensor, WireTensor
+
+State = dict[str, torch.Tensor]
+
+
+def method_params(spec) -> dict[str, Any]:
+    """The job's method parameters (a ``google.protobuf.Struct``) as a plain dict."""
+    if not spec.HasField("method_params"):
+        return {}
+    return json_format.MessageToDict(spec.method_params)
+
+
+class UpdateError(ValueError):
+    """A node's update does not fit the global state (names, shapes, encodings)."""
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One node's contribution to a round, as it arrived on the wire."""
+
+    node_id: str
+    payload: Mapping[str, WireTensor]
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's config; subclasses add their own fields with defaults."""
+
+
+class FederatedMethod(ABC):
+    """A federated learning method: node-side update encoding plus pure aggregation."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    #: which parameters local training updates: "lora" (adapters + task head) or "full"
+    trainable: ClassVar[str] = "lora"
+
+    def parse_config(self, params: Mapping[str, Any] | None) -> MethodConfig:
+        """Build the method's config from job parameters; unknown keys are an error."""
+        params = dict(params or {})
+        fields = {f.name: f for f in dataclasses.fields(self.config_class)}
+        unknown = sorted(set(params) - set(fields))
+        if unknown:
+            known = ", ".join(sorted(fields)) or "none"
+            raise ValueError(
+                f"method {self.name!r} has no parameter(s) {', '.join(unknown)}; "
+                f"its parameters are: {known}"
+            )
+        converted = {}
+        for key, value in params.items():
+            default = fields[key].default
+            # Struct numbers arrive as floats: give ints back their type.
+            if isinstance(default, int) and not isinstance(default, bool):
+                if float(value) != int(value):
+                    raise ValueError(f"parameter {key!r} of {self.name!r} must be an integer")
+                value = int(value)
+            converted[key] = value
+        config = self.config_class(**converted)
+        self.validate_config(config)
+        return config
+
+    def validate_config(self, config: MethodConfig) -> None:
+        """Raise ValueError for parameter values that make no sense (none by default)."""
+        return None
+
+    @abstractmethod
+    def client_update(
+        self,
+        config: MethodConfig,
+        global_state: State,
+        local_state: State,
+        memory: dict[str, torch.Tensor],
+    ) -> dict[str, WireTensor]:
+        """Node side: what to send after local training moved ``global_state`` to
+        ``local_state``. ``memory`` persists at the node between rounds of one job
+        (e.g. error-feedback residuals) and never leaves it."""
+
+    @abstractmethod
+    def aggregate(
+        self,
+        config: MethodConfig,
+        global_state: State,
+        updates: Sequence[ClientUpdate],
+        round_number: int,
+    ) -> State:
+        """Coordinator side, pure: the next global state from the current one and the
+        nodes' updates."""
+
+    def check_update(self, global_state: State, payload: Mapping[str, WireTensor]) -> None:
+        """Reject an update whose names or shapes do not match the global state, so
+        one bad node cannot poison (or crash) the aggregation."""
+        missing = sorted(set(global_state) - set(payload))
+        extra = sorted(set(payload) - set(global_state))
+        if missing or extra:
+            raise UpdateError(
+                f"update does not match the global state: missing {missing[:5]}, "
+                f"unexpected {extra[:5]}"
+            )
+        for name, value in payload.items():
+            expected = tuple(global_state[name].shape)
+            shape = tuple(value.shape)
+            if shape != expected:
+                raise UpdateError(f"tensor {name!r} has shape {shape}, expected {expected}")
+            if isinstance(value, SeedProjectedTensor):
+                continue  # scalars only; the method regenerates the directions
+            values = value.values if isinstance(value, SparseTensor) else value
+            if not isinstance(values, torch.Tensor):
+                continue  # quantized: dequantized by the method
+            if not values.dtype.is_floating_point:
+                raise UpdateError(f"tensor {name!r} must be floating point, got {values.dtype}")
+            if not torch.isfinite(values).all():
+                raise UpdateError(f"tensor {name!r} contains NaN or infinity")
+
+
+def weighted_mean_of_deltas(global_state: State, deltas: Sequence[tuple[State, float]]) -> State:
+    """global + sum_i w_i * delta_i / sum_i w_i, computed in float64 for stability."""
+    total = sum(weight for _, weight in deltas)
+    if total <= 0:
+        raise UpdateError("no update carries a positive weight (all nodes reported 0 examples)")
+    result: State = {}
+    for name, value in global_state.items():
+        acc = torch.zeros(value.shape, dtype=torch.float64)
+        for delta, weight in deltas:
+            acc += delta[name].to(torch.float64) * (weight / total)
+        result[name] = (value.to(torch.float64) + acc).to(value.dtype)
+    return result

@@ -1,0 +1,289 @@
+"""The node's end of its session with the coordinator.
+
+The node dials out (so it works behind NAT), registers its key, proves possession of it on a
+fresh challenge, then keeps the stream open: heartbeats up, tasks down. When the coordinator
+goes away the node reconnects with exponential backoff plus jitter and rejoins; a task that was
+running is abandoned (the coordinator already counted it as dropped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from node.worker import TaskCancelled, TaskWorker
+from protos.chunking import ChunkAssembler, ChunkError, split_payload
+from protos.confide.v1 import coordinator_pb2 as pb
+from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
+from protos.events import EventPublisher, node_presence_topic, presence_payload
+from protos.identity import NodeKey
+
+log = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+@dataclass
+class LinkState:
+    """What the node knows about its link, for logs, tests and `GetInfo`."""
+
+    connected: bool = False
+    sessions: int = 0
+    last_error: str = ""
+    tasks_done: int = 0
+    tasks_failed: int = 0
+    history: list[str] = field(default_factory=list)
+
+
+class CoordinatorLink:
+    def __init__(
+        self,
+        coordinator: str,
+        key: NodeKey,
+        info: pb.NodeInfo,
+        worker: TaskWorker,
+        *,
+        mqtt_override: str = "",
+        max_backoff_s: float = 30.0,
+    ) -> None:
+        self.coordinator = coordinator
+        self.key = key
+        self.info = info
+        self.worker = worker
+        self.mqtt_override = mqtt_override
+        self.max_backoff_s = max_backoff_s
+        self.state = LinkState()
+        self.publisher: EventPublisher | None = None
+        self._busy = False
+
+    async def run(self) -> None:
+        """Stay connected forever (until cancelled)."""
+        delay = 0.5
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(self.coordinator,
+                                                     options=CHANNEL_OPTIONS) as channel:
+                    await self._session(channel)
+                self.state.last_error = "session ended"
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                self.state.last_error = f"{exc.code().name}: {exc.details()}"
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    log.error("coordinator refused this node: %s", exc.details())
+            except Exception as exc:
+                self.state.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("session failed")
+            if self.state.connected:
+                delay = 0.5  # we had a working session: start backoff afresh
+            self.state.connected = False
+            wait = delay * random.uniform(0.8, 1.2)
+            log.warning("coordinator link down (%s); reconnecting in %.1fs",
+                        self.state.last_error, wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, self.max_backoff_s)
+
+    async def _register(self, stub: pb_grpc.CoordinatorStub) -> pb.RegisterResponse:
+        timestamp, signature = self.key.sign_registration()
+        request = pb.RegisterRequest(public_key=self.key.public_bytes, info=self.info,
+                                     timestamp_ms=timestamp, signature=signature)
+        return await stub.Register(request, timeout=30)
+
+    def _start_events(self, mqtt_url: str) -> None:
+        url = self.mqtt_override or mqtt_url
+        if not url or url == "none" or self.publisher is not None:
+            return
+        node_id = self.key.node_id
+        try:
+            self.publisher = EventPublisher(
+                url,
+                client_id=f"confide-node-{node_id}",
+                will=(node_presence_topic(node_id), presence_payload(node_id, "offline")),
+            )
+        except ValueError as exc:
+            log.warning("events off: %s", exc)
+            return
+        self.publisher.start()
+
+    def _presence(self, status: str) -> None:
+        if self.publisher is not None:
+            node_id = self.key.node_id
+            self.publisher.publish(node_presence_topic(node_id),
+                                   presence_payload(node_id, status), retain=True)
+
+    async def _session(self, channel: grpc.aio.Channel) -> None:
+        stub = pb_grpc.CoordinatorStub(channel)
+        registration = await self._register(stub)
+        self._start_events(registration.mqtt_url)
+        outbox: asyncio.Queue[pb.NodeMessage | None] = asyncio.Queue()
+
+        async def outgoing() -> AsyncIterator[pb.NodeMessage]:
+            while True:
+                message = await outbox.get()
+                if message is None:
+                    return
+                yield message
+
+        call = stub.Session(outgoing())
+        outbox.put_nowait(pb.NodeMessage(hello=pb.SessionHello(node_id=self.key.node_id)))
+        challenge = await call.read()
+        if challenge is grpc.aio.EOF or challenge.WhichOneof("body") != "challenge":
+            raise ConnectionError("coordinator did not send a challenge")
+        signature = self.key.sign_session(challenge.challenge.nonce)
+        outbox.put_nowait(pb.NodeMessage(proof=pb.SessionProof(signature=signature)))
+        welcome = await call.read()
+        if welcome is grpc.aio.EOF or welcome.WhichOneof("body") != "welcome":
+            raise ConnectionError("coordinator did not welcome the session")
+        self.state.connected = True
+        self.state.sessions += 1
+        self._presence("online")
+        log.info("connected to coordinator %s as node %s", self.coordinator, self.key.node_id)
+        runner = _TaskRunner(self, outbox)
+        beat = asyncio.create_task(self._heartbeat(outbox, welcome.welcome.heartbeat_interval_s))
+        try:
+            while True:
+                message = await call.read()
+                if message is grpc.aio.EOF:
+                    break
+                runner.handle(message)
+        finally:
+            beat.cancel()
+            runner.abandon()
+            outbox.put_nowait(None)
+            call.cancel()
+
+    async def _heartbeat(self, outbox: asyncio.Queue, interval: float) -> None:
+        seq = 0
+        while True:
+            seq += 1
+            outbox.put_nowait(pb.NodeMessage(heartbeat=pb.Heartbeat(seq=seq, busy=self._busy)))
+            await asyncio.sleep(max(interval, 0.2))
+
+    async def close(self) -> None:
+        self._presence("offline")
+        if self.publisher is not None:
+            await self.publisher.close()
+
+
+class _TaskRunner:
+    """One task at a time: gathers the global state chunks, trains in a thread, uploads."""
+
+    def __init__(self, link: CoordinatorLink, outbox: asyncio.Queue) -> None:
+        self.link = link
+        self.outbox = outbox
+        self.task: pb.Task | None = None
+        self.assembler: ChunkAssembler | None = None
+        self.cancelled = threading.Event()
+        self.job: asyncio.Task | None = None
+
+    def send(self, message: pb.NodeMessage) -> None:
+        self.outbox.put_nowait(message)
+
+    def fail(self, task_id: str, reason: str) -> None:
+        self.link.state.tasks_failed += 1
+        self.send(pb.NodeMessage(failure=pb.TaskFailure(task_id=task_id, reason=reason)))
+
+    def handle(self, message: pb.CoordinatorMessage) -> None:
+        kind = message.WhichOneof("body")
+        if kind == "task":
+            task = message.task
+            if self.task is not None:
+                self.fail(task.task_id, "node is busy with another task")
+                return
+            self.task = task
+            self.cancelled.clear()
+            self.link._busy = True
+            if task.has_global:
+                self.assembler = ChunkAssembler(transfer_id=task.task_id)
+            else:
+                self._start(None)
+        elif kind == "global_chunk":
+            chunk = message.global_chunk
+            if self.task is None or self.assembler is None or chunk.task_id != self.task.task_id:
+                return
+            try:
+                payload = self.assembler.add(chunk.chunk)
+            except ChunkError as exc:
+                self._finish()
+                self.fail(chunk.task_id, f"bad global state stream: {exc}")
+                return
+            if payload is not None:
+                self.assembler = None
+                self._start(payload)
+        elif (kind == "cancel" and self.task is not None
+              and message.cancel.task_id == self.task.task_id):
+            log.warning("task %s cancelled: %s", message.cancel.task_id, message.cancel.reason)
+            self.cancelled.set()
+
+    def _start(self, payload: bytes | None) -> None:
+        assert self.task is not None
+        self.job = asyncio.create_task(self._execute(self.task, payload))
+
+    def _finish(self) -> None:
+        self.task = None
+        self.assembler = None
+        self.link._busy = False
+
+    async def _execute(self, task: pb.Task, payload: bytes | None) -> None:
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        last_report = [0.0]
+
+        def progress(step: int, total: int, loss: float) -> None:
+            now = time.monotonic()
+            if now - last_report[0] >= 1.0 or step == total:
+                last_report[0] = now
+                message = pb.NodeMessage(progress=pb.TaskProgress(
+                    task_id=task.task_id, step=step, total_steps=total, loss=loss))
+                loop.call_soon_threadsafe(self.outbox.put_nowait, message)
+
+        try:
+            if task.kind == pb.INIT:
+                update = await asyncio.to_thread(self.link.worker.initial_state, task)
+                num_examples, metrics = 0, {}
+            elif task.kind == pb.TRAIN:
+                update, num_examples, metrics = await asyncio.to_thread(
+                    self.link.worker.train, task, payload or b"", progress, self.cancelled)
+            else:
+                raise ValueError(f"unknown task kind {task.kind}")
+        except TaskCancelled:
+            self._finish()
+            return
+        except Exception as exc:  # report, never crash the node
+            log.exception("task %s failed", task.task_id)
+            self._finish()
+            self.fail(task.task_id, f"{type(exc).__name__}: {exc}")
+            return
+        self._finish()
+        if self.cancelled.is_set():
+            return
+        for chunk in split_payload(update, task.task_id):
+            self.send(pb.NodeMessage(update_chunk=pb.TaskChunk(task_id=task.task_id,
+                                                                chunk=chunk)))
+        metrics = dict(metrics)
+        metrics["seconds"] = time.monotonic() - started
+        self.send(pb.NodeMessage(result=pb.TaskResult(
+            task_id=task.task_id, num_examples=num_examples, metrics=metrics)))
+        self.link.state.tasks_done += 1
+        log.info("task %s (%s, round %d) done in %.1fs", task.task_id[:8],
+                 pb.TaskKind.Name(task.kind), task.round, metrics["seconds"])
+
+    def abandon(self) -> None:
+        """The session ended: stop the running task (its result has nowhere to go)."""
+        self.cancelled.set()
+        if self.task is not None:
+            self._finish()
+

@@ -1,0 +1,230 @@
+"""Chunk framing: stream payloads of any size under gRPC's 4 MiB default message limit.
+
+Why: a model or an update can be far larger than one gRPC message may be. A payload
+(normally a serialized ``confide.v1.TensorMap``) is cut into ``confide.v1.Chunk`` messages
+that share a ``transfer_id``, are numbered from 0, announce the whole payload's size in every
+chunk, and end with a chunk marked ``last`` that carries the payload's SHA-256.
+
+The receiving side (:class:`ChunkAssembler`) trusts nothing: it rejects chunks of another
+transfer, out of order or repeated, a size that changes or exceeds the receiver's limit, more
+bytes than announced, a last chunk that arrives early, a wrong digest, and anything after the
+end, each with a :class:`ChunkError` that says what happened. It never returns wrong data.
+
+Imports only the standard library and the generated ``confide.v1.common_pb2``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterable, Iterable, Iterator
+
+from protos.confide.v1 import common_pb2
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_MAX_PAYLOAD",
+    "ChunkAssembler",
+    "ChunkError",
+    "assemble",
+    "assemble_async",
+    "split_payload",
+]
+
+DEFAULT_CHUNK_SIZE = 1 << 20
+"""1 MiB of payload per chunk: well under gRPC's 4 MiB default message limit."""
+
+DEFAULT_MAX_PAYLOAD = 1 << 31
+"""2 GiB: the most a receiver accepts by default (a hostile size is refused up front)."""
+
+_MAX_CHUNKS = 1 << 32  # Chunk.index is a uint32
+
+
+class ChunkError(ValueError):
+    """A chunk stream is malformed; the message says what went wrong."""
+
+
+def split_payload(
+    payload: bytes, transfer_id: str, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Iterator[common_pb2.Chunk]:
+    """The chunks of ``payload``, indexed from 0; the last one carries ``last`` and SHA-256.
+
+    Every chunk announces ``total_bytes``. An empty payload gives exactly one (last, empty)
+    chunk. Arguments are checked at once (ValueError), not when iteration starts.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    view = memoryview(payload).cast("B")
+    total = view.nbytes
+    if max(1, -(-total // chunk_size)) > _MAX_CHUNKS:
+        raise ValueError(
+            f"a payload of {total} bytes needs more than {_MAX_CHUNKS} chunks of "
+            f"{chunk_size} bytes; use a larger chunk_size"
+        )
+    return _chunks(view, transfer_id, chunk_size)
+
+
+def _chunks(view: memoryview, transfer_id: str, chunk_size: int) -> Iterator[common_pb2.Chunk]:
+    total = view.nbytes
+    digest = hashlib.sha256()
+    index = 0
+    start = 0
+    while True:
+        piece = view[start : start + chunk_size]
+        digest.update(piece)
+        start += len(piece)
+        last = start >= total
+        yield common_pb2.Chunk(
+            transfer_id=transfer_id,
+            index=index,
+            data=piece.tobytes(),
+            last=last,
+            total_bytes=total,
+            sha256=digest.digest() if last else b"",
+        )
+        if last:
+            return
+        index += 1
+
+
+class ChunkAssembler:
+    """Rebuilds one payload from its chunks, validating each as it arrives.
+
+    ``transfer_id=None`` adopts the first chunk's id. ``max_bytes`` bounds the announced size,
+    so a hostile sender cannot make the receiver buffer more than that. After a ChunkError the
+    assembler stays failed: the transfer must start over with a new assembler.
+    """
+
+    def __init__(self, transfer_id: str | None = None, max_bytes: int = DEFAULT_MAX_PAYLOAD):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self._transfer_id = transfer_id
+        self._max_bytes = max_bytes
+        self._total: int | None = None
+        self._next_index = 0
+        self._parts: list[bytes] = []
+        self._received = 0
+        self._digest = hashlib.sha256()
+        self._done = False
+        self._error: str | None = None
+
+    @property
+    def transfer_id(self) -> str | None:
+        """The transfer being assembled (None until the first chunk when not given)."""
+        return self._transfer_id
+
+    @property
+    def total_bytes(self) -> int | None:
+        """The size the chunks announce (None before the first chunk)."""
+        return self._total
+
+    @property
+    def done(self) -> bool:
+        """True once the last chunk arrived and the payload checked out."""
+        return self._done
+
+    @property
+    def received_bytes(self) -> int:
+        """Payload bytes accepted so far."""
+        return self._received
+
+    def _fail(self, message: str) -> ChunkError:
+        self._error = message
+        self._parts = []
+        return ChunkError(message)
+
+    def add(self, chunk: common_pb2.Chunk) -> bytes | None:
+        """Accept the next chunk; return the whole payload when it was the last one."""
+        if self._error is not None:
+            raise ChunkError(f"transfer already failed: {self._error}")
+        tid = self._transfer_id if self._transfer_id is not None else chunk.transfer_id
+        if self._done:
+            raise self._fail(
+                f"chunk {chunk.index} of transfer {tid!r} arrived after the transfer completed"
+            )
+        if self._transfer_id is None:
+            self._transfer_id = chunk.transfer_id
+        elif chunk.transfer_id != self._transfer_id:
+            raise self._fail(
+                f"chunk belongs to transfer {chunk.transfer_id!r}, expected {self._transfer_id!r}"
+            )
+        if chunk.index != self._next_index:
+            kind = "duplicate" if chunk.index < self._next_index else "out-of-order"
+            raise self._fail(
+                f"{kind} chunk index {chunk.index} in transfer {tid!r}: expected {self._next_index}"
+            )
+        total = chunk.total_bytes
+        if self._total is None:
+            if total > self._max_bytes:
+                raise self._fail(
+                    f"payload of {total} bytes exceeds the limit of {self._max_bytes} bytes"
+                )
+            self._total = total
+        elif total != self._total:
+            raise self._fail(
+                f"chunk {chunk.index} announces total_bytes={total}, but earlier chunks "
+                f"announced {self._total}"
+            )
+        data = chunk.data
+        if self._received + len(data) > self._total:
+            raise self._fail(
+                f"chunk {chunk.index} brings the payload to {self._received + len(data)} bytes, "
+                f"more than the announced {self._total}"
+            )
+        self._next_index += 1
+        self._received += len(data)
+        self._digest.update(data)
+        self._parts.append(data)
+        if not chunk.last:
+            return None
+        if self._received != self._total:
+            raise self._fail(f"last chunk arrived after {self._received} of {self._total} bytes")
+        if chunk.sha256 != self._digest.digest():
+            raise self._fail(
+                f"sha256 mismatch: the {self._total}-byte payload does not match the digest "
+                "in the last chunk (corrupted or tampered in transit)"
+            )
+        self._done = True
+        payload = b"".join(self._parts)
+        self._parts = []
+        return payload
+
+    def truncated_error(self) -> ChunkError:
+        """The error for a stream that ended before its last chunk."""
+        total = "an unknown number of" if self._total is None else str(self._total)
+        return ChunkError(f"truncated stream: got {self._received} of {total} bytes")
+
+
+def assemble(
+    chunks: Iterable[common_pb2.Chunk],
+    *,
+    transfer_id: str | None = None,
+    max_bytes: int = DEFAULT_MAX_PAYLOAD,
+) -> bytes:
+    """The payload of a complete chunk stream (consumed to its end; extras are an error)."""
+    assembler = ChunkAssembler(transfer_id, max_bytes)
+    payload: bytes | None = None
+    for chunk in chunks:
+        result = assembler.add(chunk)
+        if result is not None:
+            payload = result
+    if payload is None:
+        raise assembler.truncated_error()
+    return payload
+
+
+async def assemble_async(
+    chunks: AsyncIterable[common_pb2.Chunk],
+    *,
+    transfer_id: str | None = None,
+    max_bytes: int = DEFAULT_MAX_PAYLOAD,
+) -> bytes:
+    """:func:`assemble` for async streams, e.g. a ``grpc.aio`` server-streaming call."""
+    assembler = ChunkAssembler(transfer_id, max_bytes)
+    payload: bytes | None = None
+    async for chunk in chunks:
+        result = assembler.add(chunk)
+        if result is not None:
+            payload = result
+    if payload is None:
+        raise assembler.truncated_error()
+    return payload

@@ -1,0 +1,83 @@
+"""Node identity on the wire: Ed25519 keys, node ids and the exact bytes that get signed.
+
+The byte strings are part of the wire contract (a client generated from the .proto files in
+another language must build the same ones), so they are spelled out here and in the .proto
+comments: a domain-separation prefix, then fixed-width or length-implied fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+REGISTER_DOMAIN = b"confide/v1/register\x00"
+SESSION_DOMAIN = b"confide/v1/session\x00"
+
+
+def node_id_for(public_key: bytes) -> str:
+    """Hex of the first 16 bytes of SHA-256 of the raw public key."""
+    return hashlib.sha256(public_key).digest()[:16].hex()
+
+
+def register_message(public_key: bytes, timestamp_ms: int) -> bytes:
+    return REGISTER_DOMAIN + public_key + int(timestamp_ms).to_bytes(8, "big", signed=True)
+
+
+def session_message(nonce: bytes, node_id: str) -> bytes:
+    return SESSION_DOMAIN + nonce + node_id.encode()
+
+
+class NodeKey:
+    """A node's long-term Ed25519 key, kept as a PEM file readable only by its owner."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._key = private_key
+
+    @classmethod
+    def generate(cls) -> NodeKey:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> NodeKey:
+        path = Path(path)
+        if path.exists():
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            if not isinstance(key, Ed25519PrivateKey):
+                raise ValueError(f"{path} does not hold an Ed25519 private key")
+            return cls(key)
+        node_key = cls.generate()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pem = node_key._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pem)
+        return node_key
+
+    @property
+    def public_bytes(self) -> bytes:
+        return self._key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    @property
+    def node_id(self) -> str:
+        return node_id_for(self.public_bytes)
+
+    def sign(self, message: bytes) -> bytes:
+        return self._key.sign(message)
+
+    def sign_registration(self, timestamp_ms: int | None = None) -> tuple[int, bytes]:
+        ts = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+        return ts, self.sign(register_message(self.public_bytes, ts))
+
+    def sign_session(self, nonce: bytes) -> bytes:
+        return self.sign(session_message(nonce, self.node_id))

@@ -1,0 +1,254 @@
+"""The Python client SDK: a typed face of the wire contract.
+
+``ConfideClient`` is async (grpc.aio); ``SyncConfideClient`` wraps it for scripts and
+notebooks. Errors from the coordinator arrive as ``ConfideError`` with the gRPC status code
+and the coordinator's message::
+
+    from protos.sdk import SyncConfideClient, job_spec
+
+    with SyncConfideClient("127.0.0.1:50051") as client:
+        job = client.submit_job(job_spec("fedavg-lora", rounds=3, min_nodes=2, base="minilm",
+                                         num_labels=5))
+        for event in client.watch_job(job.job_id):
+            print(event.kind, event.round, dict(event.metrics))
+        adapter = client.fetch_global_model(job.job_id)   # dict[str, torch.Tensor]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import grpc
+import torch
+from google.protobuf import struct_pb2
+
+from protos.chunking import assemble_async
+from protos.codec import tensor_map_from_bytes, to_dense
+from protos.confide.v1 import coordinator_pb2 as pb
+from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
+from protos.identity import NodeKey
+
+T = TypeVar("T")
+
+TERMINAL_STATES = (pb.COMPLETED, pb.FAILED, pb.CANCELLED)
+
+
+class ConfideError(Exception):
+    """An RPC failed; ``code`` is the gRPC status, the message is the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.details = message
+
+
+def _wrap(exc: grpc.aio.AioRpcError) -> ConfideError:
+    return ConfideError(exc.code(), exc.details() or "")
+
+
+def job_spec(
+    method: str = "fedavg-lora",
+    *,
+    name: str = "",
+    rounds: int = 3,
+    min_nodes: int = 1,
+    nodes_per_round: int = 0,
+    task: str = "sequence-classification",
+    base: str = "tiny-bert",
+    num_labels: int = 2,
+    max_length: int = 128,
+    lora_r: int = 8,
+    lora_alpha: float = 0.0,
+    lora_dropout: float = 0.0,
+    target_modules: tuple[str, ...] = (),
+    epochs: int = 1,
+    max_steps: int = 0,
+    batch_size: int = 16,
+    learning_rate: float = 5e-4,
+    dataset: str = "train",
+    round_timeout_s: float = 600.0,
+    wait_for_nodes_s: float = 60.0,
+    seed: int = 0,
+    params: Mapping[str, Any] | None = None,
+) -> pb.JobSpec:
+    """Build a JobSpec with readable keyword arguments (0 means "coordinator default")."""
+    spec = pb.JobSpec(
+        name=name,
+        method=method,
+        rounds=rounds,
+        min_nodes=min_nodes,
+        nodes_per_round=nodes_per_round,
+        round_timeout_s=round_timeout_s,
+        wait_for_nodes_s=wait_for_nodes_s,
+        seed=seed,
+        model=pb.ModelSpec(
+            task=task,
+            base=base,
+            num_labels=num_labels if task == "sequence-classification" else 0,
+            max_length=max_length,
+            seed=seed,
+            lora=pb.LoraSpec(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
+                             target_modules=list(target_modules)),
+        ),
+        train=pb.TrainSpec(local_epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                           learning_rate=learning_rate, dataset=dataset),
+    )
+    if params:
+        struct = struct_pb2.Struct()
+        struct.update(dict(params))
+        spec.method_params.CopyFrom(struct)
+    return spec
+
+
+class ConfideClient:
+    """Async client of the coordinator."""
+
+    def __init__(self, address: str, *, timeout: float = 30.0,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        options = [("grpc.max_receive_message_length", 8 * 1024 * 1024)]
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+
+    async def __aenter__(self) -> ConfideClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Callable, request) -> Any:
+        try:
+            return await method(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _wrap(exc) from None
+
+    async def register_node(self, key: NodeKey,
+                            info: pb.NodeInfo | None = None) -> pb.RegisterResponse:
+        timestamp, signature = key.sign_registration()
+        request = pb.RegisterRequest(public_key=key.public_bytes, info=info or pb.NodeInfo(),
+                                     timestamp_ms=timestamp, signature=signature)
+        return await self._call(self._stub.Register, request)
+
+    async def submit_job(self, spec: pb.JobSpec) -> pb.JobStatus:
+        return await self._call(self._stub.SubmitJob, pb.SubmitJobRequest(spec=spec))
+
+    async def get_job(self, job_id: str) -> pb.JobStatus:
+        return await self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))
+
+    async def cancel_job(self, job_id: str) -> pb.JobStatus:
+        return await self._call(self._stub.CancelJob, pb.GetJobRequest(job_id=job_id))
+
+    async def list_jobs(self) -> list[pb.JobStatus]:
+        return list((await self._call(self._stub.ListJobs, pb.ListJobsRequest())).jobs)
+
+    async def list_nodes(self) -> list[pb.NodeStatus]:
+        return list((await self._call(self._stub.ListNodes, pb.ListNodesRequest())).nodes)
+
+    async def watch_job(self, job_id: str, after_seq: int = 0) -> AsyncIterator[pb.Event]:
+        """Past events, then live ones, until the job ends."""
+        call = self._stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after_seq=after_seq))
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            raise _wrap(exc) from None
+        finally:
+            call.cancel()
+
+    async def wait_job(self, job_id: str,
+                       on_event: Callable[[pb.Event], None] | None = None) -> pb.JobStatus:
+        """Follow the job's events until it ends; return its final status."""
+        async for event in self.watch_job(job_id):
+            if on_event is not None:
+                on_event(event)
+        return await self.get_job(job_id)
+
+    async def fetch_global_model(self, job_id: str, round_number: int | None = None
+                                 ) -> dict[str, torch.Tensor]:
+        """The global state after ``round_number`` (0: initial; None: the latest)."""
+        request = pb.FetchGlobalModelRequest(job_id=job_id, round=round_number)
+        call = self._stub.FetchGlobalModel(request,
+                                           timeout=max(self.timeout, 300))
+        try:
+            payload = await assemble_async(call)
+        except grpc.aio.AioRpcError as exc:
+            raise _wrap(exc) from None
+        return {name: to_dense(value) for name, value in tensor_map_from_bytes(payload).items()}
+
+
+class SyncConfideClient:
+    """Blocking wrapper: runs a ``ConfideClient`` on a private event loop thread."""
+
+    def __init__(self, address: str, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="confide-sdk")
+        self._thread.start()
+        self._client: ConfideClient = self._run(self._make(address, kwargs))
+
+    @staticmethod
+    async def _make(address: str, kwargs: dict) -> ConfideClient:
+        return ConfideClient(address, **kwargs)
+
+    def _run(self, coro) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __enter__(self) -> SyncConfideClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._run(self._client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+    def register_node(self, key: NodeKey, info: pb.NodeInfo | None = None) -> pb.RegisterResponse:
+        return self._run(self._client.register_node(key, info))
+
+    def submit_job(self, spec: pb.JobSpec) -> pb.JobStatus:
+        return self._run(self._client.submit_job(spec))
+
+    def get_job(self, job_id: str) -> pb.JobStatus:
+        return self._run(self._client.get_job(job_id))
+
+    def cancel_job(self, job_id: str) -> pb.JobStatus:
+        return self._run(self._client.cancel_job(job_id))
+
+    def list_jobs(self) -> list[pb.JobStatus]:
+        return self._run(self._client.list_jobs())
+
+    def list_nodes(self) -> list[pb.NodeStatus]:
+        return self._run(self._client.list_nodes())
+
+    def fetch_global_model(self, job_id: str,
+                           round_number: int | None = None) -> dict[str, torch.Tensor]:
+        return self._run(self._client.fetch_global_model(job_id, round_number))
+
+    def wait_job(self, job_id: str,
+                 on_event: Callable[[pb.Event], None] | None = None) -> pb.JobStatus:
+        return self._run(self._client.wait_job(job_id, on_event))
+
+    def watch_job(self, job_id: str, after_seq: int = 0) -> Iterator[pb.Event]:
+        iterator = self._client.watch_job(job_id, after_seq)
+        try:
+            while True:
+                try:
+                    yield self._run(anext(iterator))
+                except StopAsyncIteration:
+                    return
+        finally:
+            if self._loop.is_running():
+                self._run(iterator.aclose())

