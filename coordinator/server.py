@@ -19,6 +19,7 @@ from coordinator.sessions import SessionRegistry
 from coordinator.store import Store
 from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
 from protos.events import COORDINATOR_PRESENCE_TOPIC, EventPublisher
+from protos.interceptors import MalformedRequestInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ class CoordinatorServer:
             self.store, sessions, events, mqtt_url=mqtt_url,
             heartbeat_interval_s=cfg.heartbeat_interval_s,
         )
-        self.server = grpc.aio.server(options=grpc_server_options())
+        self.server = grpc.aio.server(options=grpc_server_options(),
+                                      interceptors=[MalformedRequestInterceptor()])
         pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)

@@ -21,6 +21,7 @@ from node.worker import TaskWorker
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import node_pb2_grpc as node_grpc
 from protos.identity import NodeKey
+from protos.interceptors import MalformedRequestInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class NodeDaemon:
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         if self.config.listen:
-            self.server = grpc.aio.server()
+            self.server = grpc.aio.server(interceptors=[MalformedRequestInterceptor()])
             self.peer_port = self.server.add_insecure_port(self.config.listen)
             if self.peer_port == 0:
                 raise OSError(f"cannot listen on {self.config.listen}")

@@ -526,7 +526,8 @@ def decode_named(
     kind = msg.WhichOneof("value")
     if kind is None:
         raise CodecError(
-            f"tensor {_label(name)} carries no value; set one of dense, sparse, projected, quantized"
+            f"tensor {_label(name)} carries no value; "
+            "set one of dense, sparse, projected, quantized"
         )
     if kind == "dense":
         return name, tensor_from_proto(

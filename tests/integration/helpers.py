@@ -14,7 +14,7 @@ def tiny_spec(**overrides) -> pb.JobSpec:
                    batch_size=16, learning_rate=1e-2, round_timeout_s=120,
                    wait_for_nodes_s=60)
     options.update(overrides)
-    return job_spec("fedavg-lora", **options)
+    return job_spec(options.pop("method", "fedavg-lora"), **options)
 
 
 def wait_for_nodes(client: SyncConfideClient, count: int, timeout: float = 90.0) -> list:

@@ -357,7 +357,7 @@ def test_tensor_map_rejects_empty_and_duplicate_names_and_missing_values():
     missing = common_pb2.TensorMap(tensors=[common_pb2.NamedTensor(name="x")])
     with pytest.raises(CodecError, match="'x' carries no value"):
         decode_tensor_map(missing)
-    with pytest.raises(CodecError, match="not a serialized confide.v1.TensorMap"):
+    with pytest.raises(CodecError, match=r"not a serialized confide\.v1\.TensorMap"):
         tensor_map_from_bytes(b"\xff\xfe garbage")
     with pytest.raises(TypeError):
         encode_named("x", [1.0, 2.0])  # type: ignore[arg-type]
