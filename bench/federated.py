@@ -12,12 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
-from cli.cluster import LocalCluster
-from cli.experiment import ExperimentResult, run_experiment, shard_dirs
-from node.data import load_jsonl, prepare_bbc_shards
-from protos.sdk import job_spec
+# torch and transformers load inside run_benchmark: `confide --help` stays fast
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +41,8 @@ def _parse_methods(text: str) -> list[tuple[str, dict]]:
 
 
 def hardware() -> dict:
+    import torch
+
     return {
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
@@ -55,6 +52,11 @@ def hardware() -> dict:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
+    from cli.cluster import LocalCluster
+    from cli.experiment import run_experiment, shard_dirs
+    from node.data import load_jsonl, prepare_bbc_shards
+    from protos.sdk import job_spec
+
     workdir = Path(args.workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -63,7 +65,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
                        max_train_per_node=args.max_per_node or None)
     labels = json.loads((data_root / "labels.json").read_text())
     test = load_jsonl(data_root / "test.jsonl")[: args.test_size or None]
-    results: list[ExperimentResult] = []
+    results = []
     cluster = LocalCluster(workdir, shard_dirs(data_root, args.nodes))
     try:
         cluster.start()

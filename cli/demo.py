@@ -12,10 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from cli.cluster import ClusterError, LocalCluster
-from cli.experiment import run_experiment, shard_dirs
-from node.data import load_jsonl, prepare_bbc_shards
-from protos.sdk import job_spec
+# torch and transformers load inside run_demo: `confide --help` stays fast
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +35,11 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from cli.cluster import ClusterError, LocalCluster
+    from cli.experiment import run_experiment, shard_dirs
+    from node.data import load_jsonl, prepare_bbc_shards
+    from protos.sdk import job_spec
+
     started = time.monotonic()
     workdir = Path(args.workdir)
     if workdir.exists():
@@ -93,7 +95,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"{r['round']:>5} {r['participants']:>5} {loss:>10.4f} {acc:>9.3f} "
               f"{r['bytes_up'] / 1e3:>10.1f} {r['bytes_down'] / 1e3:>10.1f} {r['seconds']:>8.1f}")
     if result.before:
+        after = result.after.get("accuracy", float("nan"))
         print(f"held-out accuracy ({len(test)} articles): before "
-              f"{result.before['accuracy']:.3f}, after {result.after.get('accuracy', float('nan')):.3f}")
+              f"{result.before['accuracy']:.3f}, after {after:.3f}")
     print(f"demo finished in {time.monotonic() - started:.0f}s")
     return 0 if result.ok else 1

@@ -53,25 +53,39 @@ class Evaluator:
 
 def watch_with_progress(client: SyncConfideClient, job_id: str, label: str = "",
                         quiet: bool = False) -> None:
-    """A progress bar per round, advanced as nodes finish."""
+    """A progress bar per round: local training steps summed over the round's nodes."""
     bar: tqdm | None = None
+    steps: dict[str, tuple[int, int]] = {}
+    done = 0
+
+    def refresh() -> None:
+        assert bar is not None
+        bar.total = sum(total for _, total in steps.values()) or None
+        bar.n = sum(step for step, _ in steps.values())
+        bar.set_postfix_str(f"{done} node(s) done")
+
     for event in client.watch_job(job_id):
         if event.kind == "round.started":
-            total = event.message.split(" ", 1)[0]
-            bar = tqdm(total=int(total) if total.isdigit() else None,
-                       desc=f"{label}round {event.round}", unit="node", disable=quiet,
-                       leave=True)
-        elif event.kind in ("node.done", "node.dropped") and bar is not None:
-            bar.set_postfix_str(f"{event.kind.split('.')[1]} {event.node_id[:8]}")
-            bar.update(1)
-        elif event.kind in ("round.completed", "round.failed") and bar is not None:
+            steps, done = {}, 0
+            bar = tqdm(desc=f"{label}round {event.round}", unit="step", disable=quiet)
+        elif bar is not None and event.kind == "node.progress":
+            steps[event.node_id] = (int(event.metrics["step"]),
+                                    int(event.metrics["total_steps"]))
+            refresh()
+        elif bar is not None and event.kind in ("node.done", "node.dropped"):
+            done += 1
+            if event.node_id in steps and event.kind == "node.done":
+                steps[event.node_id] = (steps[event.node_id][1], steps[event.node_id][1])
+            refresh()
+        elif bar is not None and event.kind in ("round.completed", "round.failed"):
+            refresh()
             loss = event.metrics.get("loss_last")
-            if loss is not None:
-                bar.set_postfix_str(f"loss {loss:.3f}, up {event.bytes.up / 1e6:.2f} MB, "
-                                    f"down {event.bytes.down / 1e6:.2f} MB")
+            bar.set_postfix_str((f"loss {loss:.3f}, " if loss is not None else "")
+                                + f"up {event.bytes.up / 1e6:.2f} MB, "
+                                f"down {event.bytes.down / 1e6:.2f} MB")
             bar.close()
             bar = None
-        elif event.kind in ("job.failed", "node.dropped") and not quiet:
+        if event.kind in ("job.failed", "node.dropped") and not quiet:
             tqdm.write(f"{event.kind}: {event.message}")
     if bar is not None:
         bar.close()

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 DESCRIPTION = """\
@@ -32,10 +35,8 @@ def _run_until_signal(coro) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await coro
-        except asyncio.CancelledError:
-            pass
 
     asyncio.run(main())
     return 0
@@ -298,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     coord = sub.add_parser("coordinator", help="the coordinator service")
     coord_sub = coord.add_subparsers(dest="action", required=True)
     p = coord_sub.add_parser("serve", help="run the coordinator daemon")
-    p.add_argument("--listen", default="127.0.0.1:50051", help="gRPC address (default: %(default)s)")
+    p.add_argument("--listen", default="127.0.0.1:50051",
+                   help="gRPC address (default: %(default)s)")
     p.add_argument("--data", default="runs/coordinator",
                    help="folder for SQLite state and global models (default: %(default)s)")
     p.add_argument("--mqtt", default="",
@@ -385,7 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """transformers prints load reports, weight-loading bars and deprecation warnings from
+    inside peft on every model build; the daemons and the demo log what matters themselves."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                            category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level,

@@ -63,6 +63,18 @@ class EventLog:
         log.info("job %s: %s %s", job_id, kind, message)
         return event
 
+    def emit_transient(self, job_id: str, kind: str, *, round_number: int = 0,
+                       node_id: str = "", metrics: dict[str, float] | None = None) -> None:
+        """A live-only event (seq 0): training progress, too frequent to be worth storing.
+        Watchers connected now and MQTT subscribers see it; replays do not."""
+        event = pb.Event(job_id=job_id, seq=0, timestamp_ms=now_ms(), kind=kind,
+                         round=round_number, node_id=node_id)
+        event.metrics.update(metrics or {})
+        for queue in list(self._watchers[job_id]):
+            queue.put_nowait(event)
+        if self.publisher is not None:
+            self.publisher.publish(job_events_topic(job_id), event_to_json(event))
+
     async def watch(self, job_id: str, after_seq: int = 0) -> AsyncIterator[pb.Event]:
         """Past events after ``after_seq``, then live ones, until a final event."""
         queue: asyncio.Queue[pb.Event] = asyncio.Queue()
@@ -76,6 +88,9 @@ class EventLog:
                     return
             while True:
                 event = await queue.get()
+                if event.seq == 0:  # transient (progress): pass through
+                    yield event
+                    continue
                 if event.seq <= last:
                     continue
                 last = event.seq

@@ -170,6 +170,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await context.abort(exc.code, exc.message)
 
         session = NodeSession(node_id)
+        session.on_progress = functools.partial(self._progress, node_id)
         self.sessions.add(session)
         self.store.touch_node(node_id)
         yield pb.CoordinatorMessage(welcome=pb.SessionWelcome(
@@ -188,6 +189,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.sessions.remove(session)
             self.store.touch_node(node_id)
             log.info("node %s disconnected: %s", node_id, session.close_reason)
+
+    def _progress(self, node_id: str, task: pb.Task, step: int, total: int, loss: float) -> None:
+        self.events.emit_transient(task.job_id, "node.progress", round_number=task.round,
+                                   node_id=node_id, metrics={"step": step, "total_steps": total,
+                                                             "loss": loss})
 
     async def _read_session(self, session: NodeSession, request_iterator) -> None:
         try:

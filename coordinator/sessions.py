@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protos.chunking import ChunkAssembler, ChunkError, split_payload
@@ -83,7 +84,8 @@ class NodeSession:
         self.busy = False
         self.closed = False
         self.close_reason = ""
-        self.progress: dict[str, tuple[int, int, float]] = {}
+        #: called with (task, step, total_steps, loss) as the node reports training progress
+        self.on_progress: Callable[[pb.Task, int, int, float], None] | None = None
         self._pending: dict[str, _PendingTask] = {}
 
     # ------------------------------------------------------------- sending
@@ -155,7 +157,9 @@ class NodeSession:
                 pending.settle(pending.outcome(self.node_id, False, f"node failed: {reason}"))
         elif kind == "progress":
             p = message.progress
-            self.progress[p.task_id] = (p.step, p.total_steps, p.loss)
+            pending = self._pending.get(p.task_id)
+            if pending is not None and self.on_progress is not None:
+                self.on_progress(pending.task, p.step, p.total_steps, p.loss)
         else:
             log.warning("node %s sent an unexpected %s message; ignored", self.node_id, kind)
         return None

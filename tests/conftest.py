@@ -9,11 +9,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
-from node.data import synthetic_classification, write_jsonl  # noqa: E402
+from node.data import synthetic_classification, write_jsonl
 
 
 def make_shards(root: Path, nodes: int, per_node: int = 64, num_labels: int = 2,

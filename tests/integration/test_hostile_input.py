@@ -93,7 +93,7 @@ def test_unknown_or_malformed_job_ids(cluster, job_id, code):
 def test_register_rejects_bad_keys_signatures_and_clocks(cluster):
     key = NodeKey.generate()
     ts, sig = key.sign_registration()
-    other_ts, other_sig = NodeKey.generate().sign_registration()
+    _, other_sig = NodeKey.generate().sign_registration()
     cases = [
         (pb.RegisterRequest(public_key=b"short", timestamp_ms=ts, signature=sig),
          grpc.StatusCode.INVALID_ARGUMENT),

@@ -1,0 +1,87 @@
+"""The `confide` command against real daemons, and the node's peer service."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from safetensors.torch import load_file
+
+from cli.cluster import LocalCluster
+from protos.chunking import assemble
+from protos.codec import tensor_map_from_bytes
+from protos.confide.v1 import node_pb2
+from protos.confide.v1 import node_pb2_grpc as node_grpc
+from protos.sdk import SyncConfideClient
+from tests.integration.helpers import wait_for_nodes
+
+
+def confide(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.main", "--log-level", "WARNING", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_explains_every_command():
+    result = confide("--help")
+    assert result.returncode == 0
+    for command in ("coordinator", "node", "job", "status", "data", "demo", "bench"):
+        assert command in result.stdout
+    result = confide("node", "serve", "--help")
+    assert "--coordinator" in result.stdout and "never" in result.stdout
+
+
+def test_cli_submits_watches_fetches_and_shows_status(tmp_path, shards):
+    with LocalCluster(tmp_path / "cluster", shards(1), mqtt=False) as cluster:
+        with SyncConfideClient(cluster.address) as client:
+            (node,) = wait_for_nodes(client, 1)
+        submitted = confide("job", "submit", "--coordinator", cluster.address, "--rounds", "1",
+                            "--max-steps", "2", "--max-length", "32", "--wait")
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.split()[2]
+        assert "job.completed" in submitted.stdout and "round.completed" in submitted.stdout
+
+        status = confide("status", "--coordinator", cluster.address)
+        assert status.returncode == 0
+        assert node.node_id in status.stdout and "online" in status.stdout
+        assert job_id in status.stdout and "COMPLETED" in status.stdout
+
+        out = tmp_path / "adapter.safetensors"
+        fetched = confide("job", "fetch", job_id, "--coordinator", cluster.address,
+                          "--out", str(out))
+        assert fetched.returncode == 0, fetched.stderr
+        assert load_file(str(out))
+
+        missing = confide("job", "show", "0123456789ab", "--coordinator", cluster.address)
+        assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+        bad = confide("job", "submit", "--coordinator", cluster.address, "--num-labels", "1")
+        assert bad.returncode == 1 and "num_labels" in bad.stderr
+
+        # the node's peer service: health, info, and the global model it received
+        with grpc.insecure_channel(node.info.peer_address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="confide.v1.NodePeer"), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            peer = node_grpc.NodePeerStub(channel)
+            assert peer.GetInfo(node_pb2.GetInfoRequest(), timeout=5).name == "node0"
+            chunks = peer.FetchModel(node_pb2.FetchModelRequest(job_id=job_id), timeout=30)
+            received = tensor_map_from_bytes(assemble(chunks))
+            assert received.keys() == load_file(str(out)).keys()
+            for request, code in [
+                (node_pb2.FetchModelRequest(job_id="../../etc"),
+                 grpc.StatusCode.INVALID_ARGUMENT),
+                (node_pb2.FetchModelRequest(job_id="0123456789ab"), grpc.StatusCode.NOT_FOUND),
+                (node_pb2.FetchModelRequest(job_id=job_id, which="local"),
+                 grpc.StatusCode.INVALID_ARGUMENT),
+            ]:
+                with pytest.raises(grpc.RpcError) as info:
+                    list(peer.FetchModel(request, timeout=5))
+                assert info.value.code() == code
+            garbage = channel.unary_unary("/confide.v1.NodePeer/GetInfo")
+            with pytest.raises(grpc.RpcError) as info:
+                garbage(b"\xff" * 64, timeout=5)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert peer.GetInfo(node_pb2.GetInfoRequest(), timeout=5).name == "node0"
