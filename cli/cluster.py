@@ -31,6 +31,7 @@ class LocalCluster:
         mqtt: bool = True,
         heartbeat_interval_s: float = 2.0,
         log_level: str = "INFO",
+        coordinator_args: tuple[str, ...] = (),
     ) -> None:
         self.root = Path(root)
         self.node_data_dirs = [Path(d) for d in node_data_dirs]
@@ -38,6 +39,7 @@ class LocalCluster:
         self.mqtt = mqtt
         self.heartbeat_interval_s = heartbeat_interval_s
         self.log_level = log_level
+        self.coordinator_args = tuple(coordinator_args)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.mqtt_port = free_port() if mqtt else 0
@@ -71,6 +73,7 @@ class LocalCluster:
                 "--heartbeat", str(self.heartbeat_interval_s)]
         args += ["--mqtt-listen", f"127.0.0.1:{self.mqtt_port}"] if self.mqtt else ["--mqtt",
                                                                                     "none"]
+        args += self.coordinator_args
         self.coordinator = self._spawn("coordinator", args, threads=1)
         deadline = time.monotonic() + timeout
         while not ready.exists():
@@ -81,8 +84,9 @@ class LocalCluster:
             time.sleep(0.1)
         return self.address
 
-    def start_node(self, index: int, *extra: str) -> subprocess.Popen:
-        args = ["node", "serve", "--coordinator", self.address,
+    def start_node(self, index: int, *extra: str, coordinator: str = "") -> subprocess.Popen:
+        """Start node ``index``; ``coordinator`` overrides the address it dials (a proxy)."""
+        args = ["node", "serve", "--coordinator", coordinator or self.address,
                 "--data", str(self.node_data_dirs[index]), "--name", f"node{index}",
                 "--threads", str(self.threads_per_node), *extra]
         process = self._spawn(f"node{index}", args, threads=self.threads_per_node)

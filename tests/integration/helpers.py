@@ -9,7 +9,7 @@ from protos.sdk import SyncConfideClient, job_spec
 
 
 def tiny_spec(**overrides) -> pb.JobSpec:
-    """A job on the 2-layer, 64-wide random-init BERT: seconds per round on one core."""
+    """A job on a 2-layer, 64-wide random-init model: seconds per round on one core."""
     options = dict(rounds=2, min_nodes=2, base="tiny-bert", num_labels=2, max_length=32,
                    batch_size=16, learning_rate=1e-2, round_timeout_s=120,
                    wait_for_nodes_s=60)

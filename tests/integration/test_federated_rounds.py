@@ -85,3 +85,27 @@ def test_job_fails_with_a_clear_reason_when_too_few_nodes_answer(tmp_path, shard
     assert final.state == pb.FAILED
     assert "round 1: 1 of 2 node(s) returned a valid update, min_nodes is 2" in final.reason
     assert "disconnected" in final.reason
+
+
+def test_causal_lm_lora_rounds_through_the_daemons(tmp_path):
+    from node.data import synthetic_text, write_jsonl
+
+    folders = []
+    for i in range(2):
+        folder = tmp_path / f"node{i}"
+        folder.mkdir()
+        write_jsonl(folder / "text.jsonl", synthetic_text(48, seed=i))
+        folders.append(folder)
+    spec = tiny_spec(rounds=2, min_nodes=2, task="causal-lm", base="tiny-llama",
+                     dataset="text", max_steps=6)
+    with LocalCluster(tmp_path / "cluster", folders, mqtt=False) as cluster, \
+            SyncConfideClient(cluster.address) as client:
+        wait_for_nodes(client, 2)
+        job = client.submit_job(spec)
+        final = client.wait_job(job.job_id)
+        initial = client.fetch_global_model(job.job_id, 0)
+        trained = client.fetch_global_model(job.job_id)
+    assert final.state == pb.COMPLETED, final.reason
+    held_out = synthetic_text(32, seed=99)
+    evaluate = Evaluator(spec, held_out)
+    assert evaluate(trained)["loss"] < evaluate(initial)["loss"]

@@ -73,3 +73,17 @@ def test_presence_and_job_events_reach_mqtt_subscribers(tmp_path, shards):
     assert all(t == f"confide/jobs/{job.job_id}/events" for t, _ in job_events)
     assert kinds[0] == "job.submitted"
     assert "round.completed" in kinds and kinds[-1] == "job.completed"
+
+
+def test_an_unreachable_broker_degrades_events_never_training(tmp_path, shards):
+    from coordinator.broker import free_port
+
+    dead_broker = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens there
+    with LocalCluster(tmp_path / "cluster", shards(2), mqtt=False,
+                      coordinator_args=("--mqtt", dead_broker)) as cluster, \
+            SyncConfideClient(cluster.address) as client:
+        wait_for_nodes(client, 2)
+        job = client.submit_job(tiny_spec(rounds=2, max_steps=2))
+        final = client.wait_job(job.job_id)
+    assert final.state == pb.COMPLETED, final.reason
+    assert final.rounds_completed == 2
