@@ -31,6 +31,10 @@ class JobFailed(Exception):
     """The job cannot go on; the message says why, for the user."""
 
 
+class JobStopped(Exception):
+    """The method ended the job cleanly before a round (e.g. its privacy budget is spent)."""
+
+
 def weighted_metrics(outcomes: Sequence[TaskOutcome]) -> dict[str, float]:
     """Example-weighted means of the nodes' metrics (each node reports its own)."""
     totals: dict[str, float] = {}
@@ -101,6 +105,11 @@ class JobRunner:
         except JobFailed as exc:
             self.store.set_job_state(self.job_id, pb.FAILED, str(exc))
             self.events.emit(self.job_id, "job.failed", message=str(exc), state=pb.FAILED)
+            return
+        except JobStopped as exc:
+            self.store.set_job_state(self.job_id, pb.COMPLETED, str(exc))
+            self.events.emit(self.job_id, "job.completed", message=str(exc),
+                             state=pb.COMPLETED)
             return
         except asyncio.CancelledError:
             raise
@@ -180,6 +189,12 @@ class JobRunner:
     async def _run_round(self, round_number: int, state: dict) -> dict:
         started = time.monotonic()
         selected = self._select(await self._wait_for_nodes(self.spec.min_nodes), round_number)
+        population = max(len(self.store.nodes()), len(selected))
+        reason = self.method.before_round(self.config, round_number, population, len(selected))
+        if reason:
+            self.events.emit(self.job_id, "job.stopped", round_number=round_number,
+                             message=reason)
+            raise JobStopped(f"stopped before round {round_number}: {reason}")
         record = RoundRecord(round=round_number, state="running",
                              selected=[s.node_id for s in selected])
         self.store.save_round(self.job_id, record)
@@ -221,6 +236,8 @@ class JobRunner:
                              bytes_down=record.bytes_down)
             raise JobFailed(message)
         new_state = self.method.aggregate(self.config, state, updates, round_number)
+        record.metrics.update(
+            self.method.round_metrics(self.config, round_number, population, len(selected)))
         self.store.save_global(self.job_id, round_number, new_state)
         record.state = "completed"
         self.store.save_round(self.job_id, record)

@@ -1,6 +1,14 @@
-"""Federated learning methods, one module each; ``get_method`` finds one by its job name."""
+"""Federated learning methods, one module each; ``get_method`` finds one by its job name.
+
+The registry is data (job name -> module and class) so a method module is imported only when
+a job uses it, and adding a method is one line here plus its module.
+"""
 
 from __future__ import annotations
+
+import importlib
+import importlib.util
+from functools import cache
 
 from node.methods.base import (
     ClientUpdate,
@@ -9,26 +17,41 @@ from node.methods.base import (
     UpdateError,
     method_params,
 )
-from node.methods.fedavg_lora import FedAvgLoRA
 
-METHODS: dict[str, FederatedMethod] = {m.name: m for m in (FedAvgLoRA(),)}
+REGISTRY: dict[str, str] = {
+    "fedavg-lora": "node.methods.fedavg_lora:FedAvgLoRA",
+    "dp-lora": "node.methods.dp_lora:DPLoRA",
+    "cellm": "node.methods.cellm:CELLM",
+    "ferret": "node.methods.ferret:Ferret",
+}
 
 
+@cache
 def get_method(name: str) -> FederatedMethod:
     """The method registered under ``name``; ValueError listing the known ones otherwise."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        known = ", ".join(sorted(METHODS))
-        raise ValueError(f"unknown method {name!r}; known methods: {known}") from None
+    target = REGISTRY.get(name)
+    if target is None:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(known_methods())}")
+    module_name, class_name = target.split(":")
+    method = getattr(importlib.import_module(module_name), class_name)()
+    if method.name != name:
+        raise RuntimeError(f"{target} calls itself {method.name!r}, registered as {name!r}")
+    return method
+
+
+def known_methods() -> list[str]:
+    """Registered methods whose module is present in this installation."""
+    return [name for name, target in REGISTRY.items()
+            if importlib.util.find_spec(target.split(":")[0]) is not None]
 
 
 __all__ = [
-    "METHODS",
+    "REGISTRY",
     "ClientUpdate",
     "FederatedMethod",
     "MethodConfig",
     "UpdateError",
     "get_method",
+    "known_methods",
     "method_params",
 ]

@@ -107,6 +107,19 @@ class FederatedMethod(ABC):
         """Coordinator side, pure: the next global state from the current one and the
         nodes' updates."""
 
+    def before_round(self, config: MethodConfig, round_number: int, population: int,
+                     selected: int) -> str | None:
+        """Coordinator side, before a round runs: a reason to end the job cleanly instead
+        (e.g. the privacy budget would be exceeded), or None to go on. ``population`` is the
+        number of registered nodes, ``selected`` the number this round would use."""
+        return None
+
+    def round_metrics(self, config: MethodConfig, round_number: int, population: int,
+                      selected: int) -> dict[str, float]:
+        """Coordinator side, after a round: figures to report with it (e.g. epsilon spent
+        so far). Merged into the round's metrics and its ``round.completed`` event."""
+        return {}
+
     def check_update(self, global_state: State, payload: Mapping[str, WireTensor]) -> None:
         """Reject an update whose names or shapes do not match the global state, so
         one bad node cannot poison (or crash) the aggregation."""
