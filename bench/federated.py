@@ -29,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-size", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="runs/bench-federated")
-    p.add_argument("--out", default="results/federated", help="where JSON and PNG go")
+    p.add_argument("--out", default="bench/results",
+                   help="where federated.json and federated.png go; the previous JSON there is "
+                        "compared with this run (default: %(default)s)")
 
 
 def _parse_methods(text: str) -> list[tuple[str, dict]]:
@@ -108,16 +110,38 @@ def run_benchmark(args: argparse.Namespace) -> int:
               f"{row['uplink_bytes_per_node_per_round'] / 1e3:>12.1f} KB"
               f"{row['downlink_bytes_per_node_per_round'] / 1e3:>14.1f} KB"
               f"{row['seconds_per_round']:>9.1f}{(f'{eps:.2f}' if eps else '-'):>9}")
+    info = hardware()
+    print(f"hardware: {info['platform']}, {info['cpu_count']} CPU(s), torch {info['torch']}, "
+          f"GPU {info['cuda'] or 'none'}; baseline: fedavg-lora on the same split and rounds")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    _compare_with_previous(out / "federated.json", rows)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    report = {"benchmark": "federated", "time": stamp, "hardware": hardware(),
+    report = {"benchmark": "federated", "time": stamp, "hardware": info,
               "workload": {k: v for k, v in vars(args).items() if k != "func"},
               "accuracy_before": before, "results": rows}
     (out / "federated.json").write_text(json.dumps(report, indent=2))
     _plot(rows, out / "federated.png", before)
     print(f"wrote {out / 'federated.json'} and {out / 'federated.png'}")
     return 0 if all(r["state"] == "COMPLETED" for r in rows) else 1
+
+
+def _compare_with_previous(path: Path, rows: list[dict]) -> None:
+    """Print how this run differs from the last one written to ``path``."""
+    if not path.exists():
+        return
+    try:
+        previous = {r["method"]: r for r in json.loads(path.read_text())["results"]}
+    except (ValueError, KeyError):
+        return
+    for row in rows:
+        old = previous.get(row["method"])
+        if old is None or old.get("accuracy") is None or row["accuracy"] is None:
+            continue
+        print(f"  vs last run: {row['method']}: accuracy {old['accuracy']:.3f} -> "
+              f"{row['accuracy']:.3f}, uplink/node/round "
+              f"{old['uplink_bytes_per_node_per_round'] / 1e3:.1f} -> "
+              f"{row['uplink_bytes_per_node_per_round'] / 1e3:.1f} KB")
 
 
 def _plot(rows: list[dict], path: Path, before: float) -> None:
