@@ -34,7 +34,7 @@ INIT: TaskKind
 TRAIN: TaskKind
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "roles", "peer_address", "device", "datasets", "version")
+    __slots__ = ("name", "roles", "peer_address", "device", "datasets", "version", "ring_public_key", "cost")
     class DatasetsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -48,13 +48,17 @@ class NodeInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DATASETS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    RING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     name: str
     roles: _containers.RepeatedScalarFieldContainer[str]
     peer_address: str
     device: str
     datasets: _containers.ScalarMap[str, int]
     version: str
-    def __init__(self, name: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., peer_address: _Optional[str] = ..., device: _Optional[str] = ..., datasets: _Optional[_Mapping[str, int]] = ..., version: _Optional[str] = ...) -> None: ...
+    ring_public_key: bytes
+    cost: float
+    def __init__(self, name: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., peer_address: _Optional[str] = ..., device: _Optional[str] = ..., datasets: _Optional[_Mapping[str, int]] = ..., version: _Optional[str] = ..., ring_public_key: _Optional[bytes] = ..., cost: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("public_key", "info", "timestamp_ms", "signature")
@@ -145,7 +149,7 @@ class TrainSpec(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., dataset: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "method", "model", "train", "rounds", "min_nodes", "nodes_per_round", "round_timeout_s", "wait_for_nodes_s", "method_params", "seed")
+    __slots__ = ("name", "method", "model", "train", "rounds", "min_nodes", "nodes_per_round", "round_timeout_s", "wait_for_nodes_s", "method_params", "seed", "anonymous", "budget")
     NAME_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +161,8 @@ class JobSpec(_message.Message):
     WAIT_FOR_NODES_S_FIELD_NUMBER: _ClassVar[int]
     METHOD_PARAMS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    ANONYMOUS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     name: str
     method: str
     model: ModelSpec
@@ -168,7 +174,9 @@ class JobSpec(_message.Message):
     wait_for_nodes_s: float
     method_params: _struct_pb2.Struct
     seed: int
-    def __init__(self, name: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., rounds: _Optional[int] = ..., min_nodes: _Optional[int] = ..., nodes_per_round: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., wait_for_nodes_s: _Optional[float] = ..., method_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    anonymous: bool
+    budget: float
+    def __init__(self, name: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., rounds: _Optional[int] = ..., min_nodes: _Optional[int] = ..., nodes_per_round: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., wait_for_nodes_s: _Optional[float] = ..., method_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., seed: _Optional[int] = ..., anonymous: _Optional[bool] = ..., budget: _Optional[float] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
     __slots__ = ("round", "state", "selected", "participants", "dropped", "bytes", "seconds", "metrics")
@@ -254,6 +262,103 @@ class WatchJobRequest(_message.Message):
     after_seq: int
     def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
 
+class GetRingRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class Ring(_message.Message):
+    __slots__ = ("job_id", "epoch_id", "public_keys")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    epoch_id: str
+    public_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, job_id: _Optional[str] = ..., epoch_id: _Optional[str] = ..., public_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class GetChallengeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Challenge(_message.Message):
+    __slots__ = ("nonce", "expires_ms")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    expires_ms: int
+    def __init__(self, nonce: _Optional[bytes] = ..., expires_ms: _Optional[int] = ...) -> None: ...
+
+class AnonymousUpdateHeader(_message.Message):
+    __slots__ = ("job_id", "round", "epoch_id", "nonce", "num_examples", "payload_sha256", "signature")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_ID_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    epoch_id: str
+    nonce: bytes
+    num_examples: int
+    payload_sha256: bytes
+    signature: bytes
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch_id: _Optional[str] = ..., nonce: _Optional[bytes] = ..., num_examples: _Optional[int] = ..., payload_sha256: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class AnonymousUpdateMessage(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: AnonymousUpdateHeader
+    chunk: _common_pb2.Chunk
+    def __init__(self, header: _Optional[_Union[AnonymousUpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[_common_pb2.Chunk, _Mapping]] = ...) -> None: ...
+
+class AnonymousAck(_message.Message):
+    __slots__ = ("key_image",)
+    KEY_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    key_image: bytes
+    def __init__(self, key_image: _Optional[bytes] = ...) -> None: ...
+
+class GetLedgerRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class Payment(_message.Message):
+    __slots__ = ("job_id", "round", "node_id", "reported_cost", "value", "payment")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_COST_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    PAYMENT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    node_id: str
+    reported_cost: float
+    value: float
+    payment: float
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., node_id: _Optional[str] = ..., reported_cost: _Optional[float] = ..., value: _Optional[float] = ..., payment: _Optional[float] = ...) -> None: ...
+
+class Ledger(_message.Message):
+    __slots__ = ("payments", "totals")
+    class TotalsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    PAYMENTS_FIELD_NUMBER: _ClassVar[int]
+    TOTALS_FIELD_NUMBER: _ClassVar[int]
+    payments: _containers.RepeatedCompositeFieldContainer[Payment]
+    totals: _containers.ScalarMap[str, float]
+    def __init__(self, payments: _Optional[_Iterable[_Union[Payment, _Mapping]]] = ..., totals: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
 class FetchGlobalModelRequest(_message.Message):
     __slots__ = ("job_id", "round")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -334,7 +439,7 @@ class HeartbeatAck(_message.Message):
     def __init__(self, seq: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "job_id", "round", "kind", "spec", "has_global", "deadline_s")
+    __slots__ = ("task_id", "job_id", "round", "kind", "spec", "has_global", "deadline_s", "anonymous")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -342,6 +447,7 @@ class Task(_message.Message):
     SPEC_FIELD_NUMBER: _ClassVar[int]
     HAS_GLOBAL_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    ANONYMOUS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     job_id: str
     round: int
@@ -349,7 +455,8 @@ class Task(_message.Message):
     spec: JobSpec
     has_global: bool
     deadline_s: float
-    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., has_global: _Optional[bool] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+    anonymous: bool
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., has_global: _Optional[bool] = ..., deadline_s: _Optional[float] = ..., anonymous: _Optional[bool] = ...) -> None: ...
 
 class TaskChunk(_message.Message):
     __slots__ = ("task_id", "chunk")
@@ -396,6 +503,24 @@ class TaskFailure(_message.Message):
     reason: str
     def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class CostQuery(_message.Message):
+    __slots__ = ("query_id", "job_id", "round")
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    query_id: str
+    job_id: str
+    round: int
+    def __init__(self, query_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class CostReport(_message.Message):
+    __slots__ = ("query_id", "cost")
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    query_id: str
+    cost: float
+    def __init__(self, query_id: _Optional[str] = ..., cost: _Optional[float] = ...) -> None: ...
+
 class CancelTask(_message.Message):
     __slots__ = ("task_id", "reason")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -405,7 +530,7 @@ class CancelTask(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class NodeMessage(_message.Message):
-    __slots__ = ("hello", "proof", "heartbeat", "update_chunk", "result", "failure", "progress")
+    __slots__ = ("hello", "proof", "heartbeat", "update_chunk", "result", "failure", "progress", "cost_report")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     PROOF_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
@@ -413,6 +538,7 @@ class NodeMessage(_message.Message):
     RESULT_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    COST_REPORT_FIELD_NUMBER: _ClassVar[int]
     hello: SessionHello
     proof: SessionProof
     heartbeat: Heartbeat
@@ -420,20 +546,23 @@ class NodeMessage(_message.Message):
     result: TaskResult
     failure: TaskFailure
     progress: TaskProgress
-    def __init__(self, hello: _Optional[_Union[SessionHello, _Mapping]] = ..., proof: _Optional[_Union[SessionProof, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., update_chunk: _Optional[_Union[TaskChunk, _Mapping]] = ..., result: _Optional[_Union[TaskResult, _Mapping]] = ..., failure: _Optional[_Union[TaskFailure, _Mapping]] = ..., progress: _Optional[_Union[TaskProgress, _Mapping]] = ...) -> None: ...
+    cost_report: CostReport
+    def __init__(self, hello: _Optional[_Union[SessionHello, _Mapping]] = ..., proof: _Optional[_Union[SessionProof, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., update_chunk: _Optional[_Union[TaskChunk, _Mapping]] = ..., result: _Optional[_Union[TaskResult, _Mapping]] = ..., failure: _Optional[_Union[TaskFailure, _Mapping]] = ..., progress: _Optional[_Union[TaskProgress, _Mapping]] = ..., cost_report: _Optional[_Union[CostReport, _Mapping]] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("challenge", "welcome", "heartbeat_ack", "task", "global_chunk", "cancel")
+    __slots__ = ("challenge", "welcome", "heartbeat_ack", "task", "global_chunk", "cancel", "cost_query")
     CHALLENGE_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_ACK_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_CHUNK_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    COST_QUERY_FIELD_NUMBER: _ClassVar[int]
     challenge: SessionChallenge
     welcome: SessionWelcome
     heartbeat_ack: HeartbeatAck
     task: Task
     global_chunk: TaskChunk
     cancel: CancelTask
-    def __init__(self, challenge: _Optional[_Union[SessionChallenge, _Mapping]] = ..., welcome: _Optional[_Union[SessionWelcome, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., global_chunk: _Optional[_Union[TaskChunk, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ...) -> None: ...
+    cost_query: CostQuery
+    def __init__(self, challenge: _Optional[_Union[SessionChallenge, _Mapping]] = ..., welcome: _Optional[_Union[SessionWelcome, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., global_chunk: _Optional[_Union[TaskChunk, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., cost_query: _Optional[_Union[CostQuery, _Mapping]] = ...) -> None: ...

@@ -80,6 +80,26 @@ class CoordinatorStub:
                 request_serializer=confide_dot_v1_dot_coordinator__pb2.FetchGlobalModelRequest.SerializeToString,
                 response_deserializer=confide_dot_v1_dot_common__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.GetRing = channel.unary_unary(
+                '/confide.v1.Coordinator/GetRing',
+                request_serializer=confide_dot_v1_dot_coordinator__pb2.GetRingRequest.SerializeToString,
+                response_deserializer=confide_dot_v1_dot_coordinator__pb2.Ring.FromString,
+                _registered_method=True)
+        self.GetChallenge = channel.unary_unary(
+                '/confide.v1.Coordinator/GetChallenge',
+                request_serializer=confide_dot_v1_dot_coordinator__pb2.GetChallengeRequest.SerializeToString,
+                response_deserializer=confide_dot_v1_dot_coordinator__pb2.Challenge.FromString,
+                _registered_method=True)
+        self.SubmitAnonymousUpdate = channel.stream_unary(
+                '/confide.v1.Coordinator/SubmitAnonymousUpdate',
+                request_serializer=confide_dot_v1_dot_coordinator__pb2.AnonymousUpdateMessage.SerializeToString,
+                response_deserializer=confide_dot_v1_dot_coordinator__pb2.AnonymousAck.FromString,
+                _registered_method=True)
+        self.GetLedger = channel.unary_unary(
+                '/confide.v1.Coordinator/GetLedger',
+                request_serializer=confide_dot_v1_dot_coordinator__pb2.GetLedgerRequest.SerializeToString,
+                response_deserializer=confide_dot_v1_dot_coordinator__pb2.Ledger.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -146,6 +166,36 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRing(self, request, context):
+        """---- anonymous actions (jobs with `anonymous`): called outside any session, with no
+        node id; a linkable ring signature over the job's ring proves "some registered node
+        signed this", and its key image, scoped to (job, round), exposes a second submission.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetChallenge(self, request, context):
+        """A fresh single-use nonce that the next anonymous action must sign (replay protection).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitAnonymousUpdate(self, request_iterator, context):
+        """The header (signed) first, then the update as chunks of a serialized TensorMap.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLedger(self, request, context):
+        """Payments of the truthful incentive mechanism (jobs with a `budget`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -193,6 +243,26 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.FetchGlobalModel,
                     request_deserializer=confide_dot_v1_dot_coordinator__pb2.FetchGlobalModelRequest.FromString,
                     response_serializer=confide_dot_v1_dot_common__pb2.Chunk.SerializeToString,
+            ),
+            'GetRing': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRing,
+                    request_deserializer=confide_dot_v1_dot_coordinator__pb2.GetRingRequest.FromString,
+                    response_serializer=confide_dot_v1_dot_coordinator__pb2.Ring.SerializeToString,
+            ),
+            'GetChallenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetChallenge,
+                    request_deserializer=confide_dot_v1_dot_coordinator__pb2.GetChallengeRequest.FromString,
+                    response_serializer=confide_dot_v1_dot_coordinator__pb2.Challenge.SerializeToString,
+            ),
+            'SubmitAnonymousUpdate': grpc.stream_unary_rpc_method_handler(
+                    servicer.SubmitAnonymousUpdate,
+                    request_deserializer=confide_dot_v1_dot_coordinator__pb2.AnonymousUpdateMessage.FromString,
+                    response_serializer=confide_dot_v1_dot_coordinator__pb2.AnonymousAck.SerializeToString,
+            ),
+            'GetLedger': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLedger,
+                    request_deserializer=confide_dot_v1_dot_coordinator__pb2.GetLedgerRequest.FromString,
+                    response_serializer=confide_dot_v1_dot_coordinator__pb2.Ledger.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -438,6 +508,114 @@ class Coordinator:
             '/confide.v1.Coordinator/FetchGlobalModel',
             confide_dot_v1_dot_coordinator__pb2.FetchGlobalModelRequest.SerializeToString,
             confide_dot_v1_dot_common__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRing(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/confide.v1.Coordinator/GetRing',
+            confide_dot_v1_dot_coordinator__pb2.GetRingRequest.SerializeToString,
+            confide_dot_v1_dot_coordinator__pb2.Ring.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetChallenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/confide.v1.Coordinator/GetChallenge',
+            confide_dot_v1_dot_coordinator__pb2.GetChallengeRequest.SerializeToString,
+            confide_dot_v1_dot_coordinator__pb2.Challenge.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitAnonymousUpdate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/confide.v1.Coordinator/SubmitAnonymousUpdate',
+            confide_dot_v1_dot_coordinator__pb2.AnonymousUpdateMessage.SerializeToString,
+            confide_dot_v1_dot_coordinator__pb2.AnonymousAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLedger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/confide.v1.Coordinator/GetLedger',
+            confide_dot_v1_dot_coordinator__pb2.GetLedgerRequest.SerializeToString,
+            confide_dot_v1_dot_coordinator__pb2.Ledger.FromString,
             options,
             channel_credentials,
             insecure,
