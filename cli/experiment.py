@@ -14,7 +14,7 @@ from cli.cluster import LocalCluster
 from coordinator.jobs import normalize_spec
 from node.data import Example
 from node.trainer import LoraTrainer
-from node.worker import model_config
+from node.worker import job_model_config
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.sdk import SyncConfideClient
 
@@ -40,7 +40,8 @@ class Evaluator:
 
     def __init__(self, spec: pb.JobSpec, examples: list[Example], batch_size: int = 64) -> None:
         spec = normalize_spec(spec)  # the defaults the coordinator fills in
-        self.trainer = LoraTrainer(model_config(spec.model), "cpu")
+        # the trainer the job's nodes build: LoRA, or full-parameter for methods like Ferret
+        self.trainer = LoraTrainer(job_model_config(spec), "cpu")
         self.initial = self.trainer.trainable_state()
         self.examples = examples
         self.batch_size = batch_size

@@ -71,6 +71,7 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         roles=args.role or ["trainer"],
         mqtt=args.mqtt,
         threads=args.threads,
+        cost=args.cost,
     )
     try:
         return _run_until_signal(serve(config))
@@ -105,6 +106,8 @@ def _spec_from_args(args: argparse.Namespace):
         wait_for_nodes_s=args.wait_for_nodes,
         seed=args.seed,
         params=params,
+        anonymous=args.anonymous,
+        budget=args.budget,
     )
 
 
@@ -221,14 +224,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
         nodes = client.list_nodes()
         jobs = client.list_jobs()
+        ledger = client.get_ledger()
     print(f"coordinator {args.coordinator}: {sum(n.online for n in nodes)} of {len(nodes)} "
           "node(s) online")
-    print(f"{'NODE':<34}{'NAME':<12}{'STATE':<9}{'DEVICE':<8}{'ROLES':<16}DATASETS")
+    print(f"{'NODE':<34}{'NAME':<12}{'STATE':<9}{'DEVICE':<8}{'ROLES':<16}{'PAID':>8}  DATASETS")
     for node in nodes:
         state = ("busy" if node.busy else "online") if node.online else "offline"
         datasets = ", ".join(f"{k}={v}" for k, v in node.info.datasets.items())
+        paid = ledger.totals.get(node.node_id, 0.0)
         print(f"{node.node_id:<34}{node.info.name[:11]:<12}{state:<9}{node.info.device:<8}"
-              f"{','.join(node.info.roles)[:15]:<16}{datasets}")
+              f"{','.join(node.info.roles)[:15]:<16}{paid:>8.3f}  {datasets}")
     if jobs:
         print()
         print(f"{'JOB':<14}{'METHOD':<14}{'STATE':<11}ROUNDS")
@@ -293,6 +298,12 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
                    help="seconds a round waits for --min-nodes to be online")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--params", default="", help='method parameters as JSON, e.g. \'{"k": 0.1}\'')
+    g.add_argument("--anonymous", action="store_true",
+                   help="nodes submit updates ring-signed, outside their sessions: the "
+                        "coordinator cannot tell which update came from which node")
+    g.add_argument("--budget", type=float, default=0.0,
+                   help="per-round payment budget: select nodes by a truthful auction over "
+                        "their reported costs (0 = no incentives)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", action="append", help="node role, repeatable (default: trainer)")
     p.add_argument("--mqtt", default="", help="override the broker the coordinator announces")
     p.add_argument("--threads", type=int, default=0, help="torch threads, 0 = torch default")
+    p.add_argument("--cost", type=float, default=0.0,
+                   help="participation cost per round for budgeted jobs; the auction makes "
+                        "reporting your true cost the best strategy")
     p.set_defaults(func=cmd_node_serve)
 
     job = sub.add_parser("job", help="submit, watch and inspect jobs")

@@ -7,6 +7,7 @@ complete spec so every node of every round sees the same values.
 
 from __future__ import annotations
 
+import math
 import re
 
 from node.methods import get_method, method_params
@@ -81,6 +82,8 @@ def normalize_spec(spec: pb.JobSpec) -> pb.JobSpec:
         (0 < t.learning_rate < 10, f"train.learning_rate: must be in (0, 10), got "
                                    f"{t.learning_rate}"),
         (t.local_epochs <= 10_000, f"train.local_epochs: at most 10000, got {t.local_epochs}"),
+        (math.isfinite(s.budget) and s.budget >= 0,
+         f"budget: must be a finite number >= 0, got {s.budget}"),
         (bool(DATASET_PATTERN.match(t.dataset)),
          f"train.dataset: letters, digits, '_', '.', '-' only, got {t.dataset!r}"),
     ]

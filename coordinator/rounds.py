@@ -17,7 +17,9 @@ import time
 import uuid
 from collections.abc import Sequence
 
+from coordinator.anonymous import AnonymousInbox, AnonymousUpdate
 from coordinator.events import EventLog
+from coordinator.incentives import Bid, proportional_share
 from coordinator.sessions import NodeSession, SessionRegistry, TaskOutcome
 from coordinator.store import RoundRecord, Store
 from node.methods import ClientUpdate, FederatedMethod, get_method, method_params
@@ -54,11 +56,13 @@ class JobRunner:
         store: Store,
         sessions: SessionRegistry,
         events: EventLog,
+        inbox: AnonymousInbox | None = None,
     ) -> None:
         self.job_id = job_id
         self.store = store
         self.sessions = sessions
         self.events = events
+        self.inbox = inbox if inbox is not None else AnonymousInbox()
         status = store.job(job_id)
         if status is None:
             raise KeyError(job_id)
@@ -93,6 +97,8 @@ class JobRunner:
             state=pb.RUNNING,
         )
         try:
+            if self.spec.anonymous:
+                self._fix_ring()
             latest = self.store.latest_global(self.job_id)
             if latest is None:
                 state = await self._initial_state()
@@ -123,6 +129,19 @@ class JobRunner:
         self.events.emit(
             self.job_id, "job.completed", round_number=self.spec.rounds, state=pb.COMPLETED
         )
+
+    def _fix_ring(self) -> None:
+        """The ring is every registered node's ring key when the job starts (sorted)."""
+        if self.store.ring(self.job_id):
+            return
+        keys = sorted({n.info.ring_public_key for n in self.store.nodes()
+                       if len(n.info.ring_public_key) == 32})
+        if len(keys) < max(2, self.spec.min_nodes):
+            raise JobFailed(f"an anonymous job needs a ring of at least "
+                            f"{max(2, self.spec.min_nodes)} registered nodes with ring keys; "
+                            f"{len(keys)} registered")
+        self.store.save_ring(self.job_id, keys)
+        self.events.emit(self.job_id, "job.ring", message=f"ring of {len(keys)} keys fixed")
 
     async def _wait_for_nodes(self, count: int) -> list[NodeSession]:
         deadline = time.monotonic() + self.spec.wait_for_nodes_s
@@ -186,9 +205,45 @@ class JobRunner:
         rng = random.Random(f"{self.spec.seed}/{round_number}")
         return rng.sample(online, min(count, len(online)))
 
+    async def _choose(self, round_number: int) -> tuple[list[NodeSession], list[pb.Payment]]:
+        """This round's nodes: a seeded sample, or, with a budget, the winners of the
+        truthful budget-feasible auction (and what each will be paid)."""
+        online = await self._wait_for_nodes(self.spec.min_nodes)
+        if self.spec.budget <= 0:
+            return self._select(online, round_number), []
+        bids = await asyncio.gather(*(self._ask_cost(s, round_number) for s in online))
+        valid = [b for b in bids if b is not None]
+        allocation = proportional_share(valid, self.spec.budget)
+        by_id = {s.node_id: s for s in online}
+        winners = [by_id[node_id] for node_id in allocation.winners]
+        payments = [pb.Payment(job_id=self.job_id, round=round_number, node_id=b.node_id,
+                               reported_cost=b.cost, value=b.value,
+                               payment=allocation.payments[b.node_id])
+                    for b in valid if b.node_id in allocation.payments]
+        self.events.emit(self.job_id, "round.auction", round_number=round_number,
+                         message=f"{len(winners)} of {len(valid)} bidder(s) selected under a "
+                                 f"budget of {self.spec.budget:g}",
+                         metrics={"payments": sum(p.payment for p in payments),
+                                  "bidders": len(valid)})
+        if len(winners) < self.spec.min_nodes:
+            raise JobFailed(f"round {round_number}: the budget of {self.spec.budget:g} selects "
+                            f"{len(winners)} node(s) at the reported costs, min_nodes is "
+                            f"{self.spec.min_nodes}; raise the budget or lower min_nodes")
+        return winners, payments
+
+    async def _ask_cost(self, session: NodeSession, round_number: int) -> Bid | None:
+        cost = await session.ask_cost(self.job_id, round_number, timeout=10.0)
+        if cost is None:
+            return None
+        info = {n.node_id: n.info for n in self.store.nodes()}.get(session.node_id)
+        value = float(info.datasets.get(self.spec.train.dataset, 0)) if info else 0.0
+        if value <= 0:
+            return None  # nothing to contribute to this job's dataset
+        return Bid(session.node_id, cost, value)
+
     async def _run_round(self, round_number: int, state: dict) -> dict:
         started = time.monotonic()
-        selected = self._select(await self._wait_for_nodes(self.spec.min_nodes), round_number)
+        selected, payments = await self._choose(round_number)
         population = max(len(self.store.nodes()), len(selected))
         reason = self.method.before_round(self.config, round_number, population, len(selected))
         if reason:
@@ -211,11 +266,25 @@ class JobRunner:
                 for session in selected
             )
         )
-        updates: list[ClientUpdate] = []
-        accepted: list[TaskOutcome] = []
         for outcome in outcomes:
             record.bytes_up += outcome.bytes_up
             record.bytes_down += outcome.bytes_down
+        delivered = {o.node_id for o in outcomes if o.ok}
+        if self.spec.anonymous:
+            # the sessions only said "done"; the updates came through the anonymous call
+            for outcome in outcomes:
+                if not outcome.ok:
+                    record.dropped[outcome.node_id] = outcome.reason
+            outcomes = [self._anonymous_outcome(u, round_number)
+                        for u in self.inbox.take(self.job_id, round_number)]
+            for outcome in outcomes:
+                record.bytes_up += outcome.bytes_up
+        if payments:  # pay the winners who did the work, at their critical values
+            self.store.record_payments(self.job_id, round_number,
+                                       [p for p in payments if p.node_id in delivered])
+        updates: list[ClientUpdate] = []
+        accepted: list[TaskOutcome] = []
+        for outcome in outcomes:
             update = self._accept(outcome, state, round_number, record)
             if update is not None:
                 updates.append(update)
@@ -255,7 +324,16 @@ class JobRunner:
     async def _train_on(self, session: NodeSession, round_number: int,
                         payload: bytes) -> TaskOutcome:
         task = self._new_task(pb.TRAIN, round_number, has_global=True)
-        return await session.run_task(task, payload, self.spec.round_timeout_s)
+        task.anonymous = self.spec.anonymous
+        return await session.run_task(task, payload, self.spec.round_timeout_s,
+                                      expects_payload=not self.spec.anonymous)
+
+    @staticmethod
+    def _anonymous_outcome(update: AnonymousUpdate, round_number: int) -> TaskOutcome:
+        """An anonymous update, named by its link tag: the coordinator knows no more."""
+        return TaskOutcome(node_id="anon-" + update.key_image.hex()[:16], task_id="",
+                           ok=True, payload=update.payload, num_examples=update.num_examples,
+                           bytes_up=update.bytes_up)
 
     def _accept(self, outcome: TaskOutcome, state: dict, round_number: int,
                 record: RoundRecord) -> ClientUpdate | None:

@@ -15,12 +15,13 @@ import grpc
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from coordinator.anonymous import AnonymousInbox, AnonymousRejected, ChallengeBook
 from coordinator.events import EventLog
 from coordinator.jobs import JOB_ID_PATTERN, normalize_spec
 from coordinator.rounds import JobRunner
-from coordinator.sessions import NodeSession, SessionRegistry
+from coordinator.sessions import NodeSession, SessionRegistry, wire_bytes
 from coordinator.store import TERMINAL_STATES, Store
-from protos.chunking import split_payload
+from protos.chunking import ChunkAssembler, ChunkError, split_payload
 from protos.codec import tensor_map_to_bytes
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
@@ -29,12 +30,14 @@ from protos.identity import (
     SESSION_DOMAIN,
     node_id_for,
     register_message,
+    ring_epoch_id,
     session_message,
 )
 
 log = logging.getLogger(__name__)
 
 MAX_CLOCK_SKEW_MS = 5 * 60 * 1000
+MAX_ANONYMOUS_UPDATE_BYTES = 1 << 30
 
 
 class _Abort(Exception):
@@ -78,11 +81,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.mqtt_url = mqtt_url
         self.heartbeat_interval_s = heartbeat_interval_s
         self.runners: dict[str, JobRunner] = {}
+        self.inbox = AnonymousInbox()
+        self.challenges = ChallengeBook()
 
     # ------------------------------------------------------------------ jobs
 
     def start_job(self, job_id: str) -> None:
-        runner = JobRunner(job_id, self.store, self.sessions, self.events)
+        runner = JobRunner(job_id, self.store, self.sessions, self.events, self.inbox)
         self.runners[job_id] = runner
         runner.start()
 
@@ -259,6 +264,68 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             node.online = session is not None and not session.closed
             node.busy = bool(session and session.busy)
         return pb.ListNodesResponse(nodes=nodes)
+
+    # ------------------------------------------------------------------ trust layer
+
+    @unary
+    async def GetRing(self, request: pb.GetRingRequest, context) -> pb.Ring:
+        status = self._job_or_abort(request.job_id, context)
+        if not status.spec.anonymous:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"job {request.job_id} is not anonymous: it has no ring")
+        keys = self.store.ring(request.job_id)
+        if not keys:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"job {request.job_id} has not fixed its ring yet; retry shortly")
+        return pb.Ring(job_id=request.job_id, epoch_id=ring_epoch_id(keys), public_keys=keys)
+
+    @unary
+    async def GetChallenge(self, request: pb.GetChallengeRequest, context) -> pb.Challenge:
+        try:
+            return self.challenges.issue()
+        except AnonymousRejected as exc:
+            raise _Abort(getattr(grpc.StatusCode, exc.code), str(exc)) from None
+
+    @unary
+    async def SubmitAnonymousUpdate(self, request_iterator, context) -> pb.AnonymousAck:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("body") != "header":
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         "an anonymous update starts with its signed header")
+        header = first.header
+        size = wire_bytes(first)
+        status = self._job_or_abort(header.job_id, context)
+        runner = self.runners.get(header.job_id)
+        if status.state != pb.RUNNING or runner is None:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"job {header.job_id} is not running")
+        assembler = ChunkAssembler(max_bytes=MAX_ANONYMOUS_UPDATE_BYTES)
+        payload = None
+        try:
+            async for message in request_iterator:
+                if message.WhichOneof("body") != "chunk" or payload is not None:
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                 "after the header come the update's chunks, nothing else")
+                size += wire_bytes(message)
+                payload = assembler.add(message.chunk)
+        except ChunkError as exc:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"update stream: {exc}") from None
+        if payload is None:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"truncated update stream ({assembler.received_bytes} bytes)")
+        try:
+            key_image = self.inbox.verify_and_file(header, payload,
+                                                   self.store.ring(header.job_id),
+                                                   self.challenges, size)
+        except AnonymousRejected as exc:
+            raise _Abort(getattr(grpc.StatusCode, exc.code), str(exc)) from None
+        return pb.AnonymousAck(key_image=key_image)
+
+    @unary
+    async def GetLedger(self, request: pb.GetLedgerRequest, context) -> pb.Ledger:
+        if request.job_id:
+            self._job_or_abort(request.job_id, context)
+        return self.store.ledger(request.job_id)
 
     async def FetchGlobalModel(self, request: pb.FetchGlobalModelRequest,
                                context) -> AsyncIterator[pb.Chunk]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,6 +56,7 @@ class _PendingTask:
     bytes_up: int = 0
     bytes_down: int = 0
     payload: bytes | None = None
+    expects_payload: bool = True
 
     def outcome(self, node_id: str, ok: bool, reason: str = "", **extra) -> TaskOutcome:
         return TaskOutcome(
@@ -87,6 +90,7 @@ class NodeSession:
         #: called with (task, step, total_steps, loss) as the node reports training progress
         self.on_progress: Callable[[pb.Task, int, int, float], None] | None = None
         self._pending: dict[str, _PendingTask] = {}
+        self._cost_queries: dict[str, asyncio.Future] = {}
 
     # ------------------------------------------------------------- sending
 
@@ -97,9 +101,11 @@ class NodeSession:
         return wire_bytes(message)
 
     async def run_task(
-        self, task: pb.Task, global_payload: bytes | None, timeout: float
+        self, task: pb.Task, global_payload: bytes | None, timeout: float,
+        expects_payload: bool = True,
     ) -> TaskOutcome:
-        """Send ``task`` (and the global state), wait for the node's answer or the deadline."""
+        """Send ``task`` (and the global state), wait for the node's answer or the deadline.
+        ``expects_payload`` False: the update goes elsewhere (anonymous); "done" suffices."""
         loop = asyncio.get_running_loop()
         limit = self.max_update_bytes
         pending = _PendingTask(
@@ -107,6 +113,7 @@ class NodeSession:
             assembler=ChunkAssembler(transfer_id=task.task_id, max_bytes=limit),
             future=loop.create_future(),
             started=time.monotonic(),
+            expects_payload=expects_payload,
         )
         self._pending[task.task_id] = pending
         try:
@@ -132,6 +139,22 @@ class NodeSession:
         finally:
             self._pending.pop(task.task_id, None)
 
+    async def ask_cost(self, job_id: str, round_number: int, timeout: float) -> float | None:
+        """Ask the node its participation cost for a round; None if it does not answer in
+        time or answers nonsense (it then simply does not bid)."""
+        query_id = uuid.uuid4().hex
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._cost_queries[query_id] = future
+        try:
+            self.send(pb.CoordinatorMessage(cost_query=pb.CostQuery(
+                query_id=query_id, job_id=job_id, round=round_number)))
+            cost = await asyncio.wait_for(future, timeout)
+        except (TimeoutError, ConnectionError):
+            return None
+        finally:
+            self._cost_queries.pop(query_id, None)
+        return cost if math.isfinite(cost) and cost >= 0 else None
+
     def _cancel(self, task_id: str, reason: str) -> None:
         with contextlib.suppress(ConnectionError):
             self.send(pb.CoordinatorMessage(cancel=pb.CancelTask(task_id=task_id, reason=reason)))
@@ -155,6 +178,10 @@ class NodeSession:
                 reason = message.failure.reason[:2000] or "node reported a failure"
                 pending.bytes_up += wire_bytes(message)
                 pending.settle(pending.outcome(self.node_id, False, f"node failed: {reason}"))
+        elif kind == "cost_report":
+            future = self._cost_queries.get(message.cost_report.query_id)
+            if future is not None and not future.done():
+                future.set_result(message.cost_report.cost)
         elif kind == "progress":
             p = message.progress
             pending = self._pending.get(p.task_id)
@@ -183,7 +210,7 @@ class NodeSession:
         if pending is None or pending.future.done():
             return
         pending.bytes_up += wire_bytes(message)
-        if pending.payload is None:
+        if pending.payload is None and pending.expects_payload:
             got = pending.assembler.received_bytes
             reason = f"result arrived before the complete update ({got} bytes received)"
             pending.settle(pending.outcome(self.node_id, False, reason))

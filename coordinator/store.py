@@ -52,6 +52,19 @@ CREATE TABLE IF NOT EXISTS rounds (
     metrics TEXT NOT NULL,
     PRIMARY KEY (job_id, round)
 );
+CREATE TABLE IF NOT EXISTS rings (
+    job_id TEXT PRIMARY KEY,
+    public_keys BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS payments (
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    reported_cost REAL NOT NULL,
+    value REAL NOT NULL,
+    payment REAL NOT NULL,
+    PRIMARY KEY (job_id, round, node_id)
+);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -255,6 +268,40 @@ class Store:
             (job_id, after_seq),
         )
         return [pb.Event.FromString(blob) for (blob,) in rows]
+
+    # ------------------------------------------------------------------ trust layer
+
+    def save_ring(self, job_id: str, public_keys: list[bytes]) -> None:
+        """The job's ring is fixed when it starts: later registrations do not change it."""
+        self._execute("INSERT OR IGNORE INTO rings VALUES (?, ?)",
+                      (job_id, b"".join(public_keys)))
+
+    def ring(self, job_id: str) -> list[bytes]:
+        rows = self._execute("SELECT public_keys FROM rings WHERE job_id = ?", (job_id,))
+        if not rows:
+            return []
+        blob = rows[0][0]
+        return [blob[i:i + 32] for i in range(0, len(blob), 32)]
+
+    def record_payments(self, job_id: str, round_number: int,
+                        payments: list[pb.Payment]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO payments VALUES (?, ?, ?, ?, ?, ?)",
+                [(job_id, round_number, p.node_id, p.reported_cost, p.value, p.payment)
+                 for p in payments],
+            )
+
+    def ledger(self, job_id: str = "") -> pb.Ledger:
+        sql = ("SELECT job_id, round, node_id, reported_cost, value, payment FROM payments"
+               + (" WHERE job_id = ?" if job_id else "") + " ORDER BY job_id, round, node_id")
+        ledger = pb.Ledger()
+        for job, round_number, node, cost, value, payment in self._execute(
+                sql, (job_id,) if job_id else ()):
+            ledger.payments.add(job_id=job, round=round_number, node_id=node,
+                                reported_cost=cost, value=value, payment=payment)
+            ledger.totals[node] = ledger.totals[node] + payment
+        return ledger
 
     # ------------------------------------------------------------------ models
 

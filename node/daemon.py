@@ -12,6 +12,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from node.anonymous import load_or_create_ring_key
 from node.data import LocalData
 from node.device import select_device
 from node.peer import NodePeerService
@@ -43,6 +44,8 @@ class NodeConfig:
     mqtt: str = ""
     #: torch intra-op threads; 0 keeps torch's default
     threads: int = 0
+    #: participation cost per round, reported to budgeted jobs' truthful auctions
+    cost: float = 0.0
 
 
 class NodeDaemon:
@@ -50,6 +53,7 @@ class NodeDaemon:
         self.config = config
         self.data_dir = Path(config.data_dir)
         self.key = NodeKey.load_or_create(self.data_dir / "node_key.pem")
+        self.ring_key = load_or_create_ring_key(self.data_dir / "ring_key.seed")
         self.data = LocalData(self.data_dir)
         self.models = ModelStore(self.data_dir / "models")
         self.device = select_device(config.device)
@@ -68,6 +72,8 @@ class NodeDaemon:
             roles=self.config.roles,
             device=str(self.device),
             version=VERSION,
+            ring_public_key=self.ring_key.public,
+            cost=self.config.cost,
         )
         if self.peer_port:
             host = self.config.listen.rsplit(":", 1)[0]
@@ -94,7 +100,8 @@ class NodeDaemon:
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         worker = TaskWorker(self.data, self.models, self.device)
         self.link = CoordinatorLink(self.config.coordinator, self.key, info, worker,
-                                    mqtt_override=self.config.mqtt)
+                                    mqtt_override=self.config.mqtt, ring_key=self.ring_key,
+                                    cost=self.config.cost)
         self._link_task = asyncio.create_task(self.link.run(), name="coordinator-link")
         log.info("node %s (%s) on %s, %d dataset(s): %s; peer service %s", self.node_id,
                  info.name, self.device, len(info.datasets),

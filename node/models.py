@@ -15,6 +15,11 @@ Every node of a federated job must start from *identical* weights (base, new hea
 initialisation): adapters are averaged element-wise, which only means something if they live in
 the same coordinates. Construction is therefore seeded from ``ModelConfig.seed``, inside a forked
 RNG so the caller's random state is untouched.
+
+``ModelConfig.adapter`` says what local training updates: ``"lora"`` (PEFT LoRA adapters plus the
+task head, ``build_lora_model``) or ``"none"`` (no PEFT: every floating parameter of the model is
+trainable, ``build_full_model``), for full-parameter methods such as Ferret. A method declares it
+through its ``trainable`` attribute; ``adapter_for`` maps one to the other.
 """
 
 from __future__ import annotations
@@ -48,11 +53,15 @@ from transformers import (
 )
 
 __all__ = [
+    "ADAPTERS",
     "BASES",
     "TASKS",
     "ModelConfig",
+    "adapter_for",
     "build_base_model",
+    "build_full_model",
     "build_lora_model",
+    "build_model",
     "cache_root",
     "default_target_modules",
     "load_tokenizer",
@@ -61,6 +70,10 @@ __all__ = [
 
 TASKS = ("sequence-classification", "causal-lm")
 BASES = ("minilm", "smollm2", "tiny-bert", "tiny-llama")
+ADAPTERS = ("lora", "none")
+
+# A federated method's ``trainable`` ("lora" or "full") -> the ModelConfig.adapter that trains it.
+_ADAPTER_FOR_TRAINABLE = {"lora": "lora", "full": "none"}
 
 # Which tasks each built-in base supports: BERT-style encoders are not language models.
 _BASE_TASKS = {
@@ -84,11 +97,13 @@ _TINY = {"hidden": 64, "layers": 2, "heads": 2, "intermediate": 128, "init": 0.1
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """What a job trains: the task, the base model and the LoRA hyper-parameters.
+    """What a job trains: the task, the base model, the adapter and the LoRA hyper-parameters.
 
     It is the part of a job every participating node must agree on, so it is small, frozen and
     serialisable (``dataclasses.asdict`` / ``from_dict``). An empty ``target_modules`` means "the
     usual attention projections for this architecture" (see ``default_target_modules``).
+    ``adapter`` is ``"lora"`` (train LoRA adapters and the head) or ``"none"`` (train every
+    floating parameter; the LoRA fields are then unused).
     """
 
     task: str = "sequence-classification"
@@ -100,6 +115,7 @@ class ModelConfig:
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ()
     seed: int = 0
+    adapter: str = "lora"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
@@ -168,6 +184,22 @@ class ModelConfig:
             )
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(
+                f"unknown adapter {self.adapter!r}: use 'lora' (train LoRA adapters and the head) "
+                "or 'none' (train every parameter)"
+            )
+
+
+def adapter_for(trainable: str) -> str:
+    """The ``ModelConfig.adapter`` for a federated method's ``trainable`` ("lora" or "full")."""
+    try:
+        return _ADAPTER_FOR_TRAINABLE[trainable]
+    except KeyError:
+        raise ValueError(
+            f"unknown trainable {trainable!r}: a method trains 'lora' (adapters and the head) "
+            "or 'full' (every parameter)"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,6 +498,21 @@ def _head_names(model: torch.nn.Module) -> list[str]:
     return [name for name in _HEAD_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)]
 
 
+def _model_and_tokenizer(
+    cfg: ModelConfig, cache_dir: Path | str | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model and its tokenizer, the model's pad token set from the tokenizer's."""
+    if cfg.base == "smollm2":  # building the model fills the cache the tokenizer reads
+        model = build_base_model(cfg, cache_dir)
+        tokenizer = load_tokenizer(cfg, cache_dir)
+    else:
+        tokenizer = load_tokenizer(cfg, cache_dir)
+        model = build_base_model(cfg, cache_dir, tokenizer=tokenizer)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
 def build_lora_model(
     cfg: ModelConfig, cache_dir: Path | str | None = None
 ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
@@ -475,14 +522,7 @@ def build_lora_model(
     (``classifier`` / ``score``) through ``modules_to_save``: a random head cannot stay frozen.
     """
     cfg.validate()
-    if cfg.base == "smollm2":  # building the model fills the cache the tokenizer reads
-        model = build_base_model(cfg, cache_dir)
-        tokenizer = load_tokenizer(cfg, cache_dir)
-    else:
-        tokenizer = load_tokenizer(cfg, cache_dir)
-        model = build_base_model(cfg, cache_dir, tokenizer=tokenizer)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    model, tokenizer = _model_and_tokenizer(cfg, cache_dir)
     classification = cfg.task == "sequence-classification"
     heads = _head_names(model) if classification else []
     if classification and not heads:
@@ -501,3 +541,26 @@ def build_lora_model(
     with _seeded(cfg.seed):
         peft_model = get_peft_model(model, lora)
     return peft_model, tokenizer
+
+
+def build_full_model(
+    cfg: ModelConfig, cache_dir: Path | str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The plain model (no PEFT wrapper) with every floating parameter trainable, and its
+    tokenizer: what full-parameter methods (Ferret) train. Built exactly as the LoRA path builds
+    its base, so the same ``seed`` gives the same weights on every node."""
+    cfg.validate()
+    model, tokenizer = _model_and_tokenizer(cfg, cache_dir)
+    for param in model.parameters():
+        param.requires_grad_(param.is_floating_point())
+    return model, tokenizer
+
+
+def build_model(
+    cfg: ModelConfig, cache_dir: Path | str | None = None
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The model ``cfg.adapter`` asks for: LoRA-wrapped (``"lora"``) or plain (``"none"``)."""
+    cfg.validate()
+    if cfg.adapter == "none":
+        return build_full_model(cfg, cache_dir)
+    return build_lora_model(cfg, cache_dir)

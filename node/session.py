@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from node.anonymous import AnonymityError, submit_anonymously
 from node.worker import TaskCancelled, TaskWorker
+from privacy.ringsig import RingKeyPair
 from protos.chunking import ChunkAssembler, ChunkError, split_payload
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
@@ -58,6 +60,8 @@ class CoordinatorLink:
         *,
         mqtt_override: str = "",
         max_backoff_s: float = 30.0,
+        ring_key: RingKeyPair | None = None,
+        cost: float = 0.0,
     ) -> None:
         self.coordinator = coordinator
         self.key = key
@@ -65,6 +69,8 @@ class CoordinatorLink:
         self.worker = worker
         self.mqtt_override = mqtt_override
         self.max_backoff_s = max_backoff_s
+        self.ring_key = ring_key
+        self.cost = cost
         self.state = LinkState()
         self.publisher: EventPublisher | None = None
         self._busy = False
@@ -223,6 +229,9 @@ class _TaskRunner:
             if payload is not None:
                 self.assembler = None
                 self._start(payload)
+        elif kind == "cost_query":
+            self.send(pb.NodeMessage(cost_report=pb.CostReport(
+                query_id=message.cost_query.query_id, cost=self.link.cost)))
         elif (kind == "cancel" and self.task is not None
               and message.cancel.task_id == self.task.task_id):
             log.warning("task %s cancelled: %s", message.cancel.task_id, message.cancel.reason)
@@ -270,6 +279,9 @@ class _TaskRunner:
         self._finish()
         if self.cancelled.is_set():
             return
+        if task.anonymous:
+            await self._submit_anonymously(task, update, num_examples, started)
+            return
         for chunk in split_payload(update, task.task_id):
             self.send(pb.NodeMessage(update_chunk=pb.TaskChunk(task_id=task.task_id,
                                                                 chunk=chunk)))
@@ -280,6 +292,22 @@ class _TaskRunner:
         self.link.state.tasks_done += 1
         log.info("task %s (%s, round %d) done in %.1fs", task.task_id[:8],
                  pb.TaskKind.Name(task.kind), task.round, metrics["seconds"])
+
+    async def _submit_anonymously(self, task: pb.Task, update: bytes, num_examples: int,
+                                  started: float) -> None:
+        """The update goes on its own ring-signed call; the session only hears "done",
+        with no example count and no metrics that could tell the updates apart."""
+        try:
+            await submit_anonymously(self.link.coordinator, self.link.ring_key, task, update,
+                                     num_examples, CHANNEL_OPTIONS)
+        except (grpc.aio.AioRpcError, AnonymityError) as exc:
+            reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            self.fail(task.task_id, f"anonymous submission failed: {reason}")
+            return
+        self.send(pb.NodeMessage(result=pb.TaskResult(task_id=task.task_id)))
+        self.link.state.tasks_done += 1
+        log.info("task %s (round %d) submitted anonymously in %.1fs", task.task_id[:8],
+                 task.round, time.monotonic() - started)
 
     def abandon(self) -> None:
         """The session ended: stop the running task (its result has nowhere to go)."""

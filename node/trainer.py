@@ -1,10 +1,12 @@
-"""Local LoRA training and evaluation on a node, for classification and causal language models.
+"""Local training and evaluation on a node, for classification and causal language models.
 
-This is the "local update" every LoRA-based federated method shares (FedAvg-LoRA, DP-LoRA,
-CELLM): load the global adapter state, train on the node's own examples, hand back the new
-adapter state. Only the trainable tensors (LoRA matrices and, for classification, the head) ever
-leave the trainer, as CPU float32 tensors with stable names, which is what the wire codec and the
-aggregators expect. Adapter files are safetensors, never pickles.
+This is the "local update" every federated method shares: load the global trainable state, train
+on the node's own examples, hand back the new trainable state. What is trainable follows
+``ModelConfig.adapter``: with ``"lora"`` (FedAvg-LoRA, DP-LoRA, CELLM) the LoRA matrices and, for
+classification, the head; with ``"none"`` (full-parameter methods such as Ferret) every floating
+parameter of the model. Only the trainable tensors ever leave the trainer, as CPU float32 tensors
+with stable, sorted names, which is what the wire codec and the aggregators expect. State files
+are safetensors, never pickles.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from node.data import Example
 from node.device import autocast, autocast_dtype, select_device
-from node.models import ModelConfig, build_lora_model
+from node.models import ModelConfig, build_model
 
 __all__ = ["LoraTrainer", "load_state_file", "save_state_file"]
 
@@ -51,7 +53,8 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 class LoraTrainer:
-    """A PEFT LoRA model plus the loops to train and evaluate it on lists of ``Example``.
+    """A model (PEFT LoRA, or plain with ``adapter="none"``) plus the loops to train and
+    evaluate it on lists of ``Example``.
 
     Building the model is the expensive part (seconds for real bases), so a node builds one
     trainer per job configuration and reuses it across rounds, loading each round's global state
@@ -67,24 +70,36 @@ class LoraTrainer:
         cfg.validate()
         self.cfg = cfg
         self.device = device if isinstance(device, torch.device) else select_device(device)
-        model, tokenizer = build_lora_model(cfg, cache_dir)
+        model, tokenizer = build_model(cfg, cache_dir)
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
         self._classification = cfg.task == "sequence-classification"
-        initial = get_peft_model_state_dict(self.model)
+        self._full = cfg.adapter == "none"
+        initial = self._current_state()
         # Sorted names: the same order however the model was built or the state was read back.
         self._keys = sorted(initial)
         self._shapes = {name: tuple(initial[name].shape) for name in self._keys}
 
     # ---------------------------------------------------------------- state
 
+    def _current_state(self) -> dict[str, torch.Tensor]:
+        """The live trainable tensors by name (no copies)."""
+        if self._full:
+            return {
+                name: param
+                for name, param in self.model.named_parameters()
+                if param.requires_grad and param.is_floating_point()
+            }
+        return get_peft_model_state_dict(self.model)
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """CPU float32 copies of exactly the trainable tensors, sorted by name.
 
-        Names are PEFT's (``get_peft_model_state_dict``: no adapter name), identical on every node
-        that built the same ``ModelConfig``.
+        Names are PEFT's (``get_peft_model_state_dict``: no adapter name) with LoRA, the model's
+        parameter names with ``adapter="none"``; identical on every node that built the same
+        ``ModelConfig``.
         """
-        state = get_peft_model_state_dict(self.model)
+        state = self._current_state()
         return {
             name: state[name].detach().to(device="cpu", dtype=torch.float32).clone()
             for name in self._keys
@@ -100,8 +115,9 @@ class LoraTrainer:
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - expected)
         if missing or unexpected:
+            what = "full" if self._full else f"r={self.cfg.lora_r}"
             raise ValueError(
-                f"trainable state does not match this model ({self.cfg.base}, r={self.cfg.lora_r})"
+                f"trainable state does not match this model ({self.cfg.base}, {what})"
                 f": missing {_preview(missing)}, unexpected {_preview(unexpected)}"
             )
         wrong = [
@@ -111,12 +127,17 @@ class LoraTrainer:
         ]
         if wrong:
             raise ValueError(f"trainable state has wrong shapes: {_preview(wrong)}")
-        current = get_peft_model_state_dict(self.model)
+        current = self._current_state()
         converted = {
             name: state[name].detach().to(device=self.device, dtype=current[name].dtype)
             for name in self._keys
         }
-        set_peft_model_state_dict(self.model, converted)
+        if self._full:
+            with torch.no_grad():
+                for name in self._keys:
+                    current[name].copy_(converted[name])
+        else:
+            set_peft_model_state_dict(self.model, converted)
 
     def save_trainable_state(self, path: Path) -> None:
         """Write the trainable state to a safetensors file, atomically."""

@@ -17,7 +17,7 @@ import torch
 
 from node.data import LocalData
 from node.methods import get_method, method_params
-from node.models import ModelConfig
+from node.models import ModelConfig, adapter_for
 from node.store import ModelStore
 from node.trainer import LoraTrainer
 from protos.codec import tensor_map_from_bytes, tensor_map_to_bytes, to_dense
@@ -32,7 +32,9 @@ class TaskCancelled(Exception):
     """The coordinator cancelled the task, or the session ended."""
 
 
-def model_config(spec: pb.ModelSpec) -> ModelConfig:
+def model_config(spec: pb.ModelSpec, adapter: str = "lora") -> ModelConfig:
+    """The ModelConfig of a job's model spec; ``adapter`` from the job's method (see
+    ``job_model_config``)."""
     return ModelConfig(
         task=spec.task,
         base=spec.base,
@@ -43,7 +45,14 @@ def model_config(spec: pb.ModelSpec) -> ModelConfig:
         lora_dropout=spec.lora.dropout,
         target_modules=tuple(spec.lora.target_modules),
         seed=spec.seed,
+        adapter=adapter,
     )
+
+
+def job_model_config(spec: pb.JobSpec) -> ModelConfig:
+    """What a job trains: its model spec, with the adapter its method's ``trainable`` needs
+    (LoRA adapters, or every parameter for full-parameter methods such as Ferret)."""
+    return model_config(spec.model, adapter=adapter_for(get_method(spec.method).trainable))
 
 
 class TaskWorker:
@@ -58,10 +67,13 @@ class TaskWorker:
         # its current step when the next session's task arrives
         self._lock = threading.Lock()
 
-    def _trainer(self, spec: pb.ModelSpec) -> LoraTrainer:
-        """Building a model is the expensive part: keep the last one(s) between rounds."""
-        cfg = model_config(spec)
-        key = (spec.SerializeToString(deterministic=True),)
+    def _trainer(self, spec: pb.JobSpec) -> LoraTrainer:
+        """Building a model is the expensive part: keep the last one(s) between rounds.
+
+        The INIT task and every TRAIN task of a job go through here, so they build the same
+        kind of trainer (LoRA or full-parameter, from the job's method)."""
+        cfg = job_model_config(spec)
+        key = (spec.model.SerializeToString(deterministic=True), cfg.adapter)
         trainer = self._trainers.pop(key, None)
         if trainer is None:
             cfg.validate()
@@ -74,7 +86,7 @@ class TaskWorker:
 
     def initial_state(self, task: pb.Task) -> bytes:
         with self._lock:
-            state = self._trainer(task.spec.model).trainable_state()
+            state = self._trainer(task.spec).trainable_state()
         return tensor_map_to_bytes(state)
 
     def train(self, task: pb.Task, global_payload: bytes, progress: ProgressFn,
@@ -89,7 +101,7 @@ class TaskWorker:
         config = method.parse_config(method_params(spec))
         global_state = {k: to_dense(v) for k, v in tensor_map_from_bytes(global_payload).items()}
         examples = self.data.load(spec.train.dataset)
-        trainer = self._trainer(spec.model)
+        trainer = self._trainer(spec)
         trainer.load_trainable_state(global_state)
         self.models.save(task.job_id, "global", global_state, {"round": str(task.round)})
 

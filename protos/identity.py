@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 REGISTER_DOMAIN = b"confide/v1/register\x00"
 SESSION_DOMAIN = b"confide/v1/session\x00"
+ANONYMOUS_UPDATE_DOMAIN = b"confide/v1/anonymous-update\x00"
 
 
 def node_id_for(public_key: bytes) -> str:
@@ -30,6 +31,30 @@ def register_message(public_key: bytes, timestamp_ms: int) -> bytes:
 
 def session_message(nonce: bytes, node_id: str) -> bytes:
     return SESSION_DOMAIN + nonce + node_id.encode()
+
+
+def _prefixed(text: str) -> bytes:
+    data = text.encode()
+    if len(data) > 0xFFFF:
+        raise ValueError("field too long to sign")
+    return len(data).to_bytes(2, "big") + data
+
+
+def anonymous_update_message(nonce: bytes, job_id: str, round_number: int, epoch_id: str,
+                             num_examples: int, payload_sha256: bytes) -> bytes:
+    """The bytes a node ring-signs to submit an update anonymously (see coordinator.proto)."""
+    return (ANONYMOUS_UPDATE_DOMAIN + nonce + _prefixed(job_id)
+            + int(round_number).to_bytes(4, "big") + _prefixed(epoch_id)
+            + int(num_examples).to_bytes(8, "big") + payload_sha256)
+
+
+def anonymous_scope(job_id: str, round_number: int) -> bytes:
+    """The link-tag scope of a round: one key signs at most once per (job, round)."""
+    return f"{job_id}/{round_number}".encode()
+
+
+def ring_epoch_id(public_keys: list[bytes]) -> str:
+    return hashlib.sha256(b"".join(public_keys)).hexdigest()
 
 
 class NodeKey:

@@ -73,6 +73,8 @@ def job_spec(
     wait_for_nodes_s: float = 60.0,
     seed: int = 0,
     params: Mapping[str, Any] | None = None,
+    anonymous: bool = False,
+    budget: float = 0.0,
 ) -> pb.JobSpec:
     """Build a JobSpec with readable keyword arguments (0 means "coordinator default")."""
     spec = pb.JobSpec(
@@ -84,6 +86,8 @@ def job_spec(
         round_timeout_s=round_timeout_s,
         wait_for_nodes_s=wait_for_nodes_s,
         seed=seed,
+        anonymous=anonymous,
+        budget=budget,
         model=pb.ModelSpec(
             task=task,
             base=base,
@@ -153,6 +157,10 @@ class ConfideClient:
 
     async def list_nodes(self) -> list[pb.NodeStatus]:
         return list((await self._call(self._stub.ListNodes, pb.ListNodesRequest())).nodes)
+
+    async def get_ledger(self, job_id: str = "") -> pb.Ledger:
+        """Incentive payments per node and round (one job, or all with "")."""
+        return await self._call(self._stub.GetLedger, pb.GetLedgerRequest(job_id=job_id))
 
     async def watch_job(self, job_id: str, after_seq: int = 0) -> AsyncIterator[pb.Event]:
         """Past events, then live ones, until the job ends."""
@@ -232,6 +240,9 @@ class SyncConfideClient:
 
     def list_nodes(self) -> list[pb.NodeStatus]:
         return self._run(self._client.list_nodes())
+
+    def get_ledger(self, job_id: str = "") -> pb.Ledger:
+        return self._run(self._client.get_ledger(job_id))
 
     def fetch_global_model(self, job_id: str,
                            round_number: int | None = None) -> dict[str, torch.Tensor]:

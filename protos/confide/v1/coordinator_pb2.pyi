@@ -23,6 +23,7 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_KIND_UNSPECIFIED: _ClassVar[TaskKind]
     INIT: _ClassVar[TaskKind]
     TRAIN: _ClassVar[TaskKind]
+    MERGE: _ClassVar[TaskKind]
 JOB_STATE_UNSPECIFIED: JobState
 PENDING: JobState
 RUNNING: JobState
@@ -32,6 +33,7 @@ CANCELLED: JobState
 TASK_KIND_UNSPECIFIED: TaskKind
 INIT: TaskKind
 TRAIN: TaskKind
+MERGE: TaskKind
 
 class NodeInfo(_message.Message):
     __slots__ = ("name", "roles", "peer_address", "device", "datasets", "version", "ring_public_key", "cost")
@@ -438,8 +440,20 @@ class HeartbeatAck(_message.Message):
     seq: int
     def __init__(self, seq: _Optional[int] = ...) -> None: ...
 
+class Peer(_message.Message):
+    __slots__ = ("node_id", "address", "role", "weight")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    role: str
+    weight: float
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
 class Task(_message.Message):
-    __slots__ = ("task_id", "job_id", "round", "kind", "spec", "has_global", "deadline_s", "anonymous")
+    __slots__ = ("task_id", "job_id", "round", "kind", "spec", "has_global", "deadline_s", "anonymous", "peers", "self_weight")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -448,6 +462,8 @@ class Task(_message.Message):
     HAS_GLOBAL_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     ANONYMOUS_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    SELF_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     job_id: str
     round: int
@@ -456,7 +472,9 @@ class Task(_message.Message):
     has_global: bool
     deadline_s: float
     anonymous: bool
-    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., has_global: _Optional[bool] = ..., deadline_s: _Optional[float] = ..., anonymous: _Optional[bool] = ...) -> None: ...
+    peers: _containers.RepeatedCompositeFieldContainer[Peer]
+    self_weight: float
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., has_global: _Optional[bool] = ..., deadline_s: _Optional[float] = ..., anonymous: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., self_weight: _Optional[float] = ...) -> None: ...
 
 class TaskChunk(_message.Message):
     __slots__ = ("task_id", "chunk")

@@ -2,7 +2,8 @@ from protos.confide.v1 import common_pb2 as _common_pb2
 from protos.confide.v1 import coordinator_pb2 as _coordinator_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -11,9 +12,63 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class FetchModelRequest(_message.Message):
-    __slots__ = ("job_id", "which")
+    __slots__ = ("job_id", "which", "round")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WHICH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     which: str
-    def __init__(self, job_id: _Optional[str] = ..., which: _Optional[str] = ...) -> None: ...
+    round: int
+    def __init__(self, job_id: _Optional[str] = ..., which: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class SplitOpen(_message.Message):
+    __slots__ = ("job_id", "spec", "round")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    spec: _coordinator_pb2.JobSpec
+    round: int
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[_coordinator_pb2.JobSpec, _Mapping]] = ..., round: _Optional[int] = ...) -> None: ...
+
+class SplitTensors(_message.Message):
+    __slots__ = ("step", "chunk")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    chunk: _common_pb2.Chunk
+    def __init__(self, step: _Optional[int] = ..., chunk: _Optional[_Union[_common_pb2.Chunk, _Mapping]] = ...) -> None: ...
+
+class SplitRequest(_message.Message):
+    __slots__ = ("open", "forward", "backward", "close")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    open: SplitOpen
+    forward: SplitTensors
+    backward: SplitTensors
+    close: SplitClose
+    def __init__(self, open: _Optional[_Union[SplitOpen, _Mapping]] = ..., forward: _Optional[_Union[SplitTensors, _Mapping]] = ..., backward: _Optional[_Union[SplitTensors, _Mapping]] = ..., close: _Optional[_Union[SplitClose, _Mapping]] = ...) -> None: ...
+
+class SplitReady(_message.Message):
+    __slots__ = ("body_layers", "body_parameters")
+    BODY_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    BODY_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    body_layers: int
+    body_parameters: int
+    def __init__(self, body_layers: _Optional[int] = ..., body_parameters: _Optional[int] = ...) -> None: ...
+
+class SplitClose(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SplitReply(_message.Message):
+    __slots__ = ("ready", "output", "input_grad")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_GRAD_FIELD_NUMBER: _ClassVar[int]
+    ready: SplitReady
+    output: SplitTensors
+    input_grad: SplitTensors
+    def __init__(self, ready: _Optional[_Union[SplitReady, _Mapping]] = ..., output: _Optional[_Union[SplitTensors, _Mapping]] = ..., input_grad: _Optional[_Union[SplitTensors, _Mapping]] = ...) -> None: ...

@@ -46,6 +46,11 @@ class NodePeerStub:
                 request_serializer=confide_dot_v1_dot_node__pb2.FetchModelRequest.SerializeToString,
                 response_deserializer=confide_dot_v1_dot_common__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.SplitSession = channel.stream_stream(
+                '/confide.v1.NodePeer/SplitSession',
+                request_serializer=confide_dot_v1_dot_node__pb2.SplitRequest.SerializeToString,
+                response_deserializer=confide_dot_v1_dot_node__pb2.SplitReply.FromString,
+                _registered_method=True)
 
 
 class NodePeerServicer:
@@ -65,6 +70,17 @@ class NodePeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SplitSession(self, request_iterator, context):
+        """Split learning (SFPrompt), served by nodes with the "split-server" role. A device opens
+        the stream with the job, then per training step sends the activations of its head and,
+        after its tail ran, the gradient of the body's output; the server answers each with the
+        body's output and the gradient of the activations it received. Only float tensors and
+        the attention mask cross: never token ids or labels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodePeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +93,11 @@ def add_NodePeerServicer_to_server(servicer, server):
                     servicer.FetchModel,
                     request_deserializer=confide_dot_v1_dot_node__pb2.FetchModelRequest.FromString,
                     response_serializer=confide_dot_v1_dot_common__pb2.Chunk.SerializeToString,
+            ),
+            'SplitSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.SplitSession,
+                    request_deserializer=confide_dot_v1_dot_node__pb2.SplitRequest.FromString,
+                    response_serializer=confide_dot_v1_dot_node__pb2.SplitReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +154,33 @@ class NodePeer:
             '/confide.v1.NodePeer/FetchModel',
             confide_dot_v1_dot_node__pb2.FetchModelRequest.SerializeToString,
             confide_dot_v1_dot_common__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SplitSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/confide.v1.NodePeer/SplitSession',
+            confide_dot_v1_dot_node__pb2.SplitRequest.SerializeToString,
+            confide_dot_v1_dot_node__pb2.SplitReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,79 @@
+"""The node's side of anonymous update submission.
+
+The update leaves on a call of its own, on a fresh channel, carrying no node id: only a
+linkable ring signature over the job's ring. The node checks the ring it is shown contains
+its own key (else it would be signing into a ring the coordinator made up) and that it is
+not trivially small, then signs the exact bytes of ``protos.identity``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from privacy.ringsig import RingKeyPair, sign
+from protos.chunking import split_payload
+from protos.confide.v1 import coordinator_pb2 as pb
+from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
+from protos.identity import anonymous_scope, anonymous_update_message, ring_epoch_id
+
+MIN_RING_SIZE = 2
+
+
+class AnonymityError(RuntimeError):
+    """The node refuses to submit: the ring would not hide it."""
+
+
+def load_or_create_ring_key(path: Path) -> RingKeyPair:
+    """The node's ring key, from a 32-byte seed file readable only by its owner."""
+    path = Path(path)
+    if path.exists():
+        seed = path.read_bytes()
+        if len(seed) != 32:
+            raise ValueError(f"{path} must hold a 32-byte seed")
+        return RingKeyPair.from_seed(seed)
+    seed = os.urandom(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(seed)
+    return RingKeyPair.from_seed(seed)
+
+
+async def submit_anonymously(coordinator: str, key: RingKeyPair, task: pb.Task,
+                             payload: bytes, num_examples: int,
+                             channel_options: list | None = None) -> bytes:
+    """Ring-sign and upload ``payload`` for ``task``; returns the link tag the coordinator
+    filed it under."""
+    async with grpc.aio.insecure_channel(coordinator, options=channel_options) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        ring = await stub.GetRing(pb.GetRingRequest(job_id=task.job_id), timeout=30)
+        keys = list(ring.public_keys)
+        if key.public not in keys:
+            raise AnonymityError("the job's ring does not contain this node's ring key")
+        if len(keys) < MIN_RING_SIZE:
+            raise AnonymityError(f"a ring of {len(keys)} key(s) hides nobody")
+        if ring.epoch_id != ring_epoch_id(keys):
+            raise AnonymityError("the ring's epoch id does not match its keys")
+        challenge = await stub.GetChallenge(pb.GetChallengeRequest(), timeout=30)
+        digest = hashlib.sha256(payload).digest()
+        message = anonymous_update_message(challenge.nonce, task.job_id, task.round,
+                                           ring.epoch_id, num_examples, digest)
+        signature = sign(message, keys, key, anonymous_scope(task.job_id, task.round))
+        header = pb.AnonymousUpdateHeader(
+            job_id=task.job_id, round=task.round, epoch_id=ring.epoch_id,
+            nonce=challenge.nonce, num_examples=num_examples, payload_sha256=digest,
+            signature=signature.encode())
+
+        async def messages() -> AsyncIterator[pb.AnonymousUpdateMessage]:
+            yield pb.AnonymousUpdateMessage(header=header)
+            # a random transfer id: the task id would tell the coordinator who this is
+            for chunk in split_payload(payload, digest.hex()[:32]):
+                yield pb.AnonymousUpdateMessage(chunk=chunk)
+
+        ack = await stub.SubmitAnonymousUpdate(messages(), timeout=max(task.deadline_s, 30))
+        return ack.key_image

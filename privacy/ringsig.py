@@ -1,0 +1,334 @@
+"""Linkable ring signatures (LSAG with a scoped key image) over the ed25519 group.
+
+A signer proves "one of the keys in this ring signed this message" without revealing which,
+and attaches a *key image* (link tag) that is the same every time one key signs in the same
+*scope* and unrelated across scopes. Confide scopes the tag to (job, round): a second update
+from one ring member in a round is visible, who sent it is not.
+
+The scheme is the linkable spontaneous anonymous group signature of Liu, Wei and Wong (2004)
+with the CryptoNote-style key image ``I = x * Hp(scope)``. Every group and scalar operation is
+libsodium's, through PyNaCl's ``nacl.bindings``; nothing here does field or curve arithmetic.
+
+Notation: ``G`` the ed25519 base point, ``L`` the order of its subgroup, ``H_s`` a hash to a
+scalar (SHA-512, reduced mod L by ``crypto_core_ed25519_scalar_reduce``), ``Hp`` a hash to the
+prime-order subgroup (SHA-512 split in two halves, each mapped by
+``crypto_core_ed25519_from_uniform`` (Elligator 2, cofactor cleared) and the two points added, as
+in RFC 9380's random-oracle construction). Every hash starts with its own domain string
+(``_DOMAIN_*`` below); every variable-length field is preceded by its length.
+
+Keygen
+    ``x = H_s(KEYGEN || seed)`` for a 32-byte seed (``RingKeyPair.from_seed``; ``generate``
+    draws the seed from ``os.urandom``), ``P = x * G``. ``P`` (32 bytes) is the public key.
+
+Sign ``(m, ring = [P_0 .. P_{n-1}], x with P_pi = x*G, scope)``
+    ``H = Hp(scope)``, ``I = x * H``.
+    ``prefix = CHALLENGE || n (4 bytes) || P_0 || .. || P_{n-1} || len || scope || I || len || m``.
+    ``a`` random; ``c_{pi+1} = H_s(prefix || a*G || a*H)``.
+    For ``i = pi+1, .., pi-1`` (mod n): ``s_i`` random;
+    ``c_{i+1} = H_s(prefix || s_i*G + c_i*P_i || s_i*H + c_i*I)``.
+    ``s_pi = a - c_pi * x``. The signature is ``(c_0, s_0 .. s_{n-1}, I)``.
+    Random scalars are 64 bytes of ``os.urandom`` reduced mod L.
+
+Verify
+    Every ring key and ``I`` must be a valid point (``crypto_core_ed25519_is_valid_point``:
+    canonical encoding, on the curve, in the prime-order subgroup, not of small order), the
+    ring free of duplicates, every scalar canonical (< L). Recompute
+    ``c_{i+1} = H_s(prefix || s_i*G + c_i*P_i || s_i*H + c_i*I)`` for ``i = 0 .. n-1`` and
+    accept iff ``c_n == c_0``. Anything malformed gives ``False``, never an exception.
+    Checking ``I`` matters: ``I`` plus a small-order point would otherwise be a second link tag
+    for the same key in the same scope (the 2017 CryptoNote key-image bug).
+
+Link
+    Two valid signatures in the same scope come from the same key iff their key images are
+    equal (:func:`link`).
+
+Encoding
+    ``c_0 (32) || s_0 (32) || .. || s_{n-1} (32) || I (32)``: ``32 * (n + 2)`` bytes, scalars
+    and the point in libsodium's little-endian encodings. The ring size is not in the bytes:
+    the verifier knows its ring (``RingSignature.decode(data, ring_size)``). Scalars must be
+    canonical and ``I`` a valid point, so one signature has exactly one encoding.
+
+What it hides: which member of the ring signed (signer ambiguity: computational, under DDH in
+the random-oracle model), and whether signatures in *different* scopes came from one key.
+
+What it does not hide: the ring itself, the message and the scope (all public inputs); that one
+key signed twice in one scope, also under different rings (by design); anything the transport
+shows (address, timing, sizes). It gives no forward anonymity: whoever later learns a secret key
+(or seed) computes its key image for any scope and so identifies every signature it made. A ring
+is only as anonymous as its honest members: a ring padded with keys the verifier controls hides
+nothing, and comparing who was in the ring across rounds can narrow the signer down. Timing:
+libsodium's scalar multiplications are constant-time and the total work of signing does not
+depend on the signer's position, but its order does, and finding the key in the ring is not
+constant-time: a local observer timing the signing process finely could tell the position.
+
+Security rests on the usual LSAG results in the random-oracle model: unforgeable under the
+discrete-log assumption, linkable (one key cannot show two different tags in one scope), signer
+ambiguous and unlinkable across scopes under DDH.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from nacl import bindings as sodium
+from nacl.exceptions import CryptoError
+
+__all__ = [
+    "POINT_BYTES",
+    "SCALAR_BYTES",
+    "RingKeyPair",
+    "RingSignature",
+    "RingSignatureError",
+    "encoded_size",
+    "link",
+    "sign",
+    "verify",
+]
+
+POINT_BYTES = 32
+SCALAR_BYTES = 32
+
+_DOMAIN_KEYGEN = b"confide/ringsig/v1/keygen\x00"
+_DOMAIN_HASH_TO_POINT = b"confide/ringsig/v1/hash-to-point\x00"
+_DOMAIN_CHALLENGE = b"confide/ringsig/v1/challenge\x00"
+
+
+class RingSignatureError(ValueError):
+    """A ring, key or signature encoding that cannot be used (a ValueError: bad input)."""
+
+
+def encoded_size(ring_size: int) -> int:
+    """Bytes of an encoded signature for a ring of ``ring_size`` keys."""
+    return SCALAR_BYTES * (ring_size + 1) + POINT_BYTES
+
+
+# ---------------------------------------------------------------- helpers (libsodium only)
+
+
+def _prefixed(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "big") + data
+
+
+def _hash_to_scalar(*parts: bytes) -> bytes:
+    return sodium.crypto_core_ed25519_scalar_reduce(hashlib.sha512(b"".join(parts)).digest())
+
+
+def _random_scalar() -> bytes:
+    return sodium.crypto_core_ed25519_scalar_reduce(os.urandom(64))
+
+
+def _is_canonical_scalar(s: object) -> bool:
+    """``s < L``: reducing it (padded to 64 bytes) changes nothing. Stops ``s + L`` malleability."""
+    return (isinstance(s, bytes) and len(s) == SCALAR_BYTES
+            and sodium.crypto_core_ed25519_scalar_reduce(s + bytes(32)) == s)
+
+
+def _is_valid_point(p: object) -> bool:
+    """Canonical, on the curve, in the prime-order subgroup, not of small order."""
+    return (isinstance(p, bytes) and len(p) == POINT_BYTES
+            and bool(sodium.crypto_core_ed25519_is_valid_point(p)))
+
+
+def _hash_to_point(scope: bytes) -> bytes:
+    """``Hp(scope)``: a point nobody knows the discrete log of, one per scope."""
+    digest = hashlib.sha512(_DOMAIN_HASH_TO_POINT + _prefixed(scope)).digest()
+    point = sodium.crypto_core_ed25519_add(sodium.crypto_core_ed25519_from_uniform(digest[:32]),
+                                           sodium.crypto_core_ed25519_from_uniform(digest[32:]))
+    if not _is_valid_point(point):  # only if the two halves map to opposite points
+        raise RingSignatureError("scope hashes to a degenerate point; use another scope")
+    return point
+
+
+def _check_ring(ring: Sequence[bytes]) -> list[bytes]:
+    keys = list(ring)
+    if not keys:
+        raise RingSignatureError("the ring is empty")
+    for index, key in enumerate(keys):
+        if not _is_valid_point(key):
+            raise RingSignatureError(f"ring key {index} is not a valid ed25519 point of the "
+                                     "prime-order subgroup")
+    if len(set(keys)) != len(keys):
+        raise RingSignatureError("the ring holds a key twice")
+    return keys
+
+
+def _check_bytes(name: str, value: object) -> bytes:
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise TypeError(f"{name} must be bytes, got {type(value).__name__}")
+    return bytes(value)
+
+
+def _challenge_state(ring: list[bytes], scope: bytes, image: bytes,
+                     message: bytes) -> hashlib._Hash:
+    """SHA-512 over everything the challenges share; each step copies it and adds (L_i, R_i),
+    so a ring of n keys is hashed once rather than n times."""
+    state = hashlib.sha512(_DOMAIN_CHALLENGE)
+    state.update(len(ring).to_bytes(4, "big"))
+    for key in ring:
+        state.update(key)
+    state.update(_prefixed(scope))
+    state.update(image)
+    state.update(_prefixed(message))
+    return state
+
+
+def _next_challenge(state: hashlib._Hash, left: bytes, right: bytes) -> bytes:
+    step = state.copy()
+    step.update(left)
+    step.update(right)
+    return sodium.crypto_core_ed25519_scalar_reduce(step.digest())
+
+
+# ---------------------------------------------------------------- keys and signatures
+
+
+class RingKeyPair:
+    """A ring member's key: secret scalar ``x`` and public point ``x * G``.
+
+    Prefer :meth:`from_seed` (what a node stores is its 32-byte seed) or :meth:`generate`.
+    """
+
+    __slots__ = ("_secret", "public")
+
+    def __init__(self, secret: bytes) -> None:
+        if not _is_canonical_scalar(secret) or secret == bytes(SCALAR_BYTES):
+            raise RingSignatureError("a ring secret key is a nonzero canonical scalar (< L)")
+        self._secret = secret
+        self.public: bytes = sodium.crypto_scalarmult_ed25519_base_noclamp(secret)
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> RingKeyPair:
+        """The key of a 32-byte seed, always the same one (nodes keep only the seed)."""
+        if not isinstance(seed, bytes) or len(seed) != 32:
+            raise RingSignatureError("a ring key seed is 32 bytes")
+        return cls(_hash_to_scalar(_DOMAIN_KEYGEN, seed))
+
+    @classmethod
+    def generate(cls) -> RingKeyPair:
+        return cls.from_seed(os.urandom(32))
+
+    def key_image(self, scope: bytes) -> bytes:
+        """The link tag this key gives every signature in ``scope``."""
+        point = _hash_to_point(_check_bytes("scope", scope))
+        return sodium.crypto_scalarmult_ed25519_noclamp(self._secret, point)
+
+    def __repr__(self) -> str:
+        return f"RingKeyPair(public={self.public.hex()})"
+
+
+@dataclass(frozen=True)
+class RingSignature:
+    """``(c_0, s_0 .. s_{n-1}, I)``; ``key_image`` is the link tag ``I``."""
+
+    c0: bytes
+    s: tuple[bytes, ...]
+    key_image: bytes
+
+    @property
+    def ring_size(self) -> int:
+        return len(self.s)
+
+    def encode(self) -> bytes:
+        """``c_0 || s_0 || .. || s_{n-1} || I``, 32 bytes each."""
+        return self.c0 + b"".join(self.s) + self.key_image
+
+    @classmethod
+    def decode(cls, data: bytes, ring_size: int) -> RingSignature:
+        """Parse and check an encoding for a ring of ``ring_size`` keys (the verifier's ring
+        says how many scalars to expect); raises :class:`RingSignatureError` if malformed."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise RingSignatureError(f"a ring signature is bytes, got {type(data).__name__}")
+        if isinstance(ring_size, bool) or not isinstance(ring_size, int) or ring_size < 1:
+            raise RingSignatureError(f"ring size must be a positive integer, got {ring_size!r}")
+        data = bytes(data)
+        expected = encoded_size(ring_size)
+        if len(data) != expected:
+            raise RingSignatureError(f"a signature for a ring of {ring_size} is {expected} "
+                                     f"bytes, got {len(data)}")
+        scalars = [data[i:i + SCALAR_BYTES] for i in range(0, expected - POINT_BYTES,
+                                                           SCALAR_BYTES)]
+        for index, scalar in enumerate(scalars):
+            if not _is_canonical_scalar(scalar):
+                name = "c_0" if index == 0 else f"s_{index - 1}"
+                raise RingSignatureError(f"scalar {name} is not canonical (>= L)")
+        image = data[-POINT_BYTES:]
+        if not _is_valid_point(image):
+            raise RingSignatureError("the key image is not a valid point of the prime-order "
+                                     "subgroup")
+        return cls(scalars[0], tuple(scalars[1:]), image)
+
+
+def sign(message: bytes, ring: Sequence[bytes], key: RingKeyPair, scope: bytes) -> RingSignature:
+    """Ring-sign ``message`` as one of ``ring`` (order matters: the verifier must use the same
+    list), with the link tag of ``scope``. Raises :class:`RingSignatureError` if the ring is
+    empty, has an invalid or repeated key, or does not contain ``key.public``."""
+    message, scope = _check_bytes("message", message), _check_bytes("scope", scope)
+    keys = _check_ring(ring)
+    try:
+        signer = keys.index(key.public)
+    except ValueError:
+        raise RingSignatureError("the signing key is not in the ring") from None
+    n = len(keys)
+    x = key._secret
+    h = _hash_to_point(scope)
+    image = sodium.crypto_scalarmult_ed25519_noclamp(x, h)
+    state = _challenge_state(keys, scope, image, message)
+
+    c: list[bytes] = [b""] * n
+    s: list[bytes] = [b""] * n
+    alpha = _random_scalar()
+    c[(signer + 1) % n] = _next_challenge(state,
+                                          sodium.crypto_scalarmult_ed25519_base_noclamp(alpha),
+                                          sodium.crypto_scalarmult_ed25519_noclamp(alpha, h))
+    for step in range(1, n):
+        i = (signer + step) % n
+        s[i] = _random_scalar()
+        c[(i + 1) % n] = _next_challenge(state, *_commitments(s[i], c[i], keys[i], h, image))
+    s[signer] = sodium.crypto_core_ed25519_scalar_sub(
+        alpha, sodium.crypto_core_ed25519_scalar_mul(c[signer], x))
+    return RingSignature(c[0], tuple(s), image)
+
+
+def _commitments(s: bytes, c: bytes, public: bytes, h: bytes, image: bytes) -> tuple[bytes, bytes]:
+    """``(s*G + c*P, s*H + c*I)``; libsodium raises on a zero scalar or an identity result."""
+    left = sodium.crypto_core_ed25519_add(sodium.crypto_scalarmult_ed25519_base_noclamp(s),
+                                          sodium.crypto_scalarmult_ed25519_noclamp(c, public))
+    right = sodium.crypto_core_ed25519_add(sodium.crypto_scalarmult_ed25519_noclamp(s, h),
+                                           sodium.crypto_scalarmult_ed25519_noclamp(c, image))
+    return left, right
+
+
+def verify(message: bytes, ring: Sequence[bytes], signature: RingSignature, scope: bytes) -> bool:
+    """Whether ``signature`` was made over ``message`` and ``scope`` by a key of ``ring`` (in
+    this order). False for anything malformed (bad points, scalars, sizes, ring): a verifier
+    facing untrusted input only needs the boolean."""
+    if not isinstance(signature, RingSignature):
+        raise TypeError(f"expected a RingSignature, got {type(signature).__name__}")
+    message, scope = _check_bytes("message", message), _check_bytes("scope", scope)
+    try:
+        keys = _check_ring(ring)
+        if not isinstance(signature.s, tuple | list) or len(signature.s) != len(keys):
+            return False
+        if not all(_is_canonical_scalar(x) for x in (signature.c0, *signature.s)):
+            return False
+        if not _is_valid_point(signature.key_image):
+            return False
+        h = _hash_to_point(scope)
+        state = _challenge_state(keys, scope, signature.key_image, message)
+        c = signature.c0
+        for s_i, public in zip(signature.s, keys, strict=True):
+            c = _next_challenge(state, *_commitments(s_i, c, public, h, signature.key_image))
+    except (RingSignatureError, CryptoError):
+        # CryptoError: libsodium refused a zero scalar or an identity result, which an
+        # honest signature never produces
+        return False
+    return c == signature.c0
+
+
+def link(a: RingSignature, b: RingSignature) -> bool:
+    """Whether two signatures *of one scope* come from the same key (equal key images). Only
+    meaningful for signatures that verified; across scopes key images never match."""
+    return a.key_image == b.key_image

@@ -1,0 +1,139 @@
+"""Anonymous update submission and truthful incentive selection, across real processes."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import grpc
+import pytest
+
+from cli.cluster import LocalCluster
+from privacy.ringsig import RingKeyPair, sign
+from protos.chunking import split_payload
+from protos.codec import tensor_map_to_bytes
+from protos.confide.v1 import coordinator_pb2 as pb
+from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
+from protos.identity import NodeKey, anonymous_scope, anonymous_update_message
+from protos.sdk import SyncConfideClient
+from tests.integration.helpers import tiny_spec, wait_for_nodes
+
+
+def test_anonymous_job_files_updates_under_link_tags_not_node_ids(tmp_path, shards):
+    with LocalCluster(tmp_path / "cluster", shards(3), mqtt=False) as cluster, \
+            SyncConfideClient(cluster.address) as client:
+        nodes = wait_for_nodes(client, 3)
+        job = client.submit_job(tiny_spec(rounds=2, min_nodes=3, max_steps=2, anonymous=True))
+        final = client.wait_job(job.job_id)
+        trained = client.fetch_global_model(job.job_id)
+    assert final.state == pb.COMPLETED, final.reason
+    node_ids = {n.node_id for n in nodes}
+    for summary in final.rounds:
+        assert set(summary.selected) == node_ids          # who was asked is no secret
+        assert len(summary.participants) == 3
+        assert all(p.startswith("anon-") for p in summary.participants)
+        assert not set(summary.participants) & node_ids   # who sent what is
+    # link tags are scoped to the round: the same node is not linkable across rounds
+    assert not set(final.rounds[0].participants) & set(final.rounds[1].participants)
+    assert trained
+
+
+def _register(stub, name: str) -> tuple[NodeKey, RingKeyPair]:
+    key, ring_key = NodeKey.generate(), RingKeyPair.generate()
+    ts, sig = key.sign_registration()
+    stub.Register(pb.RegisterRequest(public_key=key.public_bytes, timestamp_ms=ts, signature=sig,
+                                     info=pb.NodeInfo(name=name,
+                                                      ring_public_key=ring_key.public)))
+    return key, ring_key
+
+
+def _submit(stub, ring_key, job_id, round_number, payload, *, nonce=None, tamper=False):
+    ring = stub.GetRing(pb.GetRingRequest(job_id=job_id))
+    if nonce is None:
+        nonce = stub.GetChallenge(pb.GetChallengeRequest()).nonce
+    digest = hashlib.sha256(payload).digest()
+    message = anonymous_update_message(nonce, job_id, round_number, ring.epoch_id, 5, digest)
+    signature = sign(message, list(ring.public_keys), ring_key,
+                     anonymous_scope(job_id, round_number))
+    header = pb.AnonymousUpdateHeader(job_id=job_id, round=round_number, epoch_id=ring.epoch_id,
+                                      nonce=nonce, num_examples=5, payload_sha256=digest,
+                                      signature=signature.encode())
+    sent = payload + b"x" if tamper else payload
+    messages = [pb.AnonymousUpdateMessage(header=header)] + [
+        pb.AnonymousUpdateMessage(chunk=c) for c in split_payload(sent, "t")]
+    return stub.SubmitAnonymousUpdate(iter(messages), timeout=10), nonce
+
+
+def test_anonymous_submissions_reject_replays_doubles_outsiders_and_tampering(tmp_path):
+    import torch
+
+    with LocalCluster(tmp_path / "cluster", [], mqtt=False) as cluster, \
+            grpc.insecure_channel(cluster.address) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        members = [_register(stub, f"member{i}") for i in range(3)]
+        with SyncConfideClient(cluster.address) as client:
+            # no node is online: the job waits for nodes, RUNNING with its ring fixed
+            job = client.submit_job(tiny_spec(rounds=1, min_nodes=2, anonymous=True,
+                                              wait_for_nodes_s=120))
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    ring = stub.GetRing(pb.GetRingRequest(job_id=job.job_id))
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
+            assert len(ring.public_keys) == 3
+            payload = tensor_map_to_bytes({"w": torch.zeros(4)})
+            ack, nonce = _submit(stub, members[0][1], job.job_id, 1, payload)
+            assert len(ack.key_image) == 32
+
+            cases = [
+                # the same nonce again: a replay
+                (dict(ring_key=members[1][1], nonce=nonce), grpc.StatusCode.UNAUTHENTICATED),
+                # the same member again in the same round: linked by its tag
+                (dict(ring_key=members[0][1]), grpc.StatusCode.ALREADY_EXISTS),
+                # a key outside the ring
+                (dict(ring_key=RingKeyPair.generate()), None),
+                # a payload that is not the one signed
+                (dict(ring_key=members[2][1], tamper=True), grpc.StatusCode.INVALID_ARGUMENT),
+            ]
+            for kwargs, code in cases:
+                ring_key = kwargs.pop("ring_key")
+                if code is None:  # an outsider cannot even produce a signature
+                    with pytest.raises(ValueError):
+                        _submit(stub, ring_key, job.job_id, 1, payload, **kwargs)
+                    continue
+                with pytest.raises(grpc.RpcError) as info:
+                    _submit(stub, ring_key, job.job_id, 1, payload, **kwargs)
+                assert info.value.code() == code, kwargs
+            # another member in the same round, and the first one in another scope, go in
+            _submit(stub, members[1][1], job.job_id, 1, payload)
+            _submit(stub, members[0][1], job.job_id, 2, payload)
+            client.cancel_job(job.job_id)
+
+
+def test_budgeted_job_selects_by_truthful_auction_and_pays_critical_values(tmp_path, shards):
+    budget = 10.0
+    with LocalCluster(tmp_path / "cluster", shards(3), mqtt=False) as cluster:
+        for index, cost in enumerate((1.0, 2.0, 40.0)):
+            cluster.nodes[index].kill()
+            cluster.nodes[index].wait()
+            cluster.start_node(index, "--cost", str(cost))
+        with SyncConfideClient(cluster.address) as client:
+            nodes = {n.info.name: n for n in wait_for_nodes(client, 3)}
+            job = client.submit_job(tiny_spec(rounds=2, min_nodes=2, max_steps=2,
+                                              budget=budget))
+            final = client.wait_job(job.job_id)
+            ledger = client.get_ledger(job.job_id)
+    assert final.state == pb.COMPLETED, final.reason
+    expensive = nodes["node2"].node_id
+    for summary in final.rounds:
+        assert expensive not in summary.selected
+        assert len(summary.selected) == 2
+    for round_number in (1, 2):
+        paid = [p for p in ledger.payments if p.round == round_number]
+        assert {p.node_id for p in paid} == {nodes["node0"].node_id, nodes["node1"].node_id}
+        assert sum(p.payment for p in paid) <= budget + 1e-9        # budget feasible
+        assert all(p.payment >= p.reported_cost for p in paid)     # individually rational
+    assert set(ledger.totals) == {nodes["node0"].node_id, nodes["node1"].node_id}

@@ -1,0 +1,558 @@
+"""SFPrompt: the U-shaped split (node.split_model) and the method (node.methods.sfprompt).
+
+Tiny random-init models: the split's forward and backward must be the unsplit model's, the body
+must see only hidden states and a mask, pruning keeps exactly the top EL2N fraction, local-loss
+steps never call the server, and a few rounds on a learnable task lower the loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+)
+
+from node.data import Example, synthetic_classification, synthetic_text
+from node.methods import ClientUpdate, get_method
+from node.methods.sfprompt import (
+    LocalBody,
+    SFPrompt,
+    SFPromptConfig,
+    SplitTrainer,
+    activation_bytes,
+    el2n,
+    top_fraction,
+)
+from node.models import ModelConfig, load_tokenizer
+from node.split_model import (
+    SplitConfig,
+    build_split,
+    build_split_trainer,
+    device_parts,
+    server_part,
+    split_costs,
+    split_model,
+)
+
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(ModelConfig(base="tiny-bert"))
+
+
+def _bert(tokenizer, layers: int = 4, num_labels: int = 3) -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=HIDDEN, num_hidden_layers=layers,
+        num_attention_heads=2, intermediate_size=128, initializer_range=0.125,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        pad_token_id=tokenizer.pad_token_id, num_labels=num_labels,
+    )
+    return BertForSequenceClassification(config)
+
+
+def _llama_config(tokenizer, layers: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=HIDDEN, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, intermediate_size=128,
+        initializer_range=0.125, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, num_labels=3,
+    )
+
+
+def _llama(tokenizer, layers: int = 4) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(_llama_config(tokenizer, layers))
+
+
+def _batch(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer(texts, padding=True, return_tensors="pt", return_token_type_ids=False)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+TEXTS = ["the red car and the blue ball", "anna likes", "a b c d e f g h i j"]
+
+
+def _trainable_grads(head, tail) -> dict[str, torch.Tensor]:
+    grads = {"head.prompts": head.prompts.grad.clone()}
+    for name, param in tail.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None, name
+            grads[f"tail.{name}"] = param.grad.clone()
+    return grads
+
+
+def _zero(*modules) -> None:
+    for module in modules:
+        for param in module.parameters():
+            param.grad = None
+
+
+# -------------------------------------------------------------------------------------------
+# The split equals the unsplit model
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("cut", [(1, 1), (2, 0)])
+def test_split_forward_and_backward_equal_the_unsplit_model(tokenizer, family, cut):
+    """Through the real seam (SplitTrainer + LocalBody: detach, cast, re-attach), the loss,
+    logits and gradients of the prompts and of every tail parameter are the HF model's."""
+    model = _bert(tokenizer) if family == "bert" else _llama(tokenizer)
+    head, body, tail = split_model(model, SplitConfig(head_layers=cut[0], tail_layers=cut[1],
+                                                      num_prompts=3, prompt_seed=7))
+    trainer = SplitTrainer(head, tail, tokenizer)
+    ids, mask = _batch(tokenizer, TEXTS)  # padded on the right
+    labels = (torch.tensor([0, 2, 1]) if family == "bert"
+              else ids.masked_fill(mask == 0, -100))
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    traffic = {"up": 0, "down": 0, "mask": 0, "calls": 0}
+    loss = trainer._split_loss_step(batch, LocalBody(body), traffic)
+    split_grads = _trainable_grads(head, tail)
+    with torch.no_grad():
+        _, split_logits = tail(body(head(ids, mask), head.extend_mask(mask)),
+                               head.extend_mask(mask))
+    _zero(model, head)
+
+    full_labels = labels if family == "bert" else tail.full_labels(labels)
+    out = model(inputs_embeds=head.embed(ids), attention_mask=head.extend_mask(mask),
+                labels=full_labels)
+    out.loss.backward()
+    reference = _trainable_grads(head, tail)
+
+    assert traffic["calls"] == 2
+    torch.testing.assert_close(loss.detach(), out.loss.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(split_logits, out.logits.detach(), atol=1e-5, rtol=1e-5)
+    assert sorted(split_grads) == sorted(reference)
+    assert len(reference) > 1 and "head.prompts" in reference
+    for name in reference:
+        assert reference[name].abs().sum() > 0, name
+        torch.testing.assert_close(split_grads[name], reference[name], atol=1e-5, rtol=1e-4,
+                                   msg=name)
+
+
+def test_llama_sequence_classification_split_equals_unsplit(tokenizer):
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(_llama_config(tokenizer, 3))
+    head, body, tail = split_model(model, SplitConfig(head_layers=1, tail_layers=1,
+                                                      num_prompts=2))
+    # equal lengths: transformers cannot find the last token of padded inputs_embeds
+    ids, mask = _batch(tokenizer, ["anna likes red", "ben eats blue"])
+    labels = torch.tensor([2, 0])
+    em = head.extend_mask(mask)
+    loss, logits = tail(body(head(ids, mask), em), em, labels)
+    loss.backward()
+    split_grads = _trainable_grads(head, tail)
+    _zero(model, head)
+    out = model(inputs_embeds=head.embed(ids), attention_mask=em, labels=labels)
+    out.loss.backward()
+    torch.testing.assert_close(logits, out.logits, atol=1e-5, rtol=1e-5)
+    for name, grad in _trainable_grads(head, tail).items():
+        torch.testing.assert_close(split_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_what_trains_and_what_stays_frozen(tokenizer):
+    model = _llama(tokenizer)
+    head, body, tail = split_model(model, SplitConfig(head_layers=1, tail_layers=1))
+    assert head.prompts.requires_grad and tuple(head.prompts.shape) == (8, HIDDEN)
+    assert not any(p.requires_grad for n, p in head.named_parameters() if n != "prompts")
+    assert not any(p.requires_grad for p in body.parameters())
+    assert not tail.lm_head.weight.requires_grad  # vocabulary-sized: opt-in
+    assert all(p.requires_grad for n, p in tail.named_parameters() if not n.startswith("lm_"))
+    head, _, tail = split_model(_llama(tokenizer), SplitConfig(train_tail=False))
+    assert not any(p.requires_grad for p in tail.parameters())
+    _, _, tail = split_model(_llama(tokenizer), SplitConfig(train_lm_head=True))
+    assert tail.lm_head.weight.requires_grad
+
+
+def test_prompts_are_seeded_rows_of_the_vocabulary(tokenizer):
+    a, _, _ = split_model(_bert(tokenizer), SplitConfig(num_prompts=5, prompt_seed=3))
+    b, _, _ = split_model(_bert(tokenizer), SplitConfig(num_prompts=5, prompt_seed=3))
+    c, _, _ = split_model(_bert(tokenizer), SplitConfig(num_prompts=5, prompt_seed=4))
+    assert torch.equal(a.prompts, b.prompts) and not torch.equal(a.prompts, c.prompts)
+    vocab = a.word_embeddings().weight
+    for row in a.prompts:
+        assert (vocab == row).all(-1).any()
+
+
+# -------------------------------------------------------------------------------------------
+# The seam
+
+
+class RecordingBody:
+    """A Body that records what crosses the seam and counts calls."""
+
+    def __init__(self, inner: LocalBody) -> None:
+        self.inner = inner
+        self.forwards: list[tuple[int, torch.Tensor, torch.Tensor, bool]] = []
+        self.backwards: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, step, hidden, attention_mask, *, train=True):
+        self.forwards.append((step, hidden.clone(), attention_mask.clone(), train))
+        return self.inner.forward(step, hidden, attention_mask, train=train)
+
+    def backward(self, step, grad_output):
+        grad = self.inner.backward(step, grad_output)
+        self.backwards.append((step, grad_output.clone(), grad.clone()))
+        return grad
+
+
+@pytest.fixture(scope="module")
+def bert_parts():
+    return build_split(ModelConfig(base="tiny-bert", max_length=32),
+                       SplitConfig(head_layers=1, tail_layers=0, num_prompts=4))
+
+
+def _trainer(parts, **kwargs) -> SplitTrainer:
+    return SplitTrainer(parts.head, parts.tail, parts.tokenizer, max_length=32, **kwargs)
+
+
+def test_body_receives_only_float_hidden_states_and_a_mask(bert_parts):
+    trainer = _trainer(bert_parts)
+    start = trainer.trainable_state()
+    body = RecordingBody(LocalBody(bert_parts.body))
+    examples = synthetic_classification(12, 2, seed=1)
+    trainer.train_round(examples, body, steps=2, batch_size=4, lr=1e-3)
+    trainer.evaluate(examples[:4], body)
+    trainer.load_trainable_state(start)
+
+    encoded = trainer._encode(examples)
+    all_ids = {tok for e in encoded for tok in e["input_ids"]}
+    assert len(body.forwards) == 3 and len(body.backwards) == 2
+    for _step, hidden, mask, _ in body.forwards:
+        b, length, width = hidden.shape
+        assert hidden.dtype == torch.float32 and width == HIDDEN
+        assert mask.dtype == torch.bool and tuple(mask.shape) == (b, length)
+        assert mask[:, :4].all()  # the prompts
+        assert length - 4 <= 32 and mask.all(-1).any()  # dynamic padding, to the longest
+        assert (mask[:, 1:] <= mask[:, :-1]).all()  # padded on the right
+        # no token id or label travels: no integer tensor, and the hidden states are not
+        # (a cast of) ids: they are not all integers
+        assert not torch.equal(hidden, hidden.round())
+        assert not set(hidden.flatten().tolist()) <= all_ids
+    for _step, grad_out, grad_in in body.backwards:
+        assert grad_out.dtype == torch.float32 and grad_out.dim() == 3
+        assert grad_in.shape == grad_out.shape
+    assert [f[3] for f in body.forwards] == [True, True, False]
+    assert len({f[0] for f in body.forwards}) == 3  # unique step ids
+    assert body.inner.pending == 0
+
+
+def test_split_steps_call_the_body_twice_and_local_steps_never(bert_parts):
+    trainer = _trainer(bert_parts)
+    start = trainer.trainable_state()
+    examples = synthetic_classification(8, 2, seed=2)
+    body = RecordingBody(LocalBody(bert_parts.body))
+    metrics = trainer.train_round(examples, body, steps=3, batch_size=4, lr=1e-3,
+                                  local_loss_steps=2)
+    assert len(body.forwards) == 3 and len(body.backwards) == 3
+    assert metrics["body_calls"] == 6
+    assert metrics["split_steps"] == 3 and metrics["local_loss_steps"] == 2
+    assert metrics["steps"] == 5
+
+    body = RecordingBody(LocalBody(bert_parts.body))
+    metrics = trainer.train_round(examples, body, steps=0, batch_size=4, lr=1e-3,
+                                  local_loss_steps=3)
+    assert body.forwards == [] and body.backwards == []
+    assert metrics["body_calls"] == 0 and metrics["activation_bytes_up"] == 0
+    trainer.el2n_scores(examples)  # pruning scores: local path, no server either
+    assert body.forwards == []
+    trainer.load_trainable_state(start)
+
+
+def test_float16_activations_halve_the_bytes(bert_parts):
+    examples = synthetic_classification(8, 2, seed=3)
+    results = {}
+    for dtype in ("float32", "float16"):
+        trainer = _trainer(bert_parts, activation_dtype=dtype)
+        start = trainer.trainable_state()
+        inner = LocalBody(bert_parts.body)
+        body = RecordingBody(inner)
+        metrics = trainer.train_round(examples, body, steps=2, batch_size=4, lr=1e-3, seed=5)
+        trainer.load_trainable_state(start)
+        assert all(h.dtype == getattr(torch, dtype) for _, h, _, _ in body.forwards)
+        assert all(g.dtype == getattr(torch, dtype) for _, g, _ in body.backwards)
+        assert inner.bytes_received == metrics["activation_bytes_up"]
+        assert inner.bytes_sent == metrics["activation_bytes_down"]
+        results[dtype] = metrics
+    full, half = results["float32"], results["float16"]
+    assert full["mask_bytes_up"] == half["mask_bytes_up"] > 0
+    assert full["activation_bytes_down"] == 2 * half["activation_bytes_down"]
+    assert (full["activation_bytes_up"] - full["mask_bytes_up"]
+            == 2 * (half["activation_bytes_up"] - half["mask_bytes_up"]))
+    # the closed form agrees with what was counted (one batch of 4, same length)
+    _, hidden, _, _ = body.forwards[0]
+    step = activation_bytes(hidden.shape[0], hidden.shape[1], HIDDEN, "float16")
+    assert step["down"] == hidden.numel() * 2 * 2
+
+
+def test_local_body_trains_only_with_a_learning_rate(tokenizer):
+    model = _bert(tokenizer)
+    head, body, _ = split_model(model, SplitConfig(head_layers=1, tail_layers=1))
+    before = [p.detach().clone() for p in body.parameters()]
+    ids, mask = _batch(tokenizer, TEXTS)
+    em = head.extend_mask(mask).bool()
+    frozen = LocalBody(body)
+    out = frozen.forward(0, head(ids, mask).detach(), em)
+    frozen.backward(0, torch.ones_like(out))
+    assert all(torch.equal(a, b) for a, b in zip(before, body.parameters(), strict=True))
+    trained = LocalBody(body, lr=1e-2, optimizer="sgd")
+    out = trained.forward(1, head(ids, mask).detach(), em)
+    trained.backward(1, torch.ones_like(out))
+    assert any(not torch.equal(a, b) for a, b in zip(before, body.parameters(), strict=True))
+    with pytest.raises(ValueError, match="no forward of step 1"):
+        trained.backward(1, torch.ones_like(out))
+    small = LocalBody(body, max_pending=2)
+    for step in range(3):
+        small.forward(step, out, em)
+    assert small.pending == 2
+    with pytest.raises(ValueError, match="step 0"):
+        small.backward(0, torch.ones_like(out))
+    with pytest.raises(ValueError, match="floating"):
+        small.forward(9, ids, mask)
+
+
+# -------------------------------------------------------------------------------------------
+# Pruning
+
+
+def test_top_fraction_keeps_exactly_the_top_gamma_with_ties_by_index():
+    scores = [0.5, 0.9, 0.5, 0.1, 0.9, float("nan")]
+    assert top_fraction(scores, 1.0) == [0, 1, 2, 3, 4, 5]
+    assert top_fraction(scores, 0.5) == [0, 1, 4]  # ceil(3.0); 0.5 tie: index 0 before 2
+    assert top_fraction(scores, 0.67) == [0, 1, 2, 3, 4]  # ceil(4.02) = 5; NaN ranks last
+    assert top_fraction(scores, 0.3) == [1, 4]  # ceil(1.8) = 2
+    assert top_fraction(scores, 0.01) == [1]  # at least one; 0.9 tie: index 1 before 4
+    assert len(top_fraction([1.0] * 10, 0.3)) == 3  # not 4 from 0.3 * 10 = 3.0000000000000004
+    assert top_fraction([], 0.5) == []
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        top_fraction(scores, 0.0)
+
+
+def test_el2n_is_the_distance_of_the_softmax_from_the_label():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 2])
+    expected = (torch.softmax(logits, -1) - torch.eye(3)[labels]).norm(dim=-1)
+    torch.testing.assert_close(el2n(logits, labels, "sequence-classification"), expected)
+    # causal LM: mean over predicted tokens; the last prompt predicts the first token
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2 + 4, 5)
+    labels = torch.tensor([[1, 2, 3, -100], [4, 0, -100, -100]])
+    probs = torch.softmax(logits, -1)
+    want = []
+    for b in range(2):
+        per = [(probs[b, 1 + t] - torch.eye(5)[labels[b, t]]).norm()
+               for t in range(4) if labels[b, t] != -100]
+        want.append(torch.stack(per).mean())
+    torch.testing.assert_close(el2n(logits, labels, "causal-lm", 2), torch.stack(want))
+
+
+def test_prune_keeps_the_highest_el2n_examples(bert_parts, monkeypatch):
+    trainer = _trainer(bert_parts)
+    examples = synthetic_classification(10, 2, seed=4)
+    scores = trainer.el2n_scores(examples)
+    assert len(scores) == 10 and all(0.0 <= s <= math.sqrt(2) + 1e-6 for s in scores)
+    kept = trainer.prune(examples, 0.35)
+    assert len(kept) == 4
+    kept_scores = sorted(scores[examples.index(e)] for e in kept)
+    dropped = [s for e, s in zip(examples, scores, strict=True) if e not in kept]
+    assert min(kept_scores) >= max(dropped)
+    # ties by index, original order kept
+    monkeypatch.setattr(trainer, "el2n_scores",
+                        lambda ex, batch_size=16: [0.2, 0.7, 0.7, 0.1, 0.7, 0.2, 0, 0, 0, 0])
+    assert trainer.prune(examples, 0.2) == [examples[1], examples[2]]
+    # 0.2 tie between indices 0 and 5: index 0 wins; the result is in the original order
+    assert trainer.prune(examples, 0.4) == [examples[0], examples[1], examples[2], examples[4]]
+
+    def boom(*args, **kwargs):
+        raise AssertionError("gamma = 1 must not score")
+
+    monkeypatch.setattr(trainer, "el2n_scores", boom)
+    assert trainer.prune(examples, 1.0) == examples
+
+
+# -------------------------------------------------------------------------------------------
+# Rounds, state, aggregation
+
+
+def test_rounds_lower_the_loss_on_a_learnable_task(bert_parts):
+    trainer = _trainer(bert_parts)
+    start = trainer.trainable_state()
+    body = LocalBody(bert_parts.body)
+    examples = synthetic_classification(32, 2, seed=0)
+    before = trainer.evaluate(examples, body)
+    for round_number in range(3):
+        trainer.train_round(examples, body, steps=10, batch_size=16, lr=1e-2,
+                            local_loss_steps=2, seed=round_number)
+    after = trainer.evaluate(examples, body)
+    trainer.load_trainable_state(start)
+    assert after["loss"] < before["loss"] - 0.3
+    assert after["accuracy"] >= 0.75 > before["accuracy"]
+
+
+def test_causal_lm_split_training_lowers_perplexity():
+    parts = build_split(ModelConfig(base="tiny-llama", task="causal-lm", max_length=24),
+                        SplitConfig(head_layers=1, tail_layers=0, num_prompts=4))
+    trainer = SplitTrainer(parts.head, parts.tail, parts.tokenizer, max_length=24)
+    body = LocalBody(parts.body)
+    examples = synthetic_text(16, seed=0)
+    before = trainer.evaluate(examples, body)
+    metrics = trainer.train_round(examples, body, steps=6, batch_size=8, lr=3e-2,
+                                  local_loss_steps=2)
+    after = trainer.evaluate(examples, body)
+    assert metrics["body_calls"] == 12
+    assert after["perplexity"] < before["perplexity"]
+    assert sorted(trainer.trainable_state()) == ["head.prompts", "tail.norm.weight"]
+
+
+def test_trainable_state_round_trips_and_is_strict(bert_parts):
+    trainer = _trainer(bert_parts)
+    state = trainer.trainable_state()
+    assert list(state) == sorted(state)
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in state.values())
+    assert set(state) == {"head.prompts", "tail.classifier.bias", "tail.classifier.weight",
+                          "tail.pooler.dense.bias", "tail.pooler.dense.weight"}
+    moved = {name: t + 0.5 for name, t in state.items()}
+    trainer.load_trainable_state(moved)
+    assert all(torch.equal(trainer.trainable_state()[n], moved[n]) for n in state)
+    with pytest.raises(ValueError, match="missing"):
+        trainer.load_trainable_state({"head.prompts": state["head.prompts"]})
+    with pytest.raises(ValueError, match="wrong shapes"):
+        trainer.load_trainable_state({**state, "head.prompts": torch.zeros(3, HIDDEN)})
+    trainer.load_trainable_state(state)
+
+
+def test_two_devices_aggregate_by_example_weighted_mean(bert_parts):
+    method = get_method("sfprompt") if "sfprompt" in _registry() else SFPrompt()
+    assert method.name == "sfprompt" and method.trainable == "sfprompt"
+    config = method.parse_config({"num_prompts": 4, "tail_layers": 0})
+    trainer = _trainer(bert_parts)
+    global_state = trainer.trainable_state()
+    body = LocalBody(bert_parts.body)
+    locals_, counts = [], []
+    for device, n in enumerate((8, 24)):
+        trainer.load_trainable_state(global_state)
+        examples = synthetic_classification(n, 2, seed=10 + device)
+        trainer.train_round(examples, body, steps=2, batch_size=8, lr=1e-2, seed=device)
+        locals_.append(trainer.trainable_state())
+        counts.append(n)
+    trainer.load_trainable_state(global_state)
+    updates = [
+        ClientUpdate(f"d{i}", method.client_update(config, global_state, local, {}), n)
+        for i, (local, n) in enumerate(zip(locals_, counts, strict=True))
+    ]
+    for update in updates:
+        method.check_update(global_state, update.payload)
+    result = method.aggregate(config, global_state, updates, 1)
+    for name in global_state:
+        expected = (locals_[0][name] * 8 + locals_[1][name] * 24) / 32
+        torch.testing.assert_close(result[name], expected, atol=1e-6, rtol=1e-5)
+        assert not torch.equal(locals_[0][name], locals_[1][name])
+
+
+def _registry() -> set[str]:
+    from node.methods import REGISTRY
+
+    return set(REGISTRY)
+
+
+# -------------------------------------------------------------------------------------------
+# Configuration, building, costs
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({"head_layers": 0}, "head_layers must be an integer >= 1"),
+        ({"tail_layers": -1}, "tail_layers must be an integer >= 0"),
+        ({"prune_gamma": 0.0}, "prune_gamma"),
+        ({"prune_gamma": 1.5}, "prune_gamma"),
+        ({"activation_dtype": "int8"}, "activation_dtype must be one of float32"),
+        ({"body_lr": -0.1}, "body_lr"),
+        ({"train_tail": "yes"}, "train_tail must be true or false"),
+        ({"num_prompts": 0, "train_tail": False}, "nothing to train"),
+        ({"local_loss_steps": 1.5}, "must be an integer"),
+        ({"prompts": 3}, "has no parameter"),
+    ],
+)
+def test_config_validation_errors_are_clear(params, needle):
+    with pytest.raises(ValueError, match=needle):
+        SFPrompt().parse_config(params)
+
+
+def test_config_defaults_and_struct_numbers():
+    config = SFPrompt().parse_config({"num_prompts": 16.0, "prune_gamma": 1, "body_lr": 0})
+    assert isinstance(config, SFPromptConfig)
+    assert config.num_prompts == 16 and config.activation_dtype == "float32"
+    split = SplitConfig.from_method(config, seed=5)
+    assert (split.num_prompts, split.prompt_seed, split.head_layers) == (16, 5, 1)
+
+
+def test_split_rejects_bad_cuts_and_other_architectures(tokenizer):
+    with pytest.raises(ValueError, match="leaves no layer for the server"):
+        split_model(_bert(tokenizer, layers=2), SplitConfig(head_layers=1, tail_layers=1))
+    with pytest.raises(ValueError, match="cannot split GPT2LMHeadModel"):
+        split_model(GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2)), SplitConfig())
+    with pytest.raises(ValueError, match="head_layers must be an integer >= 1"):
+        split_model(_bert(tokenizer), SplitConfig(head_layers=0))
+
+
+def test_device_and_server_parts_hold_only_their_side(tokenizer):
+    full_head, full_body, full_tail = split_model(_bert(tokenizer), SplitConfig())
+    head, tail = device_parts(_bert(tokenizer), SplitConfig())
+    body = server_part(_bert(tokenizer), SplitConfig())
+    assert len(head.stack.layers) == 1 and len(tail.stack.layers) == 1
+    assert len(body.stack.layers) == 2
+    device_ids = {id(p) for m in (head, tail) for p in m.parameters()}
+    assert not device_ids & {id(p) for p in body.parameters()}
+    # same seed, same weights on every party
+    for a, b in ((full_head, head), (full_body, body), (full_tail, tail)):
+        for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items(),
+                                      strict=True):
+            assert na == nb and torch.equal(pa, pb)
+    model = _bert(tokenizer)
+    device_parts(model, SplitConfig())
+    assert len(model.bert.encoder.layer) == 2  # the body layers are gone from the model
+    trainer = build_split_trainer(ModelConfig(base="tiny-bert"),
+                                  SFPromptConfig(tail_layers=0, num_prompts=2))
+    assert trainer.trainable_state()["head.prompts"].shape == (2, HIDDEN)
+
+
+def test_split_costs_count_every_parameter_once(tokenizer):
+    model = _llama(tokenizer, layers=6)
+    total = sum(p.numel() for p in model.parameters())
+    head, body, tail = split_model(model, SplitConfig(head_layers=2, tail_layers=1,
+                                                      num_prompts=4))
+    costs = split_costs(head, body, tail, seq_len=36)
+    assert costs.total_params == total + 4 * HIDDEN
+    assert costs.device_params + costs.body.params == costs.total_params
+    assert costs.body.trainable_params == 0
+    assert costs.head.trainable_params == 4 * HIDDEN
+    assert 0 < costs.device_flop_share < 1 and 0 < costs.device_param_share < 1
+    # one body layer = one head layer in FLOPs (same shapes): 3 body layers, 2 head layers
+    layer = costs.body.forward_flops / 3
+    assert costs.head.forward_flops == pytest.approx(2 * layer)
+    assert costs.tail.train_flops > costs.tail.forward_flops
+    data = costs.as_dict()
+    assert data["device_flop_share"] == costs.device_flop_share
+
+
+def test_bert_truncates_to_fit_the_prompts(tokenizer):
+    model = _bert(tokenizer)
+    head, _, tail = split_model(model, SplitConfig(num_prompts=8))
+    trainer = SplitTrainer(head, tail, tokenizer, max_length=1000)
+    assert trainer.max_length == 512 - 8
+    too_long = torch.ones(1, 510, dtype=torch.long)
+    with pytest.raises(ValueError, match="exceed the model's 512 positions"):
+        head(too_long, torch.ones_like(too_long))
+    assert trainer.evaluate([Example("word " * 600, 0)])["accuracy"] in (0.0, 1.0)
