@@ -32,6 +32,7 @@ class LocalCluster:
         heartbeat_interval_s: float = 2.0,
         log_level: str = "INFO",
         coordinator_args: tuple[str, ...] = (),
+        split_server: bool = False,
     ) -> None:
         self.root = Path(root)
         self.node_data_dirs = [Path(d) for d in node_data_dirs]
@@ -40,6 +41,8 @@ class LocalCluster:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.log_level = log_level
         self.coordinator_args = tuple(coordinator_args)
+        #: also start a node with the "split-server" role (no data) for split learning
+        self.split_server = split_server
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.mqtt_port = free_port() if mqtt else 0
@@ -93,10 +96,24 @@ class LocalCluster:
         self.nodes[index] = process
         return process
 
+    def start_split_server(self, *extra: str) -> int:
+        """Start a node with only the "split-server" role and no data (SFPrompt's body);
+        returns its index in ``nodes`` (after the data nodes)."""
+        index = len(self.node_data_dirs)
+        folder = self.root / "split-server"
+        folder.mkdir(parents=True, exist_ok=True)
+        args = ["node", "serve", "--coordinator", self.address, "--data", str(folder),
+                "--name", "split-server", "--role", "split-server",
+                "--threads", str(self.threads_per_node), *extra]
+        self.nodes[index] = self._spawn("split-server", args, threads=self.threads_per_node)
+        return index
+
     def start(self) -> LocalCluster:
         self.start_coordinator()
         for index in range(len(self.node_data_dirs)):
             self.start_node(index)
+        if self.split_server:
+            self.start_split_server()
         return self
 
     def log(self, name: str) -> Path:

@@ -38,6 +38,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from cli.cluster import ClusterError, LocalCluster
     from cli.experiment import run_experiment, shard_dirs
     from node.data import load_jsonl, prepare_bbc_shards
+    from node.methods import get_method
     from protos.sdk import job_spec
 
     started = time.monotonic()
@@ -71,11 +72,14 @@ def run_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         params=json.loads(args.params) if args.params else None,
     )
-    cluster = LocalCluster(workdir, shard_dirs(data_root, args.nodes))
+    # split learning (SFPrompt) pairs the nodes with a split-server node holding the body
+    split = get_method(args.method).needs_split_server
+    cluster = LocalCluster(workdir, shard_dirs(data_root, args.nodes), split_server=split)
     try:
         cluster.start()
         print(f"coordinator on {cluster.address}, MQTT events on {cluster.mqtt_url}, "
-              f"{args.nodes} node daemons; logs in {workdir / 'logs'}")
+              f"{args.nodes} node daemons" + (" + 1 split-server" if split else "")
+              + f"; logs in {workdir / 'logs'}")
         result = run_experiment(cluster, spec, test, evaluate_rounds=True)
     except ClusterError as exc:
         print(f"error: {exc}")

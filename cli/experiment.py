@@ -13,8 +13,11 @@ from tqdm import tqdm
 from cli.cluster import LocalCluster
 from coordinator.jobs import normalize_spec
 from node.data import Example
+from node.methods import get_method, method_params
+from node.methods.sfprompt import SFPROMPT_TRAINABLE, LocalBody, SplitTrainer
+from node.models import job_model_config
+from node.split_model import SplitConfig, build_split
 from node.trainer import LoraTrainer
-from node.worker import job_model_config
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.sdk import SyncConfideClient
 
@@ -36,12 +39,25 @@ class ExperimentResult:
 
 
 class Evaluator:
-    """Evaluates global states of one job spec on a held-out set (model built once)."""
+    """Evaluates global states of one job spec on a held-out set (model built once).
+
+    It builds what the job's nodes build: LoRA, the full model (Ferret), or for split
+    learning (SFPrompt) all three parts in this process, the body run locally: the evaluator
+    is the job's owner checking the result on its own held-out data."""
 
     def __init__(self, spec: pb.JobSpec, examples: list[Example], batch_size: int = 64) -> None:
         spec = normalize_spec(spec)  # the defaults the coordinator fills in
-        # the trainer the job's nodes build: LoRA, or full-parameter for methods like Ferret
-        self.trainer = LoraTrainer(job_model_config(spec), "cpu")
+        method = get_method(spec.method)
+        self.body: LocalBody | None = None
+        if method.trainable == SFPROMPT_TRAINABLE:
+            config = method.parse_config(method_params(spec))
+            model_cfg = job_model_config(spec)
+            parts = build_split(model_cfg, SplitConfig.from_method(config, model_cfg.seed))
+            self.trainer: LoraTrainer | SplitTrainer = SplitTrainer(
+                parts.head, parts.tail, parts.tokenizer, max_length=model_cfg.max_length)
+            self.body = LocalBody(parts.body)
+        else:
+            self.trainer = LoraTrainer(job_model_config(spec), "cpu")
         self.initial = self.trainer.trainable_state()
         self.examples = examples
         self.batch_size = batch_size
@@ -49,6 +65,8 @@ class Evaluator:
     def __call__(self, state: dict | None) -> dict[str, float]:
         """``state`` None: the spec's seeded initial state, as every node builds it."""
         self.trainer.load_trainable_state(self.initial if state is None else state)
+        if isinstance(self.trainer, SplitTrainer):
+            return self.trainer.evaluate(self.examples, self.body, batch_size=self.batch_size)
         return self.trainer.evaluate(self.examples, batch_size=self.batch_size)
 
 

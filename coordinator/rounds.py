@@ -143,16 +143,28 @@ class JobRunner:
         self.store.save_ring(self.job_id, keys)
         self.events.emit(self.job_id, "job.ring", message=f"ring of {len(keys)} keys fixed")
 
+    def _node_infos(self) -> dict[str, pb.NodeInfo]:
+        return {n.node_id: n.info for n in self.store.nodes()}
+
+    @staticmethod
+    def _has_role(info: pb.NodeInfo | None, role: str) -> bool:
+        """Nodes that declare no role are trainers (the default role)."""
+        roles = list(info.roles) if info is not None else []
+        return role in roles or (role == "trainer" and not roles)
+
     async def _wait_for_nodes(self, count: int) -> list[NodeSession]:
+        """Idle online nodes with the trainer role, at least ``count`` of them."""
         deadline = time.monotonic() + self.spec.wait_for_nodes_s
         while True:
-            online = [s for s in self.sessions.online() if not s.busy]
+            infos = self._node_infos()
+            online = [s for s in self.sessions.online()
+                      if not s.busy and self._has_role(infos.get(s.node_id), "trainer")]
             if len(online) >= count:
                 return online
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise JobFailed(
-                    f"only {len(online)} idle node(s) online, the job needs {count} "
+                    f"only {len(online)} idle trainer node(s) online, the job needs {count} "
                     f"(waited {self.spec.wait_for_nodes_s:.0f}s); start more nodes or lower "
                     "min_nodes"
                 )
@@ -260,9 +272,10 @@ class JobRunner:
             message=f"{len(selected)} node(s): " + ", ".join(record.selected),
         )
         payload = tensor_map_to_bytes(state)
+        peers = [await self._split_server()] if self.method.needs_split_server else []
         outcomes = await asyncio.gather(
             *(
-                self._train_on(session, round_number, payload)
+                self._train_on(session, round_number, payload, peers)
                 for session in selected
             )
         )
@@ -321,9 +334,32 @@ class JobRunner:
         )
         return new_state
 
+    async def _split_server(self) -> pb.Peer:
+        """SFPrompt pairs its devices with a split-server: an online node with that role and
+        a reachable peer service (the first by node id, so a job keeps the same one)."""
+        deadline = time.monotonic() + self.spec.wait_for_nodes_s
+        while True:
+            infos = self._node_infos()
+            online = {s.node_id for s in self.sessions.online()}
+            servers = sorted(node_id for node_id, info in infos.items()
+                             if node_id in online and info.peer_address
+                             and self._has_role(info, "split-server"))
+            if servers:
+                return pb.Peer(node_id=servers[0], address=infos[servers[0]].peer_address,
+                               role="split-server")
+            if time.monotonic() > deadline:
+                raise JobFailed(f"method {self.spec.method!r} needs an online node with the "
+                                "split-server role and a peer address (start one with "
+                                "`confide node serve --role split-server`); none came within "
+                                f"{self.spec.wait_for_nodes_s:.0f}s")
+            self.sessions.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.sessions.changed.wait(), 1.0)
+
     async def _train_on(self, session: NodeSession, round_number: int,
-                        payload: bytes) -> TaskOutcome:
+                        payload: bytes, peers: Sequence[pb.Peer] = ()) -> TaskOutcome:
         task = self._new_task(pb.TRAIN, round_number, has_global=True)
+        task.peers.extend(peers)
         task.anonymous = self.spec.anonymous
         return await session.run_task(task, payload, self.spec.round_timeout_s,
                                       expects_payload=not self.spec.anonymous)

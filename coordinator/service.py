@@ -19,9 +19,9 @@ from coordinator.anonymous import AnonymousInbox, AnonymousRejected, ChallengeBo
 from coordinator.events import EventLog
 from coordinator.jobs import JOB_ID_PATTERN, normalize_spec
 from coordinator.rounds import JobRunner
-from coordinator.sessions import NodeSession, SessionRegistry, wire_bytes
+from coordinator.sessions import NodeSession, SessionRegistry
 from coordinator.store import TERMINAL_STATES, Store
-from protos.chunking import ChunkAssembler, ChunkError, split_payload
+from protos.chunking import ChunkAssembler, ChunkError, split_payload, wire_bytes
 from protos.codec import tensor_map_to_bytes
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc

@@ -17,18 +17,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from protos.chunking import ChunkAssembler, ChunkError, split_payload
+from protos.chunking import ChunkAssembler, ChunkError, split_payload, wire_bytes
 from protos.confide.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-#: gRPC frames every message with a 5-byte prefix (compression flag + length)
-GRPC_FRAME_BYTES = 5
-
-
-def wire_bytes(message) -> int:
-    """Bytes a message occupies in the gRPC stream (protobuf plus gRPC framing)."""
-    return message.ByteSize() + GRPC_FRAME_BYTES
 
 
 @dataclass

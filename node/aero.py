@@ -56,6 +56,7 @@ __all__ = [
     "EntropyRegConfig",
     "SigmoidGELU",
     "bbc_token_sequences",
+    "default_tokenizer",
     "entropy_penalty",
     "load_aero",
     "make_blocks",
@@ -413,6 +414,18 @@ def entropy_penalty(entropies: torch.Tensor, thresholds: torch.Tensor, *, margin
 # Data, training, evaluation
 
 
+def default_tokenizer() -> Any:
+    """MiniLM's WordPiece tokenizer (30,522 tokens, on disk offline; ``node.models``).
+
+    The cheaper of the two offline tokenizers for private inference: under MPC the one-hot
+    input (T x V) and the embedding and output matrices (V x d) are opened once per forward
+    each, so bytes grow with V (SmolLM2's has 49,152 tokens).
+    """
+    from node.models import ModelConfig, load_tokenizer
+
+    return load_tokenizer(ModelConfig(base="minilm"))
+
+
 def bbc_token_sequences(tokenizer: Any, limit: int | None = None) -> list[list[int]]:
     """BBC News articles (``node.data.bbc_news``, offline) tokenized with ``tokenizer``."""
     from node.data import bbc_news
@@ -420,7 +433,9 @@ def bbc_token_sequences(tokenizer: Any, limit: int | None = None) -> list[list[i
     examples, _ = bbc_news()
     if limit is not None:
         examples = examples[:limit]
-    return [list(tokenizer(ex.text, add_special_tokens=True)["input_ids"]) for ex in examples]
+    # whole articles: training cuts them into blocks (make_blocks), so no truncation here
+    return [list(tokenizer(ex.text, add_special_tokens=True, verbose=False)["input_ids"])
+            for ex in examples]
 
 
 def make_blocks(sequences: Iterable[Sequence[int]], block_len: int) -> torch.Tensor:

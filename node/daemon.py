@@ -17,6 +17,7 @@ from node.data import LocalData
 from node.device import select_device
 from node.peer import NodePeerService
 from node.session import CoordinatorLink
+from node.split_transport import SplitServer
 from node.store import ModelStore
 from node.worker import TaskWorker
 from protos.confide.v1 import coordinator_pb2 as pb
@@ -91,8 +92,10 @@ class NodeDaemon:
                 raise OSError(f"cannot listen on {self.config.listen}")
         info = self.info()
         if self.server is not None:
-            node_grpc.add_NodePeerServicer_to_server(NodePeerService(info, self.models),
-                                                     self.server)
+            split_server = (SplitServer(self.device) if "split-server" in self.config.roles
+                            else None)
+            node_grpc.add_NodePeerServicer_to_server(
+                NodePeerService(info, self.models, split_server), self.server)
             health_servicer = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
             await self.server.start()

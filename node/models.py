@@ -52,6 +52,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from node.methods import get_method
+from protos.confide.v1 import coordinator_pb2 as pb
+
 __all__ = [
     "ADAPTERS",
     "BASES",
@@ -64,7 +67,9 @@ __all__ = [
     "build_model",
     "cache_root",
     "default_target_modules",
+    "job_model_config",
     "load_tokenizer",
+    "model_config",
     "smollm2_cache_dir",
 ]
 
@@ -73,7 +78,8 @@ BASES = ("minilm", "smollm2", "tiny-bert", "tiny-llama")
 ADAPTERS = ("lora", "none")
 
 # A federated method's ``trainable`` ("lora" or "full") -> the ModelConfig.adapter that trains it.
-_ADAPTER_FOR_TRAINABLE = {"lora": "lora", "full": "none"}
+# SFPrompt ("sfprompt") builds the plain base and cuts it (node.split_model): no PEFT wrapper.
+_ADAPTER_FOR_TRAINABLE = {"lora": "lora", "full": "none", "sfprompt": "none"}
 
 # Which tasks each built-in base supports: BERT-style encoders are not language models.
 _BASE_TASKS = {
@@ -564,3 +570,26 @@ def build_model(
     if cfg.adapter == "none":
         return build_full_model(cfg, cache_dir)
     return build_lora_model(cfg, cache_dir)
+
+
+def model_config(spec: pb.ModelSpec, adapter: str = "lora") -> ModelConfig:
+    """The ModelConfig of a job's model spec; ``adapter`` from the job's method (see
+    ``job_model_config``)."""
+    return ModelConfig(
+        task=spec.task,
+        base=spec.base,
+        num_labels=spec.num_labels if spec.task == "sequence-classification" else 2,
+        max_length=spec.max_length,
+        lora_r=spec.lora.r,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=tuple(spec.lora.target_modules),
+        seed=spec.seed,
+        adapter=adapter,
+    )
+
+
+def job_model_config(spec: pb.JobSpec) -> ModelConfig:
+    """What a job trains: its model spec, with the adapter its method's ``trainable`` needs
+    (LoRA adapters, or every parameter for full-parameter methods such as Ferret)."""
+    return model_config(spec.model, adapter=adapter_for(get_method(spec.method).trainable))

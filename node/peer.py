@@ -1,11 +1,12 @@
 """The node's peer service (NodePeer): what other nodes, and the coordinator when it can
-reach the node, ask of it directly. Later methods (DIMAT merges, split learning, MPC) add
-their RPCs here; the foundation serves the node's info and the global models it holds."""
+reach the node, ask of it directly: the node's info, the global models it holds, and, on a
+node with the "split-server" role, the body of SFPrompt jobs (``node.split_transport``)."""
 
 from __future__ import annotations
 
 import grpc
 
+from node.split_transport import SplitServer
 from node.store import ModelStore
 from protos.chunking import split_payload
 from protos.codec import tensor_map_to_bytes
@@ -15,9 +16,11 @@ from protos.confide.v1 import node_pb2_grpc as node_grpc
 
 
 class NodePeerService(node_grpc.NodePeerServicer):
-    def __init__(self, info: pb.NodeInfo, models: ModelStore) -> None:
+    def __init__(self, info: pb.NodeInfo, models: ModelStore,
+                 split_server: SplitServer | None = None) -> None:
         self.info = info
         self.models = models
+        self.split_server = split_server
 
     async def GetInfo(self, request: node_pb2.GetInfoRequest, context) -> pb.NodeInfo:
         return self.info
@@ -36,3 +39,11 @@ class NodePeerService(node_grpc.NodePeerServicer):
                                 f"this node holds no global model for job {request.job_id!r}")
         for chunk in split_payload(tensor_map_to_bytes(state), f"{request.job_id}-global"):
             yield chunk
+
+    async def SplitSession(self, request_iterator, context):
+        if self.split_server is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this node is not a split-server (start it with "
+                                "--role split-server)")
+        async for reply in self.split_server.session(request_iterator, context):
+            yield reply

@@ -17,7 +17,10 @@ import torch
 
 from node.data import LocalData
 from node.methods import get_method, method_params
-from node.models import ModelConfig, adapter_for
+from node.methods.sfprompt import SFPROMPT_TRAINABLE, SFPromptConfig, SplitTrainer
+from node.models import job_model_config
+from node.split_model import build_split_trainer
+from node.split_transport import RemoteBody
 from node.store import ModelStore
 from node.trainer import LoraTrainer
 from protos.codec import tensor_map_from_bytes, tensor_map_to_bytes, to_dense
@@ -32,29 +35,6 @@ class TaskCancelled(Exception):
     """The coordinator cancelled the task, or the session ended."""
 
 
-def model_config(spec: pb.ModelSpec, adapter: str = "lora") -> ModelConfig:
-    """The ModelConfig of a job's model spec; ``adapter`` from the job's method (see
-    ``job_model_config``)."""
-    return ModelConfig(
-        task=spec.task,
-        base=spec.base,
-        num_labels=spec.num_labels if spec.task == "sequence-classification" else 2,
-        max_length=spec.max_length,
-        lora_r=spec.lora.r,
-        lora_alpha=spec.lora.alpha,
-        lora_dropout=spec.lora.dropout,
-        target_modules=tuple(spec.lora.target_modules),
-        seed=spec.seed,
-        adapter=adapter,
-    )
-
-
-def job_model_config(spec: pb.JobSpec) -> ModelConfig:
-    """What a job trains: its model spec, with the adapter its method's ``trainable`` needs
-    (LoRA adapters, or every parameter for full-parameter methods such as Ferret)."""
-    return model_config(spec.model, adapter=adapter_for(get_method(spec.method).trainable))
-
-
 class TaskWorker:
     def __init__(self, data: LocalData, models: ModelStore, device: torch.device,
                  max_cached_models: int = 1) -> None:
@@ -62,23 +42,35 @@ class TaskWorker:
         self.models = models
         self.device = device
         self.max_cached_models = max_cached_models
-        self._trainers: OrderedDict[tuple, LoraTrainer] = OrderedDict()
+        self._trainers: OrderedDict[tuple, LoraTrainer | SplitTrainer] = OrderedDict()
+        #: SFPrompt: each job's examples that survived EL2N pruning (pruned once per job)
+        self._pruned: dict[str, list] = {}
         # one task at a time: a task abandoned by a dropped session may still be finishing
         # its current step when the next session's task arrives
         self._lock = threading.Lock()
 
-    def _trainer(self, spec: pb.JobSpec) -> LoraTrainer:
+    def _trainer(self, spec: pb.JobSpec) -> LoraTrainer | SplitTrainer:
         """Building a model is the expensive part: keep the last one(s) between rounds.
 
         The INIT task and every TRAIN task of a job go through here, so they build the same
-        kind of trainer (LoRA or full-parameter, from the job's method)."""
+        kind of trainer: LoRA or full-parameter (``LoraTrainer``), or the device's head and
+        tail of a split model (``SplitTrainer``, SFPrompt), from the job's method."""
+        method = get_method(spec.method)
         cfg = job_model_config(spec)
-        key = (spec.model.SerializeToString(deterministic=True), cfg.adapter)
+        split = method.trainable == SFPROMPT_TRAINABLE
+        key = (spec.model.SerializeToString(deterministic=True), cfg.adapter,
+               repr(method.parse_config(method_params(spec))) if split else "")
         trainer = self._trainers.pop(key, None)
         if trainer is None:
             cfg.validate()
-            log.info("building %s model %s on %s", cfg.task, cfg.base, self.device)
-            trainer = LoraTrainer(cfg, self.device)
+            log.info("building %s model %s on %s%s", cfg.task, cfg.base, self.device,
+                     " (device side of a split)" if split else "")
+            if split:
+                config = method.parse_config(method_params(spec))
+                assert isinstance(config, SFPromptConfig)
+                trainer = build_split_trainer(cfg, config, self.device)
+            else:
+                trainer = LoraTrainer(cfg, self.device)
         self._trainers[key] = trainer
         while len(self._trainers) > self.max_cached_models:
             self._trainers.popitem(last=False)
@@ -110,15 +102,19 @@ class TaskWorker:
                 raise TaskCancelled("task cancelled")
             progress(step, total, loss)
 
-        metrics = trainer.train(
-            examples,
-            epochs=spec.train.local_epochs,
-            max_steps=spec.train.max_steps,
-            batch_size=spec.train.batch_size,
-            learning_rate=spec.train.learning_rate,
-            seed=spec.seed * 100_003 + task.round,
-            progress=on_step,
-        )
+        if isinstance(trainer, SplitTrainer):
+            assert isinstance(config, SFPromptConfig)
+            examples, metrics = self._train_split(task, config, trainer, examples, on_step)
+        else:
+            metrics = trainer.train(
+                examples,
+                epochs=spec.train.local_epochs,
+                max_steps=spec.train.max_steps,
+                batch_size=spec.train.batch_size,
+                learning_rate=spec.train.learning_rate,
+                seed=spec.seed * 100_003 + task.round,
+                progress=on_step,
+            )
         local_state = trainer.trainable_state()
         self.models.save(task.job_id, "local", local_state, {"round": str(task.round)})
         memory = self.models.load(task.job_id, "memory") or {}
@@ -126,3 +122,40 @@ class TaskWorker:
         if memory:
             self.models.save(task.job_id, "memory", memory)
         return tensor_map_to_bytes(update), len(examples), metrics
+
+    def _train_split(self, task: pb.Task, config: SFPromptConfig, trainer: SplitTrainer,
+                     examples: list, on_step: ProgressFn) -> tuple[list, dict[str, float]]:
+        """SFPrompt's local round: prune once per job (EL2N through the local path), then
+        split steps through the job's split-server and local-loss steps on the device."""
+        spec = task.spec
+        kept = self._pruned.get(task.job_id)
+        if kept is None:
+            if len(self._pruned) >= 8:  # jobs long gone
+                self._pruned.clear()
+            kept = trainer.prune(examples, config.prune_gamma,
+                                 batch_size=max(spec.train.batch_size, 1))
+            self._pruned[task.job_id] = kept
+            log.info("pruning kept %d of %d examples (gamma %g, EL2N)", len(kept),
+                     len(examples), config.prune_gamma)
+        per_epoch = -(-len(kept) // spec.train.batch_size)
+        steps = config.split_steps or (
+            min(spec.train.max_steps, spec.train.local_epochs * per_epoch)
+            if spec.train.max_steps else spec.train.local_epochs * per_epoch)
+        servers = [p for p in task.peers if p.role == "split-server"]
+        if not servers:
+            raise ValueError("an SFPrompt task needs a split-server peer; the coordinator "
+                             "sent none")
+        seed = spec.seed * 100_003 + task.round
+        server = servers[0]
+        with RemoteBody(server.address, task.job_id, spec, task.round,
+                        timeout_s=max(task.deadline_s, 30.0), server_id=server.node_id) as body:
+            metrics = trainer.train_round(kept, body, steps=steps,
+                                          batch_size=spec.train.batch_size,
+                                          lr=spec.train.learning_rate,
+                                          local_loss_steps=config.local_loss_steps,
+                                          seed=seed, progress=on_step)
+        # what crossed the device <-> split-server link, as counted on the wire
+        metrics["split_bytes_up"] = body.bytes_up
+        metrics["split_bytes_down"] = body.bytes_down
+        metrics["pruned_examples"] = len(examples) - len(kept)
+        return kept, metrics

@@ -22,7 +22,9 @@ What is here:
   ``torch.distributed`` / gloo (rendezvous ``tcp://host:port`` or ``file:///path``) with a
   timeout on every communication step, and tears it down. A party that disconnects or stops
   answering makes the other raise :class:`MpcPeerError` (within ``timeout_s``), never hang.
-* :func:`encrypt`, :func:`comm_stats`, :func:`reset_comm_stats` inside a session.
+* :func:`encrypt`, :func:`decrypt`, :func:`comm_stats`, :func:`reset_comm_stats` inside a
+  session (``decrypt`` decodes exactly: CrypTen's own decoder is off by 1.0 for some negative
+  values, see :func:`fixed_point_decode`).
 * :func:`private_forward` - the AERO decoder (``node.aero``) evaluated under 2PC: the model owner
   passes its plaintext ``state_dict``, the data owner its token ids; the logits are revealed to
   the data owner only. :func:`fold_weights` and :func:`reference_forward` are the same math in
@@ -34,17 +36,23 @@ its Beaver triples come from a *provider*:
 
 * ``"TFP"`` (trusted first party, CrypTen's default): party 0 generates every triple itself. It
   therefore knows the masks, and the masked values opened during a multiplication reveal the
-  other party's inputs to it. It is what CrypTen's and the AERO paper's online-cost figures
-  measure (the offline phase is free), i.e. a *benchmarking* mode, not a privacy guarantee
-  against party 0.
+  other party's inputs to it. It measures the online cost only (the offline phase is free), i.e.
+  it is a *benchmarking* mode, not a privacy guarantee against party 0.
 * ``"TTP"`` (trusted third party): a separate dealer process (:func:`run_ttp_server`, rank
   ``world_size``) generates the triples and sends party 0 its share of the products (its traffic
   is counted in party 0's statistics). Neither party alone learns the other's inputs, assuming the
   dealer does not collude with either. This is the mode to use for real data.
 
-Input sharing is free of communication (pseudo-random zero sharing from pairwise seeds), so
-bytes are dominated by the Beaver openings: every encrypted matmul opens ``x - a`` and
-``W - b``, i.e. each weight matrix travels (masked) once per forward pass.
+Input sharing is free of communication (pseudo-random zero sharing from pairwise seeds); bytes
+come from the Beaver openings (every encrypted matmul opens ``x - a`` and ``W - b``: each weight
+matrix travels, masked, once per forward) and from the comparisons of softmax's max, which grow
+as heads x T^2 and dominate from T ~ 64 on.
+
+Accuracy (see :class:`Approximation`): fixed point with 16 fractional bits; exp, reciprocal,
+inverse square root and sigmoid are iterative approximations with stated input domains (softmax
+logits spreading less than ~230, GELU inputs within ~+-135, LayerNorm inputs with a standard
+deviation of ~0.1 to ~30: 5e-3 at 0.1, 1e-4 at 1, 2e-2 at 30, overflow above ~50; measured).
+A tiny model's logits come out within ~3e-3 of plaintext (the tests assert 1e-2).
 """
 
 from __future__ import annotations
@@ -72,7 +80,9 @@ __all__ = [
     "MpcParty",
     "MpcPeerError",
     "comm_stats",
+    "decrypt",
     "encrypt",
+    "fixed_point_decode",
     "fold_weights",
     "import_crypten",
     "mpc_session",
@@ -98,13 +108,15 @@ in ``node.aero`` and here alike: CrypTen has sigmoid but no GELU, and its erf is
 that diverges for |x| > ~2."""
 
 MASKED_LOGIT = -1024.0
-"""Causal masking under MPC: future positions are set to ``MASKED_LOGIT`` (scores times the
-public 0/1 mask, plus the constant where the mask is 0), so the encrypted max is taken over the
-visible positions; after the exponential they are multiplied by the mask again. CrypTen's exp is
-(1 + x/2^n)^(2^n): at x = -2^n - max the base is -max/2^n, so a masked entry comes out ~0 instead
-of overflowing (an additive -inf or -1e9 would overflow the fixed-point ring, and huge garbage
-values make CrypTen's two-party truncation fail with higher probability). The private forward
-uses -2^exp_iters; with -1024 here the plaintext mirror is exact all the same."""
+"""Causal masking under MPC: future positions are set to a constant (scores times the public
+0/1 mask, plus the constant where the mask is 0), so the encrypted max is taken over the visible
+positions, and after the exponential they are multiplied by the mask again. The private forward
+uses -2^n (n = ``Approximation.exp_iters``): after subtracting the row max m, a masked entry sits
+at x = -2^n - m, where our exp's base (1 + z + z^2/2, z = x/2^n) is ~0.5, so it comes out ~0
+instead of overflowing. (An additive -inf or -1e9 would overflow the fixed-point ring, and huge
+garbage values make CrypTen's two-party truncation fail more often.) The plaintext mirror uses
+this constant; it is exact either way."""
+
 
 # --------------------------------------------------------------------------------------------
 # Errors and statistics
@@ -423,6 +435,32 @@ def encrypt(tensor: torch.Tensor | None, src: int, shape: Sequence[int] | None =
     return crypten.cryptensor(tensor, src=src)
 
 
+def fixed_point_decode(raw: torch.Tensor, scale: int) -> torch.Tensor:
+    """Exact fixed-point decoding: ``raw / scale`` as float32, for any int64 ``raw``.
+
+    CrypTen 0.4.1's ``FixedPointEncoder.decode`` divides negative values by ``scale - 1`` and is
+    off by exactly 1.0 whenever a negative value v has |v| >= 1 and a fractional part above
+    1 - floor(|v|) / scale (e.g. raw -7143399 at scale 2^16 decodes to -109.9996 instead of
+    -108.9996): about |v| / 65536 of such values, i.e. a wrong logit in a few percent of
+    T=128 forwards. ``get_plain_text`` uses it, so :func:`decrypt` decodes here instead.
+    """
+    raw = raw.long()
+    whole = torch.div(raw, scale, rounding_mode="floor")
+    return (whole.double() + (raw - whole * scale).double() / scale).float()
+
+
+def decrypt(tensor, dst: int | None = None) -> torch.Tensor | None:
+    """Reveal an encrypted tensor to party ``dst`` (``None``: to every party), decoded exactly.
+
+    Returns the plaintext on the receiving party (parties) and ``None`` on the others.
+    """
+    _require_session()
+    raw = tensor.reveal(dst=dst)
+    if raw is None:
+        return None
+    return fixed_point_decode(raw, int(tensor.encoder.scale))
+
+
 # --------------------------------------------------------------------------------------------
 # The trusted third party (dealer) for provider="TTP"
 
@@ -611,8 +649,8 @@ class Approximation:
 
 
 LN_LOG_SHIFT = 16.0
-"""The private LayerNorm takes the log of var / 16: with CrypTen's log accurate on [1e-4, 250],
-LayerNorm inputs with a standard deviation of ~0.05 to ~60 are normalized to ~1e-3 (measured)."""
+"""The private LayerNorm takes the log of var / 16 (CrypTen's log is accurate on [1e-4, 250]),
+which centres its domain on the variances of trained residual streams (see the module docs)."""
 
 
 class _PlainOps:
@@ -791,7 +829,7 @@ def private_forward(config: Mapping[str, Any], seq_len: int, *,
                        for name, shape in spec}
             x = encrypt(onehot, data_owner, (seq_len, a["vocab_size"]))
             logits = _forward(weights, a, x, _CrypTenOps(approx))
-            return logits.get_plain_text(dst=data_owner)
+            return decrypt(logits, dst=data_owner)
     except Exception as exc:
         if _looks_like_peer_failure(exc) and not isinstance(exc, MpcError):
             raise _peer_error(party, exc, "the private forward") from exc

@@ -28,6 +28,7 @@ __all__ = [
     "assemble",
     "assemble_async",
     "split_payload",
+    "wire_bytes",
 ]
 
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -37,6 +38,15 @@ DEFAULT_MAX_PAYLOAD = 1 << 31
 """2 GiB: the most a receiver accepts by default (a hostile size is refused up front)."""
 
 _MAX_CHUNKS = 1 << 32  # Chunk.index is a uint32
+
+GRPC_FRAME_BYTES = 5
+"""gRPC's length-prefixed message framing: 1 flag byte + 4 length bytes per message."""
+
+
+def wire_bytes(message) -> int:
+    """Bytes a protobuf message occupies in a gRPC stream (the message plus gRPC framing):
+    what every byte counter of the project adds up."""
+    return message.ByteSize() + GRPC_FRAME_BYTES
 
 
 class ChunkError(ValueError):

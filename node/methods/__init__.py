@@ -23,6 +23,7 @@ REGISTRY: dict[str, str] = {
     "dp-lora": "node.methods.dp_lora:DPLoRA",
     "cellm": "node.methods.cellm:CELLM",
     "ferret": "node.methods.ferret:Ferret",
+    "sfprompt": "node.methods.sfprompt:SFPrompt",
 }
 
 

@@ -53,8 +53,11 @@ class FederatedMethod(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
-    #: which parameters local training updates: "lora" (adapters + task head) or "full"
+    #: which parameters local training updates: "lora" (adapters + task head), "full", or
+    #: "sfprompt" (soft prompts + tail of a split model)
     trainable: ClassVar[str] = "lora"
+    #: the coordinator pairs the round's nodes with a split-server node (split learning)
+    needs_split_server: ClassVar[bool] = False
 
     def parse_config(self, params: Mapping[str, Any] | None) -> MethodConfig:
         """Build the method's config from job parameters; unknown keys are an error."""

@@ -200,6 +200,7 @@ class SFPrompt(FederatedMethod):
     name = "sfprompt"
     config_class = SFPromptConfig
     trainable = SFPROMPT_TRAINABLE
+    needs_split_server = True
 
     def validate_config(self, config: MethodConfig) -> None:
         assert isinstance(config, SFPromptConfig)

@@ -17,6 +17,8 @@ class WireCapture:
         self.target = (target_host, target_port)
         self.upstream = bytearray()    # client (node) -> server (coordinator)
         self.downstream = bytearray()  # server -> client
+        #: the same bytes per TCP connection: (upstream, downstream), in accept order
+        self.connections: list[tuple[bytearray, bytearray]] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -60,10 +62,14 @@ class WireCapture:
             writer.close()
             return
 
-        async def pump(src, dst, record: bytearray) -> None:
+        connection = (bytearray(), bytearray())
+        self.connections.append(connection)
+
+        async def pump(src, dst, record: bytearray, own: bytearray) -> None:
             try:
                 while data := await src.read(65536):
                     record.extend(data)
+                    own.extend(data)
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, asyncio.CancelledError):
@@ -71,5 +77,40 @@ class WireCapture:
             finally:
                 dst.close()
 
-        await asyncio.gather(pump(reader, up_writer, self.upstream),
-                             pump(up_reader, writer, self.downstream))
+        await asyncio.gather(pump(reader, up_writer, self.upstream, connection[0]),
+                             pump(up_reader, writer, self.downstream, connection[1]))
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def grpc_messages(stream: bytes) -> list[bytes]:
+    """The gRPC messages in one direction of one recorded plaintext HTTP/2 connection.
+
+    Walks the HTTP/2 frames (9-byte headers), keeps DATA frames (type 0, minus padding),
+    joins them per stream and splits each stream's data into gRPC length-prefixed messages
+    (1 flag byte, 4 length bytes). Headers are skipped: only message bodies carry payloads.
+    """
+    if stream.startswith(H2_PREFACE):
+        stream = stream[len(H2_PREFACE):]
+    data: dict[int, bytearray] = {}
+    at = 0
+    while at + 9 <= len(stream):
+        length = int.from_bytes(stream[at:at + 3], "big")
+        kind, flags = stream[at + 3], stream[at + 4]
+        stream_id = int.from_bytes(stream[at + 5:at + 9], "big") & 0x7FFFFFFF
+        body = stream[at + 9:at + 9 + length]
+        at += 9 + length
+        if kind != 0:
+            continue
+        if flags & 0x8:  # PADDED
+            body = body[1:len(body) - body[0]]
+        data.setdefault(stream_id, bytearray()).extend(body)
+    messages = []
+    for joined in data.values():
+        pos = 0
+        while pos + 5 <= len(joined):
+            size = int.from_bytes(joined[pos + 1:pos + 5], "big")
+            messages.append(bytes(joined[pos + 5:pos + 5 + size]))
+            pos += 5 + size
+    return messages

@@ -29,9 +29,8 @@ from node.methods.ferret import (
     round_tag,
     state_digest,
 )
-from node.models import ModelConfig, adapter_for
+from node.models import ModelConfig, adapter_for, job_model_config
 from node.trainer import LoraTrainer
-from node.worker import job_model_config
 from protos.codec import (
     SeedProjectedTensor,
     tensor_map_from_bytes,

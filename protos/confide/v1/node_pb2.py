@@ -26,7 +26,7 @@ from protos.confide.v1 import common_pb2 as confide_dot_v1_dot_common__pb2
 from protos.confide.v1 import coordinator_pb2 as confide_dot_v1_dot_coordinator__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63onfide/v1/node.proto\x12\nconfide.v1\x1a\x17\x63onfide/v1/common.proto\x1a\x1c\x63onfide/v1/coordinator.proto\"\x10\n\x0eGetInfoRequest\"A\n\x11\x46\x65tchModelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05which\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\"M\n\tSplitOpen\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.confide.v1.JobSpec\x12\r\n\x05round\x18\x03 \x01(\r\">\n\x0cSplitTensors\x12\x0c\n\x04step\x18\x01 \x01(\r\x12 \n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.confide.v1.Chunk\"\xc1\x01\n\x0cSplitRequest\x12%\n\x04open\x18\x01 \x01(\x0b\x32\x15.confide.v1.SplitOpenH\x00\x12+\n\x07\x66orward\x18\x02 \x01(\x0b\x32\x18.confide.v1.SplitTensorsH\x00\x12,\n\x08\x62\x61\x63kward\x18\x03 \x01(\x0b\x32\x18.confide.v1.SplitTensorsH\x00\x12\'\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x16.confide.v1.SplitCloseH\x00\x42\x06\n\x04\x62ody\":\n\nSplitReady\x12\x13\n\x0b\x62ody_layers\x18\x01 \x01(\r\x12\x17\n\x0f\x62ody_parameters\x18\x02 \x01(\x04\"\x0c\n\nSplitClose\"\x99\x01\n\nSplitReply\x12\'\n\x05ready\x18\x01 \x01(\x0b\x32\x16.confide.v1.SplitReadyH\x00\x12*\n\x06output\x18\x02 \x01(\x0b\x32\x18.confide.v1.SplitTensorsH\x00\x12.\n\ninput_grad\x18\x03 \x01(\x0b\x32\x18.confide.v1.SplitTensorsH\x00\x42\x06\n\x04\x62ody2\xcf\x01\n\x08NodePeer\x12;\n\x07GetInfo\x12\x1a.confide.v1.GetInfoRequest\x1a\x14.confide.v1.NodeInfo\x12@\n\nFetchModel\x12\x1d.confide.v1.FetchModelRequest\x1a\x11.confide.v1.Chunk0\x01\x12\x44\n\x0cSplitSession\x12\x18.confide.v1.SplitRequest\x1a\x16.confide.v1.SplitReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63onfide/v1/node.proto\x12\nconfide.v1\x1a\x17\x63onfide/v1/common.proto\x1a\x1c\x63onfide/v1/coordinator.proto\"\x10\n\x0eGetInfoRequest\"A\n\x11\x46\x65tchModelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05which\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\"M\n\tSplitOpen\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.confide.v1.JobSpec\x12\r\n\x05round\x18\x03 \x01(\r\"M\n\x0cSplitTensors\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12 \n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.confide.v1.Chunk\x12\r\n\x05train\x18\x03 \x01(\x08\"\xc1\x01\n\x0cSplitRequest\x12%\n\x04open\x18\x01 \x01(\x0b\x32\x15.confide.v1.SplitOpenH\x00\x12+\n\x07\x66orward\x18\x02 \x01(\x0b\x32\x18.confide.v1.SplitTensorsH\x00\x12,\n\x08\x62\x61\x63kward\x18\x03 \x01(\x0b\x32\x18.confide.v1.SplitTensorsH\x00\x12\'\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x16.confide.v1.SplitCloseH\x00\x42\x06\n\x04\x62ody\":\n\nSplitReady\x12\x13\n\x0b\x62ody_layers\x18\x01 \x01(\r\x12\x17\n\x0f\x62ody_parameters\x18\x02 \x01(\x04\"\x0c\n\nSplitClose\"\x99\x01\n\nSplitReply\x12\'\n\x05ready\x18\x01 \x01(\x0b\x32\x16.confide.v1.SplitReadyH\x00\x12*\n\x06output\x18\x02 \x01(\x0b\x32\x18.confide.v1.SplitTensorsH\x00\x12.\n\ninput_grad\x18\x03 \x01(\x0b\x32\x18.confide.v1.SplitTensorsH\x00\x42\x06\n\x04\x62ody2\xcf\x01\n\x08NodePeer\x12;\n\x07GetInfo\x12\x1a.confide.v1.GetInfoRequest\x1a\x14.confide.v1.NodeInfo\x12@\n\nFetchModel\x12\x1d.confide.v1.FetchModelRequest\x1a\x11.confide.v1.Chunk0\x01\x12\x44\n\x0cSplitSession\x12\x18.confide.v1.SplitRequest\x1a\x16.confide.v1.SplitReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,15 +40,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPLITOPEN']._serialized_start=177
   _globals['_SPLITOPEN']._serialized_end=254
   _globals['_SPLITTENSORS']._serialized_start=256
-  _globals['_SPLITTENSORS']._serialized_end=318
-  _globals['_SPLITREQUEST']._serialized_start=321
-  _globals['_SPLITREQUEST']._serialized_end=514
-  _globals['_SPLITREADY']._serialized_start=516
-  _globals['_SPLITREADY']._serialized_end=574
-  _globals['_SPLITCLOSE']._serialized_start=576
-  _globals['_SPLITCLOSE']._serialized_end=588
-  _globals['_SPLITREPLY']._serialized_start=591
-  _globals['_SPLITREPLY']._serialized_end=744
-  _globals['_NODEPEER']._serialized_start=747
-  _globals['_NODEPEER']._serialized_end=954
+  _globals['_SPLITTENSORS']._serialized_end=333
+  _globals['_SPLITREQUEST']._serialized_start=336
+  _globals['_SPLITREQUEST']._serialized_end=529
+  _globals['_SPLITREADY']._serialized_start=531
+  _globals['_SPLITREADY']._serialized_end=589
+  _globals['_SPLITCLOSE']._serialized_start=591
+  _globals['_SPLITCLOSE']._serialized_end=603
+  _globals['_SPLITREPLY']._serialized_start=606
+  _globals['_SPLITREPLY']._serialized_end=759
+  _globals['_NODEPEER']._serialized_start=762
+  _globals['_NODEPEER']._serialized_end=969
 # @@protoc_insertion_point(module_scope)

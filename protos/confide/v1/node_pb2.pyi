@@ -32,12 +32,14 @@ class SplitOpen(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[_coordinator_pb2.JobSpec, _Mapping]] = ..., round: _Optional[int] = ...) -> None: ...
 
 class SplitTensors(_message.Message):
-    __slots__ = ("step", "chunk")
+    __slots__ = ("step", "chunk", "train")
     STEP_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
     step: int
     chunk: _common_pb2.Chunk
-    def __init__(self, step: _Optional[int] = ..., chunk: _Optional[_Union[_common_pb2.Chunk, _Mapping]] = ...) -> None: ...
+    train: bool
+    def __init__(self, step: _Optional[int] = ..., chunk: _Optional[_Union[_common_pb2.Chunk, _Mapping]] = ..., train: _Optional[bool] = ...) -> None: ...
 
 class SplitRequest(_message.Message):
     __slots__ = ("open", "forward", "backward", "close")

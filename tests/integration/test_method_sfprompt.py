@@ -1,0 +1,146 @@
+"""End to end: SFPrompt between real device nodes and a real split-server node.
+
+The devices keep the embeddings, the first layer, the soft prompts and the tail; the
+split-server runs the body. What crosses to the server is read off the wire: only floating
+activations, a boolean mask and gradients, never token ids or labels."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from cli.cluster import LocalCluster
+from cli.experiment import Evaluator
+from coordinator.broker import free_port
+from node.data import synthetic_classification
+from node.store import ModelStore
+from protos.codec import tensor_map_from_bytes, to_dense
+from protos.confide.v1 import coordinator_pb2 as pb
+from protos.confide.v1 import node_pb2
+from protos.sdk import SyncConfideClient
+from tests.integration.helpers import tiny_spec, wait_for_nodes
+from tests.integration.wire_capture import WireCapture, grpc_messages
+
+# tiny-bert has 2 layers: one on the device (head), one on the server (body), tail = pooler +
+# classifier on the device
+PARAMS = {"head_layers": 1, "tail_layers": 0, "num_prompts": 4}
+
+
+def _spec(**overrides) -> pb.JobSpec:
+    options = dict(method="sfprompt", rounds=2, min_nodes=2, max_steps=12,
+                   learning_rate=3e-2, params=PARAMS)
+    options.update(overrides)
+    return tiny_spec(**options)
+
+
+def test_sfprompt_trains_through_a_split_server_and_only_activations_cross(tmp_path, shards):
+    folders = shards(2, per_node=64)
+    spec = _spec()
+    with LocalCluster(tmp_path / "cluster", folders, mqtt=False) as cluster:
+        server_port = free_port()
+        with WireCapture("127.0.0.1", server_port) as capture:
+            cluster.start_split_server("--listen", f"127.0.0.1:{server_port}",
+                                       "--advertise", capture.address)
+            with SyncConfideClient(cluster.address) as client:
+                nodes = wait_for_nodes(client, 3)
+                job = client.submit_job(spec)
+                events: list[pb.Event] = []
+                final = client.wait_job(job.job_id, on_event=events.append)
+                initial = client.fetch_global_model(job.job_id, 0)
+                trained = client.fetch_global_model(job.job_id)
+            upstream = bytes(capture.upstream)
+            connections = [(bytes(up), bytes(down)) for up, down in capture.connections]
+
+    assert final.state == pb.COMPLETED, final.reason
+    server = next(n for n in nodes if "split-server" in n.info.roles)
+    for summary in final.rounds:
+        # the devices trained; the split-server was paired with them, never selected
+        assert len(summary.participants) == 2
+        assert server.node_id not in summary.selected
+    done = [e for e in events if e.kind == "node.done"]
+    assert done and all(e.metrics["split_bytes_up"] > 0 for e in done)
+    # the global state is the prompts and the tail, and training moved it
+    assert "head.prompts" in initial and initial["head.prompts"].shape == (4, 64)
+    assert initial.keys() == trained.keys()
+    assert not torch.equal(initial["head.prompts"], trained["head.prompts"])
+    evaluate = Evaluator(spec, synthetic_classification(128, 2, seed=999))
+    before, after = evaluate(initial), evaluate(trained)
+    assert after["loss"] < before["loss"], (before, after)
+
+    # what the split-server received, message by message
+    requests = {i: [node_pb2.SplitRequest.FromString(m) for m in grpc_messages(up)]
+                for i, (up, _) in enumerate(connections)}
+    kinds = [r.WhichOneof("body") for stream in requests.values() for r in stream]
+    assert kinds.count("open") == 4  # 2 devices x 2 rounds
+    assert "forward" in kinds and "backward" in kinds
+    payloads: dict[tuple[int, str, int], bytearray] = {}
+    for connection, stream in requests.items():
+        for request in stream:
+            kind = request.WhichOneof("body")
+            if kind in ("forward", "backward"):
+                piece = getattr(request, kind)
+                payloads.setdefault((connection, kind, piece.step), bytearray()).extend(
+                    piece.chunk.data)
+    assert payloads
+    for (_connection, kind, _step), payload in payloads.items():
+        tensors = {k: to_dense(v) for k, v in tensor_map_from_bytes(bytes(payload)).items()}
+        if kind == "forward":
+            assert set(tensors) == {"hidden", "attention_mask"}
+            assert tensors["attention_mask"].dtype == torch.bool
+            assert tensors["hidden"].dtype == torch.float32
+            assert tensors["hidden"].shape[-1] == 64
+        else:
+            assert set(tensors) == {"grad"} and tensors["grad"].dtype == torch.float32
+    # ... and no text: the devices' sentences are not in the bytes the server saw
+    for folder in folders:
+        for line in (folder / "train.jsonl").read_text().splitlines()[:16]:
+            text = line.split('"text": "')[1].split('"')[0]
+            assert text.encode() not in upstream
+    # the server answered only with the body's output and gradients
+    replies = [node_pb2.SplitReply.FromString(m)
+               for _, down in connections for m in grpc_messages(down)]
+    assert {r.WhichOneof("body") for r in replies} == {"ready", "output", "input_grad"}
+
+
+def test_split_server_killed_mid_step_fails_the_round_and_devices_keep_their_state(
+        tmp_path, shards):
+    spec = _spec(rounds=2, max_steps=400, batch_size=8, round_timeout_s=60)
+    with LocalCluster(tmp_path / "cluster", shards(2, per_node=64), mqtt=False,
+                      split_server=True) as cluster, \
+            SyncConfideClient(cluster.address) as client:
+        wait_for_nodes(client, 3)
+        job = client.submit_job(spec)
+        killed = False
+        for event in client.watch_job(job.job_id):
+            if event.kind == "node.progress" and not killed:
+                cluster.kill_node(2)  # the split-server, mid-round
+                killed = True
+        final = client.get_job(job.job_id)
+        time.sleep(1.0)
+        online = [n for n in client.list_nodes() if n.online]
+        initial = client.fetch_global_model(job.job_id, 0)
+        device_processes = [cluster.nodes[0], cluster.nodes[1]]
+        assert all(p.poll() is None for p in device_processes)  # the devices live on
+    assert killed
+    assert final.state == pb.FAILED
+    assert final.rounds_completed == 0
+    assert "split-server" in final.reason and "round 1" in final.reason, final.reason
+    assert len(online) >= 2
+    # each device still holds the global state it received, intact
+    for index in (0, 1):
+        store = ModelStore(cluster.node_data_dirs[index] / "models")
+        kept = store.load(job.job_id, "global")
+        assert kept is not None and kept.keys() == initial.keys()
+        for name, value in initial.items():
+            assert torch.equal(kept[name], value)
+
+
+def test_sfprompt_without_a_split_server_fails_clearly(tmp_path, shards):
+    with LocalCluster(tmp_path / "cluster", shards(2), mqtt=False) as cluster, \
+            SyncConfideClient(cluster.address) as client:
+        wait_for_nodes(client, 2)
+        job = client.submit_job(_spec(wait_for_nodes_s=3))
+        final = client.wait_job(job.job_id)
+    assert final.state == pb.FAILED
+    assert "split-server role" in final.reason
