@@ -22,7 +22,8 @@ from coordinator.events import EventLog
 from coordinator.incentives import Bid, proportional_share
 from coordinator.sessions import NodeSession, SessionRegistry, TaskOutcome
 from coordinator.store import RoundRecord, Store
-from node.methods import ClientUpdate, FederatedMethod, get_method, method_params
+from node.methods import ClientUpdate, Method, get_method, method_params
+from node.methods.dimat import mixing_weights, neighbours
 from protos.codec import CodecError, tensor_map_from_bytes, tensor_map_to_bytes, to_dense
 from protos.confide.v1 import coordinator_pb2 as pb
 
@@ -67,7 +68,7 @@ class JobRunner:
         if status is None:
             raise KeyError(job_id)
         self.spec = status.spec
-        self.method: FederatedMethod = get_method(self.spec.method)
+        self.method: Method = get_method(self.spec.method)
         self.config = self.method.parse_config(method_params(self.spec))
         self.task: asyncio.Task | None = None
 
@@ -97,6 +98,11 @@ class JobRunner:
             state=pb.RUNNING,
         )
         try:
+            if self.method.decentralized:
+                for round_number in range(status.rounds_completed + 1, self.spec.rounds + 1):
+                    await self._run_peer_round(round_number)
+                self._complete()
+                return
             if self.spec.anonymous:
                 self._fix_ring()
             latest = self.store.latest_global(self.job_id)
@@ -108,6 +114,7 @@ class JobRunner:
                 first_round, state = latest[0] + 1, latest[1]
             for round_number in range(first_round, self.spec.rounds + 1):
                 state = await self._run_round(round_number, state)
+            self._complete()
         except JobFailed as exc:
             self.store.set_job_state(self.job_id, pb.FAILED, str(exc))
             self.events.emit(self.job_id, "job.failed", message=str(exc), state=pb.FAILED)
@@ -125,6 +132,8 @@ class JobRunner:
             self.store.set_job_state(self.job_id, pb.FAILED, reason)
             self.events.emit(self.job_id, "job.failed", message=reason, state=pb.FAILED)
             return
+
+    def _complete(self) -> None:
         self.store.set_job_state(self.job_id, pb.COMPLETED)
         self.events.emit(
             self.job_id, "job.completed", round_number=self.spec.rounds, state=pb.COMPLETED
@@ -400,3 +409,120 @@ class JobRunner:
             bytes_down=outcome.bytes_down,
         )
         return update
+
+    # ------------------------------------------------------------ decentralized rounds
+
+    async def _members(self) -> list[str]:
+        """A decentralized job's nodes, fixed by its first round (the topology is over
+        them): the idle trainers online with a reachable peer service."""
+        first = next((r for r in self.store.rounds(self.job_id) if r.round == 1), None)
+        if first is not None:
+            return list(first.selected)
+        online = await self._wait_for_nodes(self.spec.min_nodes)
+        infos = self._node_infos()
+        members = sorted(s.node_id for s in online if infos[s.node_id].peer_address)
+        if len(members) < max(2, self.spec.min_nodes):
+            raise JobFailed(f"method {self.spec.method!r} merges models peer to peer: it needs "
+                            f"at least {max(2, self.spec.min_nodes)} nodes with a peer service "
+                            f"(--listen), {len(members)} online")
+        return members
+
+    async def _member_sessions(self, members: list[str]) -> list[NodeSession]:
+        """The members' sessions once all are online and idle, or, at the deadline, those
+        that are (if at least min_nodes)."""
+        deadline = time.monotonic() + self.spec.wait_for_nodes_s
+        while True:
+            ready = [s for s in (self.sessions.get(m) for m in members)
+                     if s is not None and not s.closed and not s.busy]
+            if len(ready) == len(members):
+                return ready
+            if time.monotonic() > deadline:
+                if len(ready) >= self.spec.min_nodes:
+                    return ready
+                raise JobFailed(f"{len(ready)} of the job's {len(members)} nodes are online, "
+                                f"min_nodes is {self.spec.min_nodes}")
+            self.sessions.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.sessions.changed.wait(), 1.0)
+
+    async def _peer_phase(self, sessions: Sequence[NodeSession], kind: int, round_number: int,
+                          peers: dict[str, tuple[list[pb.Peer], float]] | None = None,
+                          ) -> list[TaskOutcome]:
+        async def one(session: NodeSession) -> TaskOutcome:
+            task = self._new_task(kind, round_number, has_global=False)
+            if peers is not None:
+                neighbours, self_weight = peers[session.node_id]
+                task.peers.extend(neighbours)
+                task.self_weight = self_weight
+            return await session.run_task(task, None, self.spec.round_timeout_s,
+                                          expects_payload=False)
+
+        return list(await asyncio.gather(*(one(s) for s in sessions)))
+
+    async def _run_peer_round(self, round_number: int) -> None:
+        """One round of a decentralized method: every member trains its own model (TRAIN),
+        then, once all have, merges with its neighbours (MERGE) peer to peer. The coordinator
+        is the barrier between the phases and publishes the topology; it receives metrics,
+        never a weight."""
+        started = time.monotonic()
+        members = await self._members()
+        sessions = await self._member_sessions(members)
+        record = RoundRecord(round=round_number, state="running", selected=members)
+        self.store.save_round(self.job_id, record)
+        self.events.emit(self.job_id, "round.started", round_number=round_number,
+                         message=f"{len(sessions)} of {len(members)} node(s) train, then merge")
+        trained = await self._peer_phase(sessions, pb.TRAIN, round_number)
+        ok = {o.node_id for o in trained if o.ok}
+        infos = self._node_infos()
+        adjacency = neighbours(self.config, members)
+        peers: dict[str, tuple[list[pb.Peer], float]] = {}
+        for node in ok:
+            self_weight, row = mixing_weights(adjacency, node)
+            # a neighbour that did not train gets no address: the node treats it as
+            # unreachable, by the job's policy
+            peers[node] = ([pb.Peer(node_id=j, role="neighbour", weight=w,
+                                    address=infos[j].peer_address if j in ok else "")
+                            for j, w in sorted(row.items())], self_weight)
+        merging = [s for s in sessions if s.node_id in ok]
+        merged = await self._peer_phase(merging, pb.MERGE, round_number, peers)
+        for outcome in [*trained, *merged]:
+            record.bytes_up += outcome.bytes_up
+            record.bytes_down += outcome.bytes_down
+            if not outcome.ok:
+                record.dropped[outcome.node_id] = outcome.reason
+                self.events.emit(self.job_id, "node.dropped", round_number=round_number,
+                                 node_id=outcome.node_id, message=outcome.reason)
+        accepted = [o for o in trained if o.ok]
+        for outcome in accepted:
+            self.events.emit(self.job_id, "node.done", round_number=round_number,
+                             node_id=outcome.node_id, metrics=outcome.metrics,
+                             message=f"{outcome.num_examples} examples trained",
+                             bytes_up=outcome.bytes_up, bytes_down=outcome.bytes_down)
+        done = [o for o in merged if o.ok]
+        record.participants = sorted(o.node_id for o in done)
+        record.metrics = weighted_metrics(accepted)
+        if done:
+            # what travelled between peers (the coordinator saw none of it)
+            record.metrics["peer_bytes_down_per_node"] = sum(
+                o.metrics.get("peer_bytes_down", 0.0) for o in done) / len(done)
+            record.metrics["neighbours_merged"] = sum(
+                o.metrics.get("neighbours_merged", 0.0) for o in done) / len(done)
+        record.seconds = time.monotonic() - started
+        if len(done) < self.spec.min_nodes:
+            record.state = "failed"
+            self.store.save_round(self.job_id, record)
+            why = "; ".join(f"{node}: {reason}" for node, reason in record.dropped.items())
+            message = (f"round {round_number}: {len(done)} of {len(members)} node(s) trained "
+                       f"and merged, min_nodes is {self.spec.min_nodes}"
+                       + (f" ({why})" if why else ""))
+            self.events.emit(self.job_id, "round.failed", round_number=round_number,
+                             message=message, bytes_up=record.bytes_up,
+                             bytes_down=record.bytes_down)
+            raise JobFailed(message)
+        record.state = "completed"
+        self.store.save_round(self.job_id, record)
+        self.events.emit(self.job_id, "round.completed", round_number=round_number,
+                         message=f"{len(done)} node(s) merged with their neighbours in "
+                                 f"{record.seconds:.1f}s",
+                         metrics=record.metrics, bytes_up=record.bytes_up,
+                         bytes_down=record.bytes_down)

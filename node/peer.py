@@ -26,18 +26,27 @@ class NodePeerService(node_grpc.NodePeerServicer):
         return self.info
 
     async def FetchModel(self, request: node_pb2.FetchModelRequest, context):
+        """"global": the last global state received; "local": a decentralized job's model as
+        trained in ``round`` (what its neighbours merge; only that round's, so a slow peer
+        never merges a model of another round)."""
         which = request.which or "global"
-        if which != "global":
+        if which not in ("global", "local"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"which={which!r}: this node serves only 'global' models")
+                                f"which={which!r}: this node serves 'global' and 'local' models")
         try:
-            state = self.models.load(request.job_id, "global")
+            metadata = self.models.metadata(request.job_id, which)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if state is None:
+        if metadata is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"this node holds no global model for job {request.job_id!r}")
-        for chunk in split_payload(tensor_map_to_bytes(state), f"{request.job_id}-global"):
+                                f"this node holds no {which} model for job {request.job_id!r}")
+        if which == "local" and metadata.get("round") != str(request.round):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this node's local model of job {request.job_id!r} is from "
+                                f"round {metadata.get('round')}, not {request.round}")
+        state = self.models.load(request.job_id, which)
+        assert state is not None
+        for chunk in split_payload(tensor_map_to_bytes(state), f"{request.job_id}-{which}"):
             yield chunk
 
     async def SplitSession(self, request_iterator, context):

@@ -266,6 +266,9 @@ class _TaskRunner:
             elif task.kind == pb.TRAIN:
                 update, num_examples, metrics = await asyncio.to_thread(
                     self.link.worker.train, task, payload or b"", progress, self.cancelled)
+            elif task.kind == pb.MERGE:
+                update, num_examples, metrics = await asyncio.to_thread(
+                    self.link.worker.merge, task, progress, self.cancelled)
             else:
                 raise ValueError(f"unknown task kind {task.kind}")
         except TaskCancelled:

@@ -2,7 +2,9 @@
 
 ``global`` is the last global state received from the coordinator, ``local`` the state after
 local training, ``memory`` what a method keeps between rounds at the node (e.g. error-feedback
-residuals). Writes are atomic (temporary file, then rename): a crash never leaves half a file.
+residuals), ``own`` a decentralized job's model after the node's last merge (DIMAT: there is no
+global state). Metadata (e.g. the round) is stored in the safetensors header. Writes are
+atomic (temporary file, then rename): a crash never leaves half a file.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-KINDS = ("global", "local", "memory")
+KINDS = ("global", "local", "memory", "own")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -42,3 +45,11 @@ class ModelStore:
     def load(self, job_id: str, kind: str) -> dict[str, torch.Tensor] | None:
         path = self.path(job_id, kind)
         return load_file(str(path)) if path.exists() else None
+
+    def metadata(self, job_id: str, kind: str) -> dict[str, str] | None:
+        """The metadata saved with a state (None when there is no such state)."""
+        path = self.path(job_id, kind)
+        if not path.exists():
+            return None
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})

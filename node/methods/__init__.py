@@ -12,7 +12,9 @@ from functools import cache
 
 from node.methods.base import (
     ClientUpdate,
+    DecentralizedMethod,
     FederatedMethod,
+    Method,
     MethodConfig,
     UpdateError,
     method_params,
@@ -24,11 +26,12 @@ REGISTRY: dict[str, str] = {
     "cellm": "node.methods.cellm:CELLM",
     "ferret": "node.methods.ferret:Ferret",
     "sfprompt": "node.methods.sfprompt:SFPrompt",
+    "dimat": "node.methods.dimat:DIMAT",
 }
 
 
 @cache
-def get_method(name: str) -> FederatedMethod:
+def get_method(name: str) -> Method:
     """The method registered under ``name``; ValueError listing the known ones otherwise."""
     target = REGISTRY.get(name)
     if target is None:
@@ -49,7 +52,9 @@ def known_methods() -> list[str]:
 __all__ = [
     "REGISTRY",
     "ClientUpdate",
+    "DecentralizedMethod",
     "FederatedMethod",
+    "Method",
     "MethodConfig",
     "UpdateError",
     "get_method",

@@ -48,8 +48,9 @@ class MethodConfig:
     """Base of every method's config; subclasses add their own fields with defaults."""
 
 
-class FederatedMethod(ABC):
-    """A federated learning method: node-side update encoding plus pure aggregation."""
+class Method(ABC):
+    """What every learning method has: a job name, a config parsed from the job's parameters,
+    and the kind of parameters local training updates."""
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
@@ -58,6 +59,8 @@ class FederatedMethod(ABC):
     trainable: ClassVar[str] = "lora"
     #: the coordinator pairs the round's nodes with a split-server node (split learning)
     needs_split_server: ClassVar[bool] = False
+    #: models travel between peers only; the coordinator runs no aggregation (DIMAT)
+    decentralized: ClassVar[bool] = False
 
     def parse_config(self, params: Mapping[str, Any] | None) -> MethodConfig:
         """Build the method's config from job parameters; unknown keys are an error."""
@@ -86,6 +89,10 @@ class FederatedMethod(ABC):
     def validate_config(self, config: MethodConfig) -> None:
         """Raise ValueError for parameter values that make no sense (none by default)."""
         return None
+
+
+class FederatedMethod(Method):
+    """A federated learning method: node-side update encoding plus pure aggregation."""
 
     @abstractmethod
     def client_update(
@@ -147,6 +154,15 @@ class FederatedMethod(ABC):
                 raise UpdateError(f"tensor {name!r} must be floating point, got {values.dtype}")
             if not torch.isfinite(values).all():
                 raise UpdateError(f"tensor {name!r} contains NaN or infinity")
+
+
+class DecentralizedMethod(Method):
+    """A method with no coordinator in the data path: each round every node trains its own
+    model, then merges it with its neighbours' models fetched peer to peer (the pure merge
+    lives in the method's module). The coordinator only schedules the rounds and publishes
+    who the neighbours are."""
+
+    decentralized: ClassVar[bool] = True
 
 
 def weighted_mean_of_deltas(global_state: State, deltas: Sequence[tuple[State, float]]) -> State:

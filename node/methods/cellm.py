@@ -8,15 +8,15 @@ locally, communicate sparse. The error feedback is the top-k lineage's: Aji & He
 "Sparse Communication for Distributed Gradient Descent" (EMNLP 2017) and Stich, Cordonnier &
 Jaggi, "Sparsified SGD with Memory" (NeurIPS 2018). As this module runs it:
 
-    Job parameters: rho = density in (0, 1], scope ("tensor" or "global"), error_feedback.
+    Job parameters: rho = density in (0, 1], scope ("global" or "tensor"), error_feedback.
     Trainable state w: the LoRA A and B matrices and the task head (``trainable = "lora"``).
 
     Node i (client_update), after local training moved w_{r-1} to w_i:
         1. D = w_i - w_{r-1}          (per tensor, in the state's dtype: FedAvg-LoRA's delta)
         2. if error_feedback: D += e_i  (e_i: the residual this node kept last time, 0 at first)
         3. S = the positions of the k largest |D|:
-              scope "tensor": k_t = clamp(round(rho * n_t), 1, n_t) in every tensor t
               scope "global": K = clamp(round(rho * n), 1, n) over all n entries at once
+              scope "tensor": k_t = clamp(round(rho * n_t), 1, n_t) in every tensor t
         4. send, per tensor, D restricted to S as SparseTensor(indices, values); a tensor
            whose selected entries would cost at least as many bytes as the tensor itself goes
            dense instead (all of it is then in S)
@@ -31,14 +31,25 @@ Jaggi, "Sparsified SGD with Memory" (NeurIPS 2018). As this module runs it:
         7. w_r = w_{r-1} + sum_i n_i dense(update_i) / sum_i n_i
            (n_i: node i's examples; FedAvg-LoRA's step, unchanged)
 
-Why per tensor by default. LoRA's factors live on different scales: B starts at zero while A
-starts from a random init, and the task head moves most of all. One global threshold spends
-the budget where the update is largest (the head, then B) and can leave whole adapters unsent
-for rounds, to be released in a burst once their residual has grown (with error feedback) or
-never (without). Per-tensor top-k moves every adapter every round, makes the uplink a function
-of the shapes alone (the same bytes every round, from every node), and needs no concatenation
-of the whole update. ``scope = "global"`` is the textbook form (Stich et al. select over the
-whole vector) for when the budget should follow the update; both are tested.
+Why global by default. Measured, not assumed: per-tensor top-k gives every tensor the same
+share, but LoRA's tensors do not need the same share. B starts at zero, A from a random init,
+and the new task head has the most to learn: a global threshold spends the budget where the
+update is (early on, mostly the head), per-tensor starves it. All-MiniLM-L6-v2 on BBC News
+(``confide bench federated``: 3 nodes, Dirichlet alpha 0.5, 3 rounds, one run each, 2 CPU
+cores; 300 held-out articles, so a few points either way are noise), held-out accuracy
+and uplink per node per round:
+
+    fedavg-lora                       0.913   305.2 KB
+    density 0.1,  scope "tensor"      0.917    93.8 KB
+    density 0.1,  scope "global"      0.910    92.3 KB
+    density 1/30, scope "tensor"      0.310    33.2 KB   (the head barely moves in 3 rounds)
+    density 1/30, scope "global"      0.953    33.3 KB   (9.2x less than fedavg-lora)
+
+and on the tiny BERT (4 nodes with 2 of 4 labels each, 3 seeds, mean accuracy after 10 / 20
+rounds): fedavg-lora 0.809 / 0.965; density 0.1 tensor 0.809 / 0.970, global 0.846 / 0.982;
+density 1/30 tensor 0.357 / 0.853, global 0.546 / 0.931. Global top-k is also the textbook
+form (Stich et al. select over the whole vector). ``scope = "tensor"`` remains for when every
+tensor must move every round, or the bytes per tensor must not depend on the data.
 
 Bytes. An entry costs its value plus its index. The codec's ``SparseTensor`` carries indices
 as int64 (it widens the int32 indices this module builds), so a float32 entry costs 12 bytes
@@ -87,7 +98,7 @@ from protos.codec import SparseTensor, WireTensor, to_dense
 
 log = logging.getLogger(__name__)
 
-SCOPES = ("tensor", "global")
+SCOPES = ("global", "tensor")
 
 RESIDUAL_PREFIX = "residual/"
 """Memory key prefix of the error-feedback residual of one tensor (node side only)."""
@@ -107,12 +118,12 @@ class CELLMConfig(MethodConfig):
 
     ``density`` rho in (0, 1]: the fraction of a tensor's entries (scope "tensor") or of the
     whole update's (scope "global") sent each round; 1 sends everything (FedAvg-LoRA).
-    ``scope``: "tensor" (top-k in every tensor) or "global" (top-k over the whole update).
+    ``scope``: "global" (top-k over the whole update) or "tensor" (top-k in every tensor).
     ``error_feedback``: keep what was not sent at the node and add it to the next delta.
     """
 
     density: float = 0.1
-    scope: str = "tensor"
+    scope: str = "global"
     error_feedback: bool = True
 
 

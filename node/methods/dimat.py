@@ -103,13 +103,11 @@ from scipy.optimize import linear_sum_assignment
 from torch.func import functional_call
 
 from node.methods.base import (
-    ClientUpdate,
-    FederatedMethod,
+    DecentralizedMethod,
     MethodConfig,
     State,
     UpdateError,
 )
-from protos.codec import WireTensor
 
 log = logging.getLogger(__name__)
 
@@ -197,11 +195,13 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class DIMAT(FederatedMethod):
+class DIMAT(DecentralizedMethod):
     """DIMAT's config for the job machinery (``parse_config`` validates job parameters).
 
     There is no coordinator-side aggregation: neighbours exchange full states peer to peer and
-    each node merges with ``dimat_merge``. The coordinator-side hooks say so if called.
+    each node merges with ``dimat_merge``; the coordinator only schedules train and merge
+    phases and tells each node its neighbours and mixing weights (``neighbours``,
+    ``mixing_weights``).
     """
 
     name = "dimat"
@@ -212,30 +212,6 @@ class DIMAT(FederatedMethod):
         if not isinstance(config, DIMATConfig):
             raise ValueError(f"dimat: expected a DIMATConfig, got {type(config).__name__}")
         config.validate()
-
-    def client_update(
-        self,
-        config: MethodConfig,
-        global_state: State,
-        local_state: State,
-        memory: dict[str, torch.Tensor],
-    ) -> dict[str, WireTensor]:
-        raise NotImplementedError(
-            "dimat sends nothing to the coordinator: neighbours fetch each other's full state "
-            "and merge with node.methods.dimat.dimat_merge"
-        )
-
-    def aggregate(
-        self,
-        config: MethodConfig,
-        global_state: State,
-        updates: Sequence[ClientUpdate],
-        round_number: int,
-    ) -> State:
-        raise NotImplementedError(
-            "dimat has no coordinator aggregation: each node merges with its neighbours "
-            "(node.methods.dimat.dimat_merge)"
-        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def _bits(t: torch.Tensor) -> bytes:
 def test_cellm_is_registered():
     assert "cellm" in known_methods()
     assert CELLM.name == "cellm" and CELLM.trainable == "lora"
-    assert _config() == CELLMConfig(density=0.1, scope="tensor", error_feedback=True)
+    assert _config() == CELLMConfig(density=0.1, scope="global", error_feedback=True)
 
 
 # ------------------------------------------------------------------------ node side
@@ -136,7 +136,8 @@ def test_per_tensor_top_k_keeps_the_k_largest_magnitudes(density):
         signs = torch.where(torch.arange(n) % 3 == 0, -1.0, 1.0)
         magnitudes = (torch.randperm(n, generator=torch.Generator().manual_seed(i)) + 1.0)
         local[name] = (signs * magnitudes).reshape(shape)  # distinct magnitudes, mixed signs
-    payload = CELLM.client_update(_config(density=density), global_state, local, {})
+    config = _config(density=density, scope="tensor")
+    payload = CELLM.client_update(config, global_state, local, {})
     for name, value in payload.items():
         flat = local[name].reshape(-1)
         k = keep_count(density, flat.numel())
@@ -163,7 +164,7 @@ def test_global_top_k_keeps_the_largest_magnitudes_of_the_whole_update():
     assert payload["b"].indices.tolist() == list(range(75, 100))
     for name in ("a", "c"):
         assert isinstance(payload[name], SparseTensor) and payload[name].indices.numel() == 0
-    per_tensor = CELLM.client_update(_config(density=0.1), global_state, local, {})
+    per_tensor = CELLM.client_update(_config(density=0.1, scope="tensor"), global_state, local, {})
     assert [per_tensor[n].indices.numel() for n in "abc"] == [10, 10, 5]
 
 
@@ -178,13 +179,17 @@ def test_tensors_go_dense_where_sparse_would_cost_more():
     global_state = {"tiny": torch.zeros(2), "big": torch.zeros(300)}
     local = {"tiny": torch.tensor([1.0, -2.0]), "big": torch.arange(300.0)}
     memory: dict[str, torch.Tensor] = {}
-    low = CELLM.client_update(_config(density=0.1), global_state, local, memory)
+    low = CELLM.client_update(_config(density=0.1, scope="tensor"), global_state, local, memory)
     assert isinstance(low["tiny"], torch.Tensor)  # 1 index + 1 value > 2 values
     assert isinstance(low["big"], SparseTensor) and low["big"].indices.numel() == 30
     assert not bool(_residual(memory, "tiny").any())  # all of it went
-    # at density >= itemsize / (index + itemsize) sparse never pays
-    half = CELLM.client_update(_config(density=0.5), global_state, local, {})
+    # at density >= itemsize / (index + itemsize) sparse never pays for a tensor's own k
+    half = CELLM.client_update(_config(density=0.5, scope="tensor"), global_state, local, {})
     assert all(isinstance(v, torch.Tensor) for v in half.values())
+    # globally, K = 151 entries all fall in "big" (dense is cheaper), none in "tiny"
+    half = CELLM.client_update(_config(density=0.5, scope="global"), global_state, local, {})
+    assert isinstance(half["big"], torch.Tensor)
+    assert isinstance(half["tiny"], SparseTensor) and half["tiny"].indices.numel() == 0
 
 
 def test_diverged_training_is_an_error_and_leaves_memory_alone():
@@ -236,21 +241,27 @@ def _tiny_bert_state() -> dict[str, torch.Tensor]:
     return LoraTrainer(ModelConfig(base="tiny-bert", num_labels=2, max_length=32)).trainable_state()
 
 
-def test_density_point_one_cuts_the_uplink_of_the_tiny_model():
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_density_point_one_cuts_the_uplink_of_the_tiny_model(scope):
     """The adapter state of the integration tests' tiny BERT (4,226 entries in 10 tensors)."""
     global_state = _tiny_bert_state()
     local = _moved(global_state, 1, scale=1e-3)
     dense = wire_size(FEDAVG.client_update(FEDAVG.parse_config({}), global_state, local, {}))
     sizes = {}
     for density in (0.1, 1 / 30):
-        payload = CELLM.client_update(_config(density=density), global_state, local, {})
+        payload = CELLM.client_update(_config(density=density, scope=scope), global_state,
+                                      local, {})
         sizes[density] = wire_size(payload)
-        entries = sum(keep_count(density, v.numel()) for v in global_state.values())
-        sparse_data = entries * (INDEX_BYTES + 4)
-        # the data bytes, plus framing: names, dtype and shape fields
-        assert sparse_data < sizes[density] < sparse_data + 200 * len(global_state)
-    print(f"tiny BERT uplink: dense {dense} B, density 0.1 {sizes[0.1]} B, "
-          f"density 1/30 {sizes[1 / 30]} B")
+        if scope == "global":
+            entries = keep_count(density, sum(v.numel() for v in global_state.values()))
+        else:
+            entries = sum(keep_count(density, v.numel()) for v in global_state.values())
+        # at most the selected entries' data bytes (a tensor goes dense only where that is no
+        # more), plus framing: names, dtype and shape fields
+        assert sizes[density] < entries * (INDEX_BYTES + 4) + 200 * len(global_state)
+    print(f"tiny BERT uplink ({scope}): dense {dense} B, density 0.1 {sizes[0.1]} B "
+          f"({dense / sizes[0.1]:.1f}x less), density 1/30 {sizes[1 / 30]} B "
+          f"({dense / sizes[1 / 30]:.1f}x less)")
     assert sizes[0.1] < 0.4 * dense
     assert sizes[1 / 30] < 0.2 * dense
 
@@ -312,7 +323,7 @@ def test_aggregate_is_the_example_weighted_mean_of_the_densified_updates():
         ({"density": float("nan")}, r"density must be"),
         ({"density": True}, r"density must be"),
         ({"density": "0.1"}, r"density must be"),
-        ({"scope": "layer"}, r"scope must be one of tensor, global, got 'layer'"),
+        ({"scope": "layer"}, r"scope must be one of global, tensor, got 'layer'"),
         ({"error_feedback": "yes"}, r"error_feedback must be true or false"),
         ({"k": 10}, r"method 'cellm' has no parameter\(s\) k; its parameters are: density, "
                     r"error_feedback, scope"),
@@ -341,7 +352,8 @@ def _sparse(indices: list[int], values: list[float], n: int = 512) -> SparseTens
 
 def _honest() -> tuple[dict[str, torch.Tensor], dict]:
     global_state = _state(0)
-    return global_state, CELLM.client_update(_config(), global_state, _moved(global_state, 1), {})
+    config = _config(scope="tensor")  # every tensor sparse
+    return global_state, CELLM.client_update(config, global_state, _moved(global_state, 1), {})
 
 
 @pytest.mark.parametrize(

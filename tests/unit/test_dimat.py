@@ -482,8 +482,8 @@ def test_parse_config_through_the_method():
     assert method.trainable == "full"
     with pytest.raises(ValueError, match="no parameter"):
         method.parse_config({"topolgy": "ring"})
-    with pytest.raises(NotImplementedError, match="dimat_merge"):
-        method.aggregate(config, {}, [], 1)
+    # no coordinator aggregation at all: the round engine runs its peer phases instead
+    assert method.decentralized and not hasattr(method, "aggregate")
 
 
 @pytest.mark.parametrize(

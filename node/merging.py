@@ -1,0 +1,84 @@
+"""DIMAT between daemons: fetch the neighbours' models over NodePeer, merge, keep the result.
+
+The coordinator sends a MERGE task naming the node's neighbours (their peer addresses and
+mixing weights) once every member finished training the round. The node then streams each
+neighbour's model of that round straight from the neighbour (``NodePeer.FetchModel``,
+which="local": chunked raw tensors, never through the coordinator), and
+merges with ``node.methods.dimat.dimat_merge``. A neighbour that cannot be reached, or sends a
+model that does not fit, is skipped for this merge and its weight handled by the job's
+``unreachable`` policy; the node goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from protos.chunking import ChunkAssembler, ChunkError, wire_bytes
+from protos.codec import CodecError, tensor_map_from_bytes, to_dense
+from protos.confide.v1 import coordinator_pb2 as pb
+from protos.confide.v1 import node_pb2
+from protos.confide.v1 import node_pb2_grpc as node_grpc
+
+log = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+]
+
+
+@dataclass
+class Fetched:
+    """What a round's fetches brought: the states that arrived, why the others did not, and
+    the bytes the node received from its peers."""
+
+    states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+def fetch_local_model(address: str, job_id: str, round_number: int,
+                      timeout_s: float) -> tuple[dict[str, torch.Tensor], int, int]:
+    """A peer's model of ``round_number`` (dense tensors), with bytes sent and received."""
+    request = node_pb2.FetchModelRequest(job_id=job_id, which="local", round=round_number)
+    assembler = ChunkAssembler()
+    received = 0
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = node_grpc.NodePeerStub(channel)
+        for chunk in stub.FetchModel(request, timeout=timeout_s):
+            received += wire_bytes(chunk)
+            payload = assembler.add(chunk)
+            if payload is not None:
+                state = {k: to_dense(v) for k, v in tensor_map_from_bytes(payload).items()}
+                return state, wire_bytes(request), received
+    raise ChunkError(f"the model stream ended early ({assembler.received_bytes} bytes)")
+
+
+def fetch_neighbours(task: pb.Task, timeout_s: float) -> Fetched:
+    """Fetch every neighbour of a MERGE task that has an address; skip the unreachable."""
+    fetched = Fetched()
+    for peer in task.peers:
+        if peer.role != "neighbour":
+            continue
+        if not peer.address:
+            fetched.failures[peer.node_id] = "did not train this round"
+            continue
+        try:
+            state, up, down = fetch_local_model(peer.address, task.job_id, task.round,
+                                                timeout_s)
+        except grpc.RpcError as exc:
+            fetched.failures[peer.node_id] = f"{exc.code().name}: {exc.details()}"
+        except (ChunkError, CodecError) as exc:
+            fetched.failures[peer.node_id] = f"malformed model stream: {exc}"
+        else:
+            fetched.states[peer.node_id] = state
+            fetched.bytes_up += up
+            fetched.bytes_down += down
+    for node_id, reason in fetched.failures.items():
+        log.warning("merge of round %d skips neighbour %s: %s", task.round, node_id[:12], reason)
+    return fetched
