@@ -16,8 +16,8 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--methods", default="fedavg-lora",
-                   help="comma-separated methods, each optionally NAME:JSON-params "
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="methods separated by ';', each NAME or NAME:JSON-params "
                         "(default: %(default)s)")
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
@@ -32,6 +32,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench/results",
                    help="where federated.json and federated.png go; the previous JSON there is "
                         "compared with this run (default: %(default)s)")
+
+
+DEFAULT_METHODS = (
+    'fedavg-lora;'
+    'dp-lora:{"target_epsilon": 8, "rounds": 3, "clip_norm": 0.5};'
+    'dp-lora:{"target_epsilon": 50, "rounds": 3, "clip_norm": 0.5};'
+    'cellm:{"density": 0.1};'
+    'cellm:{"density": 0.03};'
+    'ferret'
+)
+"""The issue's comparison: the baseline, DP-LoRA at two epsilons (delta 1e-5), CELLM at two
+densities, Ferret; every one on the same split, rounds and seeds."""
+
+
+def label(method: str, params: dict) -> str:
+    """A row's name: the method and its parameters, so two configs of one method differ."""
+    if not params:
+        return method
+    return method + " " + ",".join(f"{k}={v}" for k, v in params.items())
 
 
 def _parse_methods(text: str) -> list[tuple[str, dict]]:
@@ -57,6 +76,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from cli.cluster import LocalCluster
     from cli.experiment import run_experiment, shard_dirs
     from node.data import load_jsonl, prepare_bbc_shards
+    from node.methods import get_method
     from protos.sdk import job_spec
 
     workdir = Path(args.workdir)
@@ -68,24 +88,28 @@ def run_benchmark(args: argparse.Namespace) -> int:
     labels = json.loads((data_root / "labels.json").read_text())
     test = load_jsonl(data_root / "test.jsonl")[: args.test_size or None]
     results = []
-    cluster = LocalCluster(workdir, shard_dirs(data_root, args.nodes))
+    methods = _parse_methods(args.methods)
+    split = any(get_method(method).needs_split_server for method, _ in methods)
+    cluster = LocalCluster(workdir, shard_dirs(data_root, args.nodes), split_server=split)
+    names = []
     try:
         cluster.start()
-        for index, (method, params) in enumerate(_parse_methods(args.methods)):
+        for index, (method, params) in enumerate(methods):
             spec = job_spec(method, name=f"bench-{method}", rounds=args.rounds,
                             min_nodes=args.nodes, base=args.base, num_labels=len(labels),
                             max_length=args.max_length, learning_rate=args.lr, seed=args.seed,
                             params=params)
-            results.append(run_experiment(cluster, spec, test, label=f"{method} ",
+            names.append(label(method, params))
+            results.append(run_experiment(cluster, spec, test, label=f"{names[-1]} ",
                                           evaluate_before=index == 0, evaluate_rounds=True))
     finally:
         cluster.stop()
     before = results[0].before.get("accuracy", float("nan")) if results else float("nan")
     rows = []
-    for result in results:
+    for name, result in zip(names, results, strict=True):
         n = max(len(result.rounds), 1)
         rows.append({
-            "method": result.method,
+            "method": name,
             "state": result.state,
             "accuracy": result.after.get("accuracy"),
             "uplink_bytes_per_node_per_round": sum(r["bytes_up_per_node"]
@@ -100,12 +124,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
     print(f"workload: {args.base} + LoRA, BBC News, {args.nodes} nodes (Dirichlet alpha "
           f"{args.alpha}, <= {args.max_per_node or 'all'} articles each), {args.rounds} rounds, "
           f"{len(test)} held-out articles; accuracy before training {before:.3f}")
-    print(f"{'method':<16}{'state':<11}{'accuracy':>9}{'up/node/round':>15}"
+    width = max(16, *(len(row["method"]) + 2 for row in rows))
+    print(f"{'method':<{width}}{'state':<11}{'accuracy':>9}{'up/node/round':>15}"
           f"{'down/node/round':>17}{'s/round':>9}{'epsilon':>9}")
     for row in rows:
         acc = row["accuracy"]
         eps = row["epsilon"]
-        print(f"{row['method']:<16}{row['state']:<11}"
+        print(f"{row['method']:<{width}}{row['state']:<11}"
               f"{(f'{acc:.3f}' if acc is not None else '-'):>9}"
               f"{row['uplink_bytes_per_node_per_round'] / 1e3:>12.1f} KB"
               f"{row['downlink_bytes_per_node_per_round'] / 1e3:>14.1f} KB"

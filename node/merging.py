@@ -3,7 +3,7 @@
 The coordinator sends a MERGE task naming the node's neighbours (their peer addresses and
 mixing weights) once every member finished training the round. The node then streams each
 neighbour's model of that round straight from the neighbour (``NodePeer.FetchModel``,
-which="local": chunked raw tensors, never through the coordinator), and
+which="shared": chunked raw tensors, never through the coordinator), and
 merges with ``node.methods.dimat.dimat_merge``. A neighbour that cannot be reached, or sends a
 model that does not fit, is skipped for this merge and its weight handled by the job's
 ``unreachable`` policy; the node goes on.
@@ -45,7 +45,7 @@ class Fetched:
 def fetch_local_model(address: str, job_id: str, round_number: int,
                       timeout_s: float) -> tuple[dict[str, torch.Tensor], int, int]:
     """A peer's model of ``round_number`` (dense tensors), with bytes sent and received."""
-    request = node_pb2.FetchModelRequest(job_id=job_id, which="local", round=round_number)
+    request = node_pb2.FetchModelRequest(job_id=job_id, which="shared", round=round_number)
     assembler = ChunkAssembler()
     received = 0
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:

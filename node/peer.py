@@ -26,13 +26,14 @@ class NodePeerService(node_grpc.NodePeerServicer):
         return self.info
 
     async def FetchModel(self, request: node_pb2.FetchModelRequest, context):
-        """"global": the last global state received; "local": a decentralized job's model as
+        """"global": the last global state received; "shared": a decentralized job's model as
         trained in ``round`` (what its neighbours merge; only that round's, so a slow peer
-        never merges a model of another round)."""
+        never merges a model of another round). A federated job's local state is never
+        served: it would reveal the node's update."""
         which = request.which or "global"
-        if which not in ("global", "local"):
+        if which not in ("global", "shared"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"which={which!r}: this node serves 'global' and 'local' models")
+                                f"which={which!r}: this node serves 'global' and 'shared' models")
         try:
             metadata = self.models.metadata(request.job_id, which)
         except ValueError as exc:
@@ -40,9 +41,9 @@ class NodePeerService(node_grpc.NodePeerServicer):
         if metadata is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"this node holds no {which} model for job {request.job_id!r}")
-        if which == "local" and metadata.get("round") != str(request.round):
+        if which == "shared" and metadata.get("round") != str(request.round):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"this node's local model of job {request.job_id!r} is from "
+                                f"this node's shared model of job {request.job_id!r} is from "
                                 f"round {metadata.get('round')}, not {request.round}")
         state = self.models.load(request.job_id, which)
         assert state is not None

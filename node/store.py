@@ -2,8 +2,10 @@
 
 ``global`` is the last global state received from the coordinator, ``local`` the state after
 local training, ``memory`` what a method keeps between rounds at the node (e.g. error-feedback
-residuals), ``own`` a decentralized job's model after the node's last merge (DIMAT: there is no
-global state). Metadata (e.g. the round) is stored in the safetensors header. Writes are
+residuals); for decentralized jobs (DIMAT: there is no global state) ``shared`` the model
+trained in the latest round, which the node's peer service hands to its neighbours, and ``own``
+the model after its last merge. Only ``global`` and ``shared`` are ever served to peers. Metadata
+(e.g. the round) is stored in the safetensors header. Writes are
 atomic (temporary file, then rename): a crash never leaves half a file.
 """
 
@@ -17,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-KINDS = ("global", "local", "memory", "own")
+KINDS = ("global", "local", "memory", "own", "shared")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 

@@ -136,9 +136,10 @@ class TaskWorker:
             )
         local_state = trainer.trainable_state()
         self.models.save(task.job_id, "local", local_state, {"round": str(task.round)})
-        memory = self.models.load(task.job_id, "memory") or {}
+        stored = self.models.load(task.job_id, "memory")
+        memory = dict(stored or {})
         update = method.client_update(config, global_state, local_state, memory)
-        if memory:
+        if memory or stored:  # also when the method emptied it: no stale state next round
             self.models.save(task.job_id, "memory", memory)
         return tensor_map_to_bytes(update), len(examples), metrics
 
@@ -184,7 +185,7 @@ class TaskWorker:
     def _train_own(self, task: pb.Task, progress: ProgressFn,
                    cancelled: threading.Event) -> tuple[bytes, int, dict[str, float]]:
         """A decentralized round's training: from the node's own model, no global state; the
-        result is kept as this round's "local" model for the neighbours to fetch. Nothing
+        result is kept as this round's "shared" model for the neighbours to fetch. Nothing
         goes to the coordinator but metrics."""
         spec = task.spec
         examples = self.data.load(spec.train.dataset)
@@ -202,7 +203,7 @@ class TaskWorker:
                                 batch_size=spec.train.batch_size,
                                 learning_rate=spec.train.learning_rate,
                                 seed=spec.seed * 100_003 + task.round, progress=on_step)
-        self.models.save(task.job_id, "local", trainer.trainable_state(),
+        self.models.save(task.job_id, "shared", trainer.trainable_state(),
                          {"round": str(task.round)})
         return b"", len(examples), metrics
 
@@ -221,8 +222,8 @@ class TaskWorker:
         assert isinstance(config, DIMATConfig)
         trainer = self._trainer(spec)
         assert isinstance(trainer, LoraTrainer)
-        own = self.models.load(task.job_id, "local")
-        meta = self.models.metadata(task.job_id, "local") or {}
+        own = self.models.load(task.job_id, "shared")
+        meta = self.models.metadata(task.job_id, "shared") or {}
         if own is None or meta.get("round") != str(task.round):
             raise ValueError(f"this node has no model trained in round {task.round} to merge")
         fetched = fetch_neighbours(task, timeout_s=max(task.deadline_s, 30.0))

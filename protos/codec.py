@@ -194,8 +194,9 @@ class SparseTensor:
     """A tensor of ``shape`` that is zero except ``values[i]`` at flat C-order ``indices[i]``.
 
     Why: top-k update sparsification (CELLM) sends only the k largest entries of an update;
-    the bytes on the wire are the point. ``indices`` is 1-D int64, ``values`` 1-D of the dense
-    tensor's dtype. Equality is bit-exact on shape, indices and values.
+    the bytes on the wire are the point. ``indices`` is 1-D int64 in memory (int32 on the wire
+    when the tensor has at most 2^31 elements), ``values`` 1-D of the dense tensor's dtype. Equality
+    is bit-exact on shape, indices and values.
     """
 
     shape: tuple[int, ...]
@@ -479,6 +480,9 @@ def tensor_from_proto(
 # --------------------------------------------------------------------------- named tensors
 
 
+_INT32_POSITIONS = 2**31
+
+
 def encode_named(name: str, value: WireTensor) -> common_pb2.NamedTensor:
     """A ``confide.v1.NamedTensor`` holding ``value`` in its own oneof variant."""
     if not isinstance(name, str):
@@ -486,10 +490,14 @@ def encode_named(name: str, value: WireTensor) -> common_pb2.NamedTensor:
     if isinstance(value, torch.Tensor):
         return common_pb2.NamedTensor(name=name, dense=tensor_to_proto(value))
     if isinstance(value, SparseTensor):
+        # indices travel as int32 whenever every position fits: 4 bytes saved per kept entry,
+        # a third of a float32 entry's cost (the receiver widens them to int64)
+        narrow = math.prod(value.shape) <= _INT32_POSITIONS
+        indices = value.indices.to(torch.int32) if narrow else value.indices
         sparse = common_pb2.SparseTensor(
             dtype=dtype_to_proto(value.dtype),
             shape=list(value.shape),
-            indices=tensor_to_proto(value.indices),
+            indices=tensor_to_proto(indices),
             values=tensor_to_proto(value.values),
         )
         return common_pb2.NamedTensor(name=name, sparse=sparse)

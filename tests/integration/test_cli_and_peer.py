@@ -74,8 +74,11 @@ def test_cli_submits_watches_fetches_and_shows_status(tmp_path, shards):
                 (node_pb2.FetchModelRequest(job_id="../../etc"),
                  grpc.StatusCode.INVALID_ARGUMENT),
                 (node_pb2.FetchModelRequest(job_id="0123456789ab"), grpc.StatusCode.NOT_FOUND),
+                # a federated job's local state (its update, in effect) is never served
                 (node_pb2.FetchModelRequest(job_id=job_id, which="local"),
                  grpc.StatusCode.INVALID_ARGUMENT),
+                (node_pb2.FetchModelRequest(job_id=job_id, which="shared", round=1),
+                 grpc.StatusCode.NOT_FOUND),
             ]:
                 with pytest.raises(grpc.RpcError) as info:
                     list(peer.FetchModel(request, timeout=5))

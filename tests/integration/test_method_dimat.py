@@ -47,8 +47,6 @@ def test_dimat_merges_peer_to_peer_and_no_weight_reaches_the_coordinator(tmp_pat
     assert not list((tmp_path / "cluster" / "coordinator").rglob(f"*{job.job_id}*.safetensors"))
     # every node trained and merged: the models moved and stayed finite; neighbours that
     # merged with each other are close but not identical (each aligns to itself)
-    initial = stores[0].load(job.job_id, "local")
-    assert initial is not None
     for state in own:
         assert all(torch.isfinite(t).all() for t in state.values())
     assert any(not torch.equal(own[0][k], own[1][k]) for k in own[0])

@@ -1,8 +1,9 @@
 from protos.confide.v1 import common_pb2 as _common_pb2
 from protos.confide.v1 import coordinator_pb2 as _coordinator_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -74,3 +75,55 @@ class SplitReply(_message.Message):
     output: SplitTensors
     input_grad: SplitTensors
     def __init__(self, ready: _Optional[_Union[SplitReady, _Mapping]] = ..., output: _Optional[_Union[SplitTensors, _Mapping]] = ..., input_grad: _Optional[_Union[SplitTensors, _Mapping]] = ...) -> None: ...
+
+class PrivateInferenceRequest(_message.Message):
+    __slots__ = ("model", "seq_len", "provider", "timeout_s")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    seq_len: int
+    provider: str
+    timeout_s: float
+    def __init__(self, model: _Optional[str] = ..., seq_len: _Optional[int] = ..., provider: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class PrivateInferenceSession(_message.Message):
+    __slots__ = ("session_id", "rendezvous", "world_size", "data_owner_rank", "model_owner_rank", "config_json", "seq_len", "provider", "timeout_s")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_OWNER_RANK_FIELD_NUMBER: _ClassVar[int]
+    MODEL_OWNER_RANK_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    rendezvous: str
+    world_size: int
+    data_owner_rank: int
+    model_owner_rank: int
+    config_json: str
+    seq_len: int
+    provider: str
+    timeout_s: float
+    def __init__(self, session_id: _Optional[str] = ..., rendezvous: _Optional[str] = ..., world_size: _Optional[int] = ..., data_owner_rank: _Optional[int] = ..., model_owner_rank: _Optional[int] = ..., config_json: _Optional[str] = ..., seq_len: _Optional[int] = ..., provider: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class ListPrivateModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PrivateModel(_message.Message):
+    __slots__ = ("name", "config_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    config_json: str
+    def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ...) -> None: ...
+
+class ListPrivateModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[PrivateModel]
+    def __init__(self, models: _Optional[_Iterable[_Union[PrivateModel, _Mapping]]] = ...) -> None: ...

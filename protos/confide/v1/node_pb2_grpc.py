@@ -51,6 +51,16 @@ class NodePeerStub:
                 request_serializer=confide_dot_v1_dot_node__pb2.SplitRequest.SerializeToString,
                 response_deserializer=confide_dot_v1_dot_node__pb2.SplitReply.FromString,
                 _registered_method=True)
+        self.OpenPrivateInference = channel.unary_unary(
+                '/confide.v1.NodePeer/OpenPrivateInference',
+                request_serializer=confide_dot_v1_dot_node__pb2.PrivateInferenceRequest.SerializeToString,
+                response_deserializer=confide_dot_v1_dot_node__pb2.PrivateInferenceSession.FromString,
+                _registered_method=True)
+        self.ListPrivateModels = channel.unary_unary(
+                '/confide.v1.NodePeer/ListPrivateModels',
+                request_serializer=confide_dot_v1_dot_node__pb2.ListPrivateModelsRequest.SerializeToString,
+                response_deserializer=confide_dot_v1_dot_node__pb2.ListPrivateModelsResponse.FromString,
+                _registered_method=True)
 
 
 class NodePeerServicer:
@@ -81,6 +91,23 @@ class NodePeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenPrivateInference(self, request, context):
+        """Private inference (AERO-style models under CrypTen two-party computation). The data
+        owner asks for a session on one of the node's models; the node starts its MPC party and
+        answers with the model's public configuration and where the parties meet. The input and
+        the weights then travel only as secret shares between the two parties: this RPC carries
+        neither, and the output is revealed to the data owner alone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPrivateModels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodePeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +125,16 @@ def add_NodePeerServicer_to_server(servicer, server):
                     servicer.SplitSession,
                     request_deserializer=confide_dot_v1_dot_node__pb2.SplitRequest.FromString,
                     response_serializer=confide_dot_v1_dot_node__pb2.SplitReply.SerializeToString,
+            ),
+            'OpenPrivateInference': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenPrivateInference,
+                    request_deserializer=confide_dot_v1_dot_node__pb2.PrivateInferenceRequest.FromString,
+                    response_serializer=confide_dot_v1_dot_node__pb2.PrivateInferenceSession.SerializeToString,
+            ),
+            'ListPrivateModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPrivateModels,
+                    request_deserializer=confide_dot_v1_dot_node__pb2.ListPrivateModelsRequest.FromString,
+                    response_serializer=confide_dot_v1_dot_node__pb2.ListPrivateModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +218,60 @@ class NodePeer:
             '/confide.v1.NodePeer/SplitSession',
             confide_dot_v1_dot_node__pb2.SplitRequest.SerializeToString,
             confide_dot_v1_dot_node__pb2.SplitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenPrivateInference(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/confide.v1.NodePeer/OpenPrivateInference',
+            confide_dot_v1_dot_node__pb2.PrivateInferenceRequest.SerializeToString,
+            confide_dot_v1_dot_node__pb2.PrivateInferenceSession.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPrivateModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/confide.v1.NodePeer/ListPrivateModels',
+            confide_dot_v1_dot_node__pb2.ListPrivateModelsRequest.SerializeToString,
+            confide_dot_v1_dot_node__pb2.ListPrivateModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
