@@ -5,6 +5,7 @@ and after on a held-out set the nodes never saw. The demo and the benchmarks are
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,8 +72,10 @@ class Evaluator:
 
 
 def watch_with_progress(client: SyncConfideClient, job_id: str, label: str = "",
-                        quiet: bool = False) -> None:
-    """A progress bar per round: local training steps summed over the round's nodes."""
+                        quiet: bool = False,
+                        on_event: Callable[[pb.Event], None] | None = None) -> None:
+    """A progress bar per round: local training steps summed over the round's nodes.
+    ``on_event`` sees every event as it arrives."""
     bar: tqdm | None = None
     steps: dict[str, tuple[int, int]] = {}
     done = 0
@@ -84,6 +87,8 @@ def watch_with_progress(client: SyncConfideClient, job_id: str, label: str = "",
         bar.set_postfix_str(f"{done} node(s) done")
 
     for event in client.watch_job(job_id):
+        if on_event is not None:
+            on_event(event)
         if event.kind == "round.started":
             steps, done = {}, 0
             bar = tqdm(desc=f"{label}round {event.round}", unit="step", disable=quiet)
@@ -121,7 +126,13 @@ def run_experiment(cluster: LocalCluster, spec: pb.JobSpec, test: list[Example],
     accuracy_by_round: dict[int, dict[str, float]] = {}
     with SyncConfideClient(cluster.address) as client:
         job = client.submit_job(spec)
-        watch_with_progress(client, job.job_id, label, quiet)
+        node_metrics: dict[int, dict[str, dict[str, float]]] = {}
+
+        def collect(event: pb.Event) -> None:
+            if event.kind == "node.done":
+                node_metrics.setdefault(event.round, {})[event.node_id] = dict(event.metrics)
+
+        watch_with_progress(client, job.job_id, label, quiet, on_event=collect)
         final = client.get_job(job.job_id)
         after = {}
         if evaluator is not None and final.rounds_completed:
@@ -145,6 +156,7 @@ def run_experiment(cluster: LocalCluster, spec: pb.JobSpec, test: list[Example],
             "bytes_down_per_node": summary.bytes.down / participants,
             "seconds": summary.seconds,
             "metrics": dict(summary.metrics),
+            "nodes": node_metrics.get(summary.round, {}),
             "eval": accuracy_by_round.get(summary.round, {}),
         })
     return ExperimentResult(

@@ -267,6 +267,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 BENCHMARKS = {
     "federated": "federated methods side by side on non-IID BBC News, through real daemons",
     "ringsig": "linkable ring signature sign/verify time vs ring size",
+    "split": "SFPrompt split learning vs federated full fine-tuning and FedAvg-LoRA",
+    "dimat": "DIMAT vs gossip vs local-only merging between peers, through real daemons",
 }
 
 

@@ -22,6 +22,7 @@ from node.methods.base import (
 
 REGISTRY: dict[str, str] = {
     "fedavg-lora": "node.methods.fedavg_lora:FedAvgLoRA",
+    "fedavg-full": "node.methods.fedavg_full:FedAvgFull",
     "dp-lora": "node.methods.dp_lora:DPLoRA",
     "cellm": "node.methods.cellm:CELLM",
     "ferret": "node.methods.ferret:Ferret",

@@ -1,0 +1,226 @@
+"""``confide bench split``: SFPrompt against federated full fine-tuning and FedAvg-LoRA.
+
+Same non-IID BBC News split, same rounds, real daemons (devices + one split-server node).
+Per row: held-out accuracy, bytes per device per round (coordinator link and, for SFPrompt,
+the device <-> split-server link, as counted on the wire), and the device's compute: the
+parameters it holds and trains, and its training FLOPs per round relative to federated full
+fine-tuning of the same model on the same data. SFPrompt runs plain, with EL2N pruning, and
+with pruning plus local-loss steps. The paper (Cao et al. 2024) reports 53% less communication
+and 0.46% of the local compute of federated full fine-tuning; the table says what we measure.
+
+FLOPs are counted analytically (``node.split_model.split_costs``: linear maps and attention
+matmuls per position, backward = input gradients + weight gradients where weights train), not
+timed: full fine-tuning costs 3x the forward pass per position, FedAvg-LoRA about 2x (input
+gradients through every frozen layer; its small adapters' weight gradients are left out), an
+SFPrompt device its head and tail only (the body runs on the server), plus EL2N scoring (one
+local forward over the node's data) in the first round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from bench.federated import hardware, label
+
+DEFAULT_METHODS = (
+    'fedavg-full;'
+    'fedavg-lora;'
+    'sfprompt:{"tail_layers": 0};'
+    'sfprompt:{"tail_layers": 0, "prune_gamma": 0.5};'
+    'sfprompt:{"tail_layers": 0, "prune_gamma": 0.5, "local_loss_steps": 8}'
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="methods separated by ';', each NAME or NAME:JSON-params "
+                        "(default: %(default)s)")
+    p.add_argument("--nodes", type=int, default=2, help="device nodes (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--base", default="minilm")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--max-per-node", type=int, default=160)
+    p.add_argument("--max-length", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3,
+                   help="learning rate of the LoRA and SFPrompt rows")
+    p.add_argument("--full-lr", type=float, default=5e-5,
+                   help="learning rate of federated full fine-tuning (default: %(default)s)")
+    p.add_argument("--test-size", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default="runs/bench-split")
+    p.add_argument("--out", default="bench/results",
+                   help="where split.json and split.png go (default: %(default)s)")
+
+
+def _costs(args: argparse.Namespace, params: dict, num_labels: int) -> dict:
+    """Parameters and FLOPs per position of the split this row uses (for every row: the
+    whole model's forward FLOPs are the sum of the three parts)."""
+    from node.methods import get_method
+    from node.models import ModelConfig
+    from node.split_model import SplitConfig, build_split, split_costs
+
+    config = get_method("sfprompt").parse_config(params)
+    model_cfg = ModelConfig(base=args.base, num_labels=num_labels, max_length=args.max_length,
+                            seed=args.seed)
+    parts = build_split(model_cfg, SplitConfig.from_method(config, args.seed))
+    positions = args.max_length + config.num_prompts
+    costs = split_costs(parts.head, parts.body, parts.tail, positions)
+    return {"costs": costs, "positions": positions,
+            "trainable": costs.head.trainable_params + costs.tail.trainable_params}
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    from bench.federated import _parse_methods
+    from cli.cluster import LocalCluster
+    from cli.experiment import run_experiment, shard_dirs
+    from node.data import load_jsonl, prepare_bbc_shards
+    from protos.sdk import job_spec
+
+    workdir = Path(args.workdir)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    data_root = workdir / "data"
+    prepare_bbc_shards(data_root, nodes=args.nodes, alpha=args.alpha, seed=args.seed,
+                       max_train_per_node=args.max_per_node or None)
+    labels = json.loads((data_root / "labels.json").read_text())
+    test = load_jsonl(data_root / "test.jsonl")[: args.test_size or None]
+    methods = _parse_methods(args.methods)
+    results = []
+    cluster = LocalCluster(workdir, shard_dirs(data_root, args.nodes), split_server=True)
+    try:
+        cluster.start()
+        for index, (method, params) in enumerate(methods):
+            lr = args.full_lr if method == "fedavg-full" else args.lr
+            spec = job_spec(method, name=f"bench-{method}", rounds=args.rounds,
+                            min_nodes=args.nodes, base=args.base, num_labels=len(labels),
+                            max_length=args.max_length, batch_size=args.batch_size,
+                            learning_rate=lr, seed=args.seed, params=params)
+            results.append(run_experiment(cluster, spec, test, label=f"{label(method, params)} ",
+                                          evaluate_before=index == 0, evaluate_rounds=True))
+    finally:
+        cluster.stop()
+
+    reference = _costs(args, {"tail_layers": 0, "num_prompts": 0, "train_tail": True},
+                       len(labels))["costs"]
+    model_forward = (reference.head.forward_flops + reference.body.forward_flops
+                     + reference.tail.forward_flops)
+    total_params = reference.total_params
+    rows = []
+    for (method, params), result in zip(methods, results, strict=True):
+        n = max(len(result.rounds), 1)
+        link_up = sum(r["bytes_up_per_node"] for r in result.rounds) / n
+        link_down = sum(r["bytes_down_per_node"] for r in result.rounds) / n
+        per_node = [m for r in result.rounds for m in r["nodes"].values()]
+        split_up = sum(m.get("split_bytes_up", 0.0) for m in per_node) / max(len(per_node), 1)
+        split_down = sum(m.get("split_bytes_down", 0.0) for m in per_node) / max(len(per_node), 1)
+        steps = sum(m.get("steps", 0.0) for m in per_node) / max(len(per_node), 1)
+        examples = sum(m.get("num_examples", 0.0) for m in per_node) / max(len(per_node), 1)
+        tokens_per_step = args.batch_size * args.max_length
+        if method == "sfprompt":
+            split = _costs(args, params, len(labels))
+            costs = split["costs"]
+            per_position = costs.head.train_flops + costs.tail.train_flops
+            scoring = ((costs.head.forward_flops + costs.tail.forward_flops) * examples
+                       * split["positions"] / n if params.get("prune_gamma", 1.0) < 1 else 0.0)
+            device_flops = steps * args.batch_size * split["positions"] * per_position + scoring
+            held, trained = costs.device_params, split["trainable"]
+        else:
+            factor = 3.0 if method == "fedavg-full" else 2.0
+            device_flops = steps * tokens_per_step * factor * model_forward
+            held = total_params
+            trained = (total_params if method == "fedavg-full"
+                       else _lora_trainable(args, len(labels)))
+        rows.append({
+            "method": label(method, params),
+            "state": result.state,
+            "accuracy": result.after.get("accuracy"),
+            "coordinator_bytes_per_device_per_round": link_up + link_down,
+            "split_bytes_per_device_per_round": split_up + split_down,
+            "bytes_per_device_per_round": link_up + link_down + split_up + split_down,
+            "steps_per_round": steps,
+            "device_params": held,
+            "device_trainable_params": trained,
+            "device_flops_per_round": device_flops,
+            "rounds": result.rounds,
+        })
+    full = next((r for r in rows if r["method"] == "fedavg-full"), rows[0])
+    print()
+    print(f"workload: {args.base}, BBC News, {args.nodes} devices + 1 split-server, "
+          f"{args.rounds} rounds, <= {args.max_per_node} articles per device, batch "
+          f"{args.batch_size} x {args.max_length} tokens, {len(test)} held-out articles")
+    print(f"{'method':<58}{'acc':>6}{'MB/dev/round':>13}{'vs full':>8}{'dev params':>11}"
+          f"{'trained':>10}{'dev FLOPs':>10}")
+    for row in rows:
+        acc = row["accuracy"]
+        row["bytes_vs_full"] = row["bytes_per_device_per_round"] / max(
+            full["bytes_per_device_per_round"], 1)
+        row["flops_vs_full"] = row["device_flops_per_round"] / max(
+            full["device_flops_per_round"], 1)
+        print(f"{row['method']:<58}{(f'{acc:.3f}' if acc is not None else '-'):>6}"
+              f"{row['bytes_per_device_per_round'] / 1e6:>13.2f}{row['bytes_vs_full']:>8.1%}"
+              f"{row['device_params'] / 1e6:>10.1f}M{row['device_trainable_params'] / 1e3:>9.0f}k"
+              f"{row['flops_vs_full']:>10.1%}")
+    print("MB/dev/round: coordinator link + device<->split-server link, up + down, per device; "
+          "'vs full': against fedavg-full; dev FLOPs: device training FLOPs per round vs "
+          "fedavg-full (analytic)")
+    print("paper (SFPrompt vs federated full fine-tuning): 53% less communication, 0.46% of "
+          "the local compute")
+    info = hardware()
+    print(f"hardware: {info['platform']}, {info['cpu_count']} CPU(s), torch {info['torch']}, "
+          f"GPU {info['cuda'] or 'none'}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "split.json"
+    if path.exists():
+        try:
+            previous = {r["method"]: r for r in json.loads(path.read_text())["results"]}
+        except (ValueError, KeyError):
+            previous = {}
+        for row in rows:
+            old = previous.get(row["method"])
+            if old and old.get("accuracy") is not None and row["accuracy"] is not None:
+                print(f"  vs last run: {row['method']}: accuracy {old['accuracy']:.3f} -> "
+                      f"{row['accuracy']:.3f}, MB/dev/round "
+                      f"{old['bytes_per_device_per_round'] / 1e6:.2f} -> "
+                      f"{row['bytes_per_device_per_round'] / 1e6:.2f}")
+    report = {"benchmark": "split", "time": time.strftime("%Y%m%d-%H%M%S"), "hardware": info,
+              "workload": {k: v for k, v in vars(args).items() if k != "func"},
+              "results": rows}
+    path.write_text(json.dumps(report, indent=2))
+    _plot(rows, out / "split.png")
+    print(f"wrote {path} and {out / 'split.png'}")
+    return 0 if all(r["state"] == "COMPLETED" for r in rows) else 1
+
+
+def _lora_trainable(args: argparse.Namespace, num_labels: int) -> int:
+    """Parameters FedAvg-LoRA trains (adapters + head), from the model the nodes build."""
+    from node.models import ModelConfig, build_lora_model
+
+    model, _ = build_lora_model(ModelConfig(base=args.base, num_labels=num_labels,
+                                            max_length=args.max_length, seed=args.seed))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in rows:
+        ax.scatter(row["bytes_per_device_per_round"] / 1e6, row["accuracy"] or 0.0,
+                   s=40 + 300 * row["flops_vs_full"], label=row["method"])
+    ax.set_xscale("log")
+    ax.set_xlabel("MB per device per round (log)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("Split vs federated fine-tuning (marker size: device FLOPs)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
