@@ -55,10 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _daemon_part(args: argparse.Namespace) -> list[dict]:
     from cli.cluster import LocalCluster
-    from cli.experiment import Evaluator, shard_dirs, watch_with_progress
+    from cli.experiment import run_experiment, shard_dirs
     from node.data import load_jsonl, prepare_bbc_shards
-    from node.store import ModelStore
-    from protos.sdk import SyncConfideClient, job_spec
+    from protos.sdk import job_spec
 
     workdir = Path(args.workdir)
     if workdir.exists():
@@ -68,54 +67,30 @@ def _daemon_part(args: argparse.Namespace) -> list[dict]:
                        max_train_per_node=args.max_per_node or None)
     labels = json.loads((data_root / "labels.json").read_text())
     test = load_jsonl(data_root / "test.jsonl")[: args.test_size or None]
-    folders = shard_dirs(data_root, args.nodes)
     rows = []
-    evaluator = None
-    with LocalCluster(workdir, folders) as cluster, \
-            SyncConfideClient(cluster.address) as client:
-        deadline = time.monotonic() + 120
-        while sum(n.online for n in client.list_nodes()) < args.nodes:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the nodes did not come online")
-            time.sleep(0.5)
-        for topology, merge in CONFIGS:
+    with LocalCluster(workdir, shard_dirs(data_root, args.nodes)) as cluster:
+        for index, (topology, merge) in enumerate(CONFIGS):
             spec = job_spec("dimat", name=f"bench-dimat-{topology}-{merge}",
                             rounds=args.rounds, min_nodes=args.nodes, base=args.base,
                             num_labels=len(labels), max_length=args.max_length,
                             max_steps=args.max_steps, learning_rate=args.lr, seed=args.seed,
                             params={"topology": topology, "merge": merge,
                                     "match_examples": 32})
-            if evaluator is None:
-                evaluator = Evaluator(spec, test)
-                before = evaluator(None)
-            job = client.submit_job(spec)
-            snapshots: dict[int, list] = {}
-
-            def snapshot(event, job_id=job.job_id, snapshots=snapshots) -> None:
-                # each node's merged model, read from its own folder as the round ends
-                if event.kind == "round.completed":
-                    snapshots[event.round] = [ModelStore(f / "models").load(job_id, "own")
-                                              for f in folders]
-
-            watch_with_progress(client, job.job_id, f"{topology}/{merge} ",
-                                on_event=snapshot)
-            final = client.get_job(job.job_id)
-            per_round = []
-            for summary in final.rounds:
-                states = snapshots.get(summary.round, [])
-                accs = [evaluator(s)["accuracy"] for s in states if s is not None]
-                per_round.append({
-                    "round": summary.round,
-                    "accuracy_mean": sum(accs) / len(accs) if accs else None,
-                    "accuracy_min": min(accs) if accs else None,
-                    "peer_bytes_per_node": summary.metrics.get("peer_bytes_down_per_node", 0.0),
-                    "coordinator_bytes_per_node": (summary.bytes.up + summary.bytes.down)
-                    / max(len(summary.participants), 1),
-                    "seconds": summary.seconds,
-                })
-            rows.append({"topology": topology, "merge": merge,
-                         "state": "COMPLETED" if final.state == 3 else str(final.reason),
-                         "accuracy_before": before["accuracy"], "rounds": per_round})
+            result = run_experiment(cluster, spec, test, label=f"{topology}/{merge} ",
+                                    evaluate_before=index == 0, evaluate_rounds=True)
+            if index == 0:
+                before = result.before.get("accuracy", float("nan"))
+            rows.append({"topology": topology, "merge": merge, "state": result.state,
+                         "accuracy_before": before, "rounds": [{
+                             "round": r["round"],
+                             "accuracy_mean": r["eval"].get("accuracy"),
+                             "accuracy_min": r["eval"].get("accuracy_min"),
+                             "peer_bytes_per_node": r["metrics"].get("peer_bytes_down_per_node",
+                                                                     0.0),
+                             "coordinator_bytes_per_node": r["bytes_up_per_node"]
+                             + r["bytes_down_per_node"],
+                             "seconds": r["seconds"],
+                         } for r in result.rounds]})
     return rows
 
 

@@ -18,6 +18,7 @@ from node.methods import get_method, method_params
 from node.methods.sfprompt import SFPROMPT_TRAINABLE, LocalBody, SplitTrainer
 from node.models import job_model_config
 from node.split_model import SplitConfig, build_split
+from node.store import ModelStore
 from node.trainer import LoraTrainer
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.sdk import SyncConfideClient
@@ -119,18 +120,29 @@ def run_experiment(cluster: LocalCluster, spec: pb.JobSpec, test: list[Example],
                    label: str = "", quiet: bool = False, evaluate_before: bool = True,
                    evaluate_rounds: bool = False) -> ExperimentResult:
     """Submit ``spec`` to a running cluster, follow it, evaluate the global model on ``test``
-    before training, after the job and (``evaluate_rounds``) after every round."""
+    before training, after the job and (``evaluate_rounds``) after every round.
+
+    A decentralized job (DIMAT) has no global model: each node's merged model is read from
+    the node's own folder as its round ends (this process runs every node of the cluster),
+    and a round's figures are the mean over nodes ("accuracy") and the worst node
+    ("accuracy_min")."""
     started = time.monotonic()
     evaluator = Evaluator(spec, test) if test else None
     before = evaluator(None) if evaluator and evaluate_before else {}
     accuracy_by_round: dict[int, dict[str, float]] = {}
+    decentralized = get_method(spec.method).decentralized
     with SyncConfideClient(cluster.address) as client:
         job = client.submit_job(spec)
         node_metrics: dict[int, dict[str, dict[str, float]]] = {}
+        node_states: dict[int, list[dict]] = {}
 
         def collect(event: pb.Event) -> None:
             if event.kind == "node.done":
                 node_metrics.setdefault(event.round, {})[event.node_id] = dict(event.metrics)
+            elif event.kind == "round.completed" and decentralized:
+                stores = [ModelStore(folder / "models") for folder in cluster.node_data_dirs]
+                node_states[event.round] = [state for store in stores
+                                            if (state := store.load(job.job_id, "own"))]
 
         watch_with_progress(client, job.job_id, label, quiet, on_event=collect)
         final = client.get_job(job.job_id)
@@ -138,8 +150,12 @@ def run_experiment(cluster: LocalCluster, spec: pb.JobSpec, test: list[Example],
         if evaluator is not None and final.rounds_completed:
             done = [r.round for r in final.rounds if r.state == "completed"]
             for round_number in done if evaluate_rounds else done[-1:]:
-                state = client.fetch_global_model(job.job_id, round_number)
-                accuracy_by_round[round_number] = evaluator(state)
+                if decentralized:
+                    accuracy_by_round[round_number] = _mean_over_nodes(
+                        [evaluator(state) for state in node_states.get(round_number, [])])
+                else:
+                    state = client.fetch_global_model(job.job_id, round_number)
+                    accuracy_by_round[round_number] = evaluator(state)
             if final.state == pb.COMPLETED:
                 after = accuracy_by_round[done[-1]]
     rounds = []
@@ -169,6 +185,15 @@ def run_experiment(cluster: LocalCluster, spec: pb.JobSpec, test: list[Example],
         after=after,
         seconds=time.monotonic() - started,
     )
+
+
+def _mean_over_nodes(results: list[dict[str, float]]) -> dict[str, float]:
+    if not results:
+        return {}
+    out = {key: sum(r[key] for r in results) / len(results) for key in results[0]}
+    if "accuracy" in out:
+        out["accuracy_min"] = min(r["accuracy"] for r in results)
+    return out
 
 
 def shard_dirs(data_root: Path, nodes: int) -> list[Path]:

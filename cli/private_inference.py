@@ -9,7 +9,8 @@
 
 The client asks the node for a session on one of its models (``OpenPrivateInference``: the
 model name, the sequence length and the provider travel, never a token), then runs the data
-owner's MPC party in a fresh process (multiprocessing "spawn": CrypTen keeps global state) that
+owner's MPC party in a fresh process (``python -m cli.private_inference``: CrypTen keeps global
+state, and a fresh interpreter needs no ``if __name__ == "__main__"`` guard in the caller) that
 meets the node's party at the rendezvous the node gave. The token ids are secret-shared with
 the node's party; the logits are revealed to this process alone. Text is tokenized here, with
 the tokenizer the model's public configuration names.
@@ -22,11 +23,16 @@ the model owner when the dealer runs on a third machine instead.
 
 from __future__ import annotations
 
+import functools
 import json
-import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -45,7 +51,7 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT_S = 60.0
-STARTUP_GRACE_S = 120.0  # a fresh party process imports torch and CrypTen before it joins
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class PrivateInferenceError(RuntimeError):
@@ -132,9 +138,11 @@ def _dial_rendezvous(rendezvous: str, node_address: str) -> str:
 
 
 def _tokenizer(spec: dict[str, Any]):
-    from pathlib import Path
+    return _tokenizer_named(spec["name"])
 
-    name = spec["name"]
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_named(name: str):
     if name == "minilm":
         from node.aero import default_tokenizer
 
@@ -191,51 +199,74 @@ def decode_token(model_id: int, config: dict[str, Any], tokenizer=None) -> str |
 # The data owner's party (and the local TTP dealer), as fresh processes
 
 
-def _data_owner_party(conn, rendezvous: str, rank: int, model_owner_rank: int, provider: str,
-                      timeout_s: float, config: dict[str, Any], seq_len: int,
-                      token_ids: list[int]) -> None:
-    """Runs in a spawned process; sends back plain data (no objects of ours) over ``conn``."""
+def _party_main(folder: str) -> int:
+    """``python -m cli.private_inference data-owner FOLDER``: the data owner's party process.
+
+    Reads its job (rendezvous, config, token ids) from stdin as JSON (ids never appear on a
+    command line, where other local users could read them) and writes ``FOLDER/result.json``
+    plus the logits as ``FOLDER/logits.safetensors``.
+    """
+    job = json.loads(sys.stdin.read())
+    out = Path(folder)
     import torch
 
     torch.set_num_threads(1)
+    from safetensors.torch import save_file
+
     from node.private_party import use_node_hosted_store
     from privacy import mpc
 
     use_node_hosted_store()
     try:
-        with mpc.mpc_session(rank, 2, rendezvous, timeout_s=timeout_s,
-                             provider=provider) as party:
+        with mpc.mpc_session(job["rank"], 2, job["rendezvous"], timeout_s=job["timeout_s"],
+                             provider=job["provider"]) as party:
             start = time.perf_counter()
-            logits = mpc.private_forward(config, seq_len, token_ids=torch.tensor(token_ids),
-                                         model_owner=model_owner_rank, data_owner=rank)
+            logits = mpc.private_forward(job["config"], job["seq_len"],
+                                         token_ids=torch.tensor(job["token_ids"]),
+                                         model_owner=job["model_owner_rank"],
+                                         data_owner=job["rank"])
             forward_s = time.perf_counter() - start
             stats = party.stats().to_dict()
-        assert logits is not None
-        conn.send({"logits": logits.float().numpy().tobytes(), "shape": list(logits.shape),
-                   "forward_s": forward_s, "stats": stats})
+        if logits is None:
+            raise mpc.MpcError("the logits were not revealed to the data owner")
+        save_file({"logits": logits.float().contiguous()}, str(out / "logits.safetensors"))
+        result = {"forward_s": forward_s, "stats": stats}
     except mpc.MpcPeerError as exc:
-        conn.send({"error": str(exc), "peer": True})
+        result = {"error": str(exc), "peer": True}
     except Exception as exc:
-        conn.send({"error": f"{type(exc).__name__}: {exc}", "peer": False})
-    finally:
-        conn.close()
+        result = {"error": f"{type(exc).__name__}: {exc}", "peer": False}
+    (out / "result.json").write_text(json.dumps(result))
+    return 0 if "error" not in result else 3
 
 
-def _dealer(rendezvous: str, timeout_s: float) -> None:
-    from node.private_party import run_dealer
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
 
-    run_dealer(rendezvous, timeout_s)
+
+def _stop(process: subprocess.Popen | None, grace: float) -> None:
+    if process is None:
+        return
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def run_private_session(session: node_pb2.PrivateInferenceSession, token_ids: Sequence[int],
                         node_address: str, *, start_dealer: bool = True) -> dict[str, Any]:
     """Join a session the node opened, as the data owner; returns logits, stats, timing.
 
-    Raises :class:`privacy.mpc.MpcPeerError` (naming the node) when the node's party
-    disconnects or stops answering, within the session's timeout.
+    The party runs as a fresh process (``python -m cli.private_inference``; with TTP and
+    ``start_dealer`` a dealer process too). Raises :class:`privacy.mpc.MpcPeerError` (naming
+    the node) when the node's party disconnects or stops answering, within the session's
+    timeout per communication step.
     """
-    import numpy as np
-    import torch
+    from safetensors.torch import load_file
 
     from privacy import mpc
 
@@ -250,52 +281,52 @@ def run_private_session(session: node_pb2.PrivateInferenceSession, token_ids: Se
                                     f"{session.model_owner_rank}; this client only joins as "
                                     "rank 0 (the party that deals triples under TFP)")
     rendezvous = _dial_rendezvous(session.rendezvous, node_address)
-    ctx = multiprocessing.get_context("spawn")
-    dealer = None
-    if session.provider == "TTP" and start_dealer:
-        dealer = ctx.Process(target=_dealer, args=(rendezvous, session.timeout_s), daemon=True,
-                             name="confide-ttp-dealer")
-        dealer.start()
-    receive, send = ctx.Pipe(duplex=False)
-    party = ctx.Process(target=_data_owner_party, daemon=True, name="confide-data-owner",
-                        args=(send, rendezvous, session.data_owner_rank,
-                              session.model_owner_rank, session.provider, session.timeout_s,
-                              config, session.seq_len, ids))
-    party.start()
-    send.close()
     what = (f"private inference on node {node_address} (model {config.get('name')!r}, "
             f"session {session.session_id})")
-    try:
-        message = None
-        while message is None:
-            if receive.poll(0.2):
-                try:
-                    message = receive.recv()
-                except EOFError:
-                    break
-            elif not party.is_alive():
-                break
-        if message is None:
-            raise PrivateInferenceError(f"{what}: the data owner's party process exited "
-                                        f"(code {party.exitcode}) without a result")
-        if "error" in message:
-            if message["peer"]:
-                raise mpc.MpcPeerError(f"{what}: the node's party is gone: {message['error']}")
-            raise PrivateInferenceError(f"{what}: {message['error']}")
-        logits = torch.from_numpy(np.frombuffer(message["logits"], dtype=np.float32).copy())
-        return {"logits": logits.reshape(message["shape"]), "forward_s": message["forward_s"],
-                "stats": mpc.CommStats(**message["stats"]), "config": config}
-    finally:
-        receive.close()
-        party.join(10)
-        if party.is_alive():
-            party.kill()
-            party.join()
-        if dealer is not None:
-            dealer.join(10)
-            if dealer.is_alive():
-                dealer.kill()
-                dealer.join()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    party = dealer = None
+    with tempfile.TemporaryDirectory(prefix="confide-private-") as tmp:
+        folder = Path(tmp)
+        try:
+            if session.provider == "TTP" and start_dealer:
+                with open(folder / "dealer.log", "wb") as log_file:
+                    dealer = subprocess.Popen(
+                        [sys.executable, "-m", "node.private_party", "dealer", "--rendezvous",
+                         rendezvous, "--timeout", repr(session.timeout_s)],
+                        stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                        env=env, cwd=ROOT)
+            job = {"rendezvous": rendezvous, "rank": session.data_owner_rank,
+                   "model_owner_rank": session.model_owner_rank, "provider": session.provider,
+                   "timeout_s": session.timeout_s, "config": config,
+                   "seq_len": session.seq_len, "token_ids": ids}
+            with open(folder / "party.log", "wb") as log_file:
+                party = subprocess.Popen(
+                    [sys.executable, "-m", "cli.private_inference", "data-owner", tmp],
+                    stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                    cwd=ROOT)
+            assert party.stdin is not None
+            party.stdin.write(json.dumps(job).encode())
+            party.stdin.close()
+            code = party.wait()  # bounded: every communication step has the session's timeout
+            try:
+                result = json.loads((folder / "result.json").read_text())
+            except (OSError, ValueError):
+                raise PrivateInferenceError(
+                    f"{what}: the data owner's party process exited (code {code}) without a "
+                    f"result: {_tail(folder / 'party.log')}") from None
+            if "error" in result:
+                if result["peer"]:
+                    raise mpc.MpcPeerError(f"{what}: the node's party is gone: "
+                                           f"{result['error']}")
+                raise PrivateInferenceError(f"{what}: {result['error']}")
+            logits = load_file(str(folder / "logits.safetensors"))["logits"]
+        finally:
+            if party is not None and party.poll() is None:
+                party.kill()
+                party.wait()
+            _stop(dealer, 10.0)
+    return {"logits": logits, "forward_s": result["forward_s"],
+            "stats": mpc.CommStats(**result["stats"]), "config": config}
 
 
 def private_infer(node_address: str, model: str, text_or_token_ids: str | Sequence[int],
@@ -335,3 +366,10 @@ def private_infer(node_address: str, model: str, text_or_token_ids: str | Sequen
         provider=session.provider, token_ids=ids, logits=out["logits"], next_token_id=next_id,
         next_token=next_token, stats=out["stats"], forward_s=out["forward_s"],
         total_s=time.perf_counter() - start, config=config)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "data-owner":
+        sys.exit("usage: python -m cli.private_inference data-owner FOLDER (job JSON on stdin); "
+                 "use `confide infer --private` or private_infer() instead")
+    sys.exit(_party_main(sys.argv[2]))

@@ -16,6 +16,7 @@ from node.anonymous import load_or_create_ring_key
 from node.data import LocalData
 from node.device import select_device
 from node.peer import NodePeerService
+from node.private_inference import PrivateInference
 from node.session import CoordinatorLink
 from node.split_transport import SplitServer
 from node.store import ModelStore
@@ -62,6 +63,8 @@ class NodeDaemon:
         self.link: CoordinatorLink | None = None
         self._link_task: asyncio.Task | None = None
         self.peer_port = 0
+        #: private inference on the AERO models in <data dir>/private (needs the peer service)
+        self.private: PrivateInference | None = None
 
     @property
     def node_id(self) -> str:
@@ -94,8 +97,11 @@ class NodeDaemon:
         if self.server is not None:
             split_server = (SplitServer(self.device) if "split-server" in self.config.roles
                             else None)
+            self.private = PrivateInference(
+                self.data_dir / "private", bind_host=self.config.listen.rsplit(":", 1)[0],
+                advertise_host=info.peer_address.rsplit(":", 1)[0])
             node_grpc.add_NodePeerServicer_to_server(
-                NodePeerService(info, self.models, split_server), self.server)
+                NodePeerService(info, self.models, split_server, self.private), self.server)
             health_servicer = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
             await self.server.start()
@@ -119,6 +125,8 @@ class NodeDaemon:
             await self.link.close()
         if self.server is not None:
             await self.server.stop(1.0)
+        if self.private is not None:
+            await asyncio.to_thread(self.private.close)
 
 
 async def serve(config: NodeConfig) -> None:

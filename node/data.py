@@ -368,7 +368,8 @@ def prepare_bbc_shards(
     """Write a federated BBC News workload: one non-IID training shard per node plus a test set.
 
     Layout: ``out_dir/node{i}/train.jsonl`` (a node's data directory), ``out_dir/test.jsonl``
-    (held out: never handed to a node, used to measure the global model) and
+    (held out: never handed to a node, used to measure the global model; shuffled, so a prefix
+    is a fair sample) and
     ``out_dir/labels.json`` (label names, index = label). ``max_train_per_node`` caps each shard
     (a random subset) to keep CPU demos short. Returns a summary for logs and benchmarks.
     """
@@ -390,6 +391,10 @@ def prepare_bbc_shards(
 
     for i, shard in enumerate(shards):
         write_jsonl(out_dir / f"node{i}" / "train.jsonl", shard)
+    # the corpus is ordered by label: shuffle (seeded) so that any prefix of the test set
+    # (the demo's --test-size) is a fair sample of every class
+    test = list(test)
+    random.Random(f"{seed}/test").shuffle(test)
     write_jsonl(out_dir / "test.jsonl", test)
     _atomic_write_text(out_dir / "labels.json", [json.dumps(labels)])
     return {

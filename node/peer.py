@@ -1,11 +1,15 @@
 """The node's peer service (NodePeer): what other nodes, and the coordinator when it can
-reach the node, ask of it directly: the node's info, the global models it holds, and, on a
-node with the "split-server" role, the body of SFPrompt jobs (``node.split_transport``)."""
+reach the node, ask of it directly: the node's info, the global models it holds, the body of
+SFPrompt jobs on a node with the "split-server" role (``node.split_transport``), and private
+inference sessions on its AERO models (``node.private_inference``)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
+from node.private_inference import PrivateInference, PrivateInferenceError
 from node.split_transport import SplitServer
 from node.store import ModelStore
 from protos.chunking import split_payload
@@ -17,10 +21,12 @@ from protos.confide.v1 import node_pb2_grpc as node_grpc
 
 class NodePeerService(node_grpc.NodePeerServicer):
     def __init__(self, info: pb.NodeInfo, models: ModelStore,
-                 split_server: SplitServer | None = None) -> None:
+                 split_server: SplitServer | None = None,
+                 private: PrivateInference | None = None) -> None:
         self.info = info
         self.models = models
         self.split_server = split_server
+        self.private = private
 
     async def GetInfo(self, request: node_pb2.GetInfoRequest, context) -> pb.NodeInfo:
         return self.info
@@ -57,3 +63,20 @@ class NodePeerService(node_grpc.NodePeerServicer):
                                 "--role split-server)")
         async for reply in self.split_server.session(request_iterator, context):
             yield reply
+
+    async def OpenPrivateInference(self, request: node_pb2.PrivateInferenceRequest, context
+                                   ) -> node_pb2.PrivateInferenceSession:
+        """Start the node's MPC party for one private forward (``node.private_inference``)."""
+        if self.private is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this node does not serve private inference")
+        try:
+            return await asyncio.to_thread(self.private.open, request)
+        except PrivateInferenceError as exc:
+            await context.abort(exc.code, str(exc))
+
+    async def ListPrivateModels(self, request: node_pb2.ListPrivateModelsRequest, context
+                                ) -> node_pb2.ListPrivateModelsResponse:
+        if self.private is None:
+            return node_pb2.ListPrivateModelsResponse()
+        return await asyncio.to_thread(self.private.list_models)

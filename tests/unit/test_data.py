@@ -268,6 +268,8 @@ def test_prepare_bbc_shards(tmp_path: Path) -> None:
     assert summary["test_size"] == len(test)
     assert summary["train_sizes"] == [len(s) for s in shards]
     assert summary["labels"] == BBC_LABELS
+    # the test set is shuffled: a short prefix (the demo's --test-size) holds every class
+    assert {ex.label for ex in test[:60]} == set(range(len(BBC_LABELS)))
     for shard, counts in zip(shards, summary["label_counts"], strict=True):
         assert counts == {
             name: sum(ex.label == i for ex in shard) for i, name in enumerate(BBC_LABELS)
