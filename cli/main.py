@@ -264,11 +264,70 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return importlib.import_module(f"bench.{args.action}").run_benchmark(args)
 
 
+def cmd_infer(args: argparse.Namespace) -> int:
+    """Private inference on a node's model (``cli.private_inference``)."""
+    import json
+
+    from cli.private_inference import PrivateInferenceError, list_private_models, private_infer
+
+    if not args.private:
+        print("error: nodes offer inference on their models only as two-party computation: "
+              "add --private (your input stays with you, the node's weights with the node)",
+              file=sys.stderr)
+        return 2
+    try:
+        if args.list:
+            for name, config in list_private_models(args.node).items():
+                tokenizer = (config.get("tokenizer") or {}).get("name", "ids only")
+                print(f"{name:<20} d_model {config['d_model']}, {config['n_layers']} layer(s), "
+                      f"vocab {config['vocab_size']}, max_len {config['max_len']}, layernorm "
+                      f"{config['layernorm']}, activation {config['activation']}, tokenizer "
+                      f"{tokenizer}")
+            return 0
+        if not args.model or (args.text is None) == (args.ids is None):
+            print("error: give --model and exactly one of --text or --ids", file=sys.stderr)
+            return 2
+        source = args.text if args.text is not None else [
+            int(x) for x in args.ids.replace(" ", "").split(",") if x]
+        result = private_infer(args.node, args.model, source, provider=args.provider,
+                               timeout_s=args.timeout)
+    except ValueError as exc:
+        print(f"error: --ids must be comma-separated integers ({exc})", file=sys.stderr)
+        return 2
+    except PrivateInferenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # privacy.mpc.MpcPeerError / MpcError
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.to_dict(logits=True)))
+        return 0
+    top = result.logits[-1].topk(min(5, result.logits.shape[-1]))
+    print(f"model {result.model} on node {result.node}, {len(result.token_ids)} token(s), "
+          f"provider {result.provider}, session {result.session_id}")
+    shown = result.next_token if result.next_token is not None else "-"
+    print(f"next token: id {result.next_token_id} ({shown}); top-5 ids "
+          f"{top.indices.tolist()} logits {[round(v, 3) for v in top.values.tolist()]}")
+    print(f"2PC forward {result.forward_s:.2f}s ({result.total_s:.1f}s with set-up), "
+          f"{result.stats.rounds} rounds, {result.stats.bytes / 1e6:.1f} MB sent+received by "
+          "this party; the logits were revealed to this process only")
+    return 0
+
+
+def cmd_aero_train(args: argparse.Namespace) -> int:
+    from bench.private import train_command
+
+    return train_command(args)
+
+
 BENCHMARKS = {
     "federated": "federated methods side by side on non-IID BBC News, through real daemons",
     "ringsig": "linkable ring signature sign/verify time vs ring size",
     "split": "SFPrompt split learning vs federated full fine-tuning and FedAvg-LoRA",
     "dimat": "DIMAT vs gossip vs local-only merging between peers, through real daemons",
+    "private": "AERO vs LayerNorm+GELU decoders under CrypTen 2PC: bytes, rounds, seconds, "
+               "error, perplexity",
 }
 
 
@@ -398,6 +457,37 @@ def build_parser() -> argparse.ArgumentParser:
                        "accuracy before/after, bytes and time per round.")
     add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("infer", help="private inference on a node's model (two-party computation)",
+                       description="Run a model a node serves on your input under CrypTen "
+                       "secure two-party computation: the node never sees your tokens, you never "
+                       "see its weights, the output is revealed to you only. Semi-honest "
+                       "security; see README 'Private inference' for the threat model.")
+    p.add_argument("--private", action="store_true", help="two-party computation (required)")
+    p.add_argument("--node", required=True, help="the node's peer address HOST:PORT")
+    p.add_argument("--model", default="", help="a model the node serves (see --list)")
+    p.add_argument("--text", default=None, help="your text (tokenized here)")
+    p.add_argument("--ids", default=None, help="or the model's token ids, e.g. 101,2023,2003")
+    p.add_argument("--provider", default="TFP", choices=["TFP", "TTP"],
+                   help="Beaver triples: TFP (CrypTen's default: you, rank 0, deal them) or TTP "
+                        "(a dealer process started here) (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds per communication step before giving up (default: %(default)s)")
+    p.add_argument("--list", action="store_true", help="list the node's private models")
+    p.add_argument("--json", action="store_true", help="print the result (with logits) as JSON")
+    p.set_defaults(func=cmd_infer)
+
+    aero = sub.add_parser("aero", help="AERO softmax-only models for private inference")
+    aero_sub = aero.add_subparsers(dest="action", required=True)
+    p = aero_sub.add_parser("train", help="train a variant on BBC News, publish it for a node",
+                            description="Train a small decoder (baseline or an AERO variant) on "
+                            "BBC News, offline, print its held-out perplexity and save it as "
+                            "safetensors into a node's data folder (private/NAME.safetensors), "
+                            "where `confide node serve` offers it for private inference.")
+    from bench.private import add_train_arguments
+
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_aero_train)
 
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON + PNG)")
     bench_sub = bench.add_subparsers(dest="action", required=True)

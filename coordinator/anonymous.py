@@ -11,6 +11,8 @@ under its link tag.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
 import time
@@ -74,6 +76,22 @@ class AnonymousInbox:
 
     _updates: dict[tuple[str, int], dict[bytes, AnonymousUpdate]] = field(
         default_factory=lambda: defaultdict(dict))
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait_for(self, job_id: str, round_number: int, count: int,
+                       timeout: float) -> int:
+        """Wait until ``count`` updates of the round are filed or ``timeout`` passes: nodes
+        say "done" on their sessions *before* they upload, after a random delay, so the
+        round has to wait for the uploads. Returns how many arrived."""
+        deadline = time.monotonic() + max(timeout, 0.0)
+        while self.count(job_id, round_number) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+        return self.count(job_id, round_number)
 
     def verify_and_file(self, header: pb.AnonymousUpdateHeader, payload: bytes,
                         ring: list[bytes], challenges: ChallengeBook,
@@ -104,6 +122,7 @@ class AnonymousInbox:
                                     "round (same link tag)", "ALREADY_EXISTS")
         filed[signature.key_image] = AnonymousUpdate(signature.key_image, payload,
                                                      int(header.num_examples), wire_bytes)
+        self._arrived.set()
         return signature.key_image
 
     def take(self, job_id: str, round_number: int) -> list[AnonymousUpdate]:

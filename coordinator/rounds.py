@@ -297,6 +297,8 @@ class JobRunner:
             for outcome in outcomes:
                 if not outcome.ok:
                     record.dropped[outcome.node_id] = outcome.reason
+            remaining = self.spec.round_timeout_s - (time.monotonic() - started)
+            await self.inbox.wait_for(self.job_id, round_number, len(delivered), remaining)
             outcomes = [self._anonymous_outcome(u, round_number)
                         for u in self.inbox.take(self.job_id, round_number)]
             for outcome in outcomes:

@@ -29,6 +29,10 @@ from protos.identity import NodeKey
 
 log = logging.getLogger(__name__)
 
+#: the most an anonymous upload waits after the session's "done" (uniform random delay)
+ANONYMOUS_JITTER_S = 2.0
+_JITTER = random.SystemRandom()
+
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
@@ -298,17 +302,23 @@ class _TaskRunner:
 
     async def _submit_anonymously(self, task: pb.Task, update: bytes, num_examples: int,
                                   started: float) -> None:
-        """The update goes on its own ring-signed call; the session only hears "done",
-        with no example count and no metrics that could tell the updates apart."""
+        """The update goes on its own ring-signed call; the session only hears "done", with
+        no example count and no metrics that could tell the updates apart. "done" goes
+        first and the upload follows after a random delay, so neither the order of arrival
+        nor a fixed gap pairs a session with its upload (the network address still can:
+        see the README's threat model)."""
+        self.send(pb.NodeMessage(result=pb.TaskResult(task_id=task.task_id)))
+        self.link.state.tasks_done += 1
+        await asyncio.sleep(_JITTER.uniform(0.0, ANONYMOUS_JITTER_S))
         try:
             await submit_anonymously(self.link.coordinator, self.link.ring_key, task, update,
                                      num_examples, CHANNEL_OPTIONS)
         except (grpc.aio.AioRpcError, AnonymityError) as exc:
             reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-            self.fail(task.task_id, f"anonymous submission failed: {reason}")
+            # the session already said "done": the coordinator sees one update fewer
+            log.error("task %s: anonymous submission failed: %s", task.task_id[:8], reason)
+            self.link.state.tasks_failed += 1
             return
-        self.send(pb.NodeMessage(result=pb.TaskResult(task_id=task.task_id)))
-        self.link.state.tasks_done += 1
         log.info("task %s (round %d) submitted anonymously in %.1fs", task.task_id[:8],
                  task.round, time.monotonic() - started)
 

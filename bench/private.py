@@ -1,0 +1,460 @@
+"""``confide bench private``: AERO softmax-only models vs the LayerNorm + GELU baseline, trained
+on BBC News and run under CrypTen two-party computation through a real node daemon.
+
+1. Train small decoders of equal width and depth (``node.aero``) on BBC News text (offline) and
+   report held-out perplexity: the baseline (LayerNorm + GELU FFN), LN-free (GELU kept, scaled
+   residual branches), softmax-only (no LayerNorm, no GELU: a linear FFN), and AERO
+   (softmax-only + entropy regularization). Each is saved as safetensors into the node's
+   ``private/`` folder (``node.private_inference.publish_model``).
+2. Start a node daemon (``confide node serve``) and, for each measured variant and sequence
+   length, run one private forward through the product path (``cli.private_inference``:
+   ``OpenPrivateInference`` over gRPC, the node's party and the data owner's party as separate
+   processes over gloo on 127.0.0.1). Per forward: bytes and rounds (per party, as CrypTen
+   counts them), seconds of the 2PC forward, the plaintext forward's seconds, and the largest
+   absolute logit difference from plaintext.
+3. Print the table and the baseline / AERO ratios next to the paper's (4.23x less
+   communication, 1.94x lower latency), write ``private.json`` and ``private.png``, and compare
+   with the previous JSON.
+
+The vocabulary is compact by default (``--vocab 4096``: the most frequent MiniLM WordPiece
+tokens of the training articles, the rest mapped to [UNK]); the one-hot input and the
+embedding/output matrices travel masked once per forward each, so with MiniLM's full 30,522
+tokens (``--vocab 0``) the vocabulary dominates the bytes of both variants alike.
+
+``confide aero train`` (:func:`train_command`) trains one variant with the same recipe and
+publishes it into a node's data folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import shutil
+import socket
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+PAPER = {"communication": 4.23, "latency": 1.94}
+"""AERO (Jha & Reagen 2024): the softmax-only model vs the baseline, as the paper reports."""
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {"layernorm": True, "activation": "gelu", "ffn": True, "normalization": "none"},
+    "ln-free": {"layernorm": False, "activation": "gelu", "ffn": True,
+                "normalization": "scaled"},
+    "softmax-only": {"layernorm": False, "activation": "none", "ffn": True,
+                     "normalization": "scaled"},
+    "aero": {"layernorm": False, "activation": "none", "ffn": True, "normalization": "scaled",
+             "entropy_reg": {"enabled": True}},
+}
+DESCRIPTIONS = {
+    "baseline": "LayerNorm + GELU FFN (GPT-2-like)",
+    "ln-free": "no LayerNorm, GELU FFN, scaled branches",
+    "softmax-only": "no LayerNorm, no GELU (linear FFN), scaled",
+    "aero": "softmax-only + entropy regularization",
+}
+MEASURE_DEFAULT = "baseline,ln-free,aero"  # softmax-only has aero's architecture: same cost
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and training (equal for every variant)")
+    g.add_argument("--d-model", type=int, default=128, help="width (default: %(default)s)")
+    g.add_argument("--layers", type=int, default=2, help="depth (default: %(default)s)")
+    g.add_argument("--heads", type=int, default=4)
+    g.add_argument("--d-ff", type=int, default=512, help="FFN width (default: %(default)s)")
+    g.add_argument("--max-len", type=int, default=128, help="positions (default: %(default)s)")
+    g.add_argument("--vocab", type=int, default=4096,
+                   help="compact vocabulary: the most frequent MiniLM tokens of the training "
+                        "articles (the rest -> [UNK]); 0 = MiniLM's full 30,522 "
+                        "(default: %(default)s)")
+    g.add_argument("--steps", type=int, default=200, help="training steps (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--eval-articles", type=int, default=100,
+                   help="held-out articles for perplexity (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="variants to train (default: %(default)s)")
+    p.add_argument("--measure", default=MEASURE_DEFAULT,
+                   help="variants to run under 2PC (default: %(default)s)")
+    p.add_argument("--seq-lens", default="32,64,128",
+                   help="sequence lengths under 2PC (default: %(default)s)")
+    p.add_argument("--provider", default="TFP", choices=["TFP", "TTP"],
+                   help="Beaver-triple provider of the main rows (default: %(default)s)")
+    p.add_argument("--ttp-seq-lens", default="32",
+                   help="also run these lengths under TTP, for baseline and aero; '' = none "
+                        "(default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds per communication step (default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 40 steps, lengths 32,64, 40 held-out articles, no TTP")
+    p.add_argument("--workdir", default="runs/bench-private")
+    p.add_argument("--out", default="bench/results",
+                   help="where private.json and private.png go; the previous JSON there is "
+                        "compared with this run (default: %(default)s)")
+    _add_model_arguments(p)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variant", default="aero", choices=list(VARIANTS),
+                   help="architecture (default: %(default)s): " + "; ".join(
+                       f"{k}: {v}" for k, v in DESCRIPTIONS.items()))
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--node-data", help="publish into this node data folder's private/")
+    where.add_argument("--out", help="write this .safetensors file instead")
+    p.add_argument("--name", default="", help="model name on the node (default: the variant)")
+    _add_model_arguments(p)
+
+
+# --------------------------------------------------------------------------------------------
+# Data and training (shared by the benchmark and `confide aero train`)
+
+
+def bbc_split(vocab: int, seed: int = 0):
+    """BBC News token sequences (train, held-out: every 10th article) in a model vocabulary,
+    with the public tokenizer spec that maps MiniLM ids to it."""
+    from node.aero import bbc_token_sequences, default_tokenizer
+    from node.private_inference import TokenizerSpec
+
+    tokenizer = default_tokenizer()
+    sequences = bbc_token_sequences(tokenizer)
+    train = [s for i, s in enumerate(sequences) if i % 10 != 9]
+    test = [s for i, s in enumerate(sequences) if i % 10 == 9]
+    if not vocab:
+        return train, test, TokenizerSpec("minilm"), len(tokenizer), 1.0
+    counts = collections.Counter(t for s in train for t in s)
+    unk = tokenizer.unk_token_id
+    frequent = [t for t, _ in counts.most_common(vocab) if t != unk]
+    keep = [unk, *frequent[: vocab - 1]]
+    index = {t: i for i, t in enumerate(keep)}
+    coverage = sum(c for t, c in counts.items() if t in index) / sum(counts.values())
+
+    def remap(seqs):
+        return [[index.get(t, 0) for t in s] for s in seqs]
+
+    return remap(train), remap(test), TokenizerSpec("minilm", tuple(keep), 0), len(keep), \
+        coverage
+
+
+def variant_config(variant: str, vocab_size: int, args: argparse.Namespace):
+    from node.aero import AeroConfig
+
+    return AeroConfig(vocab_size=vocab_size, max_len=args.max_len, d_model=args.d_model,
+                      n_heads=args.heads, n_layers=args.layers, d_ff=args.d_ff, seed=args.seed,
+                      **VARIANTS[variant])
+
+
+def train_variant(variant: str, train, test, vocab_size: int, args: argparse.Namespace):
+    """Train one variant with the shared recipe; returns (model, record)."""
+    import torch
+
+    from node.aero import AeroModel, perplexity, train_aero
+
+    model = AeroModel(variant_config(variant, vocab_size, args))
+    start = time.perf_counter()
+    history = train_aero(model, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         seed=args.seed)
+    train_s = time.perf_counter() - start
+    held_out = test[: args.eval_articles or None]
+    ppl = perplexity(model, held_out)
+    tail = history[-min(20, len(history)):]
+    with torch.no_grad():
+        entropy = None
+        if model.config.entropy_reg.enabled:
+            entropy = model.entropy_thresholds().mean().item()
+    record = {
+        "variant": variant, "description": DESCRIPTIONS[variant],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": args.steps, "train_s": train_s,
+        "train_loss_last20": statistics.mean(h["ce"] for h in tail),
+        "perplexity": ppl, "held_out_articles": len(held_out),
+        "held_out_tokens": sum(len(s) for s in held_out),
+        "entropy_threshold_mean": entropy,
+    }
+    return model, record
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """``confide aero train``: train one variant on BBC News and publish it for a node."""
+    from node.aero import save_aero
+    from node.private_inference import publish_model
+
+    print(f"tokenizing BBC News (vocabulary {args.vocab or 'full MiniLM'}) ...", flush=True)
+    train, test, spec, vocab_size, coverage = bbc_split(args.vocab, args.seed)
+    print(f"{len(train)} training / {len(test)} held-out articles, vocabulary {vocab_size} "
+          f"({coverage:.1%} of training tokens covered); training {args.variant} "
+          f"({DESCRIPTIONS[args.variant]}) for {args.steps} steps ...", flush=True)
+    model, record = train_variant(args.variant, train, test, vocab_size, args)
+    if args.node_data:
+        path = publish_model(model, args.node_data, args.name or args.variant, spec)
+    else:
+        path = save_aero(model, args.out)
+    print(f"held-out perplexity {record['perplexity']:.1f} ({record['held_out_tokens']} tokens),"
+          f" {record['parameters']:,} parameters, trained in {record['train_s']:.0f}s; "
+          f"wrote {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def _ints(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
+def _names(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}: use {', '.join(VARIANTS)}")
+    return names
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_node(address: str, timeout: float = 90.0) -> None:
+    from cli.private_inference import PrivateInferenceError, list_private_models
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            list_private_models(address, timeout=5)
+            return
+        except PrivateInferenceError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def _plain_forward(model, ids: list[int], repeats: int = 5):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core, like each MPC party
+    try:
+        x = torch.tensor(ids)
+        times = []
+        with torch.no_grad():
+            logits = model(x)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return logits, statistics.median(times)
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    from bench.federated import hardware
+    from bench.ringsig import _cpu_model
+    from cli.cluster import LocalCluster
+    from cli.private_inference import private_infer
+    from node.private_inference import publish_model
+
+    if args.quick:
+        args.steps, args.seq_lens, args.eval_articles, args.ttp_seq_lens = 40, "32,64", 40, ""
+    trained_names, measured = _names(args.variants), _names(args.measure)
+    seq_lens, ttp_lens = _ints(args.seq_lens), _ints(args.ttp_seq_lens)
+    if not seq_lens or max(seq_lens) > args.max_len:
+        raise SystemExit(f"--seq-lens must be in [1, --max-len={args.max_len}]")
+    missing = [m for m in measured if m not in trained_names]
+    if missing:
+        raise SystemExit(f"--measure {missing} must also be in --variants")
+    workdir = Path(args.workdir)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    node_dir = workdir / "node0"
+    bench_start = time.perf_counter()
+
+    print(f"tokenizing BBC News (vocabulary {args.vocab or 'full MiniLM'}) ...", flush=True)
+    train, test, spec, vocab_size, coverage = bbc_split(args.vocab, args.seed)
+    models, trained = {}, []
+    for name in trained_names:
+        print(f"training {name} ({DESCRIPTIONS[name]}): {args.steps} steps ...", flush=True)
+        model, record = train_variant(name, train, test, vocab_size, args)
+        publish_model(model, node_dir, name, spec)
+        models[name] = model
+        trained.append(record)
+        print(f"  held-out perplexity {record['perplexity']:.1f}, {record['train_s']:.0f}s",
+              flush=True)
+
+    flat = [t for s in test for t in s]
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    cluster = LocalCluster(workdir / "cluster", [node_dir], mqtt=False, threads_per_node=1)
+    rows = []
+    runs = [(name, t, args.provider) for name in measured for t in seq_lens]
+    if args.provider != "TTP":
+        runs += [(name, t, "TTP") for t in ttp_lens for name in measured
+                 if name in ("baseline", "aero")]
+    try:
+        cluster.start_coordinator()
+        cluster.start_node(0, "--listen", address)
+        _wait_for_node(address)
+        for name, t, provider in runs:
+            ids = flat[:t]
+            print(f"2PC forward: {name}, T={t}, {provider} ...", flush=True)
+            result = private_infer(address, name, ids, provider=provider,
+                                   timeout_s=args.timeout)
+            plain, plain_s = _plain_forward(models[name], ids)
+            error = (result.logits - plain).abs().max().item()
+            agree = (result.logits.argmax(-1) == plain.argmax(-1)).float().mean().item()
+            rows.append({"variant": name, "seq_len": t, "provider": provider,
+                         "bytes": result.stats.bytes, "rounds": result.stats.rounds,
+                         "comm_s": result.stats.seconds, "mpc_s": result.forward_s,
+                         "session_s": result.total_s, "plain_s": plain_s,
+                         "max_abs_error": error, "top1_agreement": agree})
+    finally:
+        cluster.stop()
+
+    ratios = _ratios(rows, args.provider)
+    info = hardware() | {"cpu": _cpu_model()}
+    _print_report(args, rows, trained, ratios, info, vocab_size, coverage, len(train),
+                  len(test))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _compare_with_previous(out / "private.json", rows, trained)
+    report = {"benchmark": "private", "time": time.strftime("%Y%m%d-%H%M%S"), "hardware": info,
+              "workload": {k: v for k, v in vars(args).items() if k != "func"}
+              | {"vocab_size": vocab_size, "vocab_coverage": coverage,
+                 "train_articles": len(train), "held_out_articles": len(test)},
+              "paper": PAPER, "perplexity": trained, "results": rows, "ratios": ratios,
+              "seconds_total": time.perf_counter() - bench_start}
+    (out / "private.json").write_text(json.dumps(report, indent=2))
+    _plot(rows, trained, ratios, out / "private.png", args.provider)
+    print(f"wrote {out / 'private.json'} and {out / 'private.png'} "
+          f"({time.perf_counter() - bench_start:.0f}s in all)")
+    return 0
+
+
+def _ratios(rows: list[dict], provider: str) -> list[dict]:
+    by = {(r["variant"], r["seq_len"], r["provider"]): r for r in rows}
+    out = []
+    for (variant, t, prov), base in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][1])):
+        if variant != "baseline":
+            continue
+        aero = by.get(("aero", t, prov))
+        if aero is None:
+            continue
+        out.append({"seq_len": t, "provider": prov,
+                    "communication": base["bytes"] / aero["bytes"],
+                    "rounds": base["rounds"] / aero["rounds"],
+                    "latency": base["mpc_s"] / aero["mpc_s"]})
+    return out
+
+
+def _print_report(args, rows, trained, ratios, info, vocab_size, coverage, n_train,
+                  n_test) -> None:
+    print()
+    print(f"workload: decoders of width {args.d_model}, depth {args.layers}, {args.heads} heads, "
+          f"FFN {args.d_ff}, {args.max_len} positions, vocabulary {vocab_size} "
+          f"({coverage:.1%} of training tokens; the rest [UNK]); trained {args.steps} steps x "
+          f"{args.batch_size} x {args.max_len} tokens of BBC News ({n_train} articles), "
+          f"perplexity on {min(args.eval_articles or n_test, n_test)} held-out articles")
+    print(f"{'variant':<14}{'architecture':<44}{'params':>10}{'train s':>9}{'loss':>7}"
+          f"{'perplexity':>12}")
+    for r in trained:
+        print(f"{r['variant']:<14}{r['description']:<44}{r['parameters']:>10,}"
+              f"{r['train_s']:>9.0f}{r['train_loss_last20']:>7.2f}{r['perplexity']:>12.1f}")
+    print()
+    print("2PC: one forward per row through a node daemon (OpenPrivateInference) and the data "
+          "owner's client, separate processes over gloo on 127.0.0.1, 1 thread each; bytes and "
+          "rounds per party (sent + received, as CrypTen counts); 'plain' = the same model in "
+          "plaintext torch, 1 thread")
+    print(f"{'variant':<14}{'T':>4}{'prov':>5}{'MB/party':>10}{'rounds':>8}{'2PC s':>8}"
+          f"{'comm s':>8}{'plain ms':>10}{'max|err|':>10}{'top1':>6}{'session s':>11}")
+    for r in rows:
+        print(f"{r['variant']:<14}{r['seq_len']:>4}{r['provider']:>5}{r['bytes'] / 1e6:>10.1f}"
+              f"{r['rounds']:>8}{r['mpc_s']:>8.2f}{r['comm_s']:>8.2f}{r['plain_s'] * 1e3:>10.2f}"
+              f"{r['max_abs_error']:>10.2e}{r['top1_agreement']:>6.2f}{r['session_s']:>11.1f}")
+    print()
+    print(f"baseline / aero (same width and depth), as measured here; the paper reports "
+          f"{PAPER['communication']}x less communication and {PAPER['latency']}x lower latency:")
+    for r in ratios:
+        print(f"  T={r['seq_len']:<4} {r['provider']}: communication {r['communication']:.2f}x "
+              f"(paper {PAPER['communication']}x), rounds {r['rounds']:.2f}x, latency "
+              f"{r['latency']:.2f}x (paper {PAPER['latency']}x)")
+    print(f"hardware: {info['cpu']}, {info['cpu_count']} CPU(s), {info['platform']}, torch "
+          f"{info['torch']}, GPU not used; both parties on this machine (no network delay: "
+          f"latency here is computation plus local transfers)")
+    print("baseline: the LayerNorm + GELU decoder of the same width, depth and vocabulary, "
+          "trained and measured in this run")
+
+
+def _compare_with_previous(path: Path, rows: list[dict], trained: list[dict]) -> None:
+    if not path.exists():
+        print("  (no previous run to compare with)")
+        return
+    try:
+        previous = json.loads(path.read_text())
+        old_rows = {(r["variant"], r["seq_len"], r["provider"]): r for r in previous["results"]}
+        old_ppl = {r["variant"]: r["perplexity"] for r in previous["perplexity"]}
+    except (ValueError, KeyError, TypeError):
+        return
+    print(f"  vs last run ({previous.get('time', '?')}):")
+    for r in trained:
+        if r["variant"] in old_ppl:
+            print(f"    {r['variant']:<14} perplexity {old_ppl[r['variant']]:.1f} -> "
+                  f"{r['perplexity']:.1f}")
+    for r in rows:
+        old = old_rows.get((r["variant"], r["seq_len"], r["provider"]))
+        if old is None:
+            continue
+        print(f"    {r['variant']:<14} T={r['seq_len']:<4} {r['provider']}: "
+              f"{old['bytes'] / 1e6:.1f} -> {r['bytes'] / 1e6:.1f} MB, "
+              f"{old['mpc_s']:.2f} -> {r['mpc_s']:.2f} s, error "
+              f"{old['max_abs_error']:.1e} -> {r['max_abs_error']:.1e}")
+
+
+def _plot(rows, trained, ratios, path: Path, provider: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    main = [r for r in rows if r["provider"] == provider]
+    for variant in dict.fromkeys(r["variant"] for r in main):
+        mine = [r for r in main if r["variant"] == variant]
+        ts = [r["seq_len"] for r in mine]
+        axes[0].plot(ts, [r["bytes"] / 1e6 for r in mine], marker="o", label=variant)
+        axes[1].plot(ts, [r["mpc_s"] for r in mine], marker="o", label=f"{variant} (2PC)")
+        axes[1].plot(ts, [r["plain_s"] for r in mine], marker="x", linestyle=":",
+                     label=f"{variant} (plaintext)")
+    for ax, title, unit in ((axes[0], "communication per forward", "MB per party"),
+                            (axes[1], "latency per forward", "seconds (log)")):
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(unit)
+        ax.set_title(f"{title} ({provider})")
+        ax.legend(fontsize=8)
+    axes[1].set_yscale("log")
+    names = [r["variant"] for r in trained]
+    bars = axes[2].bar(names, [r["perplexity"] for r in trained], color="tab:gray")
+    for bar, r in zip(bars, trained, strict=True):
+        axes[2].annotate(f"{r['perplexity']:.0f}", (bar.get_x() + bar.get_width() / 2,
+                                                    bar.get_height()),
+                         ha="center", va="bottom", fontsize=8)
+    axes[2].set_ylabel("held-out perplexity (BBC News)")
+    text = "; ".join(f"T={r['seq_len']}: {r['communication']:.2f}x comm, "
+                     f"{r['latency']:.2f}x latency" for r in ratios if r["provider"] == provider)
+    axes[2].set_title("perplexity (lower is better)")
+    fig.suptitle(f"AERO vs baseline under CrypTen 2PC - baseline/aero: {text} "
+                 f"(paper: {PAPER['communication']}x, {PAPER['latency']}x)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
