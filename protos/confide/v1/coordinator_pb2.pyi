@@ -24,6 +24,7 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INIT: _ClassVar[TaskKind]
     TRAIN: _ClassVar[TaskKind]
     MERGE: _ClassVar[TaskKind]
+    MINION: _ClassVar[TaskKind]
 JOB_STATE_UNSPECIFIED: JobState
 PENDING: JobState
 RUNNING: JobState
@@ -34,6 +35,7 @@ TASK_KIND_UNSPECIFIED: TaskKind
 INIT: TaskKind
 TRAIN: TaskKind
 MERGE: TaskKind
+MINION: TaskKind
 
 class NodeInfo(_message.Message):
     __slots__ = ("name", "roles", "peer_address", "device", "datasets", "version", "ring_public_key", "cost")
@@ -453,7 +455,7 @@ class Peer(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "job_id", "round", "kind", "spec", "has_global", "deadline_s", "anonymous", "peers", "self_weight")
+    __slots__ = ("task_id", "job_id", "round", "kind", "spec", "has_global", "deadline_s", "anonymous", "peers", "self_weight", "instructions")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -464,6 +466,7 @@ class Task(_message.Message):
     ANONYMOUS_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     SELF_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTIONS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     job_id: str
     round: int
@@ -474,7 +477,8 @@ class Task(_message.Message):
     anonymous: bool
     peers: _containers.RepeatedCompositeFieldContainer[Peer]
     self_weight: float
-    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., has_global: _Optional[bool] = ..., deadline_s: _Optional[float] = ..., anonymous: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., self_weight: _Optional[float] = ...) -> None: ...
+    instructions: bytes
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., has_global: _Optional[bool] = ..., deadline_s: _Optional[float] = ..., anonymous: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., self_weight: _Optional[float] = ..., instructions: _Optional[bytes] = ...) -> None: ...
 
 class TaskChunk(_message.Message):
     __slots__ = ("task_id", "chunk")
@@ -584,3 +588,89 @@ class CoordinatorMessage(_message.Message):
     cancel: CancelTask
     cost_query: CostQuery
     def __init__(self, challenge: _Optional[_Union[SessionChallenge, _Mapping]] = ..., welcome: _Optional[_Union[SessionWelcome, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., global_chunk: _Optional[_Union[TaskChunk, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., cost_query: _Optional[_Union[CostQuery, _Mapping]] = ...) -> None: ...
+
+class ProtocolDocument(_message.Message):
+    __slots__ = ("hash", "name", "description", "task_kind", "multiround", "rules", "request_schema", "response_schema", "uses")
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    TASK_KIND_FIELD_NUMBER: _ClassVar[int]
+    MULTIROUND_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    USES_FIELD_NUMBER: _ClassVar[int]
+    hash: str
+    name: str
+    description: str
+    task_kind: str
+    multiround: bool
+    rules: str
+    request_schema: str
+    response_schema: str
+    uses: int
+    def __init__(self, hash: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., task_kind: _Optional[str] = ..., multiround: _Optional[bool] = ..., rules: _Optional[str] = ..., request_schema: _Optional[str] = ..., response_schema: _Optional[str] = ..., uses: _Optional[int] = ...) -> None: ...
+
+class GetProtocolRequest(_message.Message):
+    __slots__ = ("hash",)
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    hash: str
+    def __init__(self, hash: _Optional[str] = ...) -> None: ...
+
+class ListProtocolsRequest(_message.Message):
+    __slots__ = ("task_kind",)
+    TASK_KIND_FIELD_NUMBER: _ClassVar[int]
+    task_kind: str
+    def __init__(self, task_kind: _Optional[str] = ...) -> None: ...
+
+class ListProtocolsResponse(_message.Message):
+    __slots__ = ("protocols",)
+    PROTOCOLS_FIELD_NUMBER: _ClassVar[int]
+    protocols: _containers.RepeatedCompositeFieldContainer[ProtocolDocument]
+    def __init__(self, protocols: _Optional[_Iterable[_Union[ProtocolDocument, _Mapping]]] = ...) -> None: ...
+
+class RecordProtocolUseRequest(_message.Message):
+    __slots__ = ("hash", "count")
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    hash: str
+    count: int
+    def __init__(self, hash: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class AskRequest(_message.Message):
+    __slots__ = ("question", "mode", "node_ids", "max_rounds", "citations", "anonymous")
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    CITATIONS_FIELD_NUMBER: _ClassVar[int]
+    ANONYMOUS_FIELD_NUMBER: _ClassVar[int]
+    question: str
+    mode: str
+    node_ids: _containers.RepeatedScalarFieldContainer[str]
+    max_rounds: int
+    citations: str
+    anonymous: bool
+    def __init__(self, question: _Optional[str] = ..., mode: _Optional[str] = ..., node_ids: _Optional[_Iterable[str]] = ..., max_rounds: _Optional[int] = ..., citations: _Optional[str] = ..., anonymous: _Optional[bool] = ...) -> None: ...
+
+class AskEvent(_message.Message):
+    __slots__ = ("kind", "message", "node_id", "answer", "detail_json", "remote_prompt_tokens", "remote_completion_tokens", "local_prompt_tokens", "local_completion_tokens")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_JSON_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    message: str
+    node_id: str
+    answer: str
+    detail_json: str
+    remote_prompt_tokens: int
+    remote_completion_tokens: int
+    local_prompt_tokens: int
+    local_completion_tokens: int
+    def __init__(self, kind: _Optional[str] = ..., message: _Optional[str] = ..., node_id: _Optional[str] = ..., answer: _Optional[str] = ..., detail_json: _Optional[str] = ..., remote_prompt_tokens: _Optional[int] = ..., remote_completion_tokens: _Optional[int] = ..., local_prompt_tokens: _Optional[int] = ..., local_completion_tokens: _Optional[int] = ...) -> None: ...

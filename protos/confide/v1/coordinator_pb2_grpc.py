@@ -100,6 +100,31 @@ class CoordinatorStub:
                 request_serializer=confide_dot_v1_dot_coordinator__pb2.GetLedgerRequest.SerializeToString,
                 response_deserializer=confide_dot_v1_dot_coordinator__pb2.Ledger.FromString,
                 _registered_method=True)
+        self.RegisterProtocol = channel.unary_unary(
+                '/confide.v1.Coordinator/RegisterProtocol',
+                request_serializer=confide_dot_v1_dot_coordinator__pb2.ProtocolDocument.SerializeToString,
+                response_deserializer=confide_dot_v1_dot_coordinator__pb2.ProtocolDocument.FromString,
+                _registered_method=True)
+        self.GetProtocol = channel.unary_unary(
+                '/confide.v1.Coordinator/GetProtocol',
+                request_serializer=confide_dot_v1_dot_coordinator__pb2.GetProtocolRequest.SerializeToString,
+                response_deserializer=confide_dot_v1_dot_coordinator__pb2.ProtocolDocument.FromString,
+                _registered_method=True)
+        self.ListProtocols = channel.unary_unary(
+                '/confide.v1.Coordinator/ListProtocols',
+                request_serializer=confide_dot_v1_dot_coordinator__pb2.ListProtocolsRequest.SerializeToString,
+                response_deserializer=confide_dot_v1_dot_coordinator__pb2.ListProtocolsResponse.FromString,
+                _registered_method=True)
+        self.RecordProtocolUse = channel.unary_unary(
+                '/confide.v1.Coordinator/RecordProtocolUse',
+                request_serializer=confide_dot_v1_dot_coordinator__pb2.RecordProtocolUseRequest.SerializeToString,
+                response_deserializer=confide_dot_v1_dot_coordinator__pb2.ProtocolDocument.FromString,
+                _registered_method=True)
+        self.Ask = channel.unary_stream(
+                '/confide.v1.Coordinator/Ask',
+                request_serializer=confide_dot_v1_dot_coordinator__pb2.AskRequest.SerializeToString,
+                response_deserializer=confide_dot_v1_dot_coordinator__pb2.AskEvent.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -196,6 +221,43 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterProtocol(self, request, context):
+        """---- agents: the Agora protocol registry. A protocol document (PD) is identified by the
+        SHA-256 (hex) of its canonical JSON form (see ProtocolDocument); registering the same
+        document twice is idempotent; an invalid one is INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProtocol(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProtocols(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordProtocolUse(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Ask(self, request, context):
+        """---- agents: Minions. A question over the nodes' private documents: the coordinator's
+        remote model plans small jobs as structured data, the nodes run them with their local
+        models on their own documents (MINION tasks), the remote model aggregates. Progress
+        events stream back, the answer last.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -263,6 +325,31 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetLedger,
                     request_deserializer=confide_dot_v1_dot_coordinator__pb2.GetLedgerRequest.FromString,
                     response_serializer=confide_dot_v1_dot_coordinator__pb2.Ledger.SerializeToString,
+            ),
+            'RegisterProtocol': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterProtocol,
+                    request_deserializer=confide_dot_v1_dot_coordinator__pb2.ProtocolDocument.FromString,
+                    response_serializer=confide_dot_v1_dot_coordinator__pb2.ProtocolDocument.SerializeToString,
+            ),
+            'GetProtocol': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProtocol,
+                    request_deserializer=confide_dot_v1_dot_coordinator__pb2.GetProtocolRequest.FromString,
+                    response_serializer=confide_dot_v1_dot_coordinator__pb2.ProtocolDocument.SerializeToString,
+            ),
+            'ListProtocols': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProtocols,
+                    request_deserializer=confide_dot_v1_dot_coordinator__pb2.ListProtocolsRequest.FromString,
+                    response_serializer=confide_dot_v1_dot_coordinator__pb2.ListProtocolsResponse.SerializeToString,
+            ),
+            'RecordProtocolUse': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordProtocolUse,
+                    request_deserializer=confide_dot_v1_dot_coordinator__pb2.RecordProtocolUseRequest.FromString,
+                    response_serializer=confide_dot_v1_dot_coordinator__pb2.ProtocolDocument.SerializeToString,
+            ),
+            'Ask': grpc.unary_stream_rpc_method_handler(
+                    servicer.Ask,
+                    request_deserializer=confide_dot_v1_dot_coordinator__pb2.AskRequest.FromString,
+                    response_serializer=confide_dot_v1_dot_coordinator__pb2.AskEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -616,6 +703,141 @@ class Coordinator:
             '/confide.v1.Coordinator/GetLedger',
             confide_dot_v1_dot_coordinator__pb2.GetLedgerRequest.SerializeToString,
             confide_dot_v1_dot_coordinator__pb2.Ledger.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterProtocol(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/confide.v1.Coordinator/RegisterProtocol',
+            confide_dot_v1_dot_coordinator__pb2.ProtocolDocument.SerializeToString,
+            confide_dot_v1_dot_coordinator__pb2.ProtocolDocument.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProtocol(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/confide.v1.Coordinator/GetProtocol',
+            confide_dot_v1_dot_coordinator__pb2.GetProtocolRequest.SerializeToString,
+            confide_dot_v1_dot_coordinator__pb2.ProtocolDocument.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProtocols(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/confide.v1.Coordinator/ListProtocols',
+            confide_dot_v1_dot_coordinator__pb2.ListProtocolsRequest.SerializeToString,
+            confide_dot_v1_dot_coordinator__pb2.ListProtocolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordProtocolUse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/confide.v1.Coordinator/RecordProtocolUse',
+            confide_dot_v1_dot_coordinator__pb2.RecordProtocolUseRequest.SerializeToString,
+            confide_dot_v1_dot_coordinator__pb2.ProtocolDocument.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/confide.v1.Coordinator/Ask',
+            confide_dot_v1_dot_coordinator__pb2.AskRequest.SerializeToString,
+            confide_dot_v1_dot_coordinator__pb2.AskEvent.FromString,
             options,
             channel_credentials,
             insecure,

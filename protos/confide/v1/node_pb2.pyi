@@ -127,3 +127,25 @@ class ListPrivateModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[PrivateModel]
     def __init__(self, models: _Optional[_Iterable[_Union[PrivateModel, _Mapping]]] = ...) -> None: ...
+
+class AgentEnvelope(_message.Message):
+    __slots__ = ("sender", "task_kind", "protocol_hash", "body", "text", "handled_by", "prompt_tokens", "completion_tokens", "error")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    TASK_KIND_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_HASH_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    HANDLED_BY_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    task_kind: str
+    protocol_hash: str
+    body: str
+    text: str
+    handled_by: str
+    prompt_tokens: int
+    completion_tokens: int
+    error: str
+    def __init__(self, sender: _Optional[str] = ..., task_kind: _Optional[str] = ..., protocol_hash: _Optional[str] = ..., body: _Optional[str] = ..., text: _Optional[str] = ..., handled_by: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...

@@ -61,6 +61,11 @@ class NodePeerStub:
                 request_serializer=confide_dot_v1_dot_node__pb2.ListPrivateModelsRequest.SerializeToString,
                 response_deserializer=confide_dot_v1_dot_node__pb2.ListPrivateModelsResponse.FromString,
                 _registered_method=True)
+        self.AgentMessage = channel.unary_unary(
+                '/confide.v1.NodePeer/AgentMessage',
+                request_serializer=confide_dot_v1_dot_node__pb2.AgentEnvelope.SerializeToString,
+                response_deserializer=confide_dot_v1_dot_node__pb2.AgentEnvelope.FromString,
+                _registered_method=True)
 
 
 class NodePeerServicer:
@@ -108,6 +113,15 @@ class NodePeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AgentMessage(self, request, context):
+        """Agent to agent (Agora): a message under a protocol (its hash and a JSON body) or in
+        natural language; the answer comes back the same way. Routines registered at the node
+        answer known protocols without a model call; code written by a model is never run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodePeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -135,6 +149,11 @@ def add_NodePeerServicer_to_server(servicer, server):
                     servicer.ListPrivateModels,
                     request_deserializer=confide_dot_v1_dot_node__pb2.ListPrivateModelsRequest.FromString,
                     response_serializer=confide_dot_v1_dot_node__pb2.ListPrivateModelsResponse.SerializeToString,
+            ),
+            'AgentMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.AgentMessage,
+                    request_deserializer=confide_dot_v1_dot_node__pb2.AgentEnvelope.FromString,
+                    response_serializer=confide_dot_v1_dot_node__pb2.AgentEnvelope.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -272,6 +291,33 @@ class NodePeer:
             '/confide.v1.NodePeer/ListPrivateModels',
             confide_dot_v1_dot_node__pb2.ListPrivateModelsRequest.SerializeToString,
             confide_dot_v1_dot_node__pb2.ListPrivateModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AgentMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/confide.v1.NodePeer/AgentMessage',
+            confide_dot_v1_dot_node__pb2.AgentEnvelope.SerializeToString,
+            confide_dot_v1_dot_node__pb2.AgentEnvelope.FromString,
             options,
             channel_credentials,
             insecure,
