@@ -20,6 +20,7 @@ from node.merging import fetch_neighbours
 from node.methods import get_method, method_params
 from node.methods.dimat import DIMATConfig, dimat_merge
 from node.methods.sfprompt import SFPROMPT_TRAINABLE, SFPromptConfig, SplitTrainer
+from node.minion_worker import MinionCancelled, MinionWorker
 from node.models import job_model_config
 from node.split_model import build_split_trainer
 from node.split_transport import RemoteBody
@@ -39,13 +40,16 @@ class TaskCancelled(Exception):
 
 class TaskWorker:
     def __init__(self, data: LocalData, models: ModelStore, device: torch.device,
-                 max_cached_models: int = 1) -> None:
+                 max_cached_models: int = 1, local_model: str = "smollm2") -> None:
         self.data = data
+        #: Minions: the local model spec (agents.backends) and its worker, made on first use
+        self.local_model = local_model
+        self._minions: MinionWorker | None = None
         self.models = models
         self.device = device
         self.max_cached_models = max_cached_models
         self._trainers: OrderedDict[tuple, LoraTrainer | SplitTrainer] = OrderedDict()
-        #: decentralized jobs: the seeded initial state of each cached trainer
+        #: the seeded initial state of each cached trainer
         self._initial: dict[tuple, dict[str, torch.Tensor]] = {}
         #: SFPrompt: each job's examples that survived EL2N pruning (pruned once per job)
         self._pruned: dict[str, list] = {}
@@ -53,20 +57,28 @@ class TaskWorker:
         # its current step when the next session's task arrives
         self._lock = threading.Lock()
 
+    def _key(self, spec: pb.JobSpec) -> tuple:
+        method = get_method(spec.method)
+        split = method.trainable == SFPROMPT_TRAINABLE
+        return (spec.model.SerializeToString(deterministic=True),
+                job_model_config(spec).adapter,
+                repr(method.parse_config(method_params(spec))) if split else "")
+
     def _trainer(self, spec: pb.JobSpec) -> LoraTrainer | SplitTrainer:
         """Building a model is the expensive part: keep the last one(s) between rounds.
 
         The INIT task and every TRAIN task of a job go through here, so they build the same
         kind of trainer: LoRA or full-parameter (``LoraTrainer``), or the device's head and
-        tail of a split model (``SplitTrainer``, SFPrompt), from the job's method."""
+        tail of a split model (``SplitTrainer``, SFPrompt), from the job's method. The seeded
+        initial state is kept beside it: a cached trainer holds whatever the last job trained,
+        and a new job must start from the seeded weights, as every other node does."""
         method = get_method(spec.method)
         cfg = job_model_config(spec)
-        split = method.trainable == SFPROMPT_TRAINABLE
-        key = (spec.model.SerializeToString(deterministic=True), cfg.adapter,
-               repr(method.parse_config(method_params(spec))) if split else "")
+        key = self._key(spec)
         trainer = self._trainers.pop(key, None)
         if trainer is None:
             cfg.validate()
+            split = method.trainable == SFPROMPT_TRAINABLE
             log.info("building %s model %s on %s%s", cfg.task, cfg.base, self.device,
                      " (device side of a split)" if split else "")
             if split:
@@ -75,27 +87,27 @@ class TaskWorker:
                 trainer = build_split_trainer(cfg, config, self.device)
             else:
                 trainer = LoraTrainer(cfg, self.device)
-            if method.decentralized:  # its seeded start, for round 1 of every job
-                self._initial[key] = trainer.trainable_state()
+            self._initial[key] = trainer.trainable_state()
         self._trainers[key] = trainer
         while len(self._trainers) > self.max_cached_models:
             self._initial.pop(self._trainers.popitem(last=False)[0], None)
         return trainer
 
-    def _own_state(self, task: pb.Task, trainer: LoraTrainer) -> dict[str, torch.Tensor]:
+    def _seeded_state(self, spec: pb.JobSpec) -> dict[str, torch.Tensor]:
+        """The seeded initial trainable state of the job's model (built if need be)."""
+        self._trainer(spec)
+        return self._initial[self._key(spec)]
+
+    def _own_state(self, task: pb.Task) -> dict[str, torch.Tensor]:
         """A decentralized job's model at this node: after its last merge, or the seeded
         start before the first round."""
         own = self.models.load(task.job_id, "own")
-        if own is not None:
-            return own
-        for key, cached in self._trainers.items():
-            if cached is trainer:
-                return self._initial[key]
-        raise RuntimeError("the trainer of this job is not cached")
+        return own if own is not None else self._seeded_state(task.spec)
 
     def initial_state(self, task: pb.Task) -> bytes:
+        """INIT: the seeded initial state, never a cached trainer's trained one."""
         with self._lock:
-            state = self._trainer(task.spec).trainable_state()
+            state = self._seeded_state(task.spec)
         return tensor_map_to_bytes(state)
 
     def train(self, task: pb.Task, global_payload: bytes, progress: ProgressFn,
@@ -191,7 +203,7 @@ class TaskWorker:
         examples = self.data.load(spec.train.dataset)
         trainer = self._trainer(spec)
         assert isinstance(trainer, LoraTrainer)
-        trainer.load_trainable_state(self._own_state(task, trainer))
+        trainer.load_trainable_state(self._own_state(task))
 
         def on_step(step: int, total: int, loss: float) -> None:
             if cancelled.is_set():
@@ -239,3 +251,19 @@ class TaskWorker:
             "peer_bytes_down": float(fetched.bytes_down),
             "peer_bytes_up": float(fetched.bytes_up),
         }
+
+    # ------------------------------------------------------------ agents (Minions)
+
+    def minion(self, task: pb.Task, progress: ProgressFn,
+               cancelled: threading.Event) -> tuple[bytes, int, dict[str, float]]:
+        """A MINION task: the jobs in ``task.instructions`` run by the local model on this
+        node's documents (``node/minion_worker.py``); the reply is the update payload."""
+        with self._lock:
+            if self._minions is None:
+                self._minions = MinionWorker(self.data.root, self.local_model,
+                                             device=str(self.device))
+            try:
+                payload, metrics = self._minions.handle(task.instructions, cancelled)
+            except MinionCancelled as exc:
+                raise TaskCancelled(str(exc)) from None
+        return payload, 0, metrics
