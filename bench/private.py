@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -73,7 +74,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="compact vocabulary: the most frequent MiniLM tokens of the training "
                         "articles (the rest -> [UNK]); 0 = MiniLM's full 30,522 "
                         "(default: %(default)s)")
-    g.add_argument("--steps", type=int, default=200, help="training steps (default: %(default)s)")
+    g.add_argument("--steps", type=int, default=150, help="training steps (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--eval-articles", type=int, default=100,
@@ -266,6 +267,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from cli.private_inference import private_infer
     from node.private_inference import publish_model
 
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if args.quick:
         args.steps, args.seq_lens, args.eval_articles, args.ttp_seq_lens = 40, "32,64", 40, ""
     trained_names, measured = _names(args.variants), _names(args.measure)
@@ -318,12 +320,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
                          "bytes": result.stats.bytes, "rounds": result.stats.rounds,
                          "comm_s": result.stats.seconds, "mpc_s": result.forward_s,
                          "session_s": result.total_s, "plain_s": plain_s,
-                         "max_abs_error": error, "top1_agreement": agree})
+                         "max_abs_error": error, "max_abs_logit": plain.abs().max().item(),
+                         "top1_agreement": agree})
     finally:
         cluster.stop()
 
     ratios = _ratios(rows, args.provider)
-    info = hardware() | {"cpu": _cpu_model()}
+    info = hardware() | {"cpu": _cpu_model(), "load_average_1min": load_before}
     _print_report(args, rows, trained, ratios, info, vocab_size, coverage, len(train),
                   len(test))
     out = Path(args.out)
@@ -377,11 +380,16 @@ def _print_report(args, rows, trained, ratios, info, vocab_size, coverage, n_tra
           "rounds per party (sent + received, as CrypTen counts); 'plain' = the same model in "
           "plaintext torch, 1 thread")
     print(f"{'variant':<14}{'T':>4}{'prov':>5}{'MB/party':>10}{'rounds':>8}{'2PC s':>8}"
-          f"{'comm s':>8}{'plain ms':>10}{'max|err|':>10}{'top1':>6}{'session s':>11}")
+          f"{'comm s':>8}{'plain ms':>10}{'max|err|':>10}{'max|logit|':>11}{'top1':>6}"
+          f"{'session s':>11}")
     for r in rows:
         print(f"{r['variant']:<14}{r['seq_len']:>4}{r['provider']:>5}{r['bytes'] / 1e6:>10.1f}"
               f"{r['rounds']:>8}{r['mpc_s']:>8.2f}{r['comm_s']:>8.2f}{r['plain_s'] * 1e3:>10.2f}"
-              f"{r['max_abs_error']:>10.2e}{r['top1_agreement']:>6.2f}{r['session_s']:>11.1f}")
+              f"{r['max_abs_error']:>10.2e}{r['max_abs_logit']:>11.2f}"
+              f"{r['top1_agreement']:>6.2f}{r['session_s']:>11.1f}")
+    print("2PC s: the data owner's party, private forward only; comm s: of which inside "
+          "communication calls; session s: the whole client call (RPC, both parties' process "
+          "start-up, forward); top1: positions whose argmax equals plaintext's")
     print()
     print(f"baseline / aero (same width and depth), as measured here; the paper reports "
           f"{PAPER['communication']}x less communication and {PAPER['latency']}x lower latency:")
@@ -389,9 +397,11 @@ def _print_report(args, rows, trained, ratios, info, vocab_size, coverage, n_tra
         print(f"  T={r['seq_len']:<4} {r['provider']}: communication {r['communication']:.2f}x "
               f"(paper {PAPER['communication']}x), rounds {r['rounds']:.2f}x, latency "
               f"{r['latency']:.2f}x (paper {PAPER['latency']}x)")
+    load = info.get("load_average_1min")
     print(f"hardware: {info['cpu']}, {info['cpu_count']} CPU(s), {info['platform']}, torch "
           f"{info['torch']}, GPU not used; both parties on this machine (no network delay: "
-          f"latency here is computation plus local transfers)")
+          f"latency here is computation plus local transfers); 1-min load average before the "
+          f"run {'?' if load is None else f'{load:.2f}'}")
     print("baseline: the LayerNorm + GELU decoder of the same width, depth and vocabulary, "
           "trained and measured in this run")
 
@@ -429,12 +439,15 @@ def _plot(rows, trained, ratios, path: Path, provider: str) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     main = [r for r in rows if r["provider"] == provider]
-    for variant in dict.fromkeys(r["variant"] for r in main):
+    for index, variant in enumerate(dict.fromkeys(r["variant"] for r in main)):
         mine = [r for r in main if r["variant"] == variant]
         ts = [r["seq_len"] for r in mine]
-        axes[0].plot(ts, [r["bytes"] / 1e6 for r in mine], marker="o", label=variant)
-        axes[1].plot(ts, [r["mpc_s"] for r in mine], marker="o", label=f"{variant} (2PC)")
-        axes[1].plot(ts, [r["plain_s"] for r in mine], marker="x", linestyle=":",
+        color = f"C{index}"
+        axes[0].plot(ts, [r["bytes"] / 1e6 for r in mine], marker="o", color=color,
+                     label=variant)
+        axes[1].plot(ts, [r["mpc_s"] for r in mine], marker="o", color=color,
+                     label=f"{variant} (2PC)")
+        axes[1].plot(ts, [r["plain_s"] for r in mine], marker="x", linestyle=":", color=color,
                      label=f"{variant} (plaintext)")
     for ax, title, unit in ((axes[0], "communication per forward", "MB per party"),
                             (axes[1], "latency per forward", "seconds (log)")):

@@ -53,6 +53,8 @@ def cmd_coordinator_serve(args: argparse.Namespace) -> int:
         mqtt=args.mqtt,
         mqtt_listen=args.mqtt_listen,
         heartbeat_interval_s=args.heartbeat,
+        remote_model=args.remote_model,
+        minions_max_tokens=args.minions_max_tokens,
     )
     ready = Path(args.ready_file) if args.ready_file else None
     return _run_until_signal(serve(config, ready))
@@ -72,6 +74,7 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         mqtt=args.mqtt,
         threads=args.threads,
         cost=args.cost,
+        local_model=args.local_model,
     )
     try:
         return _run_until_signal(serve(config))
@@ -243,6 +246,96 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _protocol_json(message) -> dict:
+    import json
+
+    data = {f: getattr(message, f) for f in ("hash", "name", "description", "task_kind",
+                                              "multiround", "rules", "uses")}
+    for field in ("request_schema", "response_schema"):
+        data[field] = json.loads(getattr(message, field))
+    return data
+
+
+@_sdk_errors
+def cmd_protocols_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        documents = client.list_protocols(args.task_kind)
+    print(f"{'HASH':<14}{'TASK KIND':<24}{'USES':>6}  NAME")
+    for d in documents:
+        print(f"{d.hash[:12]:<14}{d.task_kind[:23]:<24}{d.uses:>6}  {d.name}")
+    return 0
+
+
+@_sdk_errors
+def cmd_protocols_show(args: argparse.Namespace) -> int:
+    import json
+
+    with _client(args) as client:
+        wanted = args.hash.lower()
+        if len(wanted) < 64:  # a prefix, as `protocols list` prints them
+            matches = [d.hash for d in client.list_protocols() if d.hash.startswith(wanted)]
+            if len(matches) != 1:
+                print(f"error: {len(matches)} protocols start with {wanted!r}; give more of "
+                      "the hash", file=sys.stderr)
+                return 1
+            wanted = matches[0]
+        print(json.dumps(_protocol_json(client.get_protocol(wanted)), indent=2,
+                         ensure_ascii=False))
+    return 0
+
+
+@_sdk_errors
+def cmd_protocols_register(args: argparse.Namespace) -> int:
+    import json
+
+    from agents.agora import AgoraError, ProtocolDocument
+
+    try:
+        document = ProtocolDocument.from_dict(json.loads(Path(args.file).read_text()))
+    except (OSError, ValueError) as exc:  # AgoraError is a ValueError
+        kind = "invalid protocol document" if isinstance(exc, AgoraError) else "cannot read"
+        print(f"error: {kind} {args.file}: {exc}", file=sys.stderr)
+        return 2
+    with _client(args) as client:
+        stored = client.register_protocol(document.to_proto())
+    print(f"registered {stored.hash} ({stored.task_kind}: {stored.name}), {stored.uses} use(s)")
+    return 0
+
+
+@_sdk_errors
+def cmd_ask(args: argparse.Namespace) -> int:
+    """A question over the nodes' private documents (Minions); events as they come."""
+    import json
+
+    from google.protobuf import json_format
+
+    node_ids = [n for n in (args.nodes or "").split(",") if n.strip()]
+    answer = None
+    with _client(args) as client:
+        for event in client.ask(args.question, mode=args.mode, node_ids=node_ids,
+                                max_rounds=args.max_rounds, citations=args.citations,
+                                anonymous=args.anonymous):
+            if args.json:
+                print(json.dumps(json_format.MessageToDict(event), ensure_ascii=False),
+                      flush=True)
+            elif event.kind != "answer":
+                node = f"node {event.node_id[:8]}  " if event.node_id else ""
+                print(f"{event.kind:<14}{node}{event.message}", flush=True)
+            if event.kind in ("answer", "error"):
+                answer = event
+    if answer is None or answer.kind == "error":
+        if answer is not None and not args.json:
+            print(f"error: {answer.message}", file=sys.stderr)
+        return 1
+    if not args.json:
+        print(f"\nanswer: {answer.answer}")
+        print(f"remote tokens: {answer.remote_prompt_tokens} prompt + "
+              f"{answer.remote_completion_tokens} completion; local tokens: "
+              f"{answer.local_prompt_tokens} prompt + {answer.local_completion_tokens} "
+              "completion")
+    return 0
+
+
 def cmd_data_bbc(args: argparse.Namespace) -> int:
     from node.data import prepare_bbc_shards
 
@@ -307,8 +400,13 @@ def cmd_infer(args: argparse.Namespace) -> int:
     print(f"model {result.model} on node {result.node}, {len(result.token_ids)} token(s), "
           f"provider {result.provider}, session {result.session_id}")
     shown = result.next_token if result.next_token is not None else "-"
-    print(f"next token: id {result.next_token_id} ({shown}); top-5 ids "
-          f"{top.indices.tolist()} logits {[round(v, 3) for v in top.values.tolist()]}")
+    top5 = top.indices.tolist()
+    if result.next_token is not None:
+        from cli.private_inference import decode_token
+
+        top5 = [f"{i} ({decode_token(i, result.config)})" for i in top5]
+    print(f"next token: id {result.next_token_id} ({shown}); top-5 ids {top5} logits "
+          f"{[round(v, 3) for v in top.values.tolist()]}")
     print(f"2PC forward {result.forward_s:.2f}s ({result.total_s:.1f}s with set-up), "
           f"{result.stats.rounds} rounds, {result.stats.bytes / 1e6:.1f} MB sent+received by "
           "this party; the logits were revealed to this process only")
@@ -328,6 +426,10 @@ BENCHMARKS = {
     "dimat": "DIMAT vs gossip vs local-only merging between peers, through real daemons",
     "private": "AERO vs LayerNorm+GELU decoders under CrypTen 2PC: bytes, rounds, seconds, "
                "error, perplexity",
+    "minions": "Minions/MinionS vs remote-only and local-only on long BBC articles: accuracy "
+               "and remote tokens",
+    "agora": "Agora agents: routines, negotiated protocols and natural language vs an "
+             "all-natural-language baseline: model tokens and bytes",
 }
 
 
@@ -388,6 +490,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the embedded broker listens (default: %(default)s)")
     p.add_argument("--heartbeat", type=float, default=5.0, help="node heartbeat interval, s")
     p.add_argument("--ready-file", default="", help=argparse.SUPPRESS)
+    p.add_argument("--remote-model", default="smollm2",
+                   help="Minions' remote model: smollm2, tiny, path:DIR or openai:URL#model "
+                        "(a real API; key in OPENAI_API_KEY), loaded on the first question "
+                        "(default: %(default)s)")
+    p.add_argument("--minions-max-tokens", type=int, default=0,
+                   help="cap every generation of a question, remote and local, at N tokens "
+                        "(0 = the protocol's defaults)")
     p.set_defaults(func=cmd_coordinator_serve)
 
     node = sub.add_parser("node", help="the node daemon")
@@ -409,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost", type=float, default=0.0,
                    help="participation cost per round for budgeted jobs; the auction makes "
                         "reporting your true cost the best strategy")
+    p.add_argument("--local-model", default="smollm2",
+                   help="Minions' local model, reading the documents in <data>/docs/*.txt: "
+                        "smollm2, tiny, path:DIR or openai:URL#model (default: %(default)s)")
     p.set_defaults(func=cmd_node_serve)
 
     job = sub.add_parser("job", help="submit, watch and inspect jobs")
@@ -432,9 +544,52 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--wait", action="store_true", help="follow events until the end")
         p.set_defaults(func=func)
 
+    p = sub.add_parser("ask", help="ask a question over the nodes' private documents (Minions)",
+                       description="The coordinator's remote model plans small jobs, the "
+                       "nodes' local models run them on their own documents (<data>/docs/*.txt)"
+                       " and return short structured findings, the remote model answers. The "
+                       "documents never leave their nodes; citations (verbatim text) follow "
+                       "--citations, enforced by each node.")
+    p.add_argument("question")
+    p.add_argument("--coordinator", default="127.0.0.1:50051", help="coordinator HOST:PORT")
+    p.add_argument("--mode", default="minions", choices=["minions", "minion", "local-only"],
+                   help="minions: decomposition into jobs on chunks; minion: the remote model "
+                        "chats with the local models; local-only: no remote model "
+                        "(default: %(default)s)")
+    p.add_argument("--citations", default="", choices=["", "allow", "short", "none"],
+                   metavar="{allow,short,none}",
+                   help="verbatim text the nodes may return: allow, short (a few words), none "
+                        "(default: allow; none with --anonymous)")
+    p.add_argument("--nodes", default="", help="comma-separated node ids (default: all online)")
+    p.add_argument("--max-rounds", type=int, default=0,
+                   help="remote rounds (MinionS) or chat turns (Minion); 0 = default (2)")
+    p.add_argument("--anonymous", action="store_true",
+                   help="an anonymous question: citations default to none")
+    p.add_argument("--json", action="store_true", help="print every event as a JSON line")
+    p.set_defaults(func=cmd_ask)
+
     p = sub.add_parser("status", help="nodes and jobs at a glance")
     p.add_argument("--coordinator", default="127.0.0.1:50051", help="coordinator HOST:PORT")
     p.set_defaults(func=cmd_status)
+
+    protocols = sub.add_parser("protocols", help="the Agora protocol registry",
+                               description="Protocol documents agents use to talk without a "
+                               "model: each is identified by the SHA-256 of its canonical JSON.")
+    protocols_sub = protocols.add_subparsers(dest="action", required=True)
+    p = protocols_sub.add_parser("list", help="protocol documents, most used first")
+    p.add_argument("--task-kind", default="", help="only this task kind (e.g. weather.lookup)")
+    p.set_defaults(func=cmd_protocols_list)
+    p = protocols_sub.add_parser("show", help="one document as JSON")
+    p.add_argument("hash", help="its hash, or a unique prefix of it")
+    p.set_defaults(func=cmd_protocols_show)
+    p = protocols_sub.add_parser("register", help="register a document from a JSON file",
+                                 description="The file holds name, task_kind, request_schema "
+                                 "and response_schema (JSON Schemas, Draft 2020-12), and "
+                                 "optionally description, rules and multiround.")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_protocols_register)
+    for p in protocols_sub.choices.values():
+        p.add_argument("--coordinator", default="127.0.0.1:50051", help="coordinator HOST:PORT")
 
     data = sub.add_parser("data", help="prepare node datasets")
     data_sub = data.add_subparsers(dest="action", required=True)

@@ -49,6 +49,10 @@ class CoordinatorConfig:
     heartbeat_interval_s: float = 5.0
     #: a session silent for this many heartbeat intervals is presumed dead
     heartbeat_misses: int = 4
+    #: Minions: the remote model (agents.backends spec, loaded on the first question) and a
+    #: cap on every generation of a question, remote and local (0: the protocol's defaults)
+    remote_model: str = "smollm2"
+    minions_max_tokens: int = 0
 
 
 class CoordinatorServer:
@@ -77,6 +81,8 @@ class CoordinatorServer:
             self.store, sessions, events, mqtt_url=mqtt_url,
             heartbeat_interval_s=cfg.heartbeat_interval_s,
         )
+        self.service.remote_model = cfg.remote_model
+        self.service.minions_max_tokens = cfg.minions_max_tokens
         self.server = grpc.aio.server(options=grpc_server_options(),
                                       interceptors=[MalformedRequestInterceptor()])
         pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from coordinator.anonymous import AnonymousInbox, AnonymousRejected, ChallengeBook
 from coordinator.events import EventLog
 from coordinator.jobs import JOB_ID_PATTERN, normalize_spec
+from coordinator.minions import AskOrchestrator, AskRejected
+from coordinator.protocols import ProtocolRegistry, RegistryFull
 from coordinator.rounds import JobRunner
 from coordinator.sessions import NodeSession, SessionRegistry
 from coordinator.store import TERMINAL_STATES, Store
@@ -83,6 +85,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.runners: dict[str, JobRunner] = {}
         self.inbox = AnonymousInbox()
         self.challenges = ChallengeBook()
+        self.protocols = ProtocolRegistry(store)
 
     # ------------------------------------------------------------------ jobs
 
@@ -327,6 +330,49 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self._job_or_abort(request.job_id, context)
         return self.store.ledger(request.job_id)
 
+    # ------------------------------------------------------------------ Agora protocols
+
+    @unary
+    async def RegisterProtocol(self, request: pb.ProtocolDocument,
+                               context) -> pb.ProtocolDocument:
+        try:
+            return self.protocols.register(request)
+        except RegistryFull as exc:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        except ValueError as exc:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+
+    @unary
+    async def GetProtocol(self, request: pb.GetProtocolRequest, context) -> pb.ProtocolDocument:
+        try:
+            found = self.protocols.get(request.hash)
+        except ValueError as exc:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if found is None:
+            raise _Abort(grpc.StatusCode.NOT_FOUND,
+                         f"no protocol {request.hash}; list them with `confide protocols list`")
+        return found
+
+    @unary
+    async def ListProtocols(self, request: pb.ListProtocolsRequest,
+                            context) -> pb.ListProtocolsResponse:
+        try:
+            return pb.ListProtocolsResponse(protocols=self.protocols.list(request.task_kind))
+        except ValueError as exc:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+
+    @unary
+    async def RecordProtocolUse(self, request: pb.RecordProtocolUseRequest,
+                                context) -> pb.ProtocolDocument:
+        try:
+            found = self.protocols.record_use(request.hash, request.count)
+        except ValueError as exc:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if found is None:
+            raise _Abort(grpc.StatusCode.NOT_FOUND,
+                         f"no protocol {request.hash}; register it first")
+        return found
+
     async def FetchGlobalModel(self, request: pb.FetchGlobalModelRequest,
                                context) -> AsyncIterator[pb.Chunk]:
         try:
@@ -348,6 +394,31 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await context.abort(exc.code, exc.message)
         for chunk in split_payload(tensor_map_to_bytes(state), f"{request.job_id}-global"):
             yield chunk
+
+    # ------------------------------------------------------------------ agents: Minions
+
+    #: the remote model of Minions (an agents.backends spec; the server sets it from
+    #: --remote-model) and a cap on every generation of a question (0: the defaults)
+    remote_model = "smollm2"
+    minions_max_tokens = 0
+    _asks: AskOrchestrator | None = None
+
+    def ask_orchestrator(self) -> AskOrchestrator:
+        if self._asks is None:
+            self._asks = AskOrchestrator(self.sessions, self.remote_model,
+                                         max_tokens=self.minions_max_tokens)
+        return self._asks
+
+    async def Ask(self, request: pb.AskRequest, context) -> AsyncIterator[pb.AskEvent]:
+        """A question over the nodes' documents (coordinator/minions.py): validated first
+        (INVALID_ARGUMENT / FAILED_PRECONDITION), then its events, the answer last."""
+        orchestrator = self.ask_orchestrator()
+        try:
+            plan = orchestrator.validate(request)
+        except AskRejected as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        async for event in orchestrator.run(plan):
+            yield event
 
 
 def _verify(public_key: bytes, signature: bytes, message: bytes, domain: bytes) -> None:

@@ -71,6 +71,14 @@ CREATE TABLE IF NOT EXISTS events (
     event BLOB NOT NULL,
     PRIMARY KEY (job_id, seq)
 );
+CREATE TABLE IF NOT EXISTS protocols (
+    hash TEXT PRIMARY KEY,
+    task_kind TEXT NOT NULL,
+    document TEXT NOT NULL,
+    uses INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS protocols_by_kind ON protocols (task_kind, uses);
 """
 
 TERMINAL_STATES = (pb.COMPLETED, pb.FAILED, pb.CANCELLED)
@@ -334,3 +342,32 @@ class Store:
             return None
         state = self.load_global(job_id, status.rounds_completed)
         return (status.rounds_completed, state) if state is not None else None
+
+    # ------------------------------------------------------------------ Agora protocols
+
+    def save_protocol(self, hash_: str, task_kind: str, document: str) -> None:
+        """Store a protocol document (its canonical JSON) once: a second save is a no-op."""
+        self._execute("INSERT OR IGNORE INTO protocols VALUES (?, ?, ?, 0, ?)",
+                      (hash_, task_kind, document, now_ms()))
+
+    def protocol(self, hash_: str) -> tuple[str, int] | None:
+        rows = self._execute("SELECT document, uses FROM protocols WHERE hash = ?", (hash_,))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def protocols(self, task_kind: str = "") -> list[tuple[str, int]]:
+        """(document, uses) for ``task_kind`` ("" = all), most used first, then oldest."""
+        sql = ("SELECT document, uses FROM protocols"
+               + (" WHERE task_kind = ?" if task_kind else "")
+               + " ORDER BY uses DESC, created_ms, hash")
+        return [(doc, uses) for doc, uses in
+                self._execute(sql, (task_kind,) if task_kind else ())]
+
+    def protocol_count(self) -> int:
+        return self._execute("SELECT COUNT(*) FROM protocols")[0][0]
+
+    def add_protocol_uses(self, hash_: str, count: int) -> bool:
+        """Add ``count`` uses; False when no such protocol is stored."""
+        with self._lock:
+            cursor = self._db.execute("UPDATE protocols SET uses = uses + ? WHERE hash = ?",
+                                      (count, hash_))
+            return cursor.rowcount > 0

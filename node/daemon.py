@@ -48,6 +48,8 @@ class NodeConfig:
     threads: int = 0
     #: participation cost per round, reported to budgeted jobs' truthful auctions
     cost: float = 0.0
+    #: Minions: the local model that reads <data dir>/docs (agents.backends spec)
+    local_model: str = "smollm2"
 
 
 class NodeDaemon:
@@ -107,7 +109,8 @@ class NodeDaemon:
             await self.server.start()
             for name in ("", "confide.v1.NodePeer"):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        worker = TaskWorker(self.data, self.models, self.device)
+        worker = TaskWorker(self.data, self.models, self.device,
+                            local_model=self.config.local_model)
         self.link = CoordinatorLink(self.config.coordinator, self.key, info, worker,
                                     mqtt_override=self.config.mqtt, ring_key=self.ring_key,
                                     cost=self.config.cost)

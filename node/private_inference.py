@@ -48,6 +48,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -215,6 +216,7 @@ class PrivateModelRegistry:
     def __init__(self, folder: Path | str) -> None:
         self.folder = Path(folder)
         self._cache: dict[str, tuple[tuple[int, int], ServableModel]] = {}
+        self._bad: dict[str, tuple[tuple[int, int], str]] = {}  # logged once per file version
         self._lock = threading.Lock()
 
     def path(self, name: str) -> Path:
@@ -239,16 +241,24 @@ class PrivateModelRegistry:
             cached = self._cache.get(name)
             if cached is not None and cached[0] == stamp:
                 return cached[1]
-        try:
-            model = _read_model(name, path)
-        except Exception as exc:  # a corrupt or foreign file: refuse it, keep serving
-            log.warning("private model %s is not servable: %s", path, exc)
-            raise PrivateInferenceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"private model {name!r} on this node is not servable: {exc}") from exc
         with self._lock:
-            self._cache[name] = (stamp, model)
-        return model
+            bad = self._bad.get(name)
+        if bad is None or bad[0] != stamp:
+            try:
+                model = _read_model(name, path)
+            except Exception as exc:  # a corrupt or foreign file: refuse it, keep serving
+                log.warning("private model %s is not servable: %s", path, exc)
+                bad = (stamp, str(exc))
+                with self._lock:
+                    self._bad[name] = bad
+            else:
+                with self._lock:
+                    self._cache[name] = (stamp, model)
+                    self._bad.pop(name, None)
+                return model
+        raise PrivateInferenceError(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"private model {name!r} on this node is not servable: "
+                                    f"{bad[1]}")
 
     def list(self) -> list[ServableModel]:
         if not self.folder.is_dir():
@@ -447,7 +457,13 @@ class PrivateInference:
                      status.get("forward_s", float("nan")), stats.get("rounds", "?"),
                      stats.get("bytes", 0) / 1e6)
         else:
-            reason = status.get("error") or _tail(session.log_path) or f"exit code {code}"
+            reason = status.get("error")
+            if not reason and code < 0:
+                try:
+                    reason = f"its party was killed by {signal.Signals(-code).name}"
+                except ValueError:
+                    reason = f"its party was killed by signal {-code}"
+            reason = reason or _tail(session.log_path) or f"exit code {code}"
             log.warning("private inference session %s (model %s) failed after %.1fs: %s "
                         "(log: %s)", session.session_id, session.model, elapsed, reason,
                         session.log_path)

@@ -273,6 +273,9 @@ class _TaskRunner:
             elif task.kind == pb.MERGE:
                 update, num_examples, metrics = await asyncio.to_thread(
                     self.link.worker.merge, task, progress, self.cancelled)
+            elif task.kind == pb.MINION:
+                update, num_examples, metrics = await asyncio.to_thread(
+                    self.link.worker.minion, task, progress, self.cancelled)
             else:
                 raise ValueError(f"unknown task kind {task.kind}")
         except TaskCancelled:

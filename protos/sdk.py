@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -162,6 +162,25 @@ class ConfideClient:
         """Incentive payments per node and round (one job, or all with "")."""
         return await self._call(self._stub.GetLedger, pb.GetLedgerRequest(job_id=job_id))
 
+    async def register_protocol(self, document: pb.ProtocolDocument) -> pb.ProtocolDocument:
+        """Store an Agora protocol document; the answer carries its hash (idempotent)."""
+        return await self._call(self._stub.RegisterProtocol, document)
+
+    async def get_protocol(self, hash_: str) -> pb.ProtocolDocument:
+        """The protocol document with this hash (NOT_FOUND if none)."""
+        return await self._call(self._stub.GetProtocol, pb.GetProtocolRequest(hash=hash_))
+
+    async def list_protocols(self, task_kind: str = "") -> list[pb.ProtocolDocument]:
+        """Protocol documents for ``task_kind`` ("" = all), most used first."""
+        response = await self._call(self._stub.ListProtocols,
+                                    pb.ListProtocolsRequest(task_kind=task_kind))
+        return list(response.protocols)
+
+    async def record_protocol_use(self, hash_: str, count: int = 1) -> pb.ProtocolDocument:
+        """Add ``count`` uses to a protocol's counter."""
+        return await self._call(self._stub.RecordProtocolUse,
+                                pb.RecordProtocolUseRequest(hash=hash_, count=count))
+
     async def watch_job(self, job_id: str, after_seq: int = 0) -> AsyncIterator[pb.Event]:
         """Past events, then live ones, until the job ends."""
         call = self._stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after_seq=after_seq))
@@ -192,6 +211,26 @@ class ConfideClient:
         except grpc.aio.AioRpcError as exc:
             raise _wrap(exc) from None
         return {name: to_dense(value) for name, value in tensor_map_from_bytes(payload).items()}
+
+    async def ask(self, question: str, *, mode: str = "minions", node_ids: Sequence[str] = (),
+                  max_rounds: int = 0, citations: str = "", anonymous: bool = False,
+                  timeout: float | None = None) -> AsyncIterator[pb.AskEvent]:
+        """Ask a question over the nodes' private documents (Minions). Yields the AskEvents
+        as they happen ("plan", "node.answered", "round"), the "answer" (or "error") last;
+        token counts on each event are the totals so far. ``mode``: "minions", "minion" or
+        "local-only"; ``citations``: "allow", "short", "none" ("" = the coordinator's
+        default: allow, none when ``anonymous``); ``node_ids``: () = every online node."""
+        request = pb.AskRequest(question=question, mode=mode, node_ids=list(node_ids),
+                                max_rounds=max_rounds, citations=citations,
+                                anonymous=anonymous)
+        call = self._stub.Ask(request, timeout=timeout)
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            raise _wrap(exc) from None
+        finally:
+            call.cancel()
 
 
 class SyncConfideClient:
@@ -244,6 +283,18 @@ class SyncConfideClient:
     def get_ledger(self, job_id: str = "") -> pb.Ledger:
         return self._run(self._client.get_ledger(job_id))
 
+    def register_protocol(self, document: pb.ProtocolDocument) -> pb.ProtocolDocument:
+        return self._run(self._client.register_protocol(document))
+
+    def get_protocol(self, hash_: str) -> pb.ProtocolDocument:
+        return self._run(self._client.get_protocol(hash_))
+
+    def list_protocols(self, task_kind: str = "") -> list[pb.ProtocolDocument]:
+        return self._run(self._client.list_protocols(task_kind))
+
+    def record_protocol_use(self, hash_: str, count: int = 1) -> pb.ProtocolDocument:
+        return self._run(self._client.record_protocol_use(hash_, count))
+
     def fetch_global_model(self, job_id: str,
                            round_number: int | None = None) -> dict[str, torch.Tensor]:
         return self._run(self._client.fetch_global_model(job_id, round_number))
@@ -254,6 +305,19 @@ class SyncConfideClient:
 
     def watch_job(self, job_id: str, after_seq: int = 0) -> Iterator[pb.Event]:
         iterator = self._client.watch_job(job_id, after_seq)
+        try:
+            while True:
+                try:
+                    yield self._run(anext(iterator))
+                except StopAsyncIteration:
+                    return
+        finally:
+            if self._loop.is_running():
+                self._run(iterator.aclose())
+
+    def ask(self, question: str, **kwargs: Any) -> Iterator[pb.AskEvent]:
+        """``ConfideClient.ask``, blocking: iterate to follow the question to its answer."""
+        iterator = self._client.ask(question, **kwargs)
         try:
             while True:
                 try:

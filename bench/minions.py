@@ -1,0 +1,316 @@
+"""``confide bench minions``: accuracy and remote tokens of Minion and MinionS against the
+remote-only baseline (the remote model reads the document) and local-only (the local model
+alone), on long BBC News articles, in process (the protocol code is the daemons' own:
+``agents.minions`` with ``LocalWorker``, the class a node runs).
+
+Workload: the longest BBC News articles of 4,500-7,000 characters (~1,100-1,700 tokens), one
+per category in turn, and trivia-style questions whose answers are verbatim in the article,
+generated deterministically: in a sentence with exactly one number (or one capitalised name
+of 2-3 words), the number (name) is the answer and the question asks what fills the blank in
+a window of the sentence around it ("In the BBC article "TITLE", what fills the blank in
+"... was designed by MGM art director ____ . ..."?"). Up to two numbers and two names per
+article, spread over it. The Trivia QA of chatterbot-corpus is not installed here, hence the
+generation. Each question is asked over its own article, held by one node (the paper's
+setting: one context per question). An answer is correct when it contains the expected
+string (case-insensitive).
+
+Remote tokens are what the remote model read and wrote, every attempt included; local tokens
+likewise for the local model. Both models default to SmolLM2-135M-Instruct, far below the
+paper's GPT-4o / Llama-3B pairing, so accuracy is low and reported as measured: point
+``--remote-model openai:URL#model`` at a real API to measure real quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+PAPER = ("the paper (Narayan et al. 2025, GPT-4o remote + Llama-3.2 local): MinionS at 5.7x "
+         "lower remote cost than remote-only, at 97.9% of its quality")
+MODES = ("remote-only", "local-only", "minion", "minions")
+MIN_CHARS, MAX_CHARS = 4500, 7000
+
+_NUMBER = re.compile(r"(?<![\w.,£$€])[£$€]?\d+(?:[.,]\d+)*"
+                     r"(?:%|\s?(?:bn|m|million|billion|per cent)\b)?(?![\w,.]\d)")
+_NAME = re.compile(r"\b[A-Z][a-z]+(?:[ -][A-Z][a-z]+){1,2}\b")
+_NOT_NAMES = {"The", "A", "An", "In", "On", "At", "But", "And", "He", "She", "It", "They",
+              "We", "I", "This", "That", "Mr", "Mrs", "Ms", "Dr", "Sir", "If", "As", "For",
+              "With", "When", "While", "However", "Last", "Next", "Since", "After", "Before",
+              "So", "Its", "His", "Her", "Their", "There", "What", "Some", "Many", "Our"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--remote-model", default="smollm2",
+                   help="remote model: smollm2, tiny, path:DIR, openai:URL#model "
+                        "(default: %(default)s)")
+    p.add_argument("--local-model", default="smollm2",
+                   help="local model, same forms (default: %(default)s)")
+    p.add_argument("--docs", type=int, default=6, help="articles (default: %(default)s)")
+    p.add_argument("--per-doc", type=int, default=4,
+                   help="questions per article, at most (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="2 articles x 2 questions")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="comma-separated (default: %(default)s)")
+    p.add_argument("--max-rounds", type=int, default=2,
+                   help="MinionS rounds / Minion turns (default: %(default)s)")
+    p.add_argument("--max-jobs", type=int, default=2,
+                   help="jobs per MinionS round, at most (default: %(default)s)")
+    p.add_argument("--chunk-chars", type=int, default=2000,
+                   help="MinionS chunk size in characters (default: %(default)s)")
+    p.add_argument("--out", default="bench/results",
+                   help="where minions.json and minions.png go; the previous JSON there is "
+                        "compared with this run (default: %(default)s)")
+
+
+# ------------------------------------------------------------------ workload
+
+
+def _window(sentence: str, start: int, end: int) -> str:
+    """The sentence around [start, end) with the span blanked: up to 8 words before, 6 after,
+    spacing as in the text."""
+    before = sentence[:start]
+    cut = [m.start() for m in re.finditer(r"\S+", before)]
+    left = before[cut[-8]:] if len(cut) >= 8 else before
+    after = sentence[end:]
+    ends = [m.end() for m in re.finditer(r"\S+", after)]
+    right = after[:ends[5]] if len(ends) >= 6 else after
+    return f"{left}____{right}".strip()
+
+
+def make_questions(text: str, per_kind: int = 2) -> list[dict]:
+    """Deterministic cloze questions whose answers are verbatim in ``text``."""
+    from agents.minions import split_sentences
+
+    title, _, body = text.partition("\n")
+    sentences = [s for para in body.split("\n") for s in split_sentences(para)]
+    questions, used = [], set()
+    for kind, pattern in (("number", _NUMBER), ("name", _NAME)):
+        candidates = []
+        for sentence in sentences:
+            found = [m for m in pattern.finditer(sentence) if m.start() > 0]
+            if kind == "name":
+                found = [m for m in found if m.group().split()[0] not in _NOT_NAMES]
+            else:
+                found = [m for m in found if len(m.group().strip()) >= 3]
+            if len(found) != 1:
+                continue
+            match = found[0]
+            answer = match.group().strip()
+            window = _window(sentence, match.start(), match.end())
+            if (len(window.split()) < 6 or answer.lower() in window.lower()
+                    or answer.lower() in title.lower() or answer.lower() in used):
+                continue
+            candidates.append((answer, window))
+        step = max(1, len(candidates) // per_kind)
+        for answer, window in candidates[::step][:per_kind]:
+            used.add(answer.lower())
+            questions.append({
+                "kind": kind, "answer": answer,
+                "question": f'In the BBC article "{title.strip()}", what fills the blank in '
+                            f'"... {window} ..."?'})
+    return questions
+
+
+def workload(docs: int, per_doc: int) -> tuple[list[dict], list[dict]]:
+    """The articles (longest first within the size range, one category at a time) and their
+    questions."""
+    from node.data import bbc_news
+
+    examples, labels = bbc_news()
+    pool = sorted((e for e in examples if MIN_CHARS <= len(e.text) <= MAX_CHARS),
+                  key=lambda e: (-len(e.text), e.text))
+    by_label: dict[int, list] = {}
+    for e in pool:
+        by_label.setdefault(e.label, []).append(e)
+    order = sorted(by_label, key=lambda k: -len(by_label[k][0].text))
+    picked = []
+    while len(picked) < docs and any(by_label.values()):
+        for label in order:
+            if by_label[label] and len(picked) < docs:
+                picked.append(by_label[label].pop(0))
+    items = []
+    for index, article in enumerate(picked):
+        questions = make_questions(article.text, per_kind=max(1, (per_doc + 1) // 2))
+        kinds = {"number": [q for q in questions if q["kind"] == "number"],
+                 "name": [q for q in questions if q["kind"] == "name"]}
+        mixed = [q for pair in zip(kinds["number"], kinds["name"], strict=False) for q in pair]
+        mixed += [q for q in questions if q not in mixed]
+        items += [{**q, "doc": index, "label": labels[article.label]}
+                  for q in mixed[:per_doc]]
+    return [{"doc": i, "label": labels[a.label], "chars": len(a.text), "text": a.text}
+            for i, a in enumerate(picked)], items
+
+
+def correct(answer: str, expected: str) -> bool:
+    return expected.lower() in answer.lower()
+
+
+# ------------------------------------------------------------------ run
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    import torch
+
+    from agents.backends import backend_from_spec
+    from agents.minions import LocalWorker, ask, run_remote_only
+    from bench.federated import hardware
+    from bench.ringsig import _cpu_model
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown mode(s) {unknown}; use {', '.join(MODES)}")
+    docs, per_doc = (2, 2) if args.quick else (args.docs, args.per_doc)
+    articles, items = workload(docs, per_doc)
+    print(f"workload: {len(articles)} BBC News article(s) of "
+          f"{min(a['chars'] for a in articles):,}-{max(a['chars'] for a in articles):,} "
+          f"characters ({', '.join(a['label'] for a in articles)}), {len(items)} cloze "
+          f"question(s) with verbatim answers; remote {args.remote_model}, local "
+          f"{args.local_model}; MinionS: chunks of {args.chunk_chars} characters, at most "
+          f"{args.max_jobs} job(s) per round, {args.max_rounds} round(s); citations allow")
+
+    started = time.perf_counter()
+    remote = backend_from_spec(args.remote_model)
+    local = backend_from_spec(args.local_model)
+    print(f"models loaded in {time.perf_counter() - started:.1f}s")
+    workers = [LocalWorker([a["text"]], model=local, chunk_chars=args.chunk_chars)
+               for a in articles]
+
+    records = []
+    totals = {m: {"correct": 0, "remote_prompt": 0, "remote_completion": 0,
+                  "local_prompt": 0, "local_completion": 0, "seconds": 0.0} for m in modes}
+    for number, item in enumerate(items, start=1):
+        worker = workers[item["doc"]]
+
+        def execute(requests, worker=worker):
+            return {node: worker.handle(request) for node, request in requests.items()}
+
+        record = {k: item[k] for k in ("doc", "label", "kind", "question", "answer")}
+        for mode in modes:
+            t0 = time.perf_counter()
+            if mode == "remote-only":
+                result = run_remote_only(remote, item["question"],
+                                         [articles[item["doc"]]["text"]])
+            else:
+                result = ask(mode, item["question"], ["node"], remote=remote, execute=execute,
+                             citations="allow", max_rounds=args.max_rounds,
+                             **({"max_jobs": args.max_jobs} if mode == "minions" else {}))
+            seconds = time.perf_counter() - t0
+            ok = correct(result.answer, item["answer"])
+            row = totals[mode]
+            row["correct"] += ok
+            row["remote_prompt"] += result.remote.prompt_tokens
+            row["remote_completion"] += result.remote.completion_tokens
+            row["local_prompt"] += result.local.prompt_tokens
+            row["local_completion"] += result.local.completion_tokens
+            row["seconds"] += seconds
+            record[mode] = {"answer": result.answer[:300], "correct": ok,
+                            "rounds": result.rounds,
+                            "remote_tokens": [result.remote.prompt_tokens,
+                                              result.remote.completion_tokens],
+                            "local_tokens": [result.local.prompt_tokens,
+                                             result.local.completion_tokens],
+                            "seconds": round(seconds, 2)}
+        records.append(record)
+        marks = " ".join(f"{m}={'Y' if record[m]['correct'] else '.'}" for m in modes)
+        print(f"  [{number}/{len(items)}] {item['answer']!r}: {marks}", flush=True)
+
+    n = max(len(items), 1)
+    rows = []
+    for mode in modes:
+        t = totals[mode]
+        rows.append({"mode": mode, "questions": len(items), "correct": t["correct"],
+                     "accuracy": t["correct"] / n,
+                     "remote_prompt_tokens": t["remote_prompt"] / n,
+                     "remote_completion_tokens": t["remote_completion"] / n,
+                     "remote_tokens": (t["remote_prompt"] + t["remote_completion"]) / n,
+                     "local_tokens": (t["local_prompt"] + t["local_completion"]) / n,
+                     "seconds": t["seconds"] / n})
+    base = next((r for r in rows if r["mode"] == "remote-only"), None)
+    for row in rows:
+        row["remote_cost_reduction"] = (base["remote_tokens"] / row["remote_tokens"]
+                                        if base and row["remote_tokens"] else None)
+        row["quality_vs_remote_only"] = (row["accuracy"] / base["accuracy"]
+                                         if base and base["accuracy"] else None)
+
+    print()
+    print(f"{'mode':<13}{'accuracy':>9}{'remote tok/q':>14}{'(prompt+compl.)':>18}"
+          f"{'cost vs remote':>16}{'quality vs remote':>19}{'local tok/q':>13}{'s/q':>7}")
+    for row in rows:
+        cost = (f"{row['remote_cost_reduction']:.1f}x lower" if row["remote_cost_reduction"]
+                else ("no remote" if not row["remote_tokens"] else "-"))
+        if row["mode"] == "remote-only":
+            cost = "baseline"
+        quality = (f"{100 * row['quality_vs_remote_only']:.0f}%"
+                   if row["quality_vs_remote_only"] is not None else "-")
+        print(f"{row['mode']:<13}{row['correct']:>4}/{row['questions']:<4}"
+              f"{row['remote_tokens']:>14.0f}"
+              f"{row['remote_prompt_tokens']:>11.0f}+{row['remote_completion_tokens']:<6.0f}"
+              f"{cost:>16}{quality:>19}{row['local_tokens']:>13.0f}{row['seconds']:>7.1f}")
+    print(f"baseline: remote-only (the remote model reads the whole article). {PAPER}.")
+    info = hardware() | {"cpu": _cpu_model(), "torch_threads": torch.get_num_threads()}
+    print(f"hardware: {info['cpu']}, {info['cpu_count']} CPU(s), torch {info['torch']} with "
+          f"{info['torch_threads']} thread(s), GPU {info['cuda'] or 'none'}; total "
+          f"{time.perf_counter() - started:.0f}s")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _compare_with_previous(out / "minions.json", rows)
+    report = {"benchmark": "minions", "time": time.strftime("%Y%m%d-%H%M%S"),
+              "hardware": info, "paper": PAPER,
+              "workload": {k: v for k, v in vars(args).items() if k != "func"}
+              | {"articles": [{k: a[k] for k in ("doc", "label", "chars")} for a in articles],
+                 "questions": len(items)},
+              "baseline": "remote-only", "results": rows, "questions": records}
+    (out / "minions.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    _plot(rows, out / "minions.png", args)
+    print(f"wrote {out / 'minions.json'} and {out / 'minions.png'}")
+    return 0
+
+
+def _compare_with_previous(path: Path, rows: list[dict]) -> None:
+    if not path.exists():
+        print("  (no previous run to compare with)")
+        return
+    try:
+        previous = json.loads(path.read_text())
+        old = {r["mode"]: r for r in previous["results"]}
+    except (ValueError, KeyError, TypeError):
+        return
+    work = previous.get("workload", {})
+    print(f"  vs last run ({previous.get('time', '?')}, {work.get('questions', '?')} "
+          f"questions, remote {work.get('remote_model', '?')}, local "
+          f"{work.get('local_model', '?')}):")
+    for row in rows:
+        before = old.get(row["mode"])
+        if before is None:
+            continue
+        print(f"    {row['mode']:<12} accuracy {before['accuracy']:.2f} -> {row['accuracy']:.2f}"
+              f", remote tokens/q {before['remote_tokens']:.0f} -> {row['remote_tokens']:.0f}")
+
+
+def _plot(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for row in rows:
+        x = max(row["remote_tokens"], 1.0)
+        ax.scatter([x], [row["accuracy"]], s=80)
+        ax.annotate(row["mode"], (x, row["accuracy"]), textcoords="offset points",
+                    xytext=(6, 6))
+    ax.set_xscale("log")
+    ax.set_xlabel("remote tokens per question (log; local-only plotted at 1)")
+    ax.set_ylabel("accuracy (answer contains the expected string)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(f"Minions on BBC News: remote {args.remote_model}, local {args.local_model}",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
