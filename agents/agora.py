@@ -786,6 +786,8 @@ class Agent:
             return None, f"the registry could not be reached ({exc})"
         if document is None or document.hash != hash_:
             with self._lock:
+                if len(self._missing) >= 4096:  # hashes anyone can invent: keep this bounded
+                    self._missing.clear()
                 self._missing[hash_] = time.monotonic()
             return None, "the registry has no such protocol"
         capability, why = self.capability_for(document)

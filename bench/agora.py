@@ -49,17 +49,20 @@ RARE = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--requests", type=int, default=48, help="requests in the stream")
+    p.add_argument("--requests", type=int, default=40, help="requests in the stream")
     p.add_argument("--requesters", type=int, default=3, help="requesting agents")
     p.add_argument("--rare", type=float, default=0.2,
                    help="share of requests of rare kinds no agent can serve (default: 0.2)")
     p.add_argument("--model", default="smollm2",
                    help="smollm2, tiny, path:/dir or openai:URL#model (default: %(default)s)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads, 0 = torch's default; 1 is much faster on a CPU that "
+                        "other work keeps busy")
     p.add_argument("--negotiate-after", type=int, default=3)
-    p.add_argument("--answer-tokens", type=int, default=48)
-    p.add_argument("--extract-tokens", type=int, default=48)
-    p.add_argument("--draft-tokens", type=int, default=256)
+    p.add_argument("--answer-tokens", type=int, default=32)
+    p.add_argument("--extract-tokens", type=int, default=32)
+    p.add_argument("--draft-tokens", type=int, default=192)
     p.add_argument("--draft-retries", type=int, default=0)
     p.add_argument("--registry", choices=["coordinator", "memory"], default="coordinator")
     p.add_argument("--seed", type=int, default=0)
@@ -252,6 +255,8 @@ def hardware() -> dict:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+        "load_average": round(os.getloadavg()[0], 1),
     }
 
 
@@ -262,6 +267,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
     # SIGTERM unwinds like Ctrl-C, so the coordinator this bench started is stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     stream = make_stream(args.requests, args.requesters, args.rare, args.seed)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model = backend_from_spec(args.model, device=args.device)
     workdir = Path(args.workdir)
     cluster = client = None
@@ -318,9 +327,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
           f"{agora['negotiations_failed']} refused, {agora['fetches']} registry fetch(es); "
           f"model tokens {change:+.0%} vs all-natural")
     info = hardware()
-    print(f"hardware: {info['platform']}, {info['cpu_count']} CPU(s), torch {info['torch']}, "
-          f"GPU {info['cuda'] or 'none'}; baseline: all-natural-language on the same stream "
-          "and model")
+    print(f"hardware: {info['platform']}, {info['cpu_count']} CPU(s), torch {info['torch']} "
+          f"({info['threads']} thread(s)), GPU {info['cuda'] or 'none'}, load average "
+          f"{info['load_average']}; baseline: all-natural-language on the same stream and model")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _compare_with_previous(out / "agora.json", rows)

@@ -33,6 +33,7 @@ class LocalCluster:
         log_level: str = "INFO",
         coordinator_args: tuple[str, ...] = (),
         split_server: bool = False,
+        tls_dir: Path | None = None,
     ) -> None:
         self.root = Path(root)
         self.node_data_dirs = [Path(d) for d in node_data_dirs]
@@ -43,6 +44,11 @@ class LocalCluster:
         self.coordinator_args = tuple(coordinator_args)
         #: also start a node with the "split-server" role (no data) for split learning
         self.split_server = split_server
+        #: mutual TLS: a folder where the cluster keeps a development CA (tls_dir/ca) and one
+        #: --tls folder per process (tls_dir/<name>), created when missing; every process gets
+        #: --tls, the coordinator a server-only-TLS anonymous port
+        self.tls_dir = Path(tls_dir) if tls_dir is not None else None
+        self.anonymous_port = free_port() if tls_dir is not None else 0
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.mqtt_port = free_port() if mqtt else 0
@@ -76,6 +82,9 @@ class LocalCluster:
                 "--heartbeat", str(self.heartbeat_interval_s)]
         args += ["--mqtt-listen", f"127.0.0.1:{self.mqtt_port}"] if self.mqtt else ["--mqtt",
                                                                                     "none"]
+        args += self._tls_args("coordinator")
+        if self.anonymous_port:
+            args += ["--anonymous-listen", f"127.0.0.1:{self.anonymous_port}"]
         args += self.coordinator_args
         self.coordinator = self._spawn("coordinator", args, threads=1)
         deadline = time.monotonic() + timeout
@@ -91,7 +100,8 @@ class LocalCluster:
         """Start node ``index``; ``coordinator`` overrides the address it dials (a proxy)."""
         args = ["node", "serve", "--coordinator", coordinator or self.address,
                 "--data", str(self.node_data_dirs[index]), "--name", f"node{index}",
-                "--threads", str(self.threads_per_node), *extra]
+                "--threads", str(self.threads_per_node), *self._tls_args(f"node{index}"),
+                *extra]
         process = self._spawn(f"node{index}", args, threads=self.threads_per_node)
         self.nodes[index] = process
         return process
@@ -104,9 +114,32 @@ class LocalCluster:
         folder.mkdir(parents=True, exist_ok=True)
         args = ["node", "serve", "--coordinator", self.address, "--data", str(folder),
                 "--name", "split-server", "--role", "split-server",
-                "--threads", str(self.threads_per_node), *extra]
+                "--threads", str(self.threads_per_node), *self._tls_args("split-server"),
+                *extra]
         self.nodes[index] = self._spawn("split-server", args, threads=self.threads_per_node)
         return index
+
+    def tls_folder(self, name: str) -> Path:
+        """The --tls folder of ``name`` (a process, or e.g. "client" for the SDK), with a
+        certificate from the cluster's CA valid for 127.0.0.1 and localhost."""
+        from protos.tls import CA_CERT, create_ca, issue_certificate
+
+        assert self.tls_dir is not None, "the cluster runs without TLS"
+        ca = self.tls_dir / "ca"
+        if not (ca / CA_CERT).exists():
+            create_ca(ca)
+        folder = self.tls_dir / name
+        if not (folder / f"{name}.key").exists():
+            issue_certificate(ca, name, folder, [name, "localhost", "127.0.0.1"])
+        return folder
+
+    def _tls_args(self, name: str) -> list[str]:
+        if self.tls_dir is None:
+            return []
+        args = ["--tls", str(self.tls_folder(name))]
+        if name != "coordinator":
+            args += ["--anonymous-coordinator", f"127.0.0.1:{self.anonymous_port}"]
+        return args
 
     def start(self) -> LocalCluster:
         self.start_coordinator()

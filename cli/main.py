@@ -56,6 +56,17 @@ def cmd_coordinator_serve(args: argparse.Namespace) -> int:
         remote_model=args.remote_model,
         minions_max_tokens=args.minions_max_tokens,
     )
+    config.tls_dir = getattr(args, "tls", "")
+    config.tls_name = getattr(args, "tls_name", "")
+    config.anonymous_listen = args.anonymous_listen
+    if config.tls_dir:
+        from protos.tls import TLSError, load
+
+        try:  # a bad folder is an error message, not a traceback
+            load(config.tls_dir, config.tls_name).server_credentials()
+        except TLSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     ready = Path(args.ready_file) if args.ready_file else None
     return _run_until_signal(serve(config, ready))
 
@@ -75,7 +86,11 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         cost=args.cost,
         local_model=args.local_model,
+        agent=not args.no_agent,
     )
+    config.tls_dir = getattr(args, "tls", "")
+    config.tls_name = getattr(args, "tls_name", "")
+    config.anonymous_coordinator = args.anonymous_coordinator
     try:
         return _run_until_signal(serve(config))
     except ValueError as exc:  # e.g. --device cuda on a machine without CUDA
@@ -144,7 +159,14 @@ def _human(n: float) -> str:
 def _client(args: argparse.Namespace):
     from protos.sdk import SyncConfideClient
 
-    return SyncConfideClient(args.coordinator)
+    return SyncConfideClient(args.coordinator, tls=_client_tls(args))
+
+
+def _client_tls(args: argparse.Namespace):
+    """The client commands' ``--tls DIR`` (protos.tls), or None for plaintext."""
+    from protos.tls import load
+
+    return load(getattr(args, "tls", ""), getattr(args, "tls_name", ""))
 
 
 def _sdk_errors(func):
@@ -430,6 +452,8 @@ BENCHMARKS = {
                "and remote tokens",
     "agora": "Agora agents: routines, negotiated protocols and natural language vs an "
              "all-natural-language baseline: model tokens and bytes",
+    "soak": "one coordinator under many simulated node sessions (1,000 by default): sessions "
+            "held, round latency, heartbeat RTT, coordinator memory",
 }
 
 
@@ -497,6 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minions-max-tokens", type=int, default=0,
                    help="cap every generation of a question, remote and local, at N tokens "
                         "(0 = the protocol's defaults)")
+    p.add_argument("--anonymous-listen", default="",
+                   help="a second port serving only anonymous (ring-signed) submissions, with "
+                        "TLS but no client certificate under --tls (nodes: "
+                        "--anonymous-coordinator)")
     p.set_defaults(func=cmd_coordinator_serve)
 
     node = sub.add_parser("node", help="the node daemon")
@@ -518,9 +546,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost", type=float, default=0.0,
                    help="participation cost per round for budgeted jobs; the auction makes "
                         "reporting your true cost the best strategy")
+    p.add_argument("--no-agent", action="store_true",
+                   help="do not serve an Agora agent on the peer service")
     p.add_argument("--local-model", default="smollm2",
                    help="Minions' local model, reading the documents in <data>/docs/*.txt: "
                         "smollm2, tiny, path:DIR or openai:URL#model (default: %(default)s)")
+    p.add_argument("--anonymous-coordinator", default="",
+                   help="the coordinator's --anonymous-listen HOST:PORT, for ring-signed "
+                        "uploads without this node's certificate (needed under --tls)")
     p.set_defaults(func=cmd_node_serve)
 
     job = sub.add_parser("job", help="submit, watch and inspect jobs")
@@ -651,7 +684,113 @@ def build_parser() -> argparse.ArgumentParser:
         if importlib.util.find_spec(f"bench.{name}") is not None:
             importlib.import_module(f"bench.{name}").add_arguments(p)
         p.set_defaults(func=cmd_bench)
+    _add_certs_commands(sub)
+    _add_tls_options(parser, sub)
     return parser
+
+
+# --------------------------------------------------------------------------------------------
+# TLS: `confide certs` and the --tls options (protos.tls)
+
+TLS_HELP = ("a TLS folder: ca.pem (the CA to trust) and NAME.pem/NAME.key (this party's "
+            "certificate, from `confide certs issue`); daemons then require client "
+            "certificates from that CA (mutual TLS)")
+
+
+def _add_tls_options(parser: argparse.ArgumentParser, sub) -> None:
+    """``--tls DIR`` (and ``--tls-name``) on the main parser and on every command that dials
+    or serves: ``confide --tls DIR status`` and ``confide status --tls DIR`` both work."""
+    parser.add_argument("--tls", default="", metavar="DIR", help=TLS_HELP)
+    parser.add_argument("--tls-name", default="", metavar="NAME",
+                        help="which certificate of a --tls folder holding several")
+
+    def walk(subparsers):
+        for command in subparsers.choices.values():
+            nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+            for action in nested:
+                walk(action)
+            options = command._option_string_actions
+            if nested or "--tls" in options:
+                continue
+            if any(o in options for o in ("--coordinator", "--node", "--listen")):
+                command.add_argument("--tls", default=argparse.SUPPRESS, metavar="DIR",
+                                     help=TLS_HELP)
+                command.add_argument("--tls-name", default=argparse.SUPPRESS, metavar="NAME",
+                                     help="which certificate of a --tls folder holding several")
+
+    walk(sub)
+
+
+def _add_certs_commands(sub) -> None:
+    certs = sub.add_parser("certs", help="a development CA and TLS certificates (mutual TLS)",
+                           description="Create a development certificate authority and issue "
+                           "certificates (ECDSA P-256) for the coordinator, nodes and clients. "
+                           "Give each party its folder with --tls DIR.")
+    certs_sub = certs.add_subparsers(dest="action", required=True)
+    p = certs_sub.add_parser("init", help="create a CA: DIR/ca.pem and DIR/ca.key (0600)")
+    p.add_argument("--out", required=True, help="the CA folder")
+    p.add_argument("--name", default="Confide development CA", help="the CA's common name")
+    p.add_argument("--days", type=int, default=3650, help="validity (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace an existing CA")
+    p.set_defaults(func=cmd_certs_init)
+    p = certs_sub.add_parser("issue", help="issue NAME.pem/NAME.key into a --tls folder",
+                             description="Issue a certificate signed by the CA, valid for "
+                             "server and client use, for the given DNS names and IP addresses; "
+                             "OUT gets NAME.pem, NAME.key (0600) and a copy of ca.pem.")
+    p.add_argument("--ca", required=True, help="the CA folder (from certs init)")
+    p.add_argument("--name", required=True, help="the certificate's name (e.g. coordinator, "
+                   "node0, alice)")
+    p.add_argument("--san", action="append", default=[], metavar="HOST",
+                   help="a DNS name or IP address the holder is reached at, repeatable "
+                        "(default: NAME, localhost, 127.0.0.1)")
+    p.add_argument("--out", required=True, help="the holder's --tls folder")
+    p.add_argument("--days", type=int, default=825, help="validity (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace an existing NAME.key")
+    p.set_defaults(func=cmd_certs_issue)
+    p = certs_sub.add_parser("show", help="subject, issuer, validity and names of a certificate")
+    p.add_argument("file", help="a PEM certificate (e.g. DIR/NAME.pem)")
+    p.set_defaults(func=cmd_certs_show)
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from protos.tls import TLSError, create_ca
+
+    try:
+        files = create_ca(args.out, common_name=args.name, days=args.days, force=args.force)
+    except TLSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"CA certificate {files.cert}, key {files.key} (0600: keep it off the daemons)")
+    return 0
+
+
+def cmd_certs_issue(args: argparse.Namespace) -> int:
+    from protos.tls import TLSError, describe, issue_certificate
+
+    try:
+        files = issue_certificate(args.ca, args.name, args.out, args.san, days=args.days,
+                                  force=args.force)
+    except TLSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    info = describe(files.cert.read_bytes())
+    print(f"{files.cert} (key {files.key}, 0600; CA {files.ca}) valid until "
+          f"{info['not_after']} for {', '.join(info['sans'])}")
+    print(f"use it with --tls {args.out}")
+    return 0
+
+
+def cmd_certs_show(args: argparse.Namespace) -> int:
+    import json
+
+    from protos.tls import describe
+
+    try:
+        print(json.dumps(describe(Path(args.file).read_bytes()), indent=2))
+    except (OSError, ValueError) as exc:
+        print(f"error: {args.file}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _quiet_libraries() -> None:
@@ -672,8 +811,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    if getattr(args, "tls", "") and args.func not in (cmd_coordinator_serve, cmd_node_serve):
+        from protos.tls import TLSError, configure
+
+        try:  # every channel of a client command (SDK, private inference) follows --tls
+            configure(_client_tls(args))
+        except TLSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     return args.func(args)
 
 
 if __name__ == "__main__":
     sys.exit(main())
+

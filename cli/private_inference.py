@@ -39,6 +39,7 @@ import grpc
 
 from protos.confide.v1 import node_pb2
 from protos.confide.v1 import node_pb2_grpc as node_grpc
+from protos.tls import channel as tls_channel
 
 __all__ = [
     "PrivateInferenceError",
@@ -93,7 +94,7 @@ class PrivateInferenceResult:
 
 
 def _call(node_address: str, method: str, request, timeout: float):
-    with grpc.insecure_channel(node_address) as channel:
+    with tls_channel(node_address) as channel:  # the CLI's --tls, if any
         stub = node_grpc.NodePeerStub(channel)
         try:
             return getattr(stub, method)(request, timeout=timeout)

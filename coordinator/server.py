@@ -20,12 +20,18 @@ from coordinator.store import Store
 from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
 from protos.events import COORDINATOR_PRESENCE_TOPIC, EventPublisher
 from protos.interceptors import MalformedRequestInterceptor
+from protos.tls import AllowOnly, TLSConfig
+from protos.tls import add_port as tls_add_port
+from protos.tls import load as tls_load
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "confide.v1.Coordinator"
 #: messages stay chunked at 1 MiB; 8 MiB leaves room for everything else
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+#: what the anonymous port (``anonymous_listen``) serves: ring-signed submission, nothing else
+ANONYMOUS_METHODS = tuple(f"/{SERVICE_NAME}/{m}" for m in
+                          ("GetRing", "GetChallenge", "SubmitAnonymousUpdate"))
 
 
 def grpc_server_options() -> list[tuple[str, int]]:
@@ -53,6 +59,12 @@ class CoordinatorConfig:
     #: cap on every generation of a question, remote and local (0: the protocol's defaults)
     remote_model: str = "smollm2"
     minions_max_tokens: int = 0
+    #: a --tls folder (protos.tls): the port requires client certificates from its CA
+    tls_dir: str = ""
+    tls_name: str = ""
+    #: a second port serving only the anonymous RPCs, with server-only TLS when tls_dir is
+    #: set: an anonymous upload must not present the node's certificate ("" = none)
+    anonymous_listen: str = ""
 
 
 class CoordinatorServer:
@@ -65,6 +77,9 @@ class CoordinatorServer:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._expiry: asyncio.Task | None = None
+        self.tls: TLSConfig | None = None
+        self.anonymous_server: grpc.aio.Server | None = None
+        self.anonymous_port = 0
 
     @property
     def address(self) -> str:
@@ -73,6 +88,7 @@ class CoordinatorServer:
 
     async def start(self) -> None:
         cfg = self.config
+        self.tls = tls_load(cfg.tls_dir, cfg.tls_name)  # a bad folder fails before any state
         self.store = Store(cfg.data_dir)
         mqtt_url = await self._start_events(cfg)
         sessions = SessionRegistry()
@@ -88,17 +104,38 @@ class CoordinatorServer:
         pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
-        self.port = self.server.add_insecure_port(cfg.listen)
+        self.port = tls_add_port(self.server, cfg.listen, tls=self.tls)
         if self.port == 0:
             raise OSError(f"cannot listen on {cfg.listen}")
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if cfg.anonymous_listen:
+            await self._start_anonymous_port(cfg, health_servicer)
         resumed = self.service.resume_jobs()
         if resumed:
             log.info("resuming job(s): %s", ", ".join(resumed))
         self._expiry = asyncio.create_task(self._expire_sessions(sessions))
-        log.info("coordinator listening on %s (data in %s)", self.address, cfg.data_dir)
+        log.info("coordinator listening on %s (data in %s)%s", self.address, cfg.data_dir,
+                 f", mutual TLS ({self.tls.folder})" if self.tls else "")
+
+    async def _start_anonymous_port(self, cfg: CoordinatorConfig, health_servicer) -> None:
+        """The anonymous RPCs on a port of their own, TLS without client certificates: with
+        mutual TLS on the main port a node's upload would otherwise carry its certificate."""
+        self.anonymous_server = grpc.aio.server(
+            options=grpc_server_options(),
+            interceptors=[AllowOnly((*ANONYMOUS_METHODS, "/grpc.health.v1.Health/Check")),
+                          MalformedRequestInterceptor()])
+        pb_grpc.add_CoordinatorServicer_to_server(self.service, self.anonymous_server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.anonymous_server)
+        self.anonymous_port = tls_add_port(self.anonymous_server, cfg.anonymous_listen,
+                                           tls=self.tls, require_client_auth=False)
+        if self.anonymous_port == 0:
+            raise OSError(f"cannot listen on {cfg.anonymous_listen}")
+        await self.anonymous_server.start()
+        log.info("anonymous submissions on %s:%d (%s)", cfg.anonymous_listen.rsplit(":", 1)[0],
+                 self.anonymous_port,
+                 "TLS, no client certificate" if self.tls else "plaintext")
 
     async def _start_events(self, cfg: CoordinatorConfig) -> str:
         if cfg.mqtt == "none":
@@ -136,6 +173,8 @@ class CoordinatorServer:
             self._expiry.cancel()
         if self.service is not None:
             await self.service.stop_jobs()
+        if self.anonymous_server is not None:
+            await self.anonymous_server.stop(grace)
         if self.server is not None:
             await self.server.stop(grace)
         if self.publisher is not None:
@@ -155,6 +194,7 @@ class CoordinatorServer:
 
 async def serve(config: CoordinatorConfig, ready_file: Path | None = None) -> None:
     """Run until cancelled (Ctrl-C / SIGTERM)."""
+    raise_fd_limit()
     server = CoordinatorServer(config)
     await server.start()
     if ready_file is not None:
@@ -163,3 +203,17 @@ async def serve(config: CoordinatorConfig, ready_file: Path | None = None) -> No
         await server.wait()
     finally:
         await server.stop()
+
+
+def raise_fd_limit() -> int:
+    """Every node session is a connection (a file descriptor): lift the soft limit to the hard
+    one, as servers do (1,024 by default on many systems). Returns the soft limit now."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):  # not POSIX, or not allowed
+        return 0

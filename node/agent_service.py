@@ -29,6 +29,7 @@ from agents.model import ChatModel
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import node_pb2
 from protos.confide.v1 import node_pb2_grpc as node_grpc
+from protos.tls import channel as tls_channel
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def grpc_peer(name: str, address: str, *, timeout: float = 120.0,
               credentials: grpc.ChannelCredentials | None = None) -> Peer:
     """Another node's agent, reached through its peer service (``NodePeer.AgentMessage``)."""
     channel = (grpc.secure_channel(address, credentials) if credentials is not None
-               else grpc.insecure_channel(address))
+               else tls_channel(address))  # the node's --tls, if any
     stub = node_grpc.NodePeerStub(channel)
 
     def send(envelope: node_pb2.AgentEnvelope) -> node_pb2.AgentEnvelope:
@@ -236,10 +237,12 @@ class NodeAgentService:
                       **agent_options)
         service = cls(agent, client=client)
         for capability in (demo_capabilities() if capabilities is None else capabilities):
-            await asyncio.to_thread(service._add, capability)
+            await asyncio.to_thread(service.publish, capability)
         return service
 
-    def _add(self, capability: Capability) -> None:
+    def publish(self, capability: Capability) -> None:
+        """Serve ``capability``; publish its routine at the registry when it can be reached
+        (unpublished routines still answer peers that know their document)."""
         try:
             self.agent.add_capability(capability)
         except Exception as exc:  # registry unreachable: serve it locally, register later

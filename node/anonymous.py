@@ -13,13 +13,14 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
-
 from privacy.ringsig import RingKeyPair, sign
 from protos.chunking import split_payload
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
 from protos.identity import anonymous_scope, anonymous_update_message, ring_epoch_id
+from protos.tls import PROCESS as TLS_PROCESS
+from protos.tls import TLSChoice, aio_channel
+from protos.tls import active as tls_active
 
 MIN_RING_SIZE = 2
 
@@ -46,10 +47,22 @@ def load_or_create_ring_key(path: Path) -> RingKeyPair:
 
 async def submit_anonymously(coordinator: str, key: RingKeyPair, task: pb.Task,
                              payload: bytes, num_examples: int,
-                             channel_options: list | None = None) -> bytes:
+                             channel_options: list | None = None, *,
+                             tls: TLSChoice = TLS_PROCESS, dedicated_port: bool = False) -> bytes:
     """Ring-sign and upload ``payload`` for ``task``; returns the link tag the coordinator
-    filed it under."""
-    async with grpc.aio.insecure_channel(coordinator, options=channel_options) as channel:
+    filed it under.
+
+    Under TLS the upload never presents the node's certificate (it names the node): it goes
+    with server-only TLS to the coordinator's anonymous port (``dedicated_port``: the node's
+    ``--anonymous-coordinator``), since the main port requires client certificates."""
+    config = tls_active() if tls is ... else tls
+    if config is not None and not dedicated_port:
+        raise AnonymityError("TLS is on and no anonymous port is configured (node serve "
+                             "--anonymous-coordinator, coordinator serve --anonymous-listen): "
+                             "an upload on the mutual-TLS port would carry this node's "
+                             "certificate")
+    async with aio_channel(coordinator, channel_options, tls=config,
+                           client_cert=False) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         ring = await stub.GetRing(pb.GetRingRequest(job_id=task.job_id), timeout=30)
         keys = list(ring.public_keys)

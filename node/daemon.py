@@ -12,6 +12,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from node.agent_service import NodeAgentService, demo_capabilities
 from node.anonymous import load_or_create_ring_key
 from node.data import LocalData
 from node.device import select_device
@@ -25,6 +26,9 @@ from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import node_pb2_grpc as node_grpc
 from protos.identity import NodeKey
 from protos.interceptors import MalformedRequestInterceptor
+from protos.tls import add_port as tls_add_port
+from protos.tls import configure as tls_configure
+from protos.tls import load as tls_load
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +52,17 @@ class NodeConfig:
     threads: int = 0
     #: participation cost per round, reported to budgeted jobs' truthful auctions
     cost: float = 0.0
-    #: Minions: the local model that reads <data dir>/docs (agents.backends spec)
+    #: Minions: the local model that reads <data dir>/docs (agents.backends spec); also the
+    #: model of the node's Agora agent (loaded on first use)
     local_model: str = "smollm2"
+    #: serve an Agora agent on the peer service (NodePeer.AgentMessage)
+    agent: bool = True
+    #: a --tls folder (protos.tls): its certificate dials the coordinator and the peers, and
+    #: the peer service requires client certificates from its CA ("" = plaintext)
+    tls_dir: str = ""
+    tls_name: str = ""
+    #: the coordinator's anonymous port (server-only TLS); "" = the coordinator address
+    anonymous_coordinator: str = ""
 
 
 class NodeDaemon:
@@ -58,6 +71,7 @@ class NodeDaemon:
         self.data_dir = Path(config.data_dir)
         self.key = NodeKey.load_or_create(self.data_dir / "node_key.pem")
         self.ring_key = load_or_create_ring_key(self.data_dir / "ring_key.seed")
+        self.tls = tls_load(config.tls_dir, config.tls_name)
         self.data = LocalData(self.data_dir)
         self.models = ModelStore(self.data_dir / "models")
         self.device = select_device(config.device)
@@ -67,6 +81,9 @@ class NodeDaemon:
         self.peer_port = 0
         #: private inference on the AERO models in <data dir>/private (needs the peer service)
         self.private: PrivateInference | None = None
+        #: the node's Agora agent (needs the peer service)
+        self.agent: NodeAgentService | None = None
+        self._agent_setup: asyncio.Task | None = None
 
     @property
     def node_id(self) -> str:
@@ -90,9 +107,11 @@ class NodeDaemon:
     async def start(self) -> None:
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
+        # every channel this process opens (peers, split-server, DIMAT) follows --tls
+        tls_configure(self.tls)
         if self.config.listen:
             self.server = grpc.aio.server(interceptors=[MalformedRequestInterceptor()])
-            self.peer_port = self.server.add_insecure_port(self.config.listen)
+            self.peer_port = tls_add_port(self.server, self.config.listen, tls=self.tls)
             if self.peer_port == 0:
                 raise OSError(f"cannot listen on {self.config.listen}")
         info = self.info()
@@ -102,8 +121,16 @@ class NodeDaemon:
             self.private = PrivateInference(
                 self.data_dir / "private", bind_host=self.config.listen.rsplit(":", 1)[0],
                 advertise_host=info.peer_address.rsplit(":", 1)[0])
+            if self.config.agent:
+                # no capability yet: publishing them needs the coordinator, which may be
+                # down; they are added in the background below
+                self.agent = await NodeAgentService.for_node(
+                    info.name, coordinator=self.config.coordinator,
+                    model=self.config.local_model, device=str(self.device), capabilities=[])
+                self._agent_setup = asyncio.create_task(self._publish_agent_routines())
             node_grpc.add_NodePeerServicer_to_server(
-                NodePeerService(info, self.models, split_server, self.private), self.server)
+                NodePeerService(info, self.models, split_server, self.private, self.agent),
+                self.server)
             health_servicer = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
             await self.server.start()
@@ -114,13 +141,25 @@ class NodeDaemon:
         self.link = CoordinatorLink(self.config.coordinator, self.key, info, worker,
                                     mqtt_override=self.config.mqtt, ring_key=self.ring_key,
                                     cost=self.config.cost)
+        self.link.tls = self.tls
+        self.link.anonymous_coordinator = self.config.anonymous_coordinator
         self._link_task = asyncio.create_task(self.link.run(), name="coordinator-link")
         log.info("node %s (%s) on %s, %d dataset(s): %s; peer service %s", self.node_id,
                  info.name, self.device, len(info.datasets),
                  ", ".join(f"{k}={v}" for k, v in info.datasets.items()) or "none",
                  info.peer_address or "off")
 
+    async def _publish_agent_routines(self) -> None:
+        """The demo routines of the node's agent, registered at the coordinator when it can
+        be reached (served unpublished otherwise)."""
+        assert self.agent is not None
+        for capability in demo_capabilities():
+            await asyncio.to_thread(self.agent.publish, capability)
+
     async def stop(self) -> None:
+        if self._agent_setup is not None:
+            self._agent_setup.cancel()
+            await asyncio.gather(self._agent_setup, return_exceptions=True)
         if self._link_task is not None:
             self._link_task.cancel()
             await asyncio.gather(self._link_task, return_exceptions=True)
@@ -130,6 +169,8 @@ class NodeDaemon:
             await self.server.stop(1.0)
         if self.private is not None:
             await asyncio.to_thread(self.private.close)
+        if self.agent is not None:
+            await self.agent.close()  # flushes usage counts to the registry
 
 
 async def serve(config: NodeConfig) -> None:

@@ -22,6 +22,7 @@ from protos.codec import CodecError, tensor_map_from_bytes, to_dense
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import node_pb2
 from protos.confide.v1 import node_pb2_grpc as node_grpc
+from protos.tls import channel as tls_channel
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def fetch_local_model(address: str, job_id: str, round_number: int,
     request = node_pb2.FetchModelRequest(job_id=job_id, which="shared", round=round_number)
     assembler = ChunkAssembler()
     received = 0
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    with tls_channel(address, CHANNEL_OPTIONS) as channel:  # the node's --tls, if any
         stub = node_grpc.NodePeerStub(channel)
         for chunk in stub.FetchModel(request, timeout=timeout_s):
             received += wire_bytes(chunk)

@@ -9,6 +9,7 @@ import asyncio
 
 import grpc
 
+from node.agent_service import NodeAgentService
 from node.private_inference import PrivateInference, PrivateInferenceError
 from node.split_transport import SplitServer
 from node.store import ModelStore
@@ -22,11 +23,13 @@ from protos.confide.v1 import node_pb2_grpc as node_grpc
 class NodePeerService(node_grpc.NodePeerServicer):
     def __init__(self, info: pb.NodeInfo, models: ModelStore,
                  split_server: SplitServer | None = None,
-                 private: PrivateInference | None = None) -> None:
+                 private: PrivateInference | None = None,
+                 agent: NodeAgentService | None = None) -> None:
         self.info = info
         self.models = models
         self.split_server = split_server
         self.private = private
+        self.agent = agent
 
     async def GetInfo(self, request: node_pb2.GetInfoRequest, context) -> pb.NodeInfo:
         return self.info
@@ -80,3 +83,12 @@ class NodePeerService(node_grpc.NodePeerServicer):
         if self.private is None:
             return node_pb2.ListPrivateModelsResponse()
         return await asyncio.to_thread(self.private.list_models)
+
+    async def AgentMessage(self, request: node_pb2.AgentEnvelope,
+                           context) -> node_pb2.AgentEnvelope:
+        """Agora: answer another agent with a routine, a fetched protocol or the local
+        model (``node.agent_service``); errors come back as ``handled_by="error"``."""
+        if self.agent is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this node runs no agent (it was started with --no-agent)")
+        return await self.agent.handle(request)

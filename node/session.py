@@ -26,6 +26,8 @@ from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
 from protos.events import EventPublisher, node_presence_topic, presence_payload
 from protos.identity import NodeKey
+from protos.tls import PROCESS as TLS_PROCESS
+from protos.tls import aio_channel
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +80,18 @@ class CoordinatorLink:
         self.state = LinkState()
         self.publisher: EventPublisher | None = None
         self._busy = False
+        #: protos.tls: the channel's TLS (default: the process's --tls) and the coordinator's
+        #: anonymous port for ring-signed uploads ("" = the coordinator address)
+        self.tls = TLS_PROCESS
+        self.anonymous_coordinator = ""
 
     async def run(self) -> None:
         """Stay connected forever (until cancelled)."""
         delay = 0.5
         while True:
             try:
-                async with grpc.aio.insecure_channel(self.coordinator,
-                                                     options=CHANNEL_OPTIONS) as channel:
+                async with aio_channel(self.coordinator, CHANNEL_OPTIONS,
+                                       tls=self.tls) as channel:
                     await self._session(channel)
                 self.state.last_error = "session ended"
             except asyncio.CancelledError:
@@ -314,8 +320,10 @@ class _TaskRunner:
         self.link.state.tasks_done += 1
         await asyncio.sleep(_JITTER.uniform(0.0, ANONYMOUS_JITTER_S))
         try:
-            await submit_anonymously(self.link.coordinator, self.link.ring_key, task, update,
-                                     num_examples, CHANNEL_OPTIONS)
+            await submit_anonymously(self.link.anonymous_coordinator or self.link.coordinator,
+                                     self.link.ring_key, task, update, num_examples,
+                                     CHANNEL_OPTIONS, tls=self.link.tls,
+                                     dedicated_port=bool(self.link.anonymous_coordinator))
         except (grpc.aio.AioRpcError, AnonymityError) as exc:
             reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
             # the session already said "done": the coordinator sees one update fewer

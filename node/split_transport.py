@@ -49,6 +49,7 @@ from protos.codec import CodecError, tensor_map_from_bytes, tensor_map_to_bytes,
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import node_pb2
 from protos.confide.v1 import node_pb2_grpc as node_grpc
+from protos.tls import channel as tls_channel
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class RemoteBody:
         self.bytes_up = 0
         self.bytes_down = 0
         self._requests: queue.Queue[node_pb2.SplitRequest | None] = queue.Queue()
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = tls_channel(address, CHANNEL_OPTIONS)  # the node's --tls, if any
         stub = node_grpc.NodePeerStub(self._channel)
         self._replies = stub.SplitSession(iter(self._requests.get, None), timeout=timeout_s)
         self._send(node_pb2.SplitRequest(open=node_pb2.SplitOpen(job_id=job_id, spec=spec,

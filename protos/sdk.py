@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import EllipsisType
 from typing import Any, TypeVar
 
 import grpc
@@ -30,6 +32,8 @@ from protos.codec import tensor_map_from_bytes, to_dense
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
 from protos.identity import NodeKey
+from protos.tls import PROCESS as TLS_PROCESS
+from protos.tls import TLSConfig, aio_channel
 
 T = TypeVar("T")
 
@@ -111,12 +115,20 @@ class ConfideClient:
     """Async client of the coordinator."""
 
     def __init__(self, address: str, *, timeout: float = 30.0,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None,
+                 tls: TLSConfig | str | Path | EllipsisType | None = TLS_PROCESS,
+                 tls_name: str = "") -> None:
+        """``tls``: a ``protos.tls.TLSConfig`` or a ``--tls`` folder (``ca.pem`` and, for
+        a coordinator that requires client certificates, ``NAME.pem``/``NAME.key``); None is
+        plaintext; by default the process's ``protos.tls.configure`` (plaintext if unset).
+        ``credentials`` (raw gRPC channel credentials) wins over ``tls``."""
         self.address = address
         self.timeout = timeout
         options = [("grpc.max_receive_message_length", 8 * 1024 * 1024)]
+        if isinstance(tls, str | Path):
+            tls = TLSConfig.from_folder(tls, tls_name)
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(address, options=options)
+            self._channel = aio_channel(address, options, tls=tls)
         else:
             self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         self._stub = pb_grpc.CoordinatorStub(self._channel)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -88,3 +90,17 @@ def test_cli_submits_watches_fetches_and_shows_status(tmp_path, shards):
                 garbage(b"\xff" * 64, timeout=5)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert peer.GetInfo(node_pb2.GetInfoRequest(), timeout=5).name == "node0"
+
+            # the node's Agora agent: its published routine answers a protocol message
+            # (the registry learns the routine's document once the node reaches it)
+            with SyncConfideClient(cluster.address) as client:
+                deadline = time.monotonic() + 30
+                while not (documents := client.list_protocols("weather.lookup")):
+                    assert time.monotonic() < deadline, "the node published no routine"
+                    time.sleep(0.3)
+            reply = peer.AgentMessage(node_pb2.AgentEnvelope(
+                sender="test", task_kind="weather.lookup", protocol_hash=documents[0].hash,
+                body=json.dumps({"city": "paris"})), timeout=30)
+            assert reply.handled_by == "routine", reply.error
+            assert json.loads(reply.body)["city"] == "paris"
+            assert reply.prompt_tokens == reply.completion_tokens == 0  # no model call
