@@ -98,7 +98,7 @@ MAX_JOBS = 4
 #: local model calls one node makes in one round, at most (jobs x chunks)
 MAX_LOCAL_CALLS = 48
 #: findings the remote model reads per aggregation, at most (grounded ones first)
-MAX_FINDINGS = 12
+MAX_FINDINGS = 8
 MAX_QUESTION_CHARS = 4000
 
 ALLOW_CITATION_WORDS = 60
@@ -108,10 +108,10 @@ MAX_ANSWER_CHARS = 300
 MAX_EXPLANATION_CHARS = 400
 MAX_REPLY_CHARS = 1500
 
-REMOTE_PLAN_TOKENS = 200
-REMOTE_DECISION_TOKENS = 120
-LOCAL_JOB_TOKENS = 96
-LOCAL_CHAT_TOKENS = 128
+REMOTE_PLAN_TOKENS = 128
+REMOTE_DECISION_TOKENS = 64
+LOCAL_JOB_TOKENS = 48
+LOCAL_CHAT_TOKENS = 64
 
 NO_ANSWER = "I could not find the answer in the documents."
 
@@ -605,11 +605,24 @@ def _select_chunks(value: Any, documents: Mapping[str, int], docs: str | tuple[s
 # The local role: what a node runs (in process for the bench, in node/minion_worker.py)
 
 WORKER_SYSTEM = (
-    "You read one excerpt of a private document and do one small task using only the "
-    "excerpt. Reply with JSON only: {\"explanation\": \"one short sentence\", \"citation\": "
-    "\"the exact words of the excerpt that support the answer\", \"answer\": \"a short "
-    "answer, or null if the excerpt does not say\"}"
+    "You read an excerpt of a private document and do one small task using only the "
+    "excerpt: answer with a few words copied from it. Reply with JSON only: "
+    '{"answer": "...", "explanation": "a few words"}. If the excerpt does not say, the '
+    "answer is null."
 )
+_EXAMPLE_EXCERPT = ("Shares in Acme rose 4% on Monday. The chief executive, Maria Delgado, said "
+                    "sales in Spain had doubled.")
+#: two worked examples (one answer, one abstention): small local models follow the format
+#: far better when shown it; local tokens are the cheap ones
+WORKER_EXAMPLES: list[Message] = [
+    {"role": "user", "content": f"Excerpt:\n{_EXAMPLE_EXCERPT}\n\nTask: Who is the chief "
+                                "executive of Acme?"},
+    {"role": "assistant", "content": '{"answer": "Maria Delgado", "explanation": "named as '
+                                     'chief executive"}'},
+    {"role": "user", "content": f"Excerpt:\n{_EXAMPLE_EXCERPT}\n\nTask: When was Acme "
+                                "founded?"},
+    {"role": "assistant", "content": '{"answer": null, "explanation": "not in the excerpt"}'},
+]
 CHAT_SYSTEM = (
     "You answer questions about a private document. Answer briefly and only from the "
     "document. If the document does not say, reply: not found."
@@ -779,7 +792,8 @@ class LocalWorker:
             if job.get("advice"):
                 prompt += f"\nAdvice: {job['advice']}"
             completion = self.model.chat([{"role": "system", "content": WORKER_SYSTEM},
-                                          {"role": "user", "content": prompt + "\nJSON:"}],
+                                          *WORKER_EXAMPLES,
+                                          {"role": "user", "content": prompt}],
                                          max_tokens=max_tokens)
             found = parse_worker_output(completion.text, chunk)
             return {"job": job_id, "doc": self.ids[d], "chunk": c, **found}, completion.usage
@@ -1085,17 +1099,29 @@ MINION_SYSTEM = (
 
 
 def _findings_text(findings: Sequence[tuple[str, Mapping[str, Any]]], limit: int) -> str:
-    ordered = sorted(findings, key=lambda f: not f[1].get("grounded"))[:limit]
+    """The findings as the remote model reads them: one line per distinct answer (with how
+    many chunks gave it and where), grounded answers and the most supported first, one short
+    citation and explanation each. Compact on purpose: these are remote tokens."""
+    groups: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
+    for gid, o in findings:
+        groups.setdefault(_norm(str(o.get("answer") or "")), []).append((gid, o))
+    ordered = sorted(groups.values(), key=lambda g: (not any(o.get("grounded") for _, o in g),
+                                                      -len(g)))[:limit]
     lines = []
-    for i, (gid, o) in enumerate(ordered, start=1):
-        parts = [f"{i}. {gid} chunk {_count(o.get('chunk'))}"
-                 + (" [in text]" if o.get("grounded") else "")
-                 + f": answer {json.dumps(str(o.get('answer'))[:MAX_ANSWER_CHARS])}"]
-        if o.get("citation"):
-            parts.append(f"citation {json.dumps(str(o['citation'])[:400])}")
-        if o.get("explanation"):
-            parts.append(f"why {json.dumps(str(o['explanation'])[:200])}")
-        lines.append("; ".join(parts))
+    for i, group in enumerate(ordered, start=1):
+        gid, first = group[0]
+        where = ", ".join(dict.fromkeys(f"{g} chunk {_count(o.get('chunk'))}"
+                                        for g, o in group[:3]))
+        line = (f"{i}. {json.dumps(str(first.get('answer'))[:MAX_ANSWER_CHARS])} from {where}"
+                + (f" (+{len(group) - 3} more)" if len(group) > 3 else "")
+                + (" [in text]" if any(o.get("grounded") for _, o in group) else ""))
+        cited = next((str(o["citation"]) for _, o in group if o.get("citation")), "")
+        if cited:
+            line += f"; citation {json.dumps(_trim_words(cited, 25, str(first.get('answer'))))}"
+        why = next((str(o["explanation"]) for _, o in group if o.get("explanation")), "")
+        if why:
+            line += f"; why {json.dumps(why[:120])}"
+        lines.append(line)
     return "\n".join(lines) if lines else "(no worker found anything)"
 
 
@@ -1205,10 +1231,9 @@ def run_minion(remote: ChatModel, execute: Executor, question: str, nodes: Seque
         run.emit("error", "no node has documents (a node reads <data dir>/docs/*.txt)")
         return run.result(NO_ANSWER, 0, citations)
     histories: dict[str, list[dict[str, str]]] = {n: [] for n in holders}
-    conversation: list[Message] = [
-        {"role": "system", "content": MINION_SYSTEM},
-        {"role": "user", "content": f"Question: {question}\nDocuments:\n" + "\n".join(doc_lines)
-         + "\nThe assistant was asked the question."}]
+    conversation: list[Message] = [{"role": "system", "content": MINION_SYSTEM}]
+    intro = (f"Question: {question}\nDocuments:\n" + "\n".join(doc_lines)
+             + "\nThe assistant was asked the question. It replied:\n")
     message = question
     replies_seen: list[tuple[str, bool]] = []
     rounds = 0
@@ -1227,7 +1252,8 @@ def run_minion(remote: ChatModel, execute: Executor, question: str, nodes: Seque
             lines.append(f"Assistant on node {position}: {text}")
             if not is_abstention(text):
                 replies_seen.append((text, False))
-        conversation.append({"role": "user", "content": "\n".join(lines) or "(no reply)"})
+        conversation.append({"role": "user", "content": (intro if rounds == 1 else "")
+                             + ("\n".join(lines) or "(no reply)")})
         last = rounds >= max_rounds
         if last:
             conversation[-1]["content"] += "\nThis is the last turn: decide final."

@@ -58,8 +58,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="MinionS rounds / Minion turns (default: %(default)s)")
     p.add_argument("--max-jobs", type=int, default=2,
                    help="jobs per MinionS round, at most (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=0,
+                   help="re-asks when the remote model's reply holds no JSON; a 135M remote "
+                        "model rarely fixes it, a real API rarely needs it (default: "
+                        "%(default)s)")
     p.add_argument("--chunk-chars", type=int, default=2000,
                    help="MinionS chunk size in characters (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads, 0 = torch's default (on a machine shared with other "
+                        "work, 1 avoids thread thrashing)")
     p.add_argument("--out", default="bench/results",
                    help="where minions.json and minions.png go; the previous JSON there is "
                         "compared with this run (default: %(default)s)")
@@ -170,8 +177,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
           f"characters ({', '.join(a['label'] for a in articles)}), {len(items)} cloze "
           f"question(s) with verbatim answers; remote {args.remote_model}, local "
           f"{args.local_model}; MinionS: chunks of {args.chunk_chars} characters, at most "
-          f"{args.max_jobs} job(s) per round, {args.max_rounds} round(s); citations allow")
+          f"{args.max_jobs} job(s) per round, {args.max_rounds} round(s), {args.retries} "
+          "re-ask(s); citations allow")
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     remote = backend_from_spec(args.remote_model)
     local = backend_from_spec(args.local_model)
@@ -197,6 +207,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             else:
                 result = ask(mode, item["question"], ["node"], remote=remote, execute=execute,
                              citations="allow", max_rounds=args.max_rounds,
+                             retries=args.retries,
                              **({"max_jobs": args.max_jobs} if mode == "minions" else {}))
             seconds = time.perf_counter() - t0
             ok = correct(result.answer, item["answer"])

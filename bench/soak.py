@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hold", type=float, default=10.0,
                    help="seconds to hold the sessions idle before the job (heartbeats only)")
     p.add_argument("--mqtt", action="store_true", help="with the embedded MQTT broker")
-    p.add_argument("--tls", action="store_true",
+    p.add_argument("--tls", action="store_true", dest="soak_tls",
                    help="mutual TLS (a development CA in the workdir; every session presents "
                         "a client certificate)")
     p.add_argument("--workdir", default="runs/bench-soak")
@@ -410,15 +410,15 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if workdir.exists():
         shutil.rmtree(workdir)
     cluster = LocalCluster(workdir, [], mqtt=args.mqtt, heartbeat_interval_s=args.heartbeat,
-                           tls_dir=workdir / "pki" if args.tls else None)
+                           tls_dir=workdir / "pki" if args.soak_tls else None)
     print(f"soak: {args.sessions} simulated node session(s) against one coordinator on "
-          f"127.0.0.1 ({'mutual TLS' if args.tls else 'plaintext'}), {args.rounds} FedAvg "
+          f"127.0.0.1 ({'mutual TLS' if args.soak_tls else 'plaintext'}), {args.rounds} FedAvg "
           f"round(s) over all of them, global state {args.params} float32; cap "
           f"{args.duration:.0f}s", flush=True)
     try:
         cluster.start_coordinator()
         tls_config = client_tls = None
-        if args.tls:
+        if args.soak_tls:
             tls_config = TLSConfig.from_folder(cluster.tls_folder("sim-node"))
             client_tls = TLSConfig.from_folder(cluster.tls_folder("client"))
         result = asyncio.run(_soak(args, cluster, tls_config, client_tls))
@@ -426,6 +426,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         cluster.stop()
     info = hardware()
     _print_table(result)
+    print(f"note: a round's latency includes waiting until every node is idle again, which the "
+          f"coordinator learns from each node's next heartbeat (every {args.heartbeat:g}s)")
     print(f"hardware: {info['platform']}, {info['cpu_count']} CPU(s), load average "
           f"{info['load_average']}, file-descriptor limit {fd_limit}; coordinator and load "
           "generator on the same machine (loopback)")

@@ -811,7 +811,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    if getattr(args, "tls", "") and args.func not in (cmd_coordinator_serve, cmd_node_serve):
+    if (isinstance(getattr(args, "tls", ""), str) and getattr(args, "tls", "")
+            and args.func not in (cmd_coordinator_serve, cmd_node_serve)):
         from protos.tls import TLSError, configure
 
         try:  # every channel of a client command (SDK, private inference) follows --tls

@@ -291,7 +291,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @unary
     async def SubmitAnonymousUpdate(self, request_iterator, context) -> pb.AnonymousAck:
-        first = await anext(aiter(request_iterator), None)
+        request_iterator = aiter(request_iterator)
+        first = await anext(request_iterator, None)
         if first is None or first.WhichOneof("body") != "header":
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                          "an anonymous update starts with its signed header")
@@ -304,8 +305,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                          f"job {header.job_id} is not running")
         assembler = ChunkAssembler(max_bytes=MAX_ANONYMOUS_UPDATE_BYTES)
         payload = None
+        # an update cannot count after its round: the stream gets the round's deadline, so a
+        # client that stalls or dribbles is cut off rather than waited for
+        limit = status.spec.round_timeout_s
+        deadline = time.monotonic() + limit
         try:
-            async for message in request_iterator:
+            while True:
+                try:
+                    message = await asyncio.wait_for(anext(request_iterator),
+                                                     deadline - time.monotonic())
+                except StopAsyncIteration:
+                    break
                 if message.WhichOneof("body") != "chunk" or payload is not None:
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                                  "after the header come the update's chunks, nothing else")
@@ -313,6 +323,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 payload = assembler.add(message.chunk)
         except ChunkError as exc:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"update stream: {exc}") from None
+        except TimeoutError:
+            raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                         f"the update did not arrive within the round's deadline of "
+                         f"{limit:.0f}s ({assembler.received_bytes} bytes received)") from None
         if payload is None:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                          f"truncated update stream ({assembler.received_bytes} bytes)")

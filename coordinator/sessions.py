@@ -111,6 +111,7 @@ class NodeSession:
         try:
             try:
                 pending.bytes_down += self.send(pb.CoordinatorMessage(task=task))
+                self.busy = True  # until its answer (or a heartbeat) says otherwise
                 if global_payload is not None:
                     for chunk in split_payload(global_payload, task.task_id):
                         message = pb.CoordinatorMessage(
@@ -163,8 +164,10 @@ class NodeSession:
         if kind == "update_chunk":
             self._on_update_chunk(message)
         elif kind == "result":
-            self._on_result(message)
+            self.busy = False  # the node answers once its task is over: free it now, not
+            self._on_result(message)  # at its next heartbeat
         elif kind == "failure":
+            self.busy = False
             pending = self._pending.get(message.failure.task_id)
             if pending is not None:
                 reason = message.failure.reason[:2000] or "node reported a failure"

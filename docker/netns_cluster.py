@@ -15,7 +15,8 @@ What differs from Docker, and why:
   ``<workdir>/volumes`` linked where the compose file mounts it; ``/app`` is this checkout and
   ``python`` the interpreter running this file;
 - names resolve through ``/etc/netns/<ns>/hosts`` (``ip netns exec`` mounts it over
-  /etc/hosts), one line per service, as Docker's embedded DNS would answer;
+  /etc/hosts), one line per service, as Docker's embedded DNS would answer (and a
+  ``resolv.conf`` naming no reachable server, so lookups do not wait on DNS);
 - Eclipse Mosquitto is not installed here: the coordinator runs its embedded amqtt broker
   instead (``CONFIDE_MQTT=''``, listening on ``coordinator:1883``), and the name
   ``mosquitto`` resolves to the coordinator;
@@ -237,6 +238,9 @@ class NetnsCluster:
             folder = Path("/etc/netns") / s.netns
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "hosts").write_text("\n".join(hosts) + "\n")
+            # no DNS server is reachable from a namespace: a resolver that fails at once
+            # (gRPC's c-ares would otherwise wait seconds on AAAA queries before using hosts)
+            (folder / "resolv.conf").write_text("nameserver 127.0.0.1\n")
 
     def network_down(self) -> None:
         if not self._network_up:
@@ -245,8 +249,10 @@ class NetnsCluster:
             _ip("netns", "del", s.netns, check=False)
             _ip("link", "del", s.host_if, check=False)
             folder = Path("/etc/netns") / s.netns
+            for name in ("hosts", "resolv.conf"):
+                with contextlib.suppress(OSError):
+                    (folder / name).unlink()
             with contextlib.suppress(OSError):
-                (folder / "hosts").unlink()
                 folder.rmdir()
         _ip("link", "del", self.bridge, check=False)
         self._network_up = False
@@ -394,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir)
     cluster = NetnsCluster(workdir, overrides=QUICK if args.quick else None)
     code = 0
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         started = time.monotonic()
         cluster.start()
@@ -411,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     except NetnsError as exc:
         print(f"netns: {exc}", file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:
+        code = 130
     finally:
         cluster.stop()
     return code

@@ -71,6 +71,9 @@ class MinionWorker:
         self.chunk_chars = chunk_chars
         self.context_chars = context_chars
         self.max_citations = max_citations
+        #: jobs in flight at once: a server-backed local model serves several, an in-process
+        #: transformers model one at a time (its calls are serialized anyway)
+        self.workers = 4 if local_model.startswith("openai:") else 1
         self._model = model
         self._model_lock = threading.Lock()
         self._stamp: tuple = ()
@@ -98,7 +101,8 @@ class MinionWorker:
             self._worker = LocalWorker(read_documents(self.folder), load_model=self.model,
                                        chunk_chars=self.chunk_chars,
                                        context_chars=self.context_chars,
-                                       max_citations=self.max_citations)
+                                       max_citations=self.max_citations,
+                                       workers=self.workers)
             self._stamp = stamp
         return self._worker
 

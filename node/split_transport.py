@@ -33,6 +33,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 #: the most one step's tensors may take on the wire (a batch of 64 x 2048 positions x 4096
 #: floats is 2 GiB; far beyond what a device sends, far below what would exhaust a server)
 MAX_STEP_BYTES = 1 << 30
+
+#: a split session ends this long after the device's own deadline for it at the latest
+SESSION_GRACE_S = 10.0
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
@@ -244,7 +248,8 @@ class SplitServer:
     async def session(self, requests: AsyncIterator[node_pb2.SplitRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.SplitReply]:
         stream = next(self._streams)
-        first = await anext(aiter(requests), None)
+        requests = aiter(requests)
+        first = await anext(requests, None)
         if first is None or first.WhichOneof("body") != "open":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "a split session starts with `open` (job and spec)")
@@ -254,6 +259,10 @@ class SplitServer:
         except SplitRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         body = LocalBody(served.module, lr=config.body_lr)
+        # the device's own stream deadline (RemoteBody: the round's, at least 30 s) bounds the
+        # session here too: a device that stalls or dribbles is cut off, not waited for
+        limit = max(first.open.spec.round_timeout_s, 30.0) + SESSION_GRACE_S
+        deadline = time.monotonic() + limit
         log.info("split session %d for job %s round %d opened", stream, first.open.job_id,
                  first.open.round)
         reply = node_pb2.SplitReply(ready=node_pb2.SplitReady(
@@ -262,7 +271,16 @@ class SplitServer:
         yield reply
         assembler: ChunkAssembler | None = None
         try:
-            async for request in requests:
+            while True:
+                try:
+                    request = await asyncio.wait_for(anext(requests),
+                                                     deadline - time.monotonic())
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"split session exceeded the round's deadline of "
+                                        f"{limit:.0f}s")
                 self.bytes_received += wire_bytes(request)
                 kind = request.WhichOneof("body")
                 if kind == "close":

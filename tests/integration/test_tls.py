@@ -17,13 +17,14 @@ import grpc
 import pytest
 
 from cli.cluster import LocalCluster
+from cli.private_inference import PrivateInferenceError, list_private_models
 from coordinator.broker import free_port
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
 from protos.confide.v1 import node_pb2
 from protos.confide.v1 import node_pb2_grpc as node_grpc
 from protos.sdk import ConfideError, SyncConfideClient
-from protos.tls import TLSConfig, channel, create_ca, issue_certificate
+from protos.tls import TLSConfig, channel, configure, create_ca, issue_certificate
 from tests.integration.helpers import tiny_spec, wait_for_nodes
 from tests.integration.wire_capture import WireCapture
 
@@ -100,6 +101,14 @@ def test_mutual_tls_cluster_trains_and_refuses_nodes_without_a_ca_certificate(tm
             with channel(peer_address, tls=config) as ch, pytest.raises(grpc.RpcError) as err:
                 node_grpc.NodePeerStub(ch).GetInfo(node_pb2.GetInfoRequest(), timeout=5)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # private inference's calls follow the process configuration (the CLI's --tls)
+        with pytest.raises(PrivateInferenceError, match="UNAVAILABLE"):
+            list_private_models(peer_address, timeout=5)
+        try:
+            configure(tls)
+            assert list_private_models(peer_address) == {}
+        finally:
+            configure(None)
 
         # the SDK without a client certificate, with a stranger's, or in plaintext: refused
         for tls_choice in (ca_only, rogue, foreign, None):

