@@ -310,11 +310,12 @@ def _plot(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for row in rows:
+    for i, row in enumerate(rows):
         x = max(row["remote_tokens"], 1.0)
         ax.scatter([x], [row["accuracy"]], s=80)
-        ax.annotate(row["mode"], (x, row["accuracy"]), textcoords="offset points",
-                    xytext=(6, 6))
+        ax.annotate(f"{row['mode']} ({row['correct']}/{row['questions']})",
+                    (x, row["accuracy"]), textcoords="offset points",
+                    xytext=(6, 8 if i % 2 == 0 else -16))
     ax.set_xscale("log")
     ax.set_xlabel("remote tokens per question (log; local-only plotted at 1)")
     ax.set_ylabel("accuracy (answer contains the expected string)")

@@ -149,8 +149,8 @@ class AskOrchestrator:
 
     async def run(self, plan: AskPlan) -> AsyncIterator[pb.AskEvent]:
         """Run a validated question; yields its events, the answer (or an error) last."""
-        async with self._turn:
-            async for event in self._run(plan):
+        async with self._turn, contextlib.aclosing(self._run(plan)) as events:
+            async for event in events:
                 yield event
 
     async def _run(self, plan: AskPlan) -> AsyncIterator[pb.AskEvent]:

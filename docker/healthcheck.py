@@ -27,10 +27,11 @@ def check(address: str, service: str = "", timeout: float = 3.0, tls: str = "") 
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    if tls:
+    if tls:  # the daemon runs with --tls: the project's TLS helpers (mutual TLS)
+        from protos.tls import channel as tls_channel
         from protos.tls import load
 
-        channel = grpc.secure_channel(address, load(tls).channel_credentials())
+        channel = tls_channel(address, tls=load(tls))
     else:
         channel = grpc.insecure_channel(address)
     with channel:

@@ -165,7 +165,8 @@ class TaskWorker:
             if len(self._pruned) >= 8:  # jobs long gone
                 self._pruned.clear()
             kept = trainer.prune(examples, config.prune_gamma,
-                                 batch_size=max(spec.train.batch_size, 1))
+                                 batch_size=max(spec.train.batch_size, 1),
+                                 by_label=config.prune_by_label)
             self._pruned[task.job_id] = kept
             log.info("pruning kept %d of %d examples (gamma %g, EL2N)", len(kept),
                      len(examples), config.prune_gamma)

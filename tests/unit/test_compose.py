@@ -112,7 +112,14 @@ def _confide_lines(compose) -> list[tuple[str, list[str]]]:
 def test_every_command_parses(compose):
     parser = build_parser()
     seen = set()
-    for name, line in _confide_lines(compose):
+    lines = _confide_lines(compose)
+    # mutual TLS is one variable away: the same commands with --tls still parse
+    for name in ("coordinator", "node0", "scenario"):
+        env = {**_env(compose["services"][name]), "CONFIDE_TLS": "/tls"}
+        for line in entrypoint.commands(env):
+            assert "--tls" in line
+            lines.append((name, line))
+    for name, line in lines:
         if line[0] == "confide":
             args = parser.parse_args(line[1:])
             seen.add((args.command, getattr(args, "action", None)))
@@ -258,3 +265,23 @@ def test_dockerfile_installs_what_setup_sh_installs():
         if setup_line.startswith(("--upgrade pip", "torch==")):
             continue
         assert setup_line in installs, setup_line
+
+
+def test_the_entrypoint_prints_runs_and_refuses(compose):
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONFIDE_")}
+    script = str(DOCKER / "entrypoint.py")
+    node = {**env, **_env(compose["services"]["node1"])}
+    out = subprocess.run([sys.executable, script, "--print"], env=node, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert shlex.split(out.stdout)[:5] == ["confide", "--log-level", "INFO", "node", "serve"]
+    assert "--advertise node1:7070" in out.stdout
+    bad = subprocess.run([sys.executable, script], env={**node, "CONFIDE_ROLE": "nodes"},
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "CONFIDE_ROLE must be one of" in bad.stderr
+    listing = subprocess.run([sys.executable, script, "--help-vars"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert all(name in listing.stdout for name in entrypoint.VARIABLES)

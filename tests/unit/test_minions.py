@@ -4,6 +4,7 @@ assertions on structure, token accounting and what the remote side received."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from pathlib import Path
@@ -461,3 +462,85 @@ def test_bench_questions_have_verbatim_answers_and_are_deterministic():
     assert workload(3, 4) == (articles, items)
     assert make_questions("Title\nNothing to ask here.") == []
     assert correct("It was Maria DELGADO.", "Maria Delgado") and not correct("Maria", "Delgado")
+
+
+class _FakeSession:
+    """A node session whose tasks run a LocalWorker in process (or hang, to be cancelled)."""
+
+    def __init__(self, node_id, worker=None, hang=False):
+        self.node_id = node_id
+        self.worker = worker
+        self.hang = hang
+        self.cancelled = False
+        self.tasks = []
+
+    async def run_task(self, task, global_payload, timeout, expects_payload=True):
+        import asyncio
+
+        from coordinator.sessions import TaskOutcome
+
+        self.tasks.append(task)
+        if self.hang:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled = True
+                raise
+        payload = json.dumps(self.worker.handle(task.instructions)).encode()
+        return TaskOutcome(self.node_id, task.task_id, True, payload=payload)
+
+
+def _orchestrator(sessions, remote):
+    from coordinator.minions import AskOrchestrator
+
+    registry = type("R", (), {"online": lambda self: sessions})()
+    return AskOrchestrator(registry, "scripted", load_model=lambda spec: remote)
+
+
+def test_the_coordinator_streams_an_ask_over_node_sessions():
+    import asyncio
+
+    from protos.confide.v1 import coordinator_pb2 as pb
+
+    local = Scripted(['{"answer": "Maria Delgado"}'] * 4)
+    sessions = [_FakeSession("a", LocalWorker([DOCUMENT], model=local)),
+                _FakeSession("b", LocalWorker(["An unrelated note."], model=local))]
+    remote = Scripted(['{"jobs": [{"task": "Find the chief executive"}]}',
+                       '{"decision": "final", "answer": "Maria Delgado"}'])
+    orchestrator = _orchestrator(sessions, remote)
+
+    async def collect():
+        plan = orchestrator.validate(pb.AskRequest(question=QUESTION, citations="none"))
+        return [e async for e in orchestrator.run(plan)]
+
+    events = asyncio.run(collect())
+    assert [e.kind for e in events][-1] == "answer" and events[-1].answer == "Maria Delgado"
+    assert events[-1].remote_prompt_tokens == 20 and events[-1].local_prompt_tokens > 0
+    plan_event = next(e for e in events if e.kind == "plan")
+    assert json.loads(plan_event.detail_json)["jobs"][0]["task"] == "Find the chief executive"
+    task = sessions[0].tasks[-1]
+    assert task.kind == pb.MINION and json.loads(task.instructions)["citations"] == "none"
+
+
+def test_closing_the_ask_stream_cancels_the_node_tasks():
+    import asyncio
+
+    from protos.confide.v1 import coordinator_pb2 as pb
+
+    session = _FakeSession("a", hang=True)
+    orchestrator = _orchestrator([session], Scripted([]))
+
+    async def first_then_close():
+        plan = orchestrator.validate(pb.AskRequest(question=QUESTION))
+        stream = orchestrator.run(plan)
+        task = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.3)
+        task.cancel()  # what grpc does when the caller goes away
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await stream.aclose()
+        await asyncio.sleep(0.1)
+        return orchestrator._turn.locked()
+
+    assert asyncio.run(asyncio.wait_for(first_then_close(), 20)) is False
+    assert session.cancelled

@@ -362,7 +362,7 @@ def test_prune_keeps_the_highest_el2n_examples(bert_parts, monkeypatch):
     examples = synthetic_classification(10, 2, seed=4)
     scores = trainer.el2n_scores(examples)
     assert len(scores) == 10 and all(0.0 <= s <= math.sqrt(2) + 1e-6 for s in scores)
-    kept = trainer.prune(examples, 0.35)
+    kept = trainer.prune(examples, 0.35, by_label=False)
     assert len(kept) == 4
     kept_scores = sorted(scores[examples.index(e)] for e in kept)
     dropped = [s for e, s in zip(examples, scores, strict=True) if e not in kept]
@@ -370,9 +370,17 @@ def test_prune_keeps_the_highest_el2n_examples(bert_parts, monkeypatch):
     # ties by index, original order kept
     monkeypatch.setattr(trainer, "el2n_scores",
                         lambda ex, batch_size=16: [0.2, 0.7, 0.7, 0.1, 0.7, 0.2, 0, 0, 0, 0])
-    assert trainer.prune(examples, 0.2) == [examples[1], examples[2]]
+    assert trainer.prune(examples, 0.2, by_label=False) == [examples[1], examples[2]]
     # 0.2 tie between indices 0 and 5: index 0 wins; the result is in the original order
-    assert trainer.prune(examples, 0.4) == [examples[0], examples[1], examples[2], examples[4]]
+    assert trainer.prune(examples, 0.4, by_label=False) == [
+        examples[0], examples[1], examples[2], examples[4]]
+    # by label (the default): the top 40% of each label, so both labels survive
+    by_label = trainer.prune(examples, 0.4)
+    for label in (0, 1):
+        group = [i for i, e in enumerate(examples) if e.label == label]
+        fake = [0.2, 0.7, 0.7, 0.1, 0.7, 0.2, 0, 0, 0, 0]
+        want = sorted(sorted(group, key=lambda i: (-fake[i], i))[:math.ceil(0.4 * len(group))])
+        assert [e for e in by_label if e.label == label] == [examples[i] for i in want]
 
     def boom(*args, **kwargs):
         raise AssertionError("gamma = 1 must not score")
