@@ -224,7 +224,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
                                               result.remote.completion_tokens],
                             "local_tokens": [result.local.prompt_tokens,
                                              result.local.completion_tokens],
-                            "seconds": round(seconds, 2)}
+                            "seconds": round(seconds, 2),
+                            "trace": [step.message for step in result.steps
+                                      if step.kind in ("plan", "round", "error")]}
         records.append(record)
         marks = " ".join(f"{m}={'Y' if record[m]['correct'] else '.'}" for m in modes)
         print(f"  [{number}/{len(items)}] {item['answer']!r}: {marks}", flush=True)
@@ -317,6 +319,7 @@ def _plot(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
                     (x, row["accuracy"]), textcoords="offset points",
                     xytext=(6, 8 if i % 2 == 0 else -16))
     ax.set_xscale("log")
+    ax.set_xlim(0.5, max(max(r["remote_tokens"] for r in rows), 1.0) * 6)
     ax.set_xlabel("remote tokens per question (log; local-only plotted at 1)")
     ax.set_ylabel("accuracy (answer contains the expected string)")
     ax.set_ylim(-0.05, 1.05)
