@@ -239,6 +239,10 @@ class TaskWorker:
         meta = self.models.metadata(task.job_id, "shared") or {}
         if own is None or meta.get("round") != str(task.round):
             raise ValueError(f"this node has no model trained in round {task.round} to merge")
+        if config.merge == "none":  # local only: nothing to fetch, nothing crosses
+            self.models.save(task.job_id, "own", own, {"round": str(task.round)})
+            return b"", 0, {"neighbours": 0.0, "neighbours_merged": 0.0,
+                            "peer_bytes_down": 0.0, "peer_bytes_up": 0.0}
         fetched = fetch_neighbours(task, timeout_s=max(task.deadline_s, 30.0))
         weights = {p.node_id: p.weight for p in task.peers if p.role == "neighbour"}
         examples = self.data.load(spec.train.dataset)[: config.match_examples]
