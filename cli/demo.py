@@ -42,6 +42,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from protos.sdk import job_spec
 
     started = time.monotonic()
+    try:  # a typo in the method or its parameters fails here, before anything starts
+        params = json.loads(args.params) if args.params else None
+        get_method(args.method).parse_config(params)
+    except ValueError as exc:  # json.JSONDecodeError included
+        print(f"error: {exc}")
+        return 2
     workdir = Path(args.workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -63,14 +69,16 @@ def run_demo(args: argparse.Namespace) -> int:
         args.method,
         name="demo",
         rounds=args.rounds,
-        min_nodes=max(1, args.nodes - 1),
+        # a round counts with one node missing; a decentralized job fixes its members (the
+        # topology) when it starts, so it waits for all of them
+        min_nodes=args.nodes if get_method(args.method).decentralized else max(1, args.nodes - 1),
         base=args.base,
         num_labels=len(labels),
         max_length=args.max_length,
         max_steps=args.max_steps,
         learning_rate=args.lr,
         seed=args.seed,
-        params=json.loads(args.params) if args.params else None,
+        params=params,
     )
     # split learning (SFPrompt) pairs the nodes with a split-server node holding the body
     split = get_method(args.method).needs_split_server

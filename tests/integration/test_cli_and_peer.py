@@ -35,6 +35,17 @@ def test_help_explains_every_command():
     assert "--coordinator" in result.stdout and "never" in result.stdout
 
 
+@pytest.mark.parametrize("args,message", [
+    (("--method", "nope"), "unknown method 'nope'; known methods: fedavg-lora"),
+    (("--method", "cellm", "--params", '{"densty": 1}'), "its parameters are: density"),
+    (("--params", "{bad"), "Expecting property name"),
+])
+def test_demo_refuses_a_bad_method_before_starting_anything(tmp_path, args, message):
+    result = confide("demo", "--workdir", str(tmp_path / "demo"), *args, timeout=60)
+    assert result.returncode == 2 and message in result.stdout
+    assert not (tmp_path / "demo").exists()
+
+
 def test_cli_submits_watches_fetches_and_shows_status(tmp_path, shards):
     with LocalCluster(tmp_path / "cluster", shards(1), mqtt=False) as cluster:
         with SyncConfideClient(cluster.address) as client:
