@@ -325,6 +325,55 @@ def cmd_protocols_register(args: argparse.Namespace) -> int:
 
 
 @_sdk_errors
+def cmd_agent_send(args: argparse.Namespace) -> int:
+    """One message to a node's Agora agent (NodePeer.AgentMessage), optionally anonymous."""
+    import json
+
+    import grpc
+
+    from node.anonymous import AnonymityError, load_or_create_ring_key, sign_agent_message
+    from protos.confide.v1 import node_pb2
+    from protos.confide.v1 import node_pb2_grpc as node_grpc
+    from protos.sdk import ConfideError
+    from protos.tls import channel as tls_channel
+
+    if args.body:
+        try:
+            json.loads(args.body)
+        except ValueError as exc:
+            print(f"error: --body must be JSON ({exc})", file=sys.stderr)
+            return 2
+    envelope = node_pb2.AgentEnvelope(sender="" if args.anonymous else args.sender,
+                                      task_kind=args.task_kind, protocol_hash=args.protocol,
+                                      body=args.body, text=args.text)
+    try:
+        if args.protocol == "auto":  # the registry's most used document for the task kind
+            with _client(args) as client:
+                documents = client.list_protocols(args.task_kind)
+            envelope.protocol_hash = documents[0].hash if documents else ""
+        if args.anonymous:
+            if not args.data:
+                print("error: --anonymous needs --data (the node folder holding its ring key)",
+                      file=sys.stderr)
+                return 2
+            key = load_or_create_ring_key(Path(args.data) / "ring_key.seed")
+            with _client(args) as client:
+                ring = client.get_ring("")
+            envelope = sign_agent_message(envelope, ring, key)
+        with tls_channel(args.node, tls=_client_tls(args)) as channel:
+            reply = node_grpc.NodePeerStub(channel).AgentMessage(envelope, timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except (ConfideError, AnonymityError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"handled_by": reply.handled_by, "body": reply.body, "text": reply.text,
+                      "error": reply.error, "prompt_tokens": reply.prompt_tokens,
+                      "completion_tokens": reply.completion_tokens}))
+    return 0 if reply.handled_by != "error" else 1
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     """A question over the nodes' private documents (Minions); events as they come."""
     import json
@@ -576,6 +625,30 @@ def build_parser() -> argparse.ArgumentParser:
             _add_job_options(p)
             p.add_argument("--wait", action="store_true", help="follow events until the end")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("agent", help="send a message to a node's Agora agent")
+    agent_sub = p.add_subparsers(dest="action", required=True)
+    p = agent_sub.add_parser(
+        "send", help="one message (a protocol body or natural language) to a node's agent",
+        description="Sends one AgentEnvelope to a node's peer service. With --anonymous the "
+                    "message names no sender and is ring-signed with the node key in --data "
+                    "over the coordinator's registry ring: the receiver learns that some "
+                    "registered node sent it, not which.")
+    p.add_argument("--node", required=True, help="the receiving node's peer HOST:PORT")
+    p.add_argument("--task-kind", required=True, help="e.g. weather.lookup")
+    p.add_argument("--body", default="", help="JSON body under the protocol")
+    p.add_argument("--text", default="", help="natural-language content")
+    p.add_argument("--protocol", default="",
+                   help="protocol hash; 'auto' = the registry's most used for the task kind; "
+                        "'' = natural language (default)")
+    p.add_argument("--sender", default="cli", help="the sender's name (not with --anonymous)")
+    p.add_argument("--anonymous", action="store_true",
+                   help="ring-sign instead of naming the sender (needs --data and the "
+                        "coordinator)")
+    p.add_argument("--data", default="", help="a node folder holding ring_key.seed")
+    p.add_argument("--coordinator", default="127.0.0.1:50051", help="coordinator HOST:PORT")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=cmd_agent_send)
 
     p = sub.add_parser("ask", help="ask a question over the nodes' private documents (Minions)",
                        description="The coordinator's remote model plans small jobs, the "

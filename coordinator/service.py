@@ -272,6 +272,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @unary
     async def GetRing(self, request: pb.GetRingRequest, context) -> pb.Ring:
+        if not request.job_id:  # the registry ring: anonymous agent messages
+            keys = sorted({n.info.ring_public_key for n in self.store.nodes()
+                           if len(n.info.ring_public_key) == 32})
+            if len(keys) < 2:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"the registry ring has {len(keys)} key(s); anonymity needs "
+                             "at least 2 registered nodes")
+            return pb.Ring(job_id="", epoch_id=ring_epoch_id(keys), public_keys=keys)
         status = self._job_or_abort(request.job_id, context)
         if not status.spec.anonymous:
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,

@@ -26,6 +26,7 @@ import grpc
 from agents.agora import Agent, Capability, ClientRegistry, Peer, Registry, RoutineError
 from agents.backends import LazyChat
 from agents.model import ChatModel
+from node.anonymous import AgentMessageVerifier
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import node_pb2
 from protos.confide.v1 import node_pb2_grpc as node_grpc
@@ -218,6 +219,7 @@ class NodeAgentService:
         self.agent = agent
         self._semaphore = asyncio.Semaphore(max(1, concurrency))
         self._client = client
+        self._verifier: AgentMessageVerifier | None = None
 
     @classmethod
     async def for_node(cls, name: str, *, coordinator: str = "", model: str = "smollm2",
@@ -263,8 +265,32 @@ class NodeAgentService:
         return cls(agent)
 
     async def handle(self, envelope: node_pb2.AgentEnvelope) -> node_pb2.AgentEnvelope:
+        if envelope.anonymous:
+            refused = await self._check_anonymous(envelope)
+            if refused:
+                return node_pb2.AgentEnvelope(task_kind=envelope.task_kind,
+                                              handled_by="error",
+                                              error=f"UNAUTHENTICATED: {refused}")
         async with self._semaphore:
             return await asyncio.to_thread(self.agent.handle, envelope)
+
+    async def _check_anonymous(self, envelope: node_pb2.AgentEnvelope) -> str | None:
+        """Verify an anonymous message's ring signature against the coordinator's registry
+        ring (``node.anonymous.AgentMessageVerifier``)."""
+        if self._client is None:
+            return "this node knows no coordinator, so no ring to check anonymous messages"
+        if self._verifier is None:
+            loop = asyncio.get_running_loop()
+
+            def fetch_ring() -> pb.Ring:
+                future = asyncio.run_coroutine_threadsafe(self._client.get_ring(""), loop)
+                return future.result(timeout=30)
+
+            self._verifier = AgentMessageVerifier(fetch_ring)
+        try:
+            return await asyncio.to_thread(self._verifier.check, envelope)
+        except Exception as exc:  # the coordinator unreachable, ...
+            return f"cannot check the ring signature now: {exc}"
 
     async def close(self) -> None:
         await asyncio.to_thread(self.agent.flush_usage)

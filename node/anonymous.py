@@ -1,4 +1,4 @@
-"""The node's side of anonymous update submission.
+"""The node's side of anonymous actions: update submission, and agent messages.
 
 The update leaves on a call of its own, on a fresh channel, carrying no node id: only a
 linkable ring signature over the job's ring. The node checks the ring it is shown contains
@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from privacy.ringsig import RingKeyPair, sign
+from privacy.ringsig import RingKeyPair, RingSignature, RingSignatureError, sign, verify
 from protos.chunking import split_payload
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
-from protos.identity import anonymous_scope, anonymous_update_message, ring_epoch_id
+from protos.confide.v1 import node_pb2
+from protos.identity import (
+    agent_message_bytes,
+    agent_message_scope,
+    anonymous_scope,
+    anonymous_update_message,
+    ring_epoch_id,
+)
 from protos.tls import PROCESS as TLS_PROCESS
 from protos.tls import TLSChoice, aio_channel
 from protos.tls import active as tls_active
@@ -90,3 +98,70 @@ async def submit_anonymously(coordinator: str, key: RingKeyPair, task: pb.Task,
 
         ack = await stub.SubmitAnonymousUpdate(messages(), timeout=max(task.deadline_s, 30))
         return ack.key_image
+
+
+# ------------------------------------------------------------------ anonymous agent messages
+
+
+def sign_agent_message(envelope: node_pb2.AgentEnvelope, ring: pb.Ring,
+                       key: RingKeyPair) -> node_pb2.AgentEnvelope:
+    """A copy of ``envelope`` without a sender, ring-signed over the registry ring: the
+    receiver learns "some registered node sent this", not which."""
+    keys = list(ring.public_keys)
+    if len(keys) < MIN_RING_SIZE:
+        raise AnonymityError(f"a ring of {len(keys)} key(s) hides nobody")
+    if ring.epoch_id != ring_epoch_id(keys):
+        raise AnonymityError("the ring's epoch id does not match its keys")
+    signed = node_pb2.AgentEnvelope()
+    signed.CopyFrom(envelope)
+    signed.sender = ""
+    signed.anonymous = True
+    signed.ring_epoch = ring.epoch_id
+    signed.nonce = os.urandom(32)
+    message = agent_message_bytes(signed.nonce, signed.ring_epoch, signed.task_kind,
+                                  signed.protocol_hash, signed.body, signed.text)
+    signed.ring_signature = sign(message, keys, key, agent_message_scope(signed.nonce)).encode()
+    return signed
+
+
+class AgentMessageVerifier:
+    """The receiving node's check of an anonymous agent message: the signature against the
+    registry ring of the epoch it names (fetched from the coordinator, cached), and a nonce
+    never seen before (a bounded memory of recent nonces: a replay is refused)."""
+
+    def __init__(self, fetch_ring, max_nonces: int = 100_000) -> None:
+        self._fetch_ring = fetch_ring  # () -> pb.Ring (the current registry ring)
+        self._ring: pb.Ring | None = None
+        self._seen: dict[bytes, None] = {}
+        self.max_nonces = max_nonces
+        self._lock = threading.Lock()  # messages are checked in worker threads
+
+    def check(self, envelope: node_pb2.AgentEnvelope) -> str | None:
+        """None when the message is genuine; otherwise why it is refused."""
+        with self._lock:
+            return self._check(envelope)
+
+    def _check(self, envelope: node_pb2.AgentEnvelope) -> str | None:
+        if envelope.sender:
+            return "an anonymous message must not name its sender"
+        if len(envelope.nonce) != 32:
+            return "an anonymous message needs a 32-byte nonce"
+        if envelope.nonce in self._seen:
+            return "this nonce was used before (replay)"
+        if self._ring is None or self._ring.epoch_id != envelope.ring_epoch:
+            self._ring = self._fetch_ring()
+        if self._ring.epoch_id != envelope.ring_epoch:
+            return "signed over a ring that is not the coordinator's current registry ring"
+        keys = list(self._ring.public_keys)
+        try:
+            signature = RingSignature.decode(envelope.ring_signature, len(keys))
+        except RingSignatureError as exc:
+            return f"malformed ring signature: {exc}"
+        message = agent_message_bytes(envelope.nonce, envelope.ring_epoch, envelope.task_kind,
+                                      envelope.protocol_hash, envelope.body, envelope.text)
+        if not verify(message, keys, signature, agent_message_scope(envelope.nonce)):
+            return "the ring signature does not verify"
+        self._seen[envelope.nonce] = None
+        while len(self._seen) > self.max_nonces:
+            self._seen.pop(next(iter(self._seen)))
+        return None

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 REGISTER_DOMAIN = b"confide/v1/register\x00"
 SESSION_DOMAIN = b"confide/v1/session\x00"
 ANONYMOUS_UPDATE_DOMAIN = b"confide/v1/anonymous-update\x00"
+AGENT_MESSAGE_DOMAIN = b"confide/v1/agent-message\x00"
 
 
 def node_id_for(public_key: bytes) -> str:
@@ -51,6 +52,19 @@ def anonymous_update_message(nonce: bytes, job_id: str, round_number: int, epoch
 def anonymous_scope(job_id: str, round_number: int) -> bytes:
     """The link-tag scope of a round: one key signs at most once per (job, round)."""
     return f"{job_id}/{round_number}".encode()
+
+
+def agent_message_bytes(nonce: bytes, epoch_id: str, task_kind: str, protocol_hash: str,
+                        body: str, text: str) -> bytes:
+    """The bytes a node ring-signs to send an agent message anonymously (node.proto)."""
+    return (AGENT_MESSAGE_DOMAIN + nonce + _prefixed(epoch_id) + _prefixed(task_kind)
+            + _prefixed(protocol_hash) + hashlib.sha256(body.encode()).digest()
+            + hashlib.sha256(text.encode()).digest())
+
+
+def agent_message_scope(nonce: bytes) -> bytes:
+    """A fresh link-tag scope per message: anonymous messages of one node never link."""
+    return b"agent/" + nonce
 
 
 def ring_epoch_id(public_keys: list[bytes]) -> str:

@@ -170,6 +170,10 @@ class ConfideClient:
     async def list_nodes(self) -> list[pb.NodeStatus]:
         return list((await self._call(self._stub.ListNodes, pb.ListNodesRequest())).nodes)
 
+    async def get_ring(self, job_id: str = "") -> pb.Ring:
+        """A job's ring of anonymous submitters, or ("") every registered node's ring key."""
+        return await self._call(self._stub.GetRing, pb.GetRingRequest(job_id=job_id))
+
     async def get_ledger(self, job_id: str = "") -> pb.Ledger:
         """Incentive payments per node and round (one job, or all with "")."""
         return await self._call(self._stub.GetLedger, pb.GetLedgerRequest(job_id=job_id))
@@ -291,6 +295,9 @@ class SyncConfideClient:
 
     def list_nodes(self) -> list[pb.NodeStatus]:
         return self._run(self._client.list_nodes())
+
+    def get_ring(self, job_id: str = "") -> pb.Ring:
+        return self._run(self._client.get_ring(job_id))
 
     def get_ledger(self, job_id: str = "") -> pb.Ledger:
         return self._run(self._client.get_ledger(job_id))

@@ -183,3 +183,57 @@ def test_node_agent_endpoint_over_grpc(coordinator):
         asyncio.run_coroutine_threadsafe(stop(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+
+
+def test_anonymous_agent_message_between_real_nodes(tmp_path, shards):
+    """node0 ring-signs a message to node1's agent: node1 answers it without learning who
+    sent it; a tampered or replayed message is refused; a key outside the registry cannot
+    sign."""
+    import time
+
+    from node.anonymous import load_or_create_ring_key, sign_agent_message
+    from protos.confide.v1 import node_pb2
+    from tests.integration.helpers import wait_for_nodes
+
+    folders = shards(2)
+    with LocalCluster(tmp_path / "cluster", folders, mqtt=False) as cluster, \
+            SyncConfideClient(cluster.address) as client:
+        nodes = {n.info.name: n for n in wait_for_nodes(client, 2)}
+        deadline = time.monotonic() + 30
+        while not client.list_protocols("weather.lookup"):
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        receiver = nodes["node1"].info.peer_address
+        result = subprocess.run(
+            [sys.executable, "-m", "cli.main", "--log-level", "WARNING", "agent", "send",
+             "--node", receiver, "--task-kind", "weather.lookup", "--protocol", "auto",
+             "--body", json.dumps({"city": "paris"}), "--anonymous", "--data",
+             str(folders[0]), "--coordinator", cluster.address],
+            capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        reply = json.loads(result.stdout)
+        assert reply["handled_by"] == "routine" and json.loads(reply["body"])["city"] == "paris"
+
+        ring = client.get_ring("")
+        assert len(ring.public_keys) == 2
+        key = load_or_create_ring_key(folders[0] / "ring_key.seed")
+        document = client.list_protocols("weather.lookup")[0]
+        signed = sign_agent_message(node_pb2.AgentEnvelope(
+            task_kind="weather.lookup", protocol_hash=document.hash,
+            body=json.dumps({"city": "rome"})), ring, key)
+        with grpc.insecure_channel(receiver) as channel:
+            peer = node_grpc.NodePeerStub(channel)
+            assert peer.AgentMessage(signed, timeout=30).handled_by == "routine"
+            replayed = peer.AgentMessage(signed, timeout=30)
+            assert replayed.handled_by == "error" and "replay" in replayed.error
+            signed.body = json.dumps({"city": "lima"})  # not what was signed
+            signed.nonce = bytes(32)
+            tampered = peer.AgentMessage(signed, timeout=30)
+            assert tampered.handled_by == "error" and "UNAUTHENTICATED" in tampered.error
+        outsider = subprocess.run(
+            [sys.executable, "-m", "cli.main", "--log-level", "WARNING", "agent", "send",
+             "--node", receiver, "--task-kind", "weather.lookup", "--body", "{}",
+             "--anonymous", "--data", str(tmp_path / "stranger"), "--coordinator",
+             cluster.address], capture_output=True, text=True, timeout=120)
+        assert outsider.returncode == 1, outsider.stderr
+        assert "not in the ring" in outsider.stderr, outsider.stderr

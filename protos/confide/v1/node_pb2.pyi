@@ -129,7 +129,7 @@ class ListPrivateModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[PrivateModel, _Mapping]]] = ...) -> None: ...
 
 class AgentEnvelope(_message.Message):
-    __slots__ = ("sender", "task_kind", "protocol_hash", "body", "text", "handled_by", "prompt_tokens", "completion_tokens", "error")
+    __slots__ = ("sender", "task_kind", "protocol_hash", "body", "text", "handled_by", "prompt_tokens", "completion_tokens", "error", "anonymous", "ring_epoch", "nonce", "ring_signature")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     TASK_KIND_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,10 @@ class AgentEnvelope(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ANONYMOUS_FIELD_NUMBER: _ClassVar[int]
+    RING_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    RING_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     sender: str
     task_kind: str
     protocol_hash: str
@@ -148,4 +152,8 @@ class AgentEnvelope(_message.Message):
     prompt_tokens: int
     completion_tokens: int
     error: str
-    def __init__(self, sender: _Optional[str] = ..., task_kind: _Optional[str] = ..., protocol_hash: _Optional[str] = ..., body: _Optional[str] = ..., text: _Optional[str] = ..., handled_by: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    anonymous: bool
+    ring_epoch: str
+    nonce: bytes
+    ring_signature: bytes
+    def __init__(self, sender: _Optional[str] = ..., task_kind: _Optional[str] = ..., protocol_hash: _Optional[str] = ..., body: _Optional[str] = ..., text: _Optional[str] = ..., handled_by: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., error: _Optional[str] = ..., anonymous: _Optional[bool] = ..., ring_epoch: _Optional[str] = ..., nonce: _Optional[bytes] = ..., ring_signature: _Optional[bytes] = ...) -> None: ...
