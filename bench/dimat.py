@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
-from bench.federated import hardware
+from bench.federated import bbc_workload, hardware
 
 CONFIGS = (("ring", "dimat"), ("ring", "gossip"), ("full", "dimat"), ("full", "gossip"),
            ("ring", "none"))
@@ -56,17 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _daemon_part(args: argparse.Namespace) -> list[dict]:
     from cli.cluster import LocalCluster
     from cli.experiment import run_experiment, shard_dirs
-    from node.data import load_jsonl, prepare_bbc_shards
     from protos.sdk import job_spec
 
-    workdir = Path(args.workdir)
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    data_root = workdir / "data"
-    prepare_bbc_shards(data_root, nodes=args.nodes, alpha=args.alpha, seed=args.seed,
-                       max_train_per_node=args.max_per_node or None)
-    labels = json.loads((data_root / "labels.json").read_text())
-    test = load_jsonl(data_root / "test.jsonl")[: args.test_size or None]
+    workdir, data_root, labels, test = bbc_workload(args)
     rows = []
     with LocalCluster(workdir, shard_dirs(data_root, args.nodes)) as cluster:
         for index, (topology, merge) in enumerate(CONFIGS):

@@ -72,12 +72,10 @@ def hardware() -> dict:
     }
 
 
-def run_benchmark(args: argparse.Namespace) -> int:
-    from cli.cluster import LocalCluster
-    from cli.experiment import run_experiment, shard_dirs
+def bbc_workload(args: argparse.Namespace) -> tuple[Path, Path, list[str], list]:
+    """A fresh work folder with non-IID BBC News shards for ``args.nodes`` nodes: (workdir,
+    data root, label names, the first ``args.test_size`` held-out articles)."""
     from node.data import load_jsonl, prepare_bbc_shards
-    from node.methods import get_method
-    from protos.sdk import job_spec
 
     workdir = Path(args.workdir)
     if workdir.exists():
@@ -87,6 +85,16 @@ def run_benchmark(args: argparse.Namespace) -> int:
                        max_train_per_node=args.max_per_node or None)
     labels = json.loads((data_root / "labels.json").read_text())
     test = load_jsonl(data_root / "test.jsonl")[: args.test_size or None]
+    return workdir, data_root, labels, test
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    from cli.cluster import LocalCluster
+    from cli.experiment import run_experiment, shard_dirs
+    from node.methods import get_method
+    from protos.sdk import job_spec
+
+    workdir, data_root, labels, test = bbc_workload(args)
     results = []
     methods = _parse_methods(args.methods)
     split = any(get_method(method).needs_split_server for method, _ in methods)

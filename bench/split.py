@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
-from bench.federated import hardware, label
+from bench.federated import bbc_workload, hardware, label
 
 DEFAULT_METHODS = (
     'fedavg-full;'
@@ -78,17 +77,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from bench.federated import _parse_methods
     from cli.cluster import LocalCluster
     from cli.experiment import run_experiment, shard_dirs
-    from node.data import load_jsonl, prepare_bbc_shards
     from protos.sdk import job_spec
 
-    workdir = Path(args.workdir)
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    data_root = workdir / "data"
-    prepare_bbc_shards(data_root, nodes=args.nodes, alpha=args.alpha, seed=args.seed,
-                       max_train_per_node=args.max_per_node or None)
-    labels = json.loads((data_root / "labels.json").read_text())
-    test = load_jsonl(data_root / "test.jsonl")[: args.test_size or None]
+    workdir, data_root, labels, test = bbc_workload(args)
     methods = _parse_methods(args.methods)
     results = []
     cluster = LocalCluster(workdir, shard_dirs(data_root, args.nodes), split_server=True)

@@ -85,15 +85,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from node.methods.base import (
-    ClientUpdate,
-    FederatedMethod,
-    MethodConfig,
-    State,
-    UpdateError,
-    weighted_mean_of_deltas,
-)
-from protos.codec import WireTensor, to_dense
+from node.methods.base import MethodConfig
+from node.methods.fedavg_lora import FedAvgLoRA
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +192,9 @@ class SFPromptConfig(MethodConfig):
             )
 
 
-class SFPrompt(FederatedMethod):
-    """Aggregation side of SFPrompt: FedAvg of the devices' prompt + tail deltas."""
+class SFPrompt(FedAvgLoRA):
+    """Aggregation side of SFPrompt: FedAvg of the devices' prompt + tail deltas (the
+    FedAvg-LoRA update and aggregation, over a different trainable state)."""
 
     name = "sfprompt"
     config_class = SFPromptConfig
@@ -210,34 +204,6 @@ class SFPrompt(FederatedMethod):
     def validate_config(self, config: MethodConfig) -> None:
         assert isinstance(config, SFPromptConfig)
         config.validate()
-
-    def client_update(
-        self,
-        config: MethodConfig,
-        global_state: State,
-        local_state: State,
-        memory: dict[str, torch.Tensor],
-    ) -> dict[str, WireTensor]:
-        differ = sorted(set(global_state) ^ set(local_state))
-        if differ:
-            raise ValueError(f"local and global states differ in tensors {differ[:5]}")
-        return {name: local_state[name] - global_state[name] for name in global_state}
-
-    def aggregate(
-        self,
-        config: MethodConfig,
-        global_state: State,
-        updates: Sequence[ClientUpdate],
-        round_number: int,
-    ) -> State:
-        if not updates:
-            raise UpdateError("cannot aggregate a round without updates")
-        deltas = [
-            ({name: to_dense(value) for name, value in update.payload.items()},
-             float(update.num_examples))
-            for update in updates
-        ]
-        return weighted_mean_of_deltas(global_state, deltas)
 
 
 # --------------------------------------------------------------------------------------------
