@@ -426,8 +426,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         cluster.stop()
     info = hardware()
     _print_table(result)
-    print(f"note: a round's latency includes waiting until every node is idle again, which the "
-          f"coordinator learns from each node's next heartbeat (every {args.heartbeat:g}s)")
+    print("note: a round's latency runs from the first task sent to the round committed, "
+          "every node's update included")
     print(f"hardware: {info['platform']}, {info['cpu_count']} CPU(s), load average "
           f"{info['load_average']}, file-descriptor limit {fd_limit}; coordinator and load "
           "generator on the same machine (loopback)")
