@@ -140,9 +140,13 @@ def run_experiment(cluster: LocalCluster, spec: pb.JobSpec, test: list[Example],
             if event.kind == "node.done":
                 node_metrics.setdefault(event.round, {})[event.node_id] = dict(event.metrics)
             elif event.kind == "round.completed" and decentralized:
+                # only models merged in this very round (a node whose merge failed, or a
+                # replayed event, must not lend a stale or a later model to the round)
                 stores = [ModelStore(folder / "models") for folder in cluster.node_data_dirs]
-                node_states[event.round] = [state for store in stores
-                                            if (state := store.load(job.job_id, "own"))]
+                node_states[event.round] = [
+                    state for store in stores
+                    if (store.metadata(job.job_id, "own") or {}).get("round") == str(event.round)
+                    and (state := store.load(job.job_id, "own"))]
 
         watch_with_progress(client, job.job_id, label, quiet, on_event=collect)
         final = client.get_job(job.job_id)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import os
 import time
 from collections import defaultdict
@@ -36,30 +37,45 @@ class AnonymousRejected(Exception):
 
 
 class ChallengeBook:
-    """Single-use nonces with an expiry: a replayed submission finds its nonce spent."""
+    """Single-use nonces with an expiry, kept without per-challenge state: a nonce is
+    16 random bytes, its expiry (8 bytes, ms) and an HMAC of both under a key of this
+    process (8 bytes), so issuing costs no memory and a flood of GetChallenge calls cannot
+    crowd out honest ones. Only *spent* nonces are remembered, until they expire, so a
+    replayed submission finds its nonce spent. A coordinator restart invalidates the
+    outstanding ones (a node fetches a fresh challenge per upload)."""
 
     def __init__(self, ttl_s: float = CHALLENGE_TTL_S) -> None:
         self.ttl_s = ttl_s
-        self._open: dict[bytes, float] = {}
+        self._key = os.urandom(32)
+        self._spent: dict[bytes, float] = {}
+
+    def _tag(self, body: bytes) -> bytes:
+        return hmac.new(self._key, body, hashlib.sha256).digest()[:8]
 
     def issue(self) -> pb.Challenge:
-        now = time.monotonic()
-        if len(self._open) >= MAX_OUTSTANDING_CHALLENGES:
-            self._open = {n: t for n, t in self._open.items() if t > now}
-            if len(self._open) >= MAX_OUTSTANDING_CHALLENGES:
-                raise AnonymousRejected("too many outstanding challenges; retry later",
-                                        "RESOURCE_EXHAUSTED")
-        nonce = os.urandom(32)
-        self._open[nonce] = now + self.ttl_s
-        return pb.Challenge(nonce=nonce, expires_ms=int((time.time() + self.ttl_s) * 1000))
+        expires_ms = int((time.time() + self.ttl_s) * 1000)
+        body = os.urandom(16) + expires_ms.to_bytes(8, "big")
+        return pb.Challenge(nonce=body + self._tag(body), expires_ms=expires_ms)
 
     def spend(self, nonce: bytes) -> None:
-        expires = self._open.pop(nonce, None)
-        if expires is None:
-            raise AnonymousRejected("unknown or already used challenge (replay?); "
-                                    "call GetChallenge for a fresh one")
-        if expires < time.monotonic():
+        body, tag = nonce[:24], nonce[24:]
+        if len(nonce) != 32 or not hmac.compare_digest(tag, self._tag(body)):
+            raise AnonymousRejected("unknown challenge (not issued by this coordinator, or "
+                                    "issued before a restart); call GetChallenge for a fresh "
+                                    "one")
+        now_ms = time.time() * 1000
+        expires_ms = int.from_bytes(body[16:24], "big")
+        if expires_ms < now_ms:
             raise AnonymousRejected("challenge expired; call GetChallenge again")
+        if nonce in self._spent:
+            raise AnonymousRejected("challenge already used (replay?); call GetChallenge for "
+                                    "a fresh one")
+        if len(self._spent) >= MAX_OUTSTANDING_CHALLENGES:
+            self._spent = {n: t for n, t in self._spent.items() if t > now_ms}
+            if len(self._spent) >= MAX_OUTSTANDING_CHALLENGES:
+                raise AnonymousRejected("too many uploads in flight; retry later",
+                                        "RESOURCE_EXHAUSTED")
+        self._spent[nonce] = expires_ms
 
 
 @dataclass
@@ -77,6 +93,22 @@ class AnonymousInbox:
     _updates: dict[tuple[str, int], dict[bytes, AnonymousUpdate]] = field(
         default_factory=lambda: defaultdict(dict))
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    #: (job, round) -> how many uploads it takes: the round being collected, nothing else
+    _open: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def open_round(self, job_id: str, round_number: int, limit: int) -> None:
+        """Accept uploads for this round of the job, at most ``limit`` (the nodes selected):
+        an upload for another round, or one too many, is refused."""
+        for key in [k for k in self._open if k[0] == job_id]:
+            del self._open[key]
+        self._open[(job_id, round_number)] = limit
+
+    def forget(self, job_id: str) -> None:
+        """The job ended: drop whatever it left behind."""
+        for key in [k for k in self._open if k[0] == job_id]:
+            del self._open[key]
+        for key in [k for k in self._updates if k[0] == job_id]:
+            del self._updates[key]
 
     async def wait_for(self, job_id: str, round_number: int, count: int,
                        timeout: float) -> int:
@@ -102,6 +134,13 @@ class AnonymousInbox:
                                     "FAILED_PRECONDITION")
         if header.epoch_id != ring_epoch_id(ring):
             raise AnonymousRejected("ring epoch mismatch: fetch the job's ring again")
+        key = (header.job_id, header.round)
+        if key not in self._open:
+            raise AnonymousRejected(f"job {header.job_id} is not collecting updates for round "
+                                    f"{header.round}", "FAILED_PRECONDITION")
+        if len(self._updates.get(key, {})) >= self._open[key]:
+            raise AnonymousRejected(f"round {header.round} already has an update from every "
+                                    "selected node", "RESOURCE_EXHAUSTED")
         if hashlib.sha256(payload).digest() != header.payload_sha256:
             raise AnonymousRejected("payload does not match the signed hash",
                                     "INVALID_ARGUMENT")
@@ -126,6 +165,8 @@ class AnonymousInbox:
         return signature.key_image
 
     def take(self, job_id: str, round_number: int) -> list[AnonymousUpdate]:
+        """The round's updates; the round is closed to further uploads."""
+        self._open.pop((job_id, round_number), None)
         return list(self._updates.pop((job_id, round_number), {}).values())
 
     def count(self, job_id: str, round_number: int) -> int:

@@ -81,6 +81,7 @@ class JobRunner:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
+        self.inbox.forget(self.job_id)
         self.store.set_job_state(self.job_id, pb.CANCELLED, reason)
         self.events.emit(self.job_id, "job.cancelled", message=reason, state=pb.CANCELLED)
 
@@ -116,6 +117,7 @@ class JobRunner:
                 state = await self._run_round(round_number, state)
             self._complete()
         except JobFailed as exc:
+            self.inbox.forget(self.job_id)
             self.store.set_job_state(self.job_id, pb.FAILED, str(exc))
             self.events.emit(self.job_id, "job.failed", message=str(exc), state=pb.FAILED)
             return
@@ -134,6 +136,7 @@ class JobRunner:
             return
 
     def _complete(self) -> None:
+        self.inbox.forget(self.job_id)
         self.store.set_job_state(self.job_id, pb.COMPLETED)
         self.events.emit(
             self.job_id, "job.completed", round_number=self.spec.rounds, state=pb.COMPLETED
@@ -162,12 +165,16 @@ class JobRunner:
         return role in roles or (role == "trainer" and not roles)
 
     async def _wait_for_nodes(self, count: int) -> list[NodeSession]:
-        """Idle online nodes with the trainer role, at least ``count`` of them."""
+        """Idle online nodes with the trainer role, at least ``count`` of them; for an
+        anonymous job only members of its ring (another node could not sign its upload)."""
         deadline = time.monotonic() + self.spec.wait_for_nodes_s
+        ring = set(self.store.ring(self.job_id)) if self.spec.anonymous else None
         while True:
             infos = self._node_infos()
             online = [s for s in self.sessions.online()
-                      if not s.busy and self._has_role(infos.get(s.node_id), "trainer")]
+                      if not s.busy and self._has_role(infos.get(s.node_id), "trainer")
+                      and (ring is None or (s.node_id in infos
+                                            and infos[s.node_id].ring_public_key in ring))]
             if len(online) >= count:
                 return online
             remaining = deadline - time.monotonic()
@@ -226,12 +233,15 @@ class JobRunner:
         rng = random.Random(f"{self.spec.seed}/{round_number}")
         return rng.sample(online, min(count, len(online)))
 
-    async def _choose(self, round_number: int) -> tuple[list[NodeSession], list[pb.Payment]]:
+    async def _choose(self, round_number: int
+                      ) -> tuple[list[NodeSession], list[pb.Payment], int]:
         """This round's nodes: a seeded sample, or, with a budget, the winners of the
-        truthful budget-feasible auction (and what each will be paid)."""
+        truthful budget-feasible auction (and what each will be paid); and the population
+        they were drawn from, for privacy accounting (the nodes that could have been
+        selected: an auction's choice is deterministic, so its population is the winners)."""
         online = await self._wait_for_nodes(self.spec.min_nodes)
         if self.spec.budget <= 0:
-            return self._select(online, round_number), []
+            return self._select(online, round_number), [], len(online)
         bids = await asyncio.gather(*(self._ask_cost(s, round_number) for s in online))
         valid = [b for b in bids if b is not None]
         allocation = proportional_share(valid, self.spec.budget)
@@ -250,7 +260,24 @@ class JobRunner:
             raise JobFailed(f"round {round_number}: the budget of {self.spec.budget:g} selects "
                             f"{len(winners)} node(s) at the reported costs, min_nodes is "
                             f"{self.spec.min_nodes}; raise the budget or lower min_nodes")
-        return winners, payments
+        return winners, payments, len(winners)
+
+    def _pay(self, round_number: int, payments: list[pb.Payment], delivered: set[str],
+             used: set[str]) -> None:
+        """Record the payments of winners whose update was aggregated. In an anonymous job
+        the coordinator cannot tell whose update it used: it pays the winners that said
+        "done" only if at least as many valid anonymous updates arrived (else nobody: one
+        winner claimed work it did not upload), and says so."""
+        if self.spec.anonymous:
+            paid = delivered if len(used) >= len(delivered) else set()
+            if not paid and delivered:
+                self.events.emit(self.job_id, "round.unpaid", round_number=round_number,
+                                 message=f"{len(delivered)} winner(s) said done but {len(used)} "
+                                         "valid anonymous update(s) arrived: no payment")
+        else:
+            paid = used
+        self.store.record_payments(self.job_id, round_number,
+                                   [p for p in payments if p.node_id in paid])
 
     async def _ask_cost(self, session: NodeSession, round_number: int) -> Bid | None:
         cost = await session.ask_cost(self.job_id, round_number, timeout=10.0)
@@ -264,8 +291,7 @@ class JobRunner:
 
     async def _run_round(self, round_number: int, state: dict) -> dict:
         started = time.monotonic()
-        selected, payments = await self._choose(round_number)
-        population = max(len(self.store.nodes()), len(selected))
+        selected, payments, population = await self._choose(round_number)
         reason = self.method.before_round(self.config, round_number, population, len(selected))
         if reason:
             self.events.emit(self.job_id, "job.stopped", round_number=round_number,
@@ -274,6 +300,8 @@ class JobRunner:
         record = RoundRecord(round=round_number, state="running",
                              selected=[s.node_id for s in selected])
         self.store.save_round(self.job_id, record)
+        if self.spec.anonymous:  # uploads are accepted for this round only, at most one each
+            self.inbox.open_round(self.job_id, round_number, len(selected))
         self.events.emit(
             self.job_id,
             "round.started",
@@ -303,9 +331,6 @@ class JobRunner:
                         for u in self.inbox.take(self.job_id, round_number)]
             for outcome in outcomes:
                 record.bytes_up += outcome.bytes_up
-        if payments:  # pay the winners who did the work, at their critical values
-            self.store.record_payments(self.job_id, round_number,
-                                       [p for p in payments if p.node_id in delivered])
         updates: list[ClientUpdate] = []
         accepted: list[TaskOutcome] = []
         for outcome in outcomes:
@@ -313,6 +338,8 @@ class JobRunner:
             if update is not None:
                 updates.append(update)
                 accepted.append(outcome)
+        if payments:  # pay the winners whose work was used, at their critical values
+            self._pay(round_number, payments, delivered, {u.node_id for u in updates})
         record.participants = [u.node_id for u in updates]
         record.metrics = weighted_metrics(accepted)
         record.seconds = time.monotonic() - started
@@ -382,6 +409,20 @@ class JobRunner:
                            ok=True, payload=update.payload, num_examples=update.num_examples,
                            bytes_up=update.bytes_up)
 
+    def _capped_examples(self, outcome: TaskOutcome) -> int:
+        """A node's example count is self-reported and weights its update: cap it at the
+        dataset size the node registered (an anonymous update: the largest registered by a
+        ring member), so one node cannot claim the whole average."""
+        dataset = self.spec.train.dataset
+        infos = self._node_infos()
+        if outcome.node_id in infos:
+            cap = infos[outcome.node_id].datasets.get(dataset, 0)
+        else:
+            ring = set(self.store.ring(self.job_id))
+            cap = max((i.datasets.get(dataset, 0) for i in infos.values()
+                       if i.ring_public_key in ring), default=0)
+        return min(int(outcome.num_examples), int(cap)) if cap else int(outcome.num_examples)
+
     def _accept(self, outcome: TaskOutcome, state: dict, round_number: int,
                 record: RoundRecord) -> ClientUpdate | None:
         """Decode and check one node's update; a bad one is dropped, never aggregated."""
@@ -391,7 +432,8 @@ class JobRunner:
             try:
                 decoded = tensor_map_from_bytes(outcome.payload or b"")
                 self.method.check_update(state, decoded)
-                update = ClientUpdate(outcome.node_id, decoded, outcome.num_examples)
+                update = ClientUpdate(outcome.node_id, decoded,
+                                      self._capped_examples(outcome))
             except (CodecError, ValueError) as exc:
                 reason = f"invalid update: {exc}"
         if update is None:

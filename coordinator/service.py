@@ -199,6 +199,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             log.info("node %s disconnected: %s", node_id, session.close_reason)
 
     def _progress(self, node_id: str, task: pb.Task, step: int, total: int, loss: float) -> None:
+        if task.anonymous:  # a node's step count would tell its update apart: never publish
+            return
         self.events.emit_transient(task.job_id, "node.progress", round_number=task.round,
                                    node_id=node_id, metrics={"step": step, "total_steps": total,
                                                              "loss": loss})

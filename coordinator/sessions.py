@@ -159,20 +159,24 @@ class NodeSession:
         self.last_seen = time.monotonic()
         kind = message.WhichOneof("body")
         if kind == "heartbeat":
-            self.busy = message.heartbeat.busy
+            # a heartbeat sent before our last task reached the node may still say "idle"
+            self.busy = message.heartbeat.busy or bool(self._pending_unsettled())
             return pb.CoordinatorMessage(heartbeat_ack=pb.HeartbeatAck(seq=message.heartbeat.seq))
         if kind == "update_chunk":
             self._on_update_chunk(message)
         elif kind == "result":
-            self.busy = False  # the node answers once its task is over: free it now, not
-            self._on_result(message)  # at its next heartbeat
+            self._on_result(message)
+            # the node answers once its task is over: free it now, not at its next heartbeat
+            self.busy = bool(self._pending_unsettled())
         elif kind == "failure":
-            self.busy = False
             pending = self._pending.get(message.failure.task_id)
             if pending is not None:
                 reason = message.failure.reason[:2000] or "node reported a failure"
                 pending.bytes_up += wire_bytes(message)
                 pending.settle(pending.outcome(self.node_id, False, f"node failed: {reason}"))
+                # only the failure of a task we were waiting for frees the node (a refusal
+                # "busy with another task" does not)
+                self.busy = bool(self._pending_unsettled())
         elif kind == "cost_report":
             future = self._cost_queries.get(message.cost_report.query_id)
             if future is not None and not future.done():
@@ -185,6 +189,9 @@ class NodeSession:
         else:
             log.warning("node %s sent an unexpected %s message; ignored", self.node_id, kind)
         return None
+
+    def _pending_unsettled(self) -> list[_PendingTask]:
+        return [p for p in self._pending.values() if not p.future.done()]
 
     def _on_update_chunk(self, message: pb.NodeMessage) -> None:
         pending = self._pending.get(message.update_chunk.task_id)

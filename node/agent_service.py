@@ -265,13 +265,13 @@ class NodeAgentService:
         return cls(agent)
 
     async def handle(self, envelope: node_pb2.AgentEnvelope) -> node_pb2.AgentEnvelope:
-        if envelope.anonymous:
-            refused = await self._check_anonymous(envelope)
-            if refused:
-                return node_pb2.AgentEnvelope(task_kind=envelope.task_kind,
-                                              handled_by="error",
-                                              error=f"UNAUTHENTICATED: {refused}")
-        async with self._semaphore:
+        async with self._semaphore:  # checks of anonymous messages count against it too
+            if envelope.anonymous:
+                refused = await self._check_anonymous(envelope)
+                if refused:
+                    return node_pb2.AgentEnvelope(task_kind=envelope.task_kind,
+                                                  handled_by="error",
+                                                  error=f"UNAUTHENTICATED: {refused}")
             return await asyncio.to_thread(self.agent.handle, envelope)
 
     async def _check_anonymous(self, envelope: node_pb2.AgentEnvelope) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -53,33 +54,62 @@ def load_or_create_ring_key(path: Path) -> RingKeyPair:
     return RingKeyPair.from_seed(seed)
 
 
-async def submit_anonymously(coordinator: str, key: RingKeyPair, task: pb.Task,
-                             payload: bytes, num_examples: int,
-                             channel_options: list | None = None, *,
-                             tls: TLSChoice = TLS_PROCESS, dedicated_port: bool = False) -> bytes:
-    """Ring-sign and upload ``payload`` for ``task``; returns the link tag the coordinator
-    filed it under.
+def check_ring(ring: pb.Ring, key: RingKeyPair) -> list[bytes]:
+    """The ring's keys, once it is sure to hide this node: it holds the node's key (else it
+    would be signing into a ring the coordinator made up), at least two keys, and its epoch
+    id matches them."""
+    keys = list(ring.public_keys)
+    if key.public not in keys:
+        raise AnonymityError("the job's ring does not contain this node's ring key")
+    if len(keys) < MIN_RING_SIZE:
+        raise AnonymityError(f"a ring of {len(keys)} key(s) hides nobody")
+    if ring.epoch_id != ring_epoch_id(keys):
+        raise AnonymityError("the ring's epoch id does not match its keys")
+    return keys
 
-    Under TLS the upload never presents the node's certificate (it names the node): it goes
-    with server-only TLS to the coordinator's anonymous port (``dedicated_port``: the node's
-    ``--anonymous-coordinator``), since the main port requires client certificates."""
+
+def _anonymous_tls(tls: TLSChoice, dedicated_port: bool):
     config = tls_active() if tls is ... else tls
     if config is not None and not dedicated_port:
         raise AnonymityError("TLS is on and no anonymous port is configured (node serve "
                              "--anonymous-coordinator, coordinator serve --anonymous-listen): "
                              "an upload on the mutual-TLS port would carry this node's "
                              "certificate")
+    return config
+
+
+async def fetch_ring(coordinator: str, key: RingKeyPair, job_id: str,
+                     channel_options: list | None = None, *, tls: TLSChoice = TLS_PROCESS,
+                     dedicated_port: bool = False) -> pb.Ring:
+    """The job's ring, checked (``check_ring``): a node looks before it says "done", so a
+    node outside the ring fails its task at once instead of leaving the round waiting."""
+    config = _anonymous_tls(tls, dedicated_port)
     async with aio_channel(coordinator, channel_options, tls=config,
                            client_cert=False) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
-        ring = await stub.GetRing(pb.GetRingRequest(job_id=task.job_id), timeout=30)
-        keys = list(ring.public_keys)
-        if key.public not in keys:
-            raise AnonymityError("the job's ring does not contain this node's ring key")
-        if len(keys) < MIN_RING_SIZE:
-            raise AnonymityError(f"a ring of {len(keys)} key(s) hides nobody")
-        if ring.epoch_id != ring_epoch_id(keys):
-            raise AnonymityError("the ring's epoch id does not match its keys")
+        ring = await stub.GetRing(pb.GetRingRequest(job_id=job_id), timeout=30)
+    check_ring(ring, key)
+    return ring
+
+
+async def submit_anonymously(coordinator: str, key: RingKeyPair, task: pb.Task,
+                             payload: bytes, num_examples: int,
+                             channel_options: list | None = None, *,
+                             tls: TLSChoice = TLS_PROCESS, dedicated_port: bool = False,
+                             ring: pb.Ring | None = None) -> bytes:
+    """Ring-sign and upload ``payload`` for ``task`` (over ``ring``, fetched if not given);
+    returns the link tag the coordinator filed it under.
+
+    Under TLS the upload never presents the node's certificate (it names the node): it goes
+    with server-only TLS to the coordinator's anonymous port (``dedicated_port``: the node's
+    ``--anonymous-coordinator``), since the main port requires client certificates."""
+    config = _anonymous_tls(tls, dedicated_port)
+    async with aio_channel(coordinator, channel_options, tls=config,
+                           client_cert=False) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        if ring is None:
+            ring = await stub.GetRing(pb.GetRingRequest(job_id=task.job_id), timeout=30)
+        keys = check_ring(ring, key)
         challenge = await stub.GetChallenge(pb.GetChallengeRequest(), timeout=30)
         digest = hashlib.sha256(payload).digest()
         message = anonymous_update_message(challenge.nonce, task.job_id, task.round,
@@ -126,33 +156,42 @@ def sign_agent_message(envelope: node_pb2.AgentEnvelope, ring: pb.Ring,
 
 class AgentMessageVerifier:
     """The receiving node's check of an anonymous agent message: the signature against the
-    registry ring of the epoch it names (fetched from the coordinator, cached), and a nonce
-    never seen before (a bounded memory of recent nonces: a replay is refused)."""
+    registry ring of the epoch it names (fetched from the coordinator, cached; refetched at
+    most every ``refetch_s`` seconds, so messages naming made-up epochs cannot make the node
+    flood the coordinator), and a nonce never seen before (a bounded memory of recent
+    nonces: a replay is refused)."""
 
-    def __init__(self, fetch_ring, max_nonces: int = 100_000) -> None:
+    def __init__(self, fetch_ring, max_nonces: int = 100_000, refetch_s: float = 10.0) -> None:
         self._fetch_ring = fetch_ring  # () -> pb.Ring (the current registry ring)
         self._ring: pb.Ring | None = None
+        self._fetched_at = -float("inf")
         self._seen: dict[bytes, None] = {}
         self.max_nonces = max_nonces
+        self.refetch_s = refetch_s
         self._lock = threading.Lock()  # messages are checked in worker threads
+
+    def _current_ring(self, epoch: str) -> pb.Ring | None:
+        with self._lock:
+            ring, fetched_at = self._ring, self._fetched_at
+        if ring is not None and ring.epoch_id == epoch:
+            return ring
+        if time.monotonic() - fetched_at < self.refetch_s:
+            return ring  # fetched recently: the message's epoch is simply not current
+        fresh = self._fetch_ring()  # outside the lock: a slow coordinator blocks no one else
+        with self._lock:
+            self._ring, self._fetched_at = fresh, time.monotonic()
+        return fresh
 
     def check(self, envelope: node_pb2.AgentEnvelope) -> str | None:
         """None when the message is genuine; otherwise why it is refused."""
-        with self._lock:
-            return self._check(envelope)
-
-    def _check(self, envelope: node_pb2.AgentEnvelope) -> str | None:
         if envelope.sender:
             return "an anonymous message must not name its sender"
         if len(envelope.nonce) != 32:
             return "an anonymous message needs a 32-byte nonce"
-        if envelope.nonce in self._seen:
-            return "this nonce was used before (replay)"
-        if self._ring is None or self._ring.epoch_id != envelope.ring_epoch:
-            self._ring = self._fetch_ring()
-        if self._ring.epoch_id != envelope.ring_epoch:
+        ring = self._current_ring(envelope.ring_epoch)
+        if ring is None or ring.epoch_id != envelope.ring_epoch:
             return "signed over a ring that is not the coordinator's current registry ring"
-        keys = list(self._ring.public_keys)
+        keys = list(ring.public_keys)
         try:
             signature = RingSignature.decode(envelope.ring_signature, len(keys))
         except RingSignatureError as exc:
@@ -161,7 +200,10 @@ class AgentMessageVerifier:
                                       envelope.protocol_hash, envelope.body, envelope.text)
         if not verify(message, keys, signature, agent_message_scope(envelope.nonce)):
             return "the ring signature does not verify"
-        self._seen[envelope.nonce] = None
-        while len(self._seen) > self.max_nonces:
-            self._seen.pop(next(iter(self._seen)))
+        with self._lock:
+            if envelope.nonce in self._seen:
+                return "this nonce was used before (replay)"
+            self._seen[envelope.nonce] = None
+            while len(self._seen) > self.max_nonces:
+                self._seen.pop(next(iter(self._seen)))
         return None

@@ -12,6 +12,7 @@ model that does not fit, is skipped for this merge and its weight handled by the
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -61,17 +62,23 @@ def fetch_local_model(address: str, job_id: str, round_number: int,
 
 
 def fetch_neighbours(task: pb.Task, timeout_s: float) -> Fetched:
-    """Fetch every neighbour of a MERGE task that has an address; skip the unreachable."""
+    """Fetch every neighbour of a MERGE task that has an address, within one shared
+    ``timeout_s``; skip the unreachable and the too slow."""
     fetched = Fetched()
-    for peer in task.peers:
+    deadline = time.monotonic() + timeout_s  # one budget for all: a stalled peer cannot
+    for peer in task.peers:                   # spend every neighbour's time
         if peer.role != "neighbour":
             continue
         if not peer.address:
             fetched.failures[peer.node_id] = "did not train this round"
             continue
+        remaining = deadline - time.monotonic()
+        if remaining <= 1.0:
+            fetched.failures[peer.node_id] = "no time left in the merge's deadline"
+            continue
         try:
             state, up, down = fetch_local_model(peer.address, task.job_id, task.round,
-                                                timeout_s)
+                                                remaining)
         except grpc.RpcError as exc:
             fetched.failures[peer.node_id] = f"{exc.code().name}: {exc.details()}"
         except (ChunkError, CodecError) as exc:

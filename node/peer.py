@@ -54,9 +54,11 @@ class NodePeerService(node_grpc.NodePeerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"this node's shared model of job {request.job_id!r} is from "
                                 f"round {metadata.get('round')}, not {request.round}")
-        state = self.models.load(request.job_id, which)
-        assert state is not None
-        for chunk in split_payload(tensor_map_to_bytes(state), f"{request.job_id}-{which}"):
+        # a full model (DIMAT: hundreds of MB) is read and encoded off the event loop, so the
+        # daemon's heartbeats and other calls go on meanwhile
+        payload = await asyncio.to_thread(
+            lambda: tensor_map_to_bytes(self.models.load(request.job_id, which) or {}))
+        for chunk in split_payload(payload, f"{request.job_id}-{which}"):
             yield chunk
 
     async def SplitSession(self, request_iterator, context):

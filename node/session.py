@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from node.anonymous import AnonymityError, submit_anonymously
+from node.anonymous import AnonymityError, fetch_ring, submit_anonymously
 from node.worker import TaskCancelled, TaskWorker
 from privacy.ringsig import RingKeyPair
 from protos.chunking import ChunkAssembler, ChunkError, split_payload
@@ -262,6 +262,8 @@ class _TaskRunner:
         last_report = [0.0]
 
         def progress(step: int, total: int, loss: float) -> None:
+            if task.anonymous:  # steps and totals would tell the node's data size apart
+                return
             now = time.monotonic()
             if now - last_report[0] >= 1.0 or step == total:
                 last_report[0] = now
@@ -315,15 +317,23 @@ class _TaskRunner:
         no example count and no metrics that could tell the updates apart. "done" goes
         first and the upload follows after a random delay, so neither the order of arrival
         nor a fixed gap pairs a session with its upload (the network address still can:
-        see the README's threat model)."""
+        see the README's threat model). The ring is checked before "done": a node that
+        could not sign fails its task at once instead of leaving the round waiting."""
+        coordinator = self.link.anonymous_coordinator or self.link.coordinator
+        options = dict(tls=self.link.tls, dedicated_port=bool(self.link.anonymous_coordinator))
+        try:
+            ring = await fetch_ring(coordinator, self.link.ring_key, task.job_id,
+                                    CHANNEL_OPTIONS, **options)
+        except (grpc.aio.AioRpcError, AnonymityError) as exc:
+            reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            self.fail(task.task_id, f"cannot submit anonymously: {reason}")
+            return
         self.send(pb.NodeMessage(result=pb.TaskResult(task_id=task.task_id)))
         self.link.state.tasks_done += 1
         await asyncio.sleep(_JITTER.uniform(0.0, ANONYMOUS_JITTER_S))
         try:
-            await submit_anonymously(self.link.anonymous_coordinator or self.link.coordinator,
-                                     self.link.ring_key, task, update, num_examples,
-                                     CHANNEL_OPTIONS, tls=self.link.tls,
-                                     dedicated_port=bool(self.link.anonymous_coordinator))
+            await submit_anonymously(coordinator, self.link.ring_key, task, update,
+                                     num_examples, CHANNEL_OPTIONS, ring=ring, **options)
         except (grpc.aio.AioRpcError, AnonymityError) as exc:
             reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
             # the session already said "done": the coordinator sees one update fewer

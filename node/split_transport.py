@@ -60,6 +60,8 @@ MAX_STEP_BYTES = 1 << 30
 
 #: a split session ends this long after the device's own deadline for it at the latest
 SESSION_GRACE_S = 10.0
+#: the longest a device may hold a split session, whatever deadline its job spec announces
+MAX_SESSION_S = 3600.0
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
@@ -108,7 +110,11 @@ class RemoteBody:
         self._replies = stub.SplitSession(iter(self._requests.get, None), timeout=timeout_s)
         self._send(node_pb2.SplitRequest(open=node_pb2.SplitOpen(job_id=job_id, spec=spec,
                                                                  round=round_number)))
-        ready = self._next("opening the session")
+        try:
+            ready = self._next("opening the session")
+        except SplitServerError:
+            self.close()  # the request thread and the channel must not outlive the failure
+            raise
         if ready.WhichOneof("body") != "ready":
             self.close()
             raise SplitServerError(f"{self.name} answered the opening with "
@@ -191,6 +197,8 @@ class _ServedBody:
         self.layers = layers
         self.parameters = sum(p.numel() for p in module.parameters())
         self.lock = threading.Lock()
+        #: held for a whole session when the job trains the body (body_lr > 0)
+        self.training = asyncio.Lock()
 
 
 class SplitServer:
@@ -258,10 +266,15 @@ class SplitServer:
             served, config = await self._body(first.open)
         except SplitRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if config.body_lr > 0:
+            # a trained body is shared by the job's devices: one device's optimizer step
+            # would invalidate another's pending graph, so trained sessions take turns
+            await served.training.acquire()
         body = LocalBody(served.module, lr=config.body_lr)
         # the device's own stream deadline (RemoteBody: the round's, at least 30 s) bounds the
-        # session here too: a device that stalls or dribbles is cut off, not waited for
-        limit = max(first.open.spec.round_timeout_s, 30.0) + SESSION_GRACE_S
+        # session here too: a device that stalls or dribbles is cut off, not waited for; the
+        # device's claim is capped, the server decides how long it lends its body
+        limit = min(max(first.open.spec.round_timeout_s, 30.0), MAX_SESSION_S) + SESSION_GRACE_S
         deadline = time.monotonic() + limit
         log.info("split session %d for job %s round %d opened", stream, first.open.job_id,
                  first.open.round)
@@ -307,6 +320,8 @@ class SplitServer:
                     yield reply
         finally:
             body.reset()
+            if config.body_lr > 0:
+                served.training.release()
             log.info("split session %d closed", stream)
 
     async def _run(self, served: _ServedBody, body: LocalBody, kind: str,

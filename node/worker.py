@@ -17,8 +17,8 @@ import torch
 
 from node.data import LocalData
 from node.merging import fetch_neighbours
-from node.methods import get_method, method_params
-from node.methods.dimat import DIMATConfig, dimat_merge
+from node.methods import UpdateError, get_method, method_params
+from node.methods.dimat import DIMATConfig, check_neighbour_state, dimat_merge
 from node.methods.sfprompt import SFPROMPT_TRAINABLE, SFPromptConfig, SplitTrainer
 from node.minion_worker import MinionCancelled, MinionWorker
 from node.models import job_model_config
@@ -243,7 +243,16 @@ class TaskWorker:
             self.models.save(task.job_id, "own", own, {"round": str(task.round)})
             return b"", 0, {"neighbours": 0.0, "neighbours_merged": 0.0,
                             "peer_bytes_down": 0.0, "peer_bytes_up": 0.0}
-        fetched = fetch_neighbours(task, timeout_s=max(task.deadline_s, 30.0))
+        # half the task's deadline for the fetches: the alignment needs the rest
+        fetched = fetch_neighbours(task, timeout_s=max(task.deadline_s / 2, 15.0))
+        for node_id, state in list(fetched.states.items()):
+            try:  # a neighbour whose model does not fit is skipped, like an unreachable one
+                check_neighbour_state(own, state, node_id)
+            except UpdateError as exc:
+                fetched.failures[node_id] = f"unusable model: {exc}"
+                del fetched.states[node_id]
+                log.warning("merge of round %d skips neighbour %s: %s", task.round,
+                            node_id[:12], exc)
         weights = {p.node_id: p.weight for p in task.peers if p.role == "neighbour"}
         examples = self.data.load(spec.train.dataset)[: config.match_examples]
         batch = trainer.batch(examples) if config.merge == "dimat" else None

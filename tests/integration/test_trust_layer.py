@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import time
 
 import grpc
 import pytest
 
 from cli.cluster import LocalCluster
+from node.anonymous import load_or_create_ring_key
 from privacy.ringsig import RingKeyPair, sign
 from protos.chunking import split_payload
 from protos.codec import tensor_map_to_bytes
@@ -16,7 +16,7 @@ from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
 from protos.identity import NodeKey, anonymous_scope, anonymous_update_message
 from protos.sdk import SyncConfideClient
-from tests.integration.helpers import tiny_spec, wait_for_nodes
+from tests.integration.helpers import events_until, tiny_spec, wait_for_nodes
 
 
 def test_anonymous_job_files_updates_under_link_tags_not_node_ids(tmp_path, shards):
@@ -64,26 +64,23 @@ def _submit(stub, ring_key, job_id, round_number, payload, *, nonce=None, tamper
     return stub.SubmitAnonymousUpdate(iter(messages), timeout=10), nonce
 
 
-def test_anonymous_submissions_reject_replays_doubles_outsiders_and_tampering(tmp_path):
+def test_anonymous_submissions_reject_replays_doubles_outsiders_and_tampering(tmp_path,
+                                                                              shards):
     import torch
 
-    with LocalCluster(tmp_path / "cluster", [], mqtt=False) as cluster, \
+    with LocalCluster(tmp_path / "cluster", shards(2), mqtt=False) as cluster, \
             grpc.insecure_channel(cluster.address) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
-        members = [_register(stub, f"member{i}") for i in range(3)]
         with SyncConfideClient(cluster.address) as client:
-            # no node is online: the job waits for nodes, RUNNING with its ring fixed
+            wait_for_nodes(client, 2)
+            # two more ring members that never train (registered, no session)
+            members = [_register(stub, f"member{i}") for i in range(2)]
+            # the real nodes train long enough for the round to stay open meanwhile
             job = client.submit_job(tiny_spec(rounds=1, min_nodes=2, anonymous=True,
-                                              wait_for_nodes_s=120))
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    ring = stub.GetRing(pb.GetRingRequest(job_id=job.job_id))
-                    break
-                except grpc.RpcError:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.2)
-            assert len(ring.public_keys) == 3
+                                              max_steps=5000, round_timeout_s=300))
+            events_until(client, job.job_id, "round.started", timeout=60)
+            ring = stub.GetRing(pb.GetRingRequest(job_id=job.job_id))
+            assert len(ring.public_keys) == 4
             payload = tensor_map_to_bytes({"w": torch.zeros(4)})
             ack, nonce = _submit(stub, members[0][1], job.job_id, 1, payload)
             assert len(ack.key_image) == 32
@@ -96,20 +93,29 @@ def test_anonymous_submissions_reject_replays_doubles_outsiders_and_tampering(tm
                 # a key outside the ring
                 (dict(ring_key=RingKeyPair.generate()), None),
                 # a payload that is not the one signed
-                (dict(ring_key=members[2][1], tamper=True), grpc.StatusCode.INVALID_ARGUMENT),
+                (dict(ring_key=members[1][1], tamper=True), grpc.StatusCode.INVALID_ARGUMENT),
+                # a round that is not being collected
+                (dict(ring_key=members[1][1], round_number=2),
+                 grpc.StatusCode.FAILED_PRECONDITION),
             ]
             for kwargs, code in cases:
                 ring_key = kwargs.pop("ring_key")
+                round_number = kwargs.pop("round_number", 1)
                 if code is None:  # an outsider cannot even produce a signature
                     with pytest.raises(ValueError):
-                        _submit(stub, ring_key, job.job_id, 1, payload, **kwargs)
+                        _submit(stub, ring_key, job.job_id, round_number, payload, **kwargs)
                     continue
                 with pytest.raises(grpc.RpcError) as info:
-                    _submit(stub, ring_key, job.job_id, 1, payload, **kwargs)
+                    _submit(stub, ring_key, job.job_id, round_number, payload, **kwargs)
                 assert info.value.code() == code, kwargs
-            # another member in the same round, and the first one in another scope, go in
+            # another member fills the round's second slot (2 nodes were selected) ...
             _submit(stub, members[1][1], job.job_id, 1, payload)
-            _submit(stub, members[0][1], job.job_id, 2, payload)
+            # ... and no ring member can add a third
+            nodes_dir = cluster.node_data_dirs[0]
+            with pytest.raises(grpc.RpcError) as info:
+                _submit(stub, load_or_create_ring_key(nodes_dir / "ring_key.seed"),
+                        job.job_id, 1, payload)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             client.cancel_job(job.job_id)
 
 
