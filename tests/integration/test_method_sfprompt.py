@@ -144,3 +144,16 @@ def test_sfprompt_without_a_split_server_fails_clearly(tmp_path, shards):
         final = client.wait_job(job.job_id)
     assert final.state == pb.FAILED
     assert "split-server role" in final.reason
+
+
+def test_two_devices_train_the_servers_body_in_turns(tmp_path, shards):
+    """body_lr > 0: the split-server trains its body; two devices must not interleave their
+    steps on it (one's optimizer step would break the other's pending graph)."""
+    spec = _spec(rounds=1, max_steps=8, params={**PARAMS, "body_lr": 1e-3})
+    with LocalCluster(tmp_path / "cluster", shards(2, per_node=64), mqtt=False,
+                      split_server=True) as cluster, \
+            SyncConfideClient(cluster.address) as client:
+        wait_for_nodes(client, 3)
+        final = client.wait_job(client.submit_job(spec).job_id)
+    assert final.state == pb.COMPLETED, final.reason
+    assert len(final.rounds[0].participants) == 2

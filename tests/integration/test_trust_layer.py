@@ -23,10 +23,16 @@ def test_anonymous_job_files_updates_under_link_tags_not_node_ids(tmp_path, shar
     with LocalCluster(tmp_path / "cluster", shards(3), mqtt=False) as cluster, \
             SyncConfideClient(cluster.address) as client:
         nodes = wait_for_nodes(client, 3)
-        job = client.submit_job(tiny_spec(rounds=2, min_nodes=3, max_steps=2, anonymous=True))
-        final = client.wait_job(job.job_id)
+        job = client.submit_job(tiny_spec(rounds=2, min_nodes=3, max_steps=40,
+                                          anonymous=True))
+        events: list[pb.Event] = []
+        final = client.wait_job(job.job_id, on_event=events.append)
         trained = client.fetch_global_model(job.job_id)
     assert final.state == pb.COMPLETED, final.reason
+    # no training progress is published for anonymous tasks: step counts and totals would
+    # tell the nodes' data sizes, and so their uploads, apart
+    assert not [e for e in events if e.kind == "node.progress"]
+    assert [e for e in events if e.kind == "round.completed"]
     node_ids = {n.node_id for n in nodes}
     for summary in final.rounds:
         assert set(summary.selected) == node_ids          # who was asked is no secret

@@ -81,3 +81,30 @@ def test_node_key_signatures_follow_the_documented_bytes(tmp_path):
     public.verify(key.sign_session(b"n" * 32), session_message(b"n" * 32, key.node_id))
     with pytest.raises(InvalidSignature):  # domain separation: one signature, one purpose
         public.verify(signature, session_message(b"n" * 32, key.node_id))
+
+
+def test_challenges_are_stateless_single_use_and_unforgeable(monkeypatch):
+    import time as clock
+
+    from coordinator.anonymous import AnonymousRejected, ChallengeBook
+
+    book = ChallengeBook(ttl_s=60)
+    for _ in range(1000):  # issuing keeps no state: a flood cannot crowd out honest nodes
+        book.issue()
+    assert not book._spent
+    nonce = book.issue().nonce
+    assert len(nonce) == 32
+    book.spend(nonce)
+    with pytest.raises(AnonymousRejected, match="already used"):
+        book.spend(nonce)
+    forged = bytearray(book.issue().nonce)
+    forged[3] ^= 1
+    with pytest.raises(AnonymousRejected, match="unknown challenge"):
+        book.spend(bytes(forged))
+    with pytest.raises(AnonymousRejected, match="unknown challenge"):
+        ChallengeBook().spend(book.issue().nonce)  # another coordinator's (or before restart)
+    old = book.issue().nonce
+    later = clock.time() + 120
+    monkeypatch.setattr(clock, "time", lambda: later)
+    with pytest.raises(AnonymousRejected, match="expired"):
+        book.spend(old)
