@@ -124,6 +124,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
                                                    for r in result.rounds) / n,
             "downlink_bytes_per_node_per_round": sum(r["bytes_down_per_node"]
                                                      for r in result.rounds) / n,
+            # a method with a compact broadcast (Ferret) sends the whole state in round 1 only
+            "downlink_bytes_per_node_after_round_1": (
+                sum(r["bytes_down_per_node"] for r in result.rounds[1:])
+                / max(len(result.rounds) - 1, 1)),
             "seconds_per_round": sum(r["seconds"] for r in result.rounds) / n,
             "epsilon": result.rounds[-1]["metrics"].get("epsilon") if result.rounds else None,
             "rounds": result.rounds,
@@ -134,7 +138,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
           f"{len(test)} held-out articles; accuracy before training {before:.3f}")
     width = max(16, *(len(row["method"]) + 2 for row in rows))
     print(f"{'method':<{width}}{'state':<11}{'accuracy':>9}{'up/node/round':>15}"
-          f"{'down/node/round':>17}{'s/round':>9}{'epsilon':>9}")
+          f"{'down/node/round':>17}{'down r2+':>14}{'s/round':>9}{'epsilon':>9}")
     for row in rows:
         acc = row["accuracy"]
         eps = row["epsilon"]
@@ -142,6 +146,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
               f"{(f'{acc:.3f}' if acc is not None else '-'):>9}"
               f"{row['uplink_bytes_per_node_per_round'] / 1e3:>12.1f} KB"
               f"{row['downlink_bytes_per_node_per_round'] / 1e3:>14.1f} KB"
+              f"{row['downlink_bytes_per_node_after_round_1'] / 1e3:>11.1f} KB"
               f"{row['seconds_per_round']:>9.1f}{(f'{eps:.2f}' if eps else '-'):>9}")
     info = hardware()
     print(f"hardware: {info['platform']}, {info['cpu_count']} CPU(s), torch {info['torch']}, "

@@ -16,6 +16,7 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from coordinator.anonymous import AnonymousInbox, AnonymousUpdate
 from coordinator.events import EventLog
@@ -23,6 +24,7 @@ from coordinator.incentives import Bid, proportional_share
 from coordinator.sessions import NodeSession, SessionRegistry, TaskOutcome
 from coordinator.store import RoundRecord, Store
 from node.methods import ClientUpdate, Method, get_method, method_params
+from node.methods.base import state_digest
 from node.methods.dimat import mixing_weights, neighbours
 from protos.codec import CodecError, tensor_map_from_bytes, tensor_map_to_bytes, to_dense
 from protos.confide.v1 import coordinator_pb2 as pb
@@ -50,6 +52,16 @@ def weighted_metrics(outcomes: Sequence[TaskOutcome]) -> dict[str, float]:
     return {key: totals[key] / weights[key] for key in totals}
 
 
+@dataclass(frozen=True)
+class CompactBroadcast:
+    """The last aggregation in a method's compact form: applied by a node to the global state
+    with digest ``base``, it gives the state with digest ``digest``."""
+
+    base: bytes
+    digest: bytes
+    payload: bytes
+
+
 class JobRunner:
     def __init__(
         self,
@@ -71,6 +83,8 @@ class JobRunner:
         self.method: Method = get_method(self.spec.method)
         self.config = self.method.parse_config(method_params(self.spec))
         self.task: asyncio.Task | None = None
+        #: kept in memory only: after a restart every node gets the whole state once
+        self.broadcast: CompactBroadcast | None = None
 
     def start(self) -> asyncio.Task:
         self.task = asyncio.create_task(self.run(), name=f"job-{self.job_id}")
@@ -309,10 +323,11 @@ class JobRunner:
             message=f"{len(selected)} node(s): " + ", ".join(record.selected),
         )
         payload = tensor_map_to_bytes(state)
+        digest = state_digest(state) if self.method.compact_broadcast else b""
         peers = [await self._split_server()] if self.method.needs_split_server else []
         outcomes = await asyncio.gather(
             *(
-                self._train_on(session, round_number, payload, peers)
+                self._train_on(session, round_number, payload, peers, digest)
                 for session in selected
             )
         )
@@ -355,7 +370,12 @@ class JobRunner:
                              message=message, bytes_up=record.bytes_up,
                              bytes_down=record.bytes_down)
             raise JobFailed(message)
-        new_state = self.method.aggregate(self.config, state, updates, round_number)
+        new_state, compact = self.method.aggregate_compact(self.config, state, updates,
+                                                           round_number)
+        self.broadcast = None
+        if compact is not None and digest:
+            self.broadcast = CompactBroadcast(base=digest, digest=state_digest(new_state),
+                                              payload=tensor_map_to_bytes(compact))
         record.metrics.update(
             self.method.round_metrics(self.config, round_number, population, len(selected)))
         self.store.save_global(self.job_id, round_number, new_state)
@@ -394,13 +414,51 @@ class JobRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.sessions.changed.wait(), 1.0)
 
-    async def _train_on(self, session: NodeSession, round_number: int,
-                        payload: bytes, peers: Sequence[pb.Peer] = ()) -> TaskOutcome:
-        task = self._new_task(pb.TRAIN, round_number, has_global=True)
-        task.peers.extend(peers)
-        task.anonymous = self.spec.anonymous
-        return await session.run_task(task, payload, self.spec.round_timeout_s,
-                                      expects_payload=not self.spec.anonymous)
+    async def _train_on(self, session: NodeSession, round_number: int, payload: bytes,
+                        peers: Sequence[pb.Peer] = (), digest: bytes = b"") -> TaskOutcome:
+        """One node's TRAIN task. The global state goes down whole, or, when the method has a
+        compact broadcast and the node kept the state it builds on, in that compact form
+        (Ferret: the mean scalars); a node that cannot rebuild the state from it gets the
+        whole state in the time left."""
+        timeout = self.spec.round_timeout_s
+
+        def task() -> pb.Task:
+            t = self._new_task(pb.TRAIN, round_number, has_global=True)
+            t.peers.extend(peers)
+            t.anonymous = self.spec.anonymous
+            t.global_digest = digest
+            return t
+
+        spent: TaskOutcome | None = None
+        compact = self.broadcast
+        if (compact is not None and digest and compact.digest == digest
+                and session.held_states.get(self.job_id) == compact.base):
+            first = task()
+            first.global_base_digest = compact.base
+            spent = await session.run_task(first, compact.payload, timeout,
+                                           expects_payload=not self.spec.anonymous)
+            if spent.ok or not spent.needs_full_state:
+                self._held(session, spent, digest)
+                return spent
+            log.info("job %s round %d: %s could not rebuild the state from the compact "
+                     "broadcast (%s); sending the whole state", self.job_id, round_number,
+                     session.node_id, spent.reason)
+            timeout = max(1.0, timeout - spent.seconds)
+        outcome = await session.run_task(task(), payload, timeout,
+                                         expects_payload=not self.spec.anonymous)
+        if spent is not None:
+            outcome.bytes_down += spent.bytes_down
+            outcome.bytes_up += spent.bytes_up
+            outcome.seconds += spent.seconds
+        self._held(session, outcome, digest)
+        return outcome
+
+    def _held(self, session: NodeSession, outcome: TaskOutcome, digest: bytes) -> None:
+        """A node that trained from the state keeps it: the base of the next broadcast."""
+        if outcome.ok and digest:
+            session.held_states[self.job_id] = digest
+        else:
+            session.held_states.pop(self.job_id, None)
 
     @staticmethod
     def _anonymous_outcome(update: AnonymousUpdate, round_number: int) -> TaskOutcome:

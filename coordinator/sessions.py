@@ -37,6 +37,8 @@ class TaskOutcome:
     bytes_up: int = 0
     bytes_down: int = 0
     seconds: float = 0.0
+    #: the node could not rebuild the global state from a compact broadcast
+    needs_full_state: bool = False
 
 
 @dataclass
@@ -82,6 +84,9 @@ class NodeSession:
         #: called with (task, step, total_steps, loss) as the node reports training progress
         self.on_progress: Callable[[pb.Task, int, int, float], None] | None = None
         self._pending: dict[str, _PendingTask] = {}
+        #: job id -> digest of the global state this node took its last task of the job
+        #: from (it keeps that state): the base a compact broadcast can build on
+        self.held_states: dict[str, bytes] = {}
         self._cost_queries: dict[str, asyncio.Future] = {}
 
     # ------------------------------------------------------------- sending
@@ -173,7 +178,9 @@ class NodeSession:
             if pending is not None:
                 reason = message.failure.reason[:2000] or "node reported a failure"
                 pending.bytes_up += wire_bytes(message)
-                pending.settle(pending.outcome(self.node_id, False, f"node failed: {reason}"))
+                pending.settle(pending.outcome(
+                    self.node_id, False, f"node failed: {reason}",
+                    needs_full_state=message.failure.needs_full_state))
                 # only the failure of a task we were waiting for frees the node (a refusal
                 # "busy with another task" does not)
                 self.busy = bool(self._pending_unsettled())

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from node.anonymous import AnonymityError, fetch_ring, submit_anonymously
-from node.worker import TaskCancelled, TaskWorker
+from node.worker import NeedsFullState, TaskCancelled, TaskWorker
 from privacy.ringsig import RingKeyPair
 from protos.chunking import ChunkAssembler, ChunkError, split_payload
 from protos.confide.v1 import coordinator_pb2 as pb
@@ -208,9 +208,10 @@ class _TaskRunner:
     def send(self, message: pb.NodeMessage) -> None:
         self.outbox.put_nowait(message)
 
-    def fail(self, task_id: str, reason: str) -> None:
+    def fail(self, task_id: str, reason: str, needs_full_state: bool = False) -> None:
         self.link.state.tasks_failed += 1
-        self.send(pb.NodeMessage(failure=pb.TaskFailure(task_id=task_id, reason=reason)))
+        self.send(pb.NodeMessage(failure=pb.TaskFailure(
+            task_id=task_id, reason=reason, needs_full_state=needs_full_state)))
 
     def handle(self, message: pb.CoordinatorMessage) -> None:
         kind = message.WhichOneof("body")
@@ -288,6 +289,11 @@ class _TaskRunner:
                 raise ValueError(f"unknown task kind {task.kind}")
         except TaskCancelled:
             self._finish()
+            return
+        except NeedsFullState as exc:  # the coordinator resends the whole state
+            log.info("task %s: %s; asking for the whole global state", task.task_id[:8], exc)
+            self._finish()
+            self.fail(task.task_id, str(exc), needs_full_state=True)
             return
         except Exception as exc:  # report, never crash the node
             log.exception("task %s failed", task.task_id)

@@ -18,6 +18,7 @@ import torch
 from node.data import LocalData
 from node.merging import fetch_neighbours
 from node.methods import UpdateError, get_method, method_params
+from node.methods.base import Method, MethodConfig, state_digest
 from node.methods.dimat import DIMATConfig, check_neighbour_state, dimat_merge
 from node.methods.sfprompt import SFPROMPT_TRAINABLE, SFPromptConfig, SplitTrainer
 from node.minion_worker import MinionCancelled, MinionWorker
@@ -36,6 +37,11 @@ ProgressFn = Callable[[int, int, float], None]
 
 class TaskCancelled(Exception):
     """The coordinator cancelled the task, or the session ended."""
+
+
+class NeedsFullState(Exception):
+    """A compact broadcast cannot be applied here: the coordinator must send the whole
+    global state (the message says why)."""
 
 
 class TaskWorker:
@@ -122,7 +128,7 @@ class TaskWorker:
         config = method.parse_config(method_params(spec))
         if method.decentralized:
             return self._train_own(task, progress, cancelled)
-        global_state = {k: to_dense(v) for k, v in tensor_map_from_bytes(global_payload).items()}
+        global_state = self._received_global(task, method, config, global_payload)
         examples = self.data.load(spec.train.dataset)
         trainer = self._trainer(spec)
         trainer.load_trainable_state(global_state)
@@ -154,6 +160,27 @@ class TaskWorker:
         if memory or stored:  # also when the method emptied it: no stale state next round
             self.models.save(task.job_id, "memory", memory)
         return tensor_map_to_bytes(update), len(examples), metrics
+
+    def _received_global(self, task: pb.Task, method: Method, config: MethodConfig,
+                         payload: bytes) -> dict[str, torch.Tensor]:
+        """The round's global state: sent whole, or rebuilt from a compact broadcast on top of
+        the state this node kept from the job's previous round, checked against the
+        coordinator's digest."""
+        received = tensor_map_from_bytes(payload)
+        if not task.global_base_digest:
+            return {k: to_dense(v) for k, v in received.items()}
+        base = self.models.load(task.job_id, "global")
+        if base is None:
+            raise NeedsFullState("this node keeps no global state of the job")
+        if state_digest(base) != task.global_base_digest:
+            raise NeedsFullState("the global state this node keeps is not the broadcast's base")
+        try:
+            state = method.apply_compact(config, base, received)
+        except UpdateError as exc:
+            raise NeedsFullState(f"the compact broadcast does not apply: {exc}") from exc
+        if state_digest(state) != task.global_digest:
+            raise NeedsFullState("the rebuilt global state differs from the coordinator's")
+        return state
 
     def _train_split(self, task: pb.Task, config: SFPromptConfig, trainer: SplitTrainer,
                      examples: list, on_step: ProgressFn) -> tuple[list, dict[str, float]]:

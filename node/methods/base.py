@@ -10,6 +10,8 @@ any node daemon internals, and tests can run them without processes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import struct
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -117,6 +119,29 @@ class FederatedMethod(Method):
         """Coordinator side, pure: the next global state from the current one and the
         nodes' updates."""
 
+    #: ``aggregate_compact`` can return a compact form of the aggregation that nodes holding
+    #: the previous global state turn into the new one (``apply_compact``): the downlink
+    #: then carries that instead of the whole state (Ferret: the mean scalars)
+    compact_broadcast: ClassVar[bool] = False
+
+    def aggregate_compact(
+        self,
+        config: MethodConfig,
+        global_state: State,
+        updates: Sequence[ClientUpdate],
+        round_number: int,
+    ) -> tuple[State, dict[str, WireTensor] | None]:
+        """Coordinator side: ``aggregate``, plus the compact broadcast that rebuilds its result
+        from ``global_state`` through ``apply_compact`` (None: broadcast the whole state)."""
+        return self.aggregate(config, global_state, updates, round_number), None
+
+    def apply_compact(
+        self, config: MethodConfig, global_state: State, payload: Mapping[str, WireTensor]
+    ) -> State:
+        """Node side: the new global state from the previous one and the coordinator's compact
+        broadcast, bit for bit what ``aggregate_compact`` returned."""
+        raise UpdateError(f"method {self.name!r} has no compact broadcast")
+
     def before_round(self, config: MethodConfig, round_number: int, population: int,
                      selected: int) -> str | None:
         """Coordinator side, before a round runs: a reason to end the job cleanly instead
@@ -177,3 +202,17 @@ def weighted_mean_of_deltas(global_state: State, deltas: Sequence[tuple[State, f
             acc += delta[name].to(torch.float64) * (weight / total)
         result[name] = (value.to(torch.float64) + acc).to(value.dtype)
     return result
+
+
+def state_digest(state: Mapping[str, torch.Tensor], person: bytes = b"confide-state") -> bytes:
+    """BLAKE2b-256 of a state's names, dtypes, shapes and bytes (sorted by name), with
+    ``person`` for domain separation: names one exact global state, so a node and the
+    coordinator can tell they hold the same bits."""
+    h = hashlib.blake2b(digest_size=32, person=person)
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        header = f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}".encode()
+        h.update(struct.pack("<Q", len(header)) + header)
+        if tensor.numel():
+            h.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return h.digest()

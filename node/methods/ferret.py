@@ -68,8 +68,10 @@ the parameter count: for MiniLM at k = 24, 545M draws, ~8 s for ``client_update`
 Wire. Per group: the name, n_g direction ids (one varint byte each below 128), n_g float32
 scalars, the flattened shape and the generator name; plus the 8-byte round tag. For
 all-MiniLM-L6-v2 (22.7M parameters, 105 groups) at the default k = 24 that is about 16 KB per
-node per round (``tests/unit/test_ferret.py`` measures it). The downlink is the foundation's
-full global state.
+node per round (``tests/unit/test_ferret.py`` measures it). The downlink is the same: the
+coordinator broadcasts the mean scalars abar (``aggregate_compact``) and each node that holds
+w_{r-1} rebuilds w_r from the seeds (``apply_compact``), checked against the state's digest;
+a node without w_{r-1} (its first round, a round it sat out, a restart) gets the whole state.
 """
 
 from __future__ import annotations
@@ -83,7 +85,14 @@ from dataclasses import dataclass
 
 import torch
 
-from node.methods.base import ClientUpdate, FederatedMethod, MethodConfig, State, UpdateError
+from node.methods.base import (
+    ClientUpdate,
+    FederatedMethod,
+    MethodConfig,
+    State,
+    UpdateError,
+)
+from node.methods.base import state_digest as base_state_digest
 from protos.codec import SeedProjectedTensor, WireTensor
 
 log = logging.getLogger(__name__)
@@ -211,16 +220,9 @@ def group_parameters(state: Mapping[str, torch.Tensor]) -> list[Group]:
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> bytes:
-    """BLAKE2b-256 of a state's names, dtypes, shapes and bytes (sorted by name): what makes a
-    round's randomness fresh, and what a node's round tag must match."""
-    h = hashlib.blake2b(digest_size=32, person=b"confide-ferret")
-    for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
-        header = f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}".encode()
-        h.update(struct.pack("<Q", len(header)) + header)
-        if tensor.numel():
-            h.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return h.digest()
+    """The global state's digest under Ferret's domain: what makes a round's randomness fresh,
+    and what a node's round tag must match."""
+    return base_state_digest(state, person=b"confide-ferret")
 
 
 def round_tag(digest: bytes) -> torch.Tensor:
@@ -309,6 +311,7 @@ class Ferret(FederatedMethod):
     name = "ferret"
     config_class = FerretConfig
     trainable = "full"
+    compact_broadcast = True
 
     def validate_config(self, config: MethodConfig) -> None:
         assert isinstance(config, FerretConfig)
@@ -455,6 +458,17 @@ class Ferret(FederatedMethod):
         updates: Sequence[ClientUpdate],
         round_number: int,
     ) -> State:
+        return self.aggregate_compact(config, global_state, updates, round_number)[0]
+
+    def aggregate_compact(
+        self,
+        config: MethodConfig,
+        global_state: State,
+        updates: Sequence[ClientUpdate],
+        round_number: int,
+    ) -> tuple[State, dict[str, WireTensor]]:
+        """Steps 5-7: the mean scalars of the accepted updates (the compact broadcast: every
+        party rebuilds the step from the same seeds) and the state they lead to."""
         assert isinstance(config, FerretConfig)
         if not updates:
             raise UpdateError("cannot aggregate a round without updates")
@@ -478,13 +492,46 @@ class Ferret(FederatedMethod):
         total = float(sum(update.num_examples for update in accepted))
         if total <= 0:
             raise UpdateError("no update carries a positive weight (all nodes reported 0 examples)")
-        result: State = dict(global_state)
+        mean_payload: dict[str, WireTensor] = {ROUND_KEY: round_tag(digest)}
         for group in groups:
             mean = [0.0] * max(len(u.payload[group.key].seeds) for u in accepted)
             for update in accepted:
                 weight = update.num_examples / total
                 for j, c in enumerate(update.payload[group.key].coefficients):
                     mean[j] += weight * c
+            mean_payload[group.key] = SeedProjectedTensor(
+                shape=(group.size,),
+                dtype=torch.float32,
+                seeds=tuple(range(len(mean))),
+                coefficients=tuple(mean),
+                generator=GENERATOR,
+            )
+        return self._step(config, global_state, groups, digest, mean_payload), mean_payload
+
+    def apply_compact(
+        self, config: MethodConfig, global_state: State, payload: Mapping[str, WireTensor]
+    ) -> State:
+        """A node rebuilds the round's global state from the previous one and the mean scalars
+        the coordinator broadcast (checked like an update: this round's tag, groups, counts)."""
+        assert isinstance(config, FerretConfig)
+        digest = state_digest(global_state)
+        groups = group_parameters(global_state)
+        self._check(groups, digest, payload, config)
+        return self._step(config, global_state, groups, digest, payload)
+
+    @staticmethod
+    def _step(
+        config: FerretConfig,
+        global_state: State,
+        groups: Sequence[Group],
+        digest: bytes,
+        mean_payload: Mapping[str, WireTensor],
+    ) -> State:
+        """w_r[g] = w_{r-1}[g] + server_lr * V_g^T abar_g, in float64, elementwise (the same bits
+        at the coordinator and at every node)."""
+        result: State = dict(global_state)
+        for group in groups:
+            mean = mean_payload[group.key].coefficients
             if not any(mean):
                 continue
             base = group_seed(config.seed, digest, group.index)

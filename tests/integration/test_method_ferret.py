@@ -1,7 +1,9 @@
 """End to end: real coordinator and node processes run Ferret (full-parameter tuning, K
-scalars per parameter group on the uplink) on the tiny BERT."""
+scalars per parameter group on the uplink, the mean scalars on the downlink) on the tiny BERT."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -9,6 +11,7 @@ from cli.cluster import LocalCluster
 from cli.experiment import Evaluator
 from node.data import synthetic_classification
 from node.methods.ferret import group_parameters
+from node.store import ModelStore
 from protos.codec import wire_size
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.sdk import SyncConfideClient
@@ -28,7 +31,10 @@ def test_ferret_rounds_through_the_daemons_with_a_tiny_uplink(tmp_path, shards):
         final = client.wait_job(job.job_id)
         assert final.state == pb.COMPLETED, final.reason
         initial = client.fetch_global_model(job.job_id, 0)
+        last_sent = client.fetch_global_model(job.job_id, 2)
         trained = client.fetch_global_model(job.job_id)
+        kept = [ModelStore(d / "models").load(job.job_id, "global")
+                for d in cluster.node_data_dirs]
 
     # the INIT node built the full-parameter model, not LoRA adapters
     assert "bert.embeddings.word_embeddings.weight" in initial
@@ -41,7 +47,15 @@ def test_ferret_rounds_through_the_daemons_with_a_tiny_uplink(tmp_path, shards):
         up = summary.bytes.up / 3
         # K float32 scalars and a one-byte id per group, plus framing: a few kilobytes
         assert 5 * scalars < up < 5 * scalars + 4096, up
-        assert summary.bytes.down / 3 > state_bytes  # the full global state goes down
+        down = summary.bytes.down / 3
+        if summary.round == 1:  # nobody holds a state yet: the whole initial state goes down
+            assert down > state_bytes
+        else:  # the last round's mean scalars, rebuilt at each node from the same seeds
+            assert 5 * scalars < down < 5 * scalars + 4096, down
+    # what each node rebuilt for round 3 is bit for bit the coordinator's round-2 state
+    for state in kept:
+        assert state is not None and state.keys() == last_sent.keys()
+        assert all(torch.equal(state[name], last_sent[name]) for name in state)
     # every parameter moved through the seeds, the embedding matrix included
     assert not torch.equal(
         initial["bert.embeddings.word_embeddings.weight"],
@@ -52,3 +66,37 @@ def test_ferret_rounds_through_the_daemons_with_a_tiny_uplink(tmp_path, shards):
     evaluate = Evaluator(spec, held_out)
     before, after = evaluate(initial), evaluate(trained)
     assert after["loss"] < before["loss"] - 0.1, (before, after)
+
+
+def test_a_node_without_the_base_state_gets_the_whole_state(tmp_path, shards):
+    """A node that lost the state a compact broadcast builds on asks for the whole state and
+    the round goes on with it. node0 has one batch of data, node1 many: node0 is done with
+    round 1 seconds before the round ends, and its kept state is deleted then."""
+    spec = tiny_spec(method="ferret", rounds=2, min_nodes=2, params={"k": K})
+    dirs = shards(2, per_node=1200)
+    lines = (dirs[0] / "train.jsonl").read_text().splitlines()[:16]
+    (dirs[0] / "train.jsonl").write_text("\n".join(lines) + "\n")
+    with (
+        LocalCluster(tmp_path / "cluster", dirs, mqtt=False) as cluster,
+        SyncConfideClient(cluster.address) as client,
+    ):
+        wait_for_nodes(client, 2)
+        job = client.submit_job(spec)
+        stores = [ModelStore(d / "models") for d in dirs]
+        deadline = time.monotonic() + 120
+        while stores[0].metadata(job.job_id, "local") is None:  # node0 trained round 1
+            assert time.monotonic() < deadline, "node0 never finished round 1"
+            time.sleep(0.01)
+        assert stores[1].metadata(job.job_id, "local") is None  # node1 still trains
+        stores[0].path(job.job_id, "global").unlink()
+        final = client.wait_job(job.job_id)
+        assert final.state == pb.COMPLETED, final.reason
+        round1 = client.fetch_global_model(job.job_id, 1)
+        kept = [store.load(job.job_id, "global") for store in stores]
+    state_bytes = wire_size(round1)
+    first, second = final.rounds
+    assert sorted(second.participants) == sorted(first.participants)
+    # node1 got the scalars; node0 the scalars, then (it had no base) the whole state
+    assert state_bytes < second.bytes.down < state_bytes + 16_384, second.bytes.down
+    for state in kept:
+        assert all(torch.equal(state[name], round1[name]) for name in round1)

@@ -378,3 +378,37 @@ def test_adapter_is_validated_and_follows_the_method():
     assert job_model_config(job_spec("ferret")).adapter == "none"
     assert job_model_config(job_spec("fedavg-lora")).adapter == "lora"
     assert ModelConfig.from_dict({"adapter": "none"}).adapter == "none"
+
+
+# ------------------------------------------------------------------ compact broadcast
+
+
+def test_compact_broadcast_rebuilds_the_aggregate_bit_for_bit_after_the_wire():
+    global_state = _state(0, a=300, b=7, c=2000)
+    config = FERRET.parse_config({"k": 8, "adaptive": True, "server_lr": 0.7})
+    updates = [
+        ClientUpdate(name, FERRET.client_update(config, global_state, _moved(global_state, i),
+                                                {}), 10 + i)
+        for i, name in enumerate("xyz")
+    ]
+    aggregated, compact = FERRET.aggregate_compact(config, global_state, updates, 1)
+    assert FERRET.compact_broadcast and compact is not None
+    # the same step as ``aggregate``, and a broadcast of K scalars per group
+    plain = FERRET.aggregate(config, global_state, updates, 1)
+    assert all(torch.equal(plain[k], aggregated[k]) for k in plain)
+    wire = tensor_map_to_bytes(compact)
+    assert len(wire) < 2048 < wire_size(global_state)
+    rebuilt = FERRET.apply_compact(config, global_state, tensor_map_from_bytes(wire))
+    assert all(torch.equal(rebuilt[k], aggregated[k]) for k in aggregated)
+    assert not torch.equal(rebuilt["c"], global_state["c"])
+
+
+def test_compact_broadcast_refuses_another_base_state():
+    global_state = _state(0, a=300)
+    config = FERRET.parse_config({"k": 8})
+    update = FERRET.client_update(config, global_state, _moved(global_state, 1), {})
+    _, compact = FERRET.aggregate_compact(config, global_state, [ClientUpdate("a", update, 5)], 1)
+    with pytest.raises(UpdateError, match="another state"):
+        FERRET.apply_compact(config, _moved(global_state, 2), compact)
+    with pytest.raises(UpdateError, match="no compact broadcast"):
+        get_method("fedavg-lora").apply_compact(config, global_state, compact)

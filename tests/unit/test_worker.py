@@ -35,3 +35,45 @@ def test_a_new_job_starts_from_the_seeded_state_not_the_last_jobs_training(tmp_p
     before, after = _state(first), _state(second)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_compact_broadcast_needs_the_kept_base_state_and_the_right_result(tmp_path):
+    """Ferret's downlink: the node rebuilds the round's state from the state it kept and the
+    mean scalars, or asks for the whole state (no kept state, another base, wrong result)."""
+    from node.methods import ClientUpdate, get_method
+    from node.methods.base import state_digest
+    from node.worker import NeedsFullState
+    from protos.codec import tensor_map_to_bytes
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", synthetic_classification(16, 2, seed=1))
+    models = ModelStore(tmp_path / "models")
+    worker = TaskWorker(LocalData(tmp_path / "data"), models, torch.device("cpu"))
+    spec = normalize_spec(job_spec("ferret", base="tiny-bert", num_labels=2, max_length=16,
+                                   max_steps=1, batch_size=8, learning_rate=1e-2,
+                                   params={"k": 4}))
+    ferret = get_method("ferret")
+    config = ferret.parse_config({"k": 4})
+    start = _state(worker.initial_state(pb.Task(task_id="i", job_id="job1", kind=pb.INIT,
+                                                spec=spec)))
+    moved = {k: v + 0.01 for k, v in start.items()}
+    update = ferret.client_update(config, start, moved, {})
+    after, compact = ferret.aggregate_compact(config, start, [ClientUpdate("n", update, 4)], 1)
+    payload = tensor_map_to_bytes(compact)
+
+    def task(base: bytes, digest: bytes) -> pb.Task:
+        return pb.Task(task_id="t", job_id="job1", round=2, kind=pb.TRAIN, spec=spec,
+                       has_global=True, global_base_digest=base, global_digest=digest)
+
+    good = task(state_digest(start), state_digest(after))
+    with pytest.raises(NeedsFullState, match="keeps no global state"):
+        worker.train(good, payload, lambda *_: None, threading.Event())
+    models.save("job1", "global", moved)
+    with pytest.raises(NeedsFullState, match="not the broadcast's base"):
+        worker.train(good, payload, lambda *_: None, threading.Event())
+    models.save("job1", "global", start)
+    with pytest.raises(NeedsFullState, match="differs"):
+        worker.train(task(state_digest(start), state_digest(start)), payload,
+                     lambda *_: None, threading.Event())
+    worker.train(good, payload, lambda *_: None, threading.Event())
+    kept = models.load("job1", "global")
+    assert all(torch.equal(kept[k], after[k]) for k in after)

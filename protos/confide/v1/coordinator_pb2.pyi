@@ -455,7 +455,7 @@ class Peer(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "job_id", "round", "kind", "spec", "has_global", "deadline_s", "anonymous", "peers", "self_weight", "instructions")
+    __slots__ = ("task_id", "job_id", "round", "kind", "spec", "has_global", "deadline_s", "anonymous", "peers", "self_weight", "instructions", "global_base_digest", "global_digest")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -467,6 +467,8 @@ class Task(_message.Message):
     PEERS_FIELD_NUMBER: _ClassVar[int]
     SELF_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTIONS_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_BASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     job_id: str
     round: int
@@ -478,7 +480,9 @@ class Task(_message.Message):
     peers: _containers.RepeatedCompositeFieldContainer[Peer]
     self_weight: float
     instructions: bytes
-    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., has_global: _Optional[bool] = ..., deadline_s: _Optional[float] = ..., anonymous: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., self_weight: _Optional[float] = ..., instructions: _Optional[bytes] = ...) -> None: ...
+    global_base_digest: bytes
+    global_digest: bytes
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., has_global: _Optional[bool] = ..., deadline_s: _Optional[float] = ..., anonymous: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., self_weight: _Optional[float] = ..., instructions: _Optional[bytes] = ..., global_base_digest: _Optional[bytes] = ..., global_digest: _Optional[bytes] = ...) -> None: ...
 
 class TaskChunk(_message.Message):
     __slots__ = ("task_id", "chunk")
@@ -518,12 +522,14 @@ class TaskResult(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class TaskFailure(_message.Message):
-    __slots__ = ("task_id", "reason")
+    __slots__ = ("task_id", "reason", "needs_full_state")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_FULL_STATE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     reason: str
-    def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    needs_full_state: bool
+    def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ..., needs_full_state: _Optional[bool] = ...) -> None: ...
 
 class CostQuery(_message.Message):
     __slots__ = ("query_id", "job_id", "round")
