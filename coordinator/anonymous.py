@@ -4,7 +4,8 @@ and that no ring member sent two updates in one round, but not which member it w
 A node fetches a fresh single-use challenge, ring-signs (challenge, job, round, ring epoch,
 example count, payload hash) with a linkable ring signature whose link tag is scoped to
 (job, round), and streams the header and its update on a call of its own, outside its
-identified session. The coordinator checks the signature against the job's ring, the nonce
+identified session. The coordinator checks the signature against the round's ring (the ring
+keys of the nodes selected for the round), the nonce
 (fresh, unused, unexpired) and the link tag (first use in this round), then files the update
 under its link tag.
 """
@@ -130,7 +131,8 @@ class AnonymousInbox:
                         wire_bytes: int = 0) -> bytes:
         """Check everything about one submission; file it; return its link tag."""
         if not ring:
-            raise AnonymousRejected(f"job {header.job_id} has no ring (not anonymous?)",
+            raise AnonymousRejected(f"job {header.job_id} has no ring for round "
+                                    f"{header.round} (not anonymous, or not that round)",
                                     "FAILED_PRECONDITION")
         if header.epoch_id != ring_epoch_id(ring):
             raise AnonymousRejected("ring epoch mismatch: fetch the job's ring again")

@@ -68,6 +68,11 @@ def normalize_spec(spec: pb.JobSpec) -> pb.JobSpec:
             f"nodes_per_round ({s.nodes_per_round}) must be 0 (all) or >= min_nodes "
             f"({s.min_nodes})",
         ),
+        (
+            not s.anonymous or s.nodes_per_round != 1,
+            "nodes_per_round: an anonymous job signs each round's updates over the ring of the "
+            "round's selected nodes, so it needs at least 2 per round (0: all)",
+        ),
         (s.round_timeout_s > 0, "round_timeout_s: must be positive"),
         (s.wait_for_nodes_s > 0, "wait_for_nodes_s: must be positive"),
         (m.task in TASKS, f"model.task: must be one of {', '.join(TASKS)}, got {m.task!r}"),

@@ -169,6 +169,22 @@ class JobRunner:
         self.store.save_ring(self.job_id, keys)
         self.events.emit(self.job_id, "job.ring", message=f"ring of {len(keys)} keys fixed")
 
+    def _fix_round_ring(self, round_number: int, selected: Sequence[NodeSession]) -> None:
+        """An update of this round is signed over the ring keys of the nodes selected for it:
+        a member that was not asked cannot file one in a selected node's place, and the
+        anonymity set is lost nothing by it (who was asked is no secret)."""
+        infos = self._node_infos()
+        keys = sorted({infos[s.node_id].ring_public_key for s in selected
+                       if s.node_id in infos and len(infos[s.node_id].ring_public_key) == 32})
+        if len(keys) < 2:
+            raise JobFailed(f"round {round_number}: {len(keys)} selected node(s) with a ring "
+                            "key; an anonymous round needs at least 2 (a ring of one hides "
+                            "nobody)")
+        self.store.save_round_ring(self.job_id, round_number, keys)
+        self.events.emit(self.job_id, "round.ring", round_number=round_number,
+                         message=f"updates of this round are signed over a ring of "
+                                 f"{len(keys)} keys (the selected nodes')")
+
     def _node_infos(self) -> dict[str, pb.NodeInfo]:
         return {n.node_id: n.info for n in self.store.nodes()}
 
@@ -315,6 +331,7 @@ class JobRunner:
                              selected=[s.node_id for s in selected])
         self.store.save_round(self.job_id, record)
         if self.spec.anonymous:  # uploads are accepted for this round only, at most one each
+            self._fix_round_ring(round_number, selected)
             self.inbox.open_round(self.job_id, round_number, len(selected))
         self.events.emit(
             self.job_id,
@@ -467,16 +484,16 @@ class JobRunner:
                            ok=True, payload=update.payload, num_examples=update.num_examples,
                            bytes_up=update.bytes_up)
 
-    def _capped_examples(self, outcome: TaskOutcome) -> int:
+    def _capped_examples(self, outcome: TaskOutcome, round_number: int) -> int:
         """A node's example count is self-reported and weights its update: cap it at the
         dataset size the node registered (an anonymous update: the largest registered by a
-        ring member), so one node cannot claim the whole average."""
+        member of the round's ring), so one node cannot claim the whole average."""
         dataset = self.spec.train.dataset
         infos = self._node_infos()
         if outcome.node_id in infos:
             cap = infos[outcome.node_id].datasets.get(dataset, 0)
         else:
-            ring = set(self.store.ring(self.job_id))
+            ring = set(self.store.ring(self.job_id, round_number))
             cap = max((i.datasets.get(dataset, 0) for i in infos.values()
                        if i.ring_public_key in ring), default=0)
         return min(int(outcome.num_examples), int(cap)) if cap else int(outcome.num_examples)
@@ -491,7 +508,7 @@ class JobRunner:
                 decoded = tensor_map_from_bytes(outcome.payload or b"")
                 self.method.check_update(state, decoded)
                 update = ClientUpdate(outcome.node_id, decoded,
-                                      self._capped_examples(outcome))
+                                      self._capped_examples(outcome, round_number))
             except (CodecError, ValueError) as exc:
                 reason = f"invalid update: {exc}"
         if update is None:

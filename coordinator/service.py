@@ -286,11 +286,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if not status.spec.anonymous:
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
                          f"job {request.job_id} is not anonymous: it has no ring")
-        keys = self.store.ring(request.job_id)
+        keys = self.store.ring(request.job_id, request.round)
         if not keys:
+            what = f"round {request.round}'s ring" if request.round else "its ring"
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                         f"job {request.job_id} has not fixed its ring yet; retry shortly")
-        return pb.Ring(job_id=request.job_id, epoch_id=ring_epoch_id(keys), public_keys=keys)
+                         f"job {request.job_id} has not fixed {what} yet (it is fixed when "
+                         "the round starts); retry shortly")
+        return pb.Ring(job_id=request.job_id, epoch_id=ring_epoch_id(keys), public_keys=keys,
+                       round=request.round)
 
     @unary
     async def GetChallenge(self, request: pb.GetChallengeRequest, context) -> pb.Challenge:
@@ -342,7 +345,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                          f"truncated update stream ({assembler.received_bytes} bytes)")
         try:
             key_image = self.inbox.verify_and_file(header, payload,
-                                                   self.store.ring(header.job_id),
+                                                   self.store.ring(header.job_id,
+                                                                   header.round),
                                                    self.challenges, size)
         except AnonymousRejected as exc:
             raise _Abort(getattr(grpc.StatusCode, exc.code), str(exc)) from None

@@ -56,6 +56,12 @@ CREATE TABLE IF NOT EXISTS rings (
     job_id TEXT PRIMARY KEY,
     public_keys BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS round_rings (
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    public_keys BLOB NOT NULL,
+    PRIMARY KEY (job_id, round)
+);
 CREATE TABLE IF NOT EXISTS payments (
     job_id TEXT NOT NULL,
     round INTEGER NOT NULL,
@@ -284,8 +290,20 @@ class Store:
         self._execute("INSERT OR IGNORE INTO rings VALUES (?, ?)",
                       (job_id, b"".join(public_keys)))
 
-    def ring(self, job_id: str) -> list[bytes]:
-        rows = self._execute("SELECT public_keys FROM rings WHERE job_id = ?", (job_id,))
+    def save_round_ring(self, job_id: str, round_number: int,
+                        public_keys: list[bytes]) -> None:
+        """The ring of one round (its selected nodes' keys), fixed before its tasks go out;
+        a resumed round is fixed again for the nodes it selects then."""
+        self._execute("INSERT OR REPLACE INTO round_rings VALUES (?, ?, ?)",
+                      (job_id, round_number, b"".join(public_keys)))
+
+    def ring(self, job_id: str, round_number: int = 0) -> list[bytes]:
+        """The job's members (round 0), or the ring of one round; [] when not fixed."""
+        if round_number:
+            rows = self._execute("SELECT public_keys FROM round_rings WHERE job_id = ? AND "
+                                 "round = ?", (job_id, round_number))
+        else:
+            rows = self._execute("SELECT public_keys FROM rings WHERE job_id = ?", (job_id,))
         if not rows:
             return []
         blob = rows[0][0]

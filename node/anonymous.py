@@ -1,7 +1,8 @@
 """The node's side of anonymous actions: update submission, and agent messages.
 
 The update leaves on a call of its own, on a fresh channel, carrying no node id: only a
-linkable ring signature over the job's ring. The node checks the ring it is shown contains
+linkable ring signature over the round's ring (the ring keys of the nodes selected for the
+round). The node checks the ring it is shown contains
 its own key (else it would be signing into a ring the coordinator made up) and that it is
 not trivially small, then signs the exact bytes of ``protos.identity``.
 """
@@ -60,7 +61,7 @@ def check_ring(ring: pb.Ring, key: RingKeyPair) -> list[bytes]:
     id matches them."""
     keys = list(ring.public_keys)
     if key.public not in keys:
-        raise AnonymityError("the job's ring does not contain this node's ring key")
+        raise AnonymityError("the ring does not contain this node's ring key")
     if len(keys) < MIN_RING_SIZE:
         raise AnonymityError(f"a ring of {len(keys)} key(s) hides nobody")
     if ring.epoch_id != ring_epoch_id(keys):
@@ -78,16 +79,17 @@ def _anonymous_tls(tls: TLSChoice, dedicated_port: bool):
     return config
 
 
-async def fetch_ring(coordinator: str, key: RingKeyPair, job_id: str,
+async def fetch_ring(coordinator: str, key: RingKeyPair, job_id: str, round_number: int,
                      channel_options: list | None = None, *, tls: TLSChoice = TLS_PROCESS,
                      dedicated_port: bool = False) -> pb.Ring:
-    """The job's ring, checked (``check_ring``): a node looks before it says "done", so a
+    """The round's ring, checked (``check_ring``): a node looks before it says "done", so a
     node outside the ring fails its task at once instead of leaving the round waiting."""
     config = _anonymous_tls(tls, dedicated_port)
     async with aio_channel(coordinator, channel_options, tls=config,
                            client_cert=False) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
-        ring = await stub.GetRing(pb.GetRingRequest(job_id=job_id), timeout=30)
+        ring = await stub.GetRing(pb.GetRingRequest(job_id=job_id, round=round_number),
+                                  timeout=30)
     check_ring(ring, key)
     return ring
 
@@ -108,7 +110,8 @@ async def submit_anonymously(coordinator: str, key: RingKeyPair, task: pb.Task,
                            client_cert=False) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         if ring is None:
-            ring = await stub.GetRing(pb.GetRingRequest(job_id=task.job_id), timeout=30)
+            ring = await stub.GetRing(pb.GetRingRequest(job_id=task.job_id, round=task.round),
+                                      timeout=30)
         keys = check_ring(ring, key)
         challenge = await stub.GetChallenge(pb.GetChallengeRequest(), timeout=30)
         digest = hashlib.sha256(payload).digest()

@@ -328,7 +328,7 @@ class _TaskRunner:
         coordinator = self.link.anonymous_coordinator or self.link.coordinator
         options = dict(tls=self.link.tls, dedicated_port=bool(self.link.anonymous_coordinator))
         try:
-            ring = await fetch_ring(coordinator, self.link.ring_key, task.job_id,
+            ring = await fetch_ring(coordinator, self.link.ring_key, task.job_id, task.round,
                                     CHANNEL_OPTIONS, **options)
         except (grpc.aio.AioRpcError, AnonymityError) as exc:
             reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)

@@ -170,9 +170,11 @@ class ConfideClient:
     async def list_nodes(self) -> list[pb.NodeStatus]:
         return list((await self._call(self._stub.ListNodes, pb.ListNodesRequest())).nodes)
 
-    async def get_ring(self, job_id: str = "") -> pb.Ring:
-        """A job's ring of anonymous submitters, or ("") every registered node's ring key."""
-        return await self._call(self._stub.GetRing, pb.GetRingRequest(job_id=job_id))
+    async def get_ring(self, job_id: str = "", round_number: int = 0) -> pb.Ring:
+        """The ring of one round of an anonymous job (the selected nodes' ring keys), the
+        job's members (``round_number`` 0), or ("") every registered node's ring key."""
+        return await self._call(self._stub.GetRing,
+                                pb.GetRingRequest(job_id=job_id, round=round_number))
 
     async def get_ledger(self, job_id: str = "") -> pb.Ledger:
         """Incentive payments per node and round (one job, or all with "")."""
@@ -296,8 +298,8 @@ class SyncConfideClient:
     def list_nodes(self) -> list[pb.NodeStatus]:
         return self._run(self._client.list_nodes())
 
-    def get_ring(self, job_id: str = "") -> pb.Ring:
-        return self._run(self._client.get_ring(job_id))
+    def get_ring(self, job_id: str = "", round_number: int = 0) -> pb.Ring:
+        return self._run(self._client.get_ring(job_id, round_number))
 
     def get_ledger(self, job_id: str = "") -> pb.Ledger:
         return self._run(self._client.get_ledger(job_id))

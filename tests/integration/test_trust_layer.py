@@ -53,8 +53,10 @@ def _register(stub, name: str) -> tuple[NodeKey, RingKeyPair]:
     return key, ring_key
 
 
-def _submit(stub, ring_key, job_id, round_number, payload, *, nonce=None, tamper=False):
-    ring = stub.GetRing(pb.GetRingRequest(job_id=job_id))
+def _submit(stub, ring_key, job_id, round_number, payload, *, nonce=None, tamper=False,
+            ring_round=None):
+    ring = stub.GetRing(pb.GetRingRequest(
+        job_id=job_id, round=round_number if ring_round is None else ring_round))
     if nonce is None:
         nonce = stub.GetChallenge(pb.GetChallengeRequest()).nonce
     digest = hashlib.sha256(payload).digest()
@@ -79,48 +81,57 @@ def test_anonymous_submissions_reject_replays_doubles_outsiders_and_tampering(tm
         stub = pb_grpc.CoordinatorStub(channel)
         with SyncConfideClient(cluster.address) as client:
             wait_for_nodes(client, 2)
-            # two more ring members that never train (registered, no session)
+            nodes = [load_or_create_ring_key(d / "ring_key.seed")
+                     for d in cluster.node_data_dirs]
+            # two more members of the job that are never selected (registered, no session)
             members = [_register(stub, f"member{i}") for i in range(2)]
             # the real nodes train long enough for the round to stay open meanwhile
             job = client.submit_job(tiny_spec(rounds=1, min_nodes=2, anonymous=True,
                                               max_steps=5000, round_timeout_s=300))
             events_until(client, job.job_id, "round.started", timeout=60)
-            ring = stub.GetRing(pb.GetRingRequest(job_id=job.job_id))
-            assert len(ring.public_keys) == 4
+            # the job's members are every registered ring key; round 1's ring, the keys of
+            # the two nodes selected for it
+            job_ring = stub.GetRing(pb.GetRingRequest(job_id=job.job_id))
+            assert len(job_ring.public_keys) == 4
+            ring = stub.GetRing(pb.GetRingRequest(job_id=job.job_id, round=1))
+            assert sorted(ring.public_keys) == sorted(k.public for k in nodes)
+            assert ring.epoch_id != job_ring.epoch_id
             payload = tensor_map_to_bytes({"w": torch.zeros(4)})
-            ack, nonce = _submit(stub, members[0][1], job.job_id, 1, payload)
+            ack, nonce = _submit(stub, nodes[0], job.job_id, 1, payload)
             assert len(ack.key_image) == 32
 
             cases = [
                 # the same nonce again: a replay
-                (dict(ring_key=members[1][1], nonce=nonce), grpc.StatusCode.UNAUTHENTICATED),
-                # the same member again in the same round: linked by its tag
-                (dict(ring_key=members[0][1]), grpc.StatusCode.ALREADY_EXISTS),
-                # a key outside the ring
+                (dict(ring_key=nodes[1], nonce=nonce), grpc.StatusCode.UNAUTHENTICATED),
+                # the same node again in the same round: linked by its tag
+                (dict(ring_key=nodes[0]), grpc.StatusCode.ALREADY_EXISTS),
+                # a key outside the round's ring: a member that was not selected ...
+                (dict(ring_key=members[0][1]), None),
+                # ... and a stranger
                 (dict(ring_key=RingKeyPair.generate()), None),
+                # the member signs over the job's ring instead: not this round's ring
+                (dict(ring_key=members[0][1], ring_round=0), grpc.StatusCode.UNAUTHENTICATED),
                 # a payload that is not the one signed
-                (dict(ring_key=members[1][1], tamper=True), grpc.StatusCode.INVALID_ARGUMENT),
-                # a round that is not being collected
-                (dict(ring_key=members[1][1], round_number=2),
+                (dict(ring_key=nodes[1], tamper=True), grpc.StatusCode.INVALID_ARGUMENT),
+                # a round that is not being collected (and has no ring)
+                (dict(ring_key=nodes[1], round_number=2, ring_round=1),
                  grpc.StatusCode.FAILED_PRECONDITION),
             ]
             for kwargs, code in cases:
                 ring_key = kwargs.pop("ring_key")
                 round_number = kwargs.pop("round_number", 1)
-                if code is None:  # an outsider cannot even produce a signature
+                if code is None:  # outside the ring: cannot even produce a signature
                     with pytest.raises(ValueError):
                         _submit(stub, ring_key, job.job_id, round_number, payload, **kwargs)
                     continue
                 with pytest.raises(grpc.RpcError) as info:
                     _submit(stub, ring_key, job.job_id, round_number, payload, **kwargs)
                 assert info.value.code() == code, kwargs
-            # another member fills the round's second slot (2 nodes were selected) ...
-            _submit(stub, members[1][1], job.job_id, 1, payload)
-            # ... and no ring member can add a third
-            nodes_dir = cluster.node_data_dirs[0]
+            # the other selected node fills the round's second slot ...
+            _submit(stub, nodes[1], job.job_id, 1, payload)
+            # ... and nobody can add a third
             with pytest.raises(grpc.RpcError) as info:
-                _submit(stub, load_or_create_ring_key(nodes_dir / "ring_key.seed"),
-                        job.job_id, 1, payload)
+                _submit(stub, nodes[0], job.job_id, 1, payload)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             client.cancel_job(job.job_id)
 

@@ -28,6 +28,7 @@ def test_normalize_fills_defaults_for_unset_fields():
     (dict(method="nope"), "unknown method"),
     (dict(rounds=10**6), "rounds"),
     (dict(min_nodes=3, nodes_per_round=2), "nodes_per_round"),
+    (dict(min_nodes=1, nodes_per_round=1, anonymous=True), "at least 2 per round"),
     (dict(task="vision"), "model.task"),
     (dict(max_length=10**6), "max_length"),
     (dict(dataset="a/b"), "train.dataset"),
@@ -60,6 +61,21 @@ def test_store_round_trip_and_resume_point(tmp_path):
     assert status.rounds[0].bytes.up == 10 and status.rounds[0].metrics["loss"] == 0.5
     assert status.spec == spec
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_store_keeps_a_job_ring_and_one_ring_per_round(tmp_path):
+    store = Store(tmp_path)
+    keys = [bytes([i]) * 32 for i in range(4)]
+    store.save_ring("job", keys)
+    store.save_ring("job", keys[:2])  # the job's members are fixed once
+    store.save_round_ring("job", 1, keys[1:3])
+    store.save_round_ring("job", 2, keys[:2])
+    store.save_round_ring("job", 2, keys[2:])  # a resumed round re-fixes its ring
+    assert store.ring("job") == keys
+    assert store.ring("job", 1) == keys[1:3] and store.ring("job", 2) == keys[2:]
+    assert store.ring("job", 3) == [] and store.ring("other", 1) == []
+    store.close()
+    assert Store(tmp_path).ring("job", 1) == keys[1:3]
 
 
 def test_store_events_replay_in_order(tmp_path):

@@ -267,20 +267,24 @@ class WatchJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
 
 class GetRingRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "round")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    round: int
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class Ring(_message.Message):
-    __slots__ = ("job_id", "epoch_id", "public_keys")
+    __slots__ = ("job_id", "epoch_id", "public_keys", "round")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_ID_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     epoch_id: str
     public_keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, job_id: _Optional[str] = ..., epoch_id: _Optional[str] = ..., public_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    round: int
+    def __init__(self, job_id: _Optional[str] = ..., epoch_id: _Optional[str] = ..., public_keys: _Optional[_Iterable[bytes]] = ..., round: _Optional[int] = ...) -> None: ...
 
 class GetChallengeRequest(_message.Message):
     __slots__ = ()
