@@ -18,7 +18,7 @@ from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
 from protos.identity import NodeKey
 from protos.sdk import ConfideError, SyncConfideClient
-from tests.integration.helpers import tiny_spec, wait_for_nodes
+from tests.integration.helpers import events_until, tiny_spec, wait_for_nodes
 
 BAD_SPECS = [
     (dict(rounds=0, min_nodes=1), None),  # rounds 0 means "default": accepted
@@ -226,6 +226,8 @@ def test_a_hostile_node_is_dropped_and_the_round_goes_on(cluster, respond, reaso
     with SyncConfideClient(cluster.address) as client:
         job = client.submit_job(tiny_spec(rounds=1, min_nodes=2, nodes_per_round=2,
                                           max_steps=2, wait_for_nodes_s=60))
+        # the honest node builds the initial state first: the hostile one only answers TRAIN
+        events_until(client, job.job_id, "job.initialized", timeout=60)
         received = asyncio.run(_hostile_session(cluster.address, key, respond))
         deadline = time.monotonic() + 120
         while client.get_job(job.job_id).state in (pb.PENDING, pb.RUNNING):
