@@ -172,7 +172,7 @@ class JobRunner:
     def _fix_round_ring(self, round_number: int, selected: Sequence[NodeSession]) -> None:
         """An update of this round is signed over the ring keys of the nodes selected for it:
         a member that was not asked cannot file one in a selected node's place, and the
-        anonymity set is lost nothing by it (who was asked is no secret)."""
+        anonymity set loses nothing by it (who was asked is no secret)."""
         infos = self._node_infos()
         keys = sorted({infos[s.node_id].ring_public_key for s in selected
                        if s.node_id in infos and len(infos[s.node_id].ring_public_key) == 32})
@@ -327,11 +327,12 @@ class JobRunner:
             self.events.emit(self.job_id, "job.stopped", round_number=round_number,
                              message=reason)
             raise JobStopped(f"stopped before round {round_number}: {reason}")
+        if self.spec.anonymous:
+            self._fix_round_ring(round_number, selected)
         record = RoundRecord(round=round_number, state="running",
                              selected=[s.node_id for s in selected])
         self.store.save_round(self.job_id, record)
         if self.spec.anonymous:  # uploads are accepted for this round only, at most one each
-            self._fix_round_ring(round_number, selected)
             self.inbox.open_round(self.job_id, round_number, len(selected))
         self.events.emit(
             self.job_id,
