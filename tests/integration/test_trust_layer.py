@@ -160,3 +160,24 @@ def test_budgeted_job_selects_by_truthful_auction_and_pays_critical_values(tmp_p
         assert sum(p.payment for p in paid) <= budget + 1e-9        # budget feasible
         assert all(p.payment >= p.reported_cost for p in paid)     # individually rational
     assert set(ledger.totals) == {nodes["node0"].node_id, nodes["node1"].node_id}
+
+
+def test_an_anonymous_round_with_one_selected_node_fails_clearly(tmp_path, shards):
+    """Two ring members are registered but only one node is online: its round's ring would
+    hold one key, which hides nobody, so the job fails before any task goes out."""
+    with LocalCluster(tmp_path / "cluster", shards(1), mqtt=False) as cluster, \
+            grpc.insecure_channel(cluster.address) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        with SyncConfideClient(cluster.address) as client:
+            wait_for_nodes(client, 1)
+            _register(stub, "absent-member")
+            job = client.submit_job(tiny_spec(rounds=1, min_nodes=1, anonymous=True,
+                                              max_steps=2))
+            final = client.wait_job(job.job_id)
+            assert final.state == pb.FAILED
+            assert "a ring of one hides nobody" in final.reason
+            assert not final.rounds  # no round record: no task went out
+            with pytest.raises(grpc.RpcError) as info:
+                stub.GetRing(pb.GetRingRequest(job_id=job.job_id, round=1))
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert len(stub.GetRing(pb.GetRingRequest(job_id=job.job_id)).public_keys) == 2
