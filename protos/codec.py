@@ -483,6 +483,86 @@ def tensor_from_proto(
 _INT32_POSITIONS = 2**31
 
 
+def encode_positions(positions: torch.Tensor, numel: int) -> tuple[int, torch.Tensor]:
+    """The smallest encoding of a sparse tensor's flat positions: ``(IndexEncoding, tensor)``.
+
+    Why: with a float32 value per kept entry, a 4-byte position doubles what top-k sends. In
+    increasing order (as top-k selections are kept) the positions can go as gaps in the
+    narrowest integer type that holds the largest one (1 byte each when the kept entries are
+    dense enough), or as a bitmap of one bit per element (cheaper above about 1 kept entry in
+    8); otherwise as int32 (int64 past 2^31 elements). Same positions back after decoding.
+    """
+    plain = positions.to(torch.int32) if numel <= _INT32_POSITIONS else positions
+    best: tuple[int, torch.Tensor] = (common_pb2.INDEX_POSITIONS, plain)
+    count = positions.numel()
+    if count == 0 or (count > 1 and not bool((positions.diff() > 0).all())):
+        return best  # empty, or not strictly increasing: positions as they are
+
+    def size(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    gaps = positions.diff(prepend=positions.new_tensor([-1])) - 1
+    widest = int(gaps.max())
+    for dtype, limit in ((torch.uint8, 1 << 8), (torch.int16, 1 << 15), (torch.int32, 1 << 31)):
+        if widest < limit:
+            if count * torch.tensor([], dtype=dtype).element_size() < size(best[1]):
+                best = (common_pb2.INDEX_GAPS, gaps.to(dtype))
+            break
+    if (numel + 7) // 8 < size(best[1]):
+        bits = torch.zeros((numel + 7) // 8 * 8, dtype=torch.uint8)
+        bits[positions] = 1
+        weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+        best = (common_pb2.INDEX_BITMAP, (bits.view(-1, 8) * weights).sum(1).to(torch.uint8))
+    return best
+
+
+def decode_positions(
+    indices: torch.Tensor, encoding: int, numel: int, count: int, what: str
+) -> torch.Tensor:
+    """Flat int64 positions from an encoded ``indices`` tensor (``encode_positions``), checked:
+    right dtype and length, every position in [0, numel), none twice, ``count`` of them."""
+    if indices.dim() != 1:
+        raise CodecError(f"{what} indices must be 1-D, got shape {list(indices.shape)}")
+    if encoding == common_pb2.INDEX_POSITIONS:
+        if indices.dtype not in (torch.int32, torch.int64):
+            raise CodecError(f"{what} indices must be INT32 or INT64, got {indices.dtype}")
+        positions = indices.to(torch.int64)
+    elif encoding == common_pb2.INDEX_GAPS:
+        if indices.dtype not in (torch.uint8, torch.int16, torch.int32):
+            raise CodecError(f"{what} gaps must be UINT8, INT16 or INT32, got {indices.dtype}")
+        gaps = indices.to(torch.int64)
+        if gaps.numel() and int(gaps.min()) < 0:
+            raise CodecError(f"{what} has a negative gap")
+        positions = torch.cumsum(gaps + 1, 0) - 1  # increasing: no position twice
+    elif encoding == common_pb2.INDEX_BITMAP:
+        if indices.dtype != torch.uint8 or indices.numel() != (numel + 7) // 8:
+            raise CodecError(
+                f"{what} bitmap must be {(numel + 7) // 8} UINT8 bytes for {numel} elements, "
+                f"got {indices.numel()} {indices.dtype}"
+            )
+        shifts = torch.arange(8, dtype=torch.uint8)
+        bits = ((indices.unsqueeze(1) >> shifts) & 1).reshape(-1)
+        if bool(bits[numel:].any()):
+            raise CodecError(f"{what} bitmap sets padding bits past element {numel}")
+        positions = torch.nonzero(bits).reshape(-1)
+    else:
+        raise CodecError(f"{what} has unknown index encoding {encoding}")
+    if positions.numel() != count:
+        raise CodecError(
+            f"{what} has {positions.numel()} indices but {count} values; they must pair up"
+        )
+    if positions.numel():
+        low, high = int(positions.min()), int(positions.max())
+        if low < 0 or high >= numel:
+            bad = low if low < 0 else high
+            raise CodecError(f"{what} has index {bad} outside [0, {numel})")
+        if encoding == common_pb2.INDEX_POSITIONS and positions.numel() > 1 and bool(
+            (torch.sort(positions).values.diff() == 0).any()
+        ):
+            raise CodecError(f"{what} repeats an index; each position may appear once")
+    return positions
+
+
 def encode_named(name: str, value: WireTensor) -> common_pb2.NamedTensor:
     """A ``confide.v1.NamedTensor`` holding ``value`` in its own oneof variant."""
     if not isinstance(name, str):
@@ -490,15 +570,13 @@ def encode_named(name: str, value: WireTensor) -> common_pb2.NamedTensor:
     if isinstance(value, torch.Tensor):
         return common_pb2.NamedTensor(name=name, dense=tensor_to_proto(value))
     if isinstance(value, SparseTensor):
-        # indices travel as int32 whenever every position fits: 4 bytes saved per kept entry,
-        # a third of a float32 entry's cost (the receiver widens them to int64)
-        narrow = math.prod(value.shape) <= _INT32_POSITIONS
-        indices = value.indices.to(torch.int32) if narrow else value.indices
+        encoding, indices = encode_positions(value.indices, math.prod(value.shape))
         sparse = common_pb2.SparseTensor(
             dtype=dtype_to_proto(value.dtype),
             shape=list(value.shape),
             indices=tensor_to_proto(indices),
             values=tensor_to_proto(value.values),
+            index_encoding=encoding,
         )
         return common_pb2.NamedTensor(name=name, sparse=sparse)
     if isinstance(value, SeedProjectedTensor):
@@ -558,29 +636,13 @@ def _decode_sparse(name: str, msg: common_pb2.SparseTensor, max_elements: int) -
         raise CodecError(f"{what} must carry both indices and values")
     indices = tensor_from_proto(msg.indices, max_elements=max_elements, what=f"{what} indices")
     values = tensor_from_proto(msg.values, max_elements=max_elements, what=f"{what} values")
-    if indices.dtype not in (torch.int32, torch.int64):
-        raise CodecError(f"{what} indices must be INT32 or INT64, got {indices.dtype}")
-    if indices.dim() != 1 or values.dim() != 1:
-        raise CodecError(
-            f"{what} indices and values must be 1-D, got shapes {list(indices.shape)} "
-            f"and {list(values.shape)}"
-        )
-    if indices.numel() != values.numel():
-        raise CodecError(
-            f"{what} has {indices.numel()} indices but {values.numel()} values; they must pair up"
-        )
+    if values.dim() != 1:
+        raise CodecError(f"{what} values must be 1-D, got shape {list(values.shape)}")
     if values.dtype != dtype:
         raise CodecError(
             f"{what} declares dtype {dtype} but its values are {values.dtype}; they must match"
         )
-    indices = indices.to(torch.int64)
-    if indices.numel():
-        low, high = int(indices.min()), int(indices.max())
-        if low < 0 or high >= numel:
-            bad = low if low < 0 else high
-            raise CodecError(f"{what} has index {bad} outside [0, {numel}) for shape {list(shape)}")
-        if indices.numel() > 1 and bool((torch.sort(indices).values.diff() == 0).any()):
-            raise CodecError(f"{what} repeats an index; each position may appear once")
+    indices = decode_positions(indices, msg.index_encoding, numel, values.numel(), what)
     return SparseTensor(shape=shape, indices=indices, values=values)
 
 

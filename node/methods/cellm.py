@@ -94,7 +94,7 @@ from node.methods.base import (
     UpdateError,
     weighted_mean_of_deltas,
 )
-from protos.codec import SparseTensor, WireTensor, to_dense
+from protos.codec import SparseTensor, WireTensor, encode_named, to_dense
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,8 @@ RESIDUAL_PREFIX = "residual/"
 
 _INT32_MAX = (1 << 31) - 1
 
-#: Bytes of one index on the wire: the codec's SparseTensor may widen the int32 indices built
-#: here (today it keeps int64 only); measured, so the dense-or-sparse choice follows the codec.
-INDEX_BYTES = SparseTensor(
-    shape=(1,), indices=torch.zeros(1, dtype=torch.int32), values=torch.zeros(1)
-).indices.element_size()
+VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""What the kept values may travel as (``value_dtype``): the rounding goes to the residual."""
 
 
 @dataclass(frozen=True)
@@ -120,11 +117,14 @@ class CELLMConfig(MethodConfig):
     whole update's (scope "global") sent each round; 1 sends everything (FedAvg-LoRA).
     ``scope``: "global" (top-k over the whole update) or "tensor" (top-k in every tensor).
     ``error_feedback``: keep what was not sent at the node and add it to the next delta.
+    ``value_dtype``: "float32" (exact), "float16" or "bfloat16": the sent values are rounded to
+    it and the rounding error stays in the residual (with error feedback it is sent later).
     """
 
     density: float = 0.1
     scope: str = "global"
     error_feedback: bool = True
+    value_dtype: str = "float32"
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -146,9 +146,17 @@ def _topk_positions(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(positions).values.to(torch.int64)
 
 
-def _goes_dense(numel: int, kept: int, itemsize: int) -> bool:
-    """Whether the dense tensor costs no more data bytes than ``kept`` sparse entries."""
-    return numel * itemsize <= kept * (INDEX_BYTES + itemsize)
+def _wire_bytes(value: WireTensor) -> int:
+    return encode_named("", value).ByteSize()
+
+
+def _rounded(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` in the wire dtype, or as they are when that dtype cannot hold them (a
+    float16 overflow): rounding may lose precision, never turn a value into infinity."""
+    if dtype == values.dtype:
+        return values
+    narrow = values.to(dtype)
+    return narrow if bool(torch.isfinite(narrow).all()) else values
 
 
 class CELLM(FederatedMethod):
@@ -177,6 +185,11 @@ class CELLM(FederatedMethod):
         if not isinstance(config.error_feedback, bool):
             raise ValueError(
                 f"cellm: error_feedback must be true or false, got {config.error_feedback!r}"
+            )
+        if config.value_dtype not in VALUE_DTYPES:
+            raise ValueError(
+                f"cellm: value_dtype must be one of {', '.join(VALUE_DTYPES)}, got "
+                f"{config.value_dtype!r}"
             )
 
     # ------------------------------------------------------------------ node side
@@ -210,22 +223,23 @@ class CELLM(FederatedMethod):
         kept = self._selection(config, delta)
         # 4.-5. encode, and keep the rest
         payload: dict[str, WireTensor] = {}
+        wire_dtype = VALUE_DTYPES[config.value_dtype]
         for name, d in delta.items():
-            flat = d.detach().reshape(-1)
+            cpu = d.detach().reshape(-1).cpu()
             positions = kept[name]
-            if _goes_dense(flat.numel(), positions.numel(), flat.element_size()):
-                payload[name] = d
-                residual = torch.zeros_like(d)
+            sparse = SparseTensor(shape=tuple(d.shape),
+                                  indices=positions.to(_index_dtype(cpu.numel())),
+                                  values=_rounded(cpu[positions], wire_dtype))
+            dense = _rounded(cpu, wire_dtype).reshape(d.shape)
+            if _wire_bytes(dense) <= _wire_bytes(sparse):  # everything, for no more bytes
+                payload[name] = dense
+                sent = dense.reshape(-1).to(cpu.dtype)
+                residual = cpu - sent
             else:
-                cpu = flat.cpu()
-                payload[name] = SparseTensor(
-                    shape=tuple(d.shape),
-                    indices=positions.to(_index_dtype(flat.numel())),
-                    values=cpu[positions],
-                )
+                payload[name] = sparse
                 residual = cpu.clone()
-                residual[positions] = 0
-                residual = residual.reshape(d.shape)
+                residual[positions] = cpu[positions] - sparse.values.to(cpu.dtype)
+            residual = residual.reshape(d.shape)
             if config.error_feedback:
                 memory[RESIDUAL_PREFIX + name] = residual.detach().cpu()
         return payload

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from node.methods import ClientUpdate, UpdateError, get_method, known_methods
-from node.methods.cellm import INDEX_BYTES, RESIDUAL_PREFIX, CELLMConfig, keep_count
+from node.methods.cellm import RESIDUAL_PREFIX, CELLMConfig, keep_count
 from node.models import ModelConfig
 from node.trainer import LoraTrainer
 from protos.codec import (
     CodecError,
     QuantizedTensor,
     SparseTensor,
+    encode_named,
     tensor_map_from_bytes,
     tensor_map_to_bytes,
     tensor_to_proto,
@@ -79,6 +80,32 @@ def test_sent_plus_residual_is_the_delta_exactly(scope, density):
         assert not bool(((sent != 0) & (residual != 0)).any()), name
 
 
+@pytest.mark.parametrize("value_dtype", ["float16", "bfloat16"])
+def test_rounded_values_leave_their_rounding_in_the_residual(value_dtype):
+    """Narrow values: what was sent (widened back) plus the residual is still the delta,
+    bit for bit, and the uplink is smaller than with float32 values."""
+    global_state = _state(0)
+    local = _moved(global_state, 1)
+    memory: dict[str, torch.Tensor] = {}
+    payload = CELLM.client_update(_config(value_dtype=value_dtype), global_state, local, memory)
+    wide = CELLM.client_update(_config(), global_state, local, {})
+    assert wire_size(payload) < 0.8 * wire_size(wide)
+    for name in global_state:
+        delta = local[name] - global_state[name]
+        assert payload[name].dtype == getattr(torch, value_dtype)
+        sent = to_dense(payload[name]).to(delta.dtype)
+        assert torch.equal(sent + _residual(memory, name), delta), name
+
+
+def test_values_a_narrow_dtype_cannot_hold_go_as_they_are():
+    global_state = {"w": torch.zeros(40)}
+    local = {"w": torch.linspace(-1e6, 1e6, 40)}  # beyond float16's 65,504
+    memory: dict[str, torch.Tensor] = {}
+    payload = CELLM.client_update(_config(value_dtype="float16"), global_state, local, memory)
+    assert payload["w"].dtype == torch.float32
+    assert torch.equal(to_dense(payload["w"]) + _residual(memory, "w"), local["w"])
+
+
 def test_residual_is_carried_into_the_next_round():
     config = _config(density=0.1)
     global_1 = _state(0)
@@ -141,11 +168,13 @@ def test_per_tensor_top_k_keeps_the_k_largest_magnitudes(density):
     for name, value in payload.items():
         flat = local[name].reshape(-1)
         k = keep_count(density, flat.numel())
-        if flat.numel() * 4 <= k * (INDEX_BYTES + 4):
-            assert isinstance(value, torch.Tensor)  # cheaper dense: everything goes
+        expected = torch.sort(torch.topk(flat.abs(), k).indices).values
+        if isinstance(value, torch.Tensor):  # everything goes, for no more bytes than top-k
+            top = SparseTensor(shape=tuple(local[name].shape), indices=expected,
+                               values=flat[expected])
+            assert wire_size({name: value}) <= wire_size({name: top})
             continue
         assert isinstance(value, SparseTensor)
-        expected = torch.sort(torch.topk(flat.abs(), k).indices).values
         assert value.indices.tolist() == expected.tolist(), name
         assert torch.equal(value.values, flat[expected])
         assert value.shape == tuple(local[name].shape)
@@ -183,13 +212,19 @@ def test_tensors_go_dense_where_sparse_would_cost_more():
     assert isinstance(low["tiny"], torch.Tensor)  # 1 index + 1 value > 2 values
     assert isinstance(low["big"], SparseTensor) and low["big"].indices.numel() == 30
     assert not bool(_residual(memory, "tiny").any())  # all of it went
-    # at density >= itemsize / (index + itemsize) sparse never pays for a tensor's own k
+    # half of "big" goes sparse: its positions as a 38-byte bitmap beat 150 int32 indices
     half = CELLM.client_update(_config(density=0.5, scope="tensor"), global_state, local, {})
-    assert all(isinstance(v, torch.Tensor) for v in half.values())
-    # globally, K = 151 entries all fall in "big" (dense is cheaper), none in "tiny"
+    assert isinstance(half["big"], SparseTensor) and half["big"].indices.numel() == 150
+    assert encode_named("big", half["big"]).sparse.index_encoding == common_pb2.INDEX_BITMAP
+    assert wire_size({"big": half["big"]}) < 0.6 * wire_size({"big": local["big"]})
+    # 98% of it is no cheaper than all of it (a bitmap plus 294 values > 300 values)
+    most = CELLM.client_update(_config(density=0.98, scope="tensor"), global_state, local, {})
+    assert all(isinstance(v, torch.Tensor) for v in most.values())
+    # globally, K = 151 entries all fall in "big", none in "tiny"; but "tiny" whole costs
+    # fewer bytes than the framing of an empty sparse tensor, so it goes anyway
     half = CELLM.client_update(_config(density=0.5, scope="global"), global_state, local, {})
-    assert isinstance(half["big"], torch.Tensor)
-    assert isinstance(half["tiny"], SparseTensor) and half["tiny"].indices.numel() == 0
+    assert isinstance(half["big"], SparseTensor) and half["big"].indices.numel() == 151
+    assert torch.equal(half["tiny"], local["tiny"])
 
 
 def test_diverged_training_is_an_error_and_leaves_memory_alone():
@@ -256,9 +291,10 @@ def test_density_point_one_cuts_the_uplink_of_the_tiny_model(scope):
             entries = keep_count(density, sum(v.numel() for v in global_state.values()))
         else:
             entries = sum(keep_count(density, v.numel()) for v in global_state.values())
-        # at most the selected entries' data bytes (a tensor goes dense only where that is no
-        # more), plus framing: names, dtype and shape fields
-        assert sizes[density] < entries * (INDEX_BYTES + 4) + 200 * len(global_state)
+        # at most the selected entries' data bytes with int32 positions (the codec sends
+        # them narrower where it can; a tensor goes dense only where that is no more), plus
+        # framing: names, dtype and shape fields
+        assert sizes[density] < entries * (4 + 4) + 200 * len(global_state)
     print(f"tiny BERT uplink ({scope}): dense {dense} B, density 0.1 {sizes[0.1]} B "
           f"({dense / sizes[0.1]:.1f}x less), density 1/30 {sizes[1 / 30]} B "
           f"({dense / sizes[1 / 30]:.1f}x less)")
@@ -325,8 +361,9 @@ def test_aggregate_is_the_example_weighted_mean_of_the_densified_updates():
         ({"density": "0.1"}, r"density must be"),
         ({"scope": "layer"}, r"scope must be one of global, tensor, got 'layer'"),
         ({"error_feedback": "yes"}, r"error_feedback must be true or false"),
+        ({"value_dtype": "int8"}, r"value_dtype must be one of float32, float16, bfloat16"),
         ({"k": 10}, r"method 'cellm' has no parameter\(s\) k; its parameters are: density, "
-                    r"error_feedback, scope"),
+                    r"error_feedback, scope, value_dtype"),
     ],
 )
 def test_bad_parameters_are_rejected_with_a_clear_message(params, message):
@@ -397,6 +434,7 @@ def _wire_with_indices(indices: torch.Tensor) -> bytes:
     for named in msg.tensors:
         if named.name == "lora_A":
             named.sparse.indices.CopyFrom(tensor_to_proto(indices))
+            named.sparse.index_encoding = common_pb2.INDEX_POSITIONS
             named.sparse.values.CopyFrom(tensor_to_proto(torch.ones(indices.numel())))
     return msg.SerializeToString()
 

@@ -213,6 +213,58 @@ def test_sparse_validation(overrides, message):
         decode_named(_sparse_msg(**overrides))
 
 
+@pytest.mark.parametrize(
+    "numel,count,encoding,index_dtype",
+    [
+        (1000, 100, common_pb2.INDEX_GAPS, torch.uint8),  # gaps of ~10: one byte each
+        (1000, 600, common_pb2.INDEX_BITMAP, torch.uint8),  # 125 bytes < 600 gaps
+        (200_000, 20, common_pb2.INDEX_GAPS, torch.int16),  # gaps of ~10,000: 2 bytes
+        (1 << 20, 2, common_pb2.INDEX_POSITIONS, torch.int32),  # gaps > 2^15: no better
+        (10, 0, common_pb2.INDEX_POSITIONS, torch.int32),
+    ],
+)
+def test_sparse_positions_travel_in_the_smallest_encoding(numel, count, encoding, index_dtype):
+    g = torch.Generator().manual_seed(numel + count)
+    positions = torch.sort(torch.randperm(numel, generator=g)[:count]).values
+    sparse = SparseTensor((numel,), positions, torch.randn(count, generator=g))
+    msg = encode_named("s", sparse).sparse
+    assert msg.index_encoding == encoding
+    assert tensor_from_proto(msg.indices).dtype == index_dtype
+    _, out = decode_named(encode_named("s", sparse))
+    assert out == sparse
+
+
+def _compact_msg(encoding: int, indices: torch.Tensor, count: int, shape=(2, 6)):
+    return _sparse_msg(shape=list(shape), indices=tensor_to_proto(indices),
+                       values=tensor_to_proto(torch.ones(count)), index_encoding=encoding)
+
+
+@pytest.mark.parametrize(
+    "msg,message",
+    [
+        # gaps 3, 8 -> positions 3, 12: past the 12 elements
+        (_compact_msg(common_pb2.INDEX_GAPS, torch.tensor([3, 8], dtype=torch.uint8), 2),
+         r"index 12 outside \[0, 12\)"),
+        (_compact_msg(common_pb2.INDEX_GAPS, torch.tensor([1, -2], dtype=torch.int16), 2),
+         "negative gap"),
+        (_compact_msg(common_pb2.INDEX_GAPS, torch.tensor([1, 2]), 2), "UINT8, INT16 or INT32"),
+        (_compact_msg(common_pb2.INDEX_GAPS, torch.tensor([1, 2], dtype=torch.uint8), 3),
+         "2 indices but 3 values"),
+        (_compact_msg(common_pb2.INDEX_BITMAP, torch.tensor([1], dtype=torch.uint8), 1),
+         "bitmap must be 2 UINT8 bytes"),
+        # bits 12..15 of the second byte lie past the 12 elements
+        (_compact_msg(common_pb2.INDEX_BITMAP, torch.tensor([1, 16], dtype=torch.uint8), 2),
+         "padding bits"),
+        (_compact_msg(common_pb2.INDEX_BITMAP, torch.tensor([3, 0], dtype=torch.uint8), 1),
+         "2 indices but 1 values"),
+        (_compact_msg(7, torch.tensor([1], dtype=torch.int32), 1), "unknown index encoding"),
+    ],
+)
+def test_compact_positions_are_validated(msg, message):
+    with pytest.raises(CodecError, match=message):
+        decode_named(msg)
+
+
 def test_sparse_without_indices_is_rejected():
     msg = common_pb2.NamedTensor(name="s", sparse=common_pb2.SparseTensor(dtype=1, shape=[2]))
     with pytest.raises(CodecError, match="both indices and values"):
@@ -397,7 +449,12 @@ def wire_values(draw):
         return draw(dense_tensors())
     if kind == "sparse":
         t = draw(dense_tensors())
-        return SparseTensor.from_dense_topk(t, draw(st.integers(0, max(t.numel(), 0))))
+        top = SparseTensor.from_dense_topk(t, draw(st.integers(0, max(t.numel(), 0))))
+        if draw(st.booleans()):  # any order: the positions travel as they are
+            order = torch.tensor(draw(st.permutations(range(top.indices.numel()))),
+                                 dtype=torch.int64)
+            top = SparseTensor(top.shape, top.indices[order], top.values[order])
+        return top
     if kind == "projected":
         k = draw(st.integers(0, 4))
         return SeedProjectedTensor(
@@ -499,11 +556,14 @@ def hostile_named(draw):
         return common_pb2.NamedTensor(name=name, dense=draw(hostile_tensors()))
     if kind == "sparse":
         n = draw(st.integers(0, 4))
+        dtype, numpy_type = draw(st.sampled_from([
+            (common_pb2.INT64, "<i8"), (common_pb2.INT32, "<i4"), (common_pb2.INT16, "<i2"),
+            (common_pb2.UINT8, "u1"), (common_pb2.FLOAT32, "<f4")]))
         indices = common_pb2.Tensor(
-            dtype=draw(st.sampled_from([common_pb2.INT64, common_pb2.INT32, common_pb2.FLOAT32])),
+            dtype=dtype,
             shape=draw(st.sampled_from([[n], [1, n], []])),
             data=np.asarray(draw(st.lists(st.integers(-3, 40), min_size=n, max_size=n)))
-            .astype("<i8")
+            .astype(numpy_type)
             .tobytes(),
         )
         sparse = common_pb2.SparseTensor(
@@ -511,6 +571,7 @@ def hostile_named(draw):
             shape=draw(wire_shapes),
             indices=draw(st.sampled_from([indices, draw(hostile_tensors())])),
             values=draw(hostile_tensors()),
+            index_encoding=draw(st.integers(0, 3)),
         )
         return common_pb2.NamedTensor(name=name, sparse=sparse)
     if kind == "projected":

@@ -20,6 +20,12 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT8: _ClassVar[DType]
     UINT8: _ClassVar[DType]
     BOOL: _ClassVar[DType]
+
+class IndexEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INDEX_POSITIONS: _ClassVar[IndexEncoding]
+    INDEX_GAPS: _ClassVar[IndexEncoding]
+    INDEX_BITMAP: _ClassVar[IndexEncoding]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -31,6 +37,9 @@ INT16: DType
 INT8: DType
 UINT8: DType
 BOOL: DType
+INDEX_POSITIONS: IndexEncoding
+INDEX_GAPS: IndexEncoding
+INDEX_BITMAP: IndexEncoding
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -43,16 +52,18 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class SparseTensor(_message.Message):
-    __slots__ = ("dtype", "shape", "indices", "values")
+    __slots__ = ("dtype", "shape", "indices", "values", "index_encoding")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_ENCODING_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     indices: Tensor
     values: Tensor
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    index_encoding: IndexEncoding
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., index_encoding: _Optional[_Union[IndexEncoding, str]] = ...) -> None: ...
 
 class SeedProjectedTensor(_message.Message):
     __slots__ = ("dtype", "shape", "seeds", "coefficients", "generator")
