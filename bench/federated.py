@@ -39,11 +39,12 @@ DEFAULT_METHODS = (
     'dp-lora:{"target_epsilon": 8, "rounds": 3, "clip_norm": 0.5};'
     'dp-lora:{"target_epsilon": 50, "rounds": 3, "clip_norm": 0.5};'
     'cellm:{"density": 0.1};'
+    'cellm:{"density": 0.1, "value_dtype": "float16"};'
     'cellm:{"density": 0.03};'
     'ferret'
 )
 """The issue's comparison: the baseline, DP-LoRA at two epsilons (delta 1e-5), CELLM at two
-densities, Ferret; every one on the same split, rounds and seeds."""
+densities (and float16 values at 0.1), Ferret; every one on the same split, rounds and seeds."""
 
 
 def label(method: str, params: dict) -> str:
