@@ -8,7 +8,8 @@ locally, communicate sparse. The error feedback is the top-k lineage's: Aji & He
 "Sparse Communication for Distributed Gradient Descent" (EMNLP 2017) and Stich, Cordonnier &
 Jaggi, "Sparsified SGD with Memory" (NeurIPS 2018). As this module runs it:
 
-    Job parameters: rho = density in (0, 1], scope ("global" or "tensor"), error_feedback.
+    Job parameters: rho = density in (0, 1], scope ("global" or "tensor"), error_feedback,
+    value_dtype ("float32", "float16" or "bfloat16").
     Trainable state w: the LoRA A and B matrices and the task head (``trainable = "lora"``).
 
     Node i (client_update), after local training moved w_{r-1} to w_i:
@@ -17,11 +18,11 @@ Jaggi, "Sparsified SGD with Memory" (NeurIPS 2018). As this module runs it:
         3. S = the positions of the k largest |D|:
               scope "global": K = clamp(round(rho * n), 1, n) over all n entries at once
               scope "tensor": k_t = clamp(round(rho * n_t), 1, n_t) in every tensor t
-        4. send, per tensor, D restricted to S as SparseTensor(indices, values); a tensor
-           whose selected entries would cost at least as many bytes as the tensor itself goes
-           dense instead (all of it is then in S)
-        5. e_i = D with the entries of S set to zero, kept in the node's job memory
-           (it never leaves the node); so sent + e_i == D exactly, entry by entry.
+        4. send, per tensor, D restricted to S as SparseTensor(indices, values), the values
+           rounded to ``value_dtype``; a tensor whose sparse encoding would cost at least as
+           many bytes as the whole tensor goes dense instead (all of it is then in S)
+        5. e_i = D - sent (the entries outside S, and the rounding of those in S), kept in
+           the node's job memory (it never leaves the node); so sent + e_i == D exactly.
 
     Coordinator (check_update, aggregate):
         6. drop an update whose names or shapes differ from w_{r-1}, that is neither dense
@@ -34,33 +35,29 @@ Jaggi, "Sparsified SGD with Memory" (NeurIPS 2018). As this module runs it:
 Why global by default. Measured, not assumed: per-tensor top-k gives every tensor the same
 share, but LoRA's tensors do not need the same share. B starts at zero, A from a random init,
 and the new task head has the most to learn: a global threshold spends the budget where the
-update is (early on, mostly the head), per-tensor starves it. All-MiniLM-L6-v2 on BBC News
-(``confide bench federated``: 3 nodes, Dirichlet alpha 0.5, 3 rounds, one run each, 2 CPU
-cores; 300 held-out articles, so a few points either way are noise), held-out accuracy
-and uplink per node per round:
+update is (early on, mostly the head), per-tensor starves it. On the tiny BERT (4 nodes with
+2 of 4 labels each, 3 seeds, mean accuracy after 10 / 20 rounds): fedavg-lora 0.809 / 0.965;
+density 0.1 tensor 0.809 / 0.970, global 0.846 / 0.982; density 1/30 tensor 0.357 / 0.853,
+global 0.546 / 0.931. Global top-k is also the textbook form (Stich et al. select over the
+whole vector). ``scope = "tensor"`` remains for when every tensor must move every round, or
+the bytes per tensor must not depend on the data. (MiniLM figures: the README's
+``confide bench federated`` table.)
 
-    fedavg-lora                       0.913   305.2 KB
-    density 0.1,  scope "tensor"      0.917    93.8 KB
-    density 0.1,  scope "global"      0.910    92.3 KB
-    density 1/30, scope "tensor"      0.310    33.2 KB   (the head barely moves in 3 rounds)
-    density 1/30, scope "global"      0.953    33.3 KB   (9.2x less than fedavg-lora)
+Bytes. An entry costs its value plus its position. The codec sends the kept positions in the
+smallest of its encodings (``protos.codec.encode_positions``): gaps between increasing
+positions as one byte each when they are under 256 (density 0.1 leaves gaps of about 10), two
+bytes under 2^15, or a bitmap of one bit per element when more than about 1 in 8 entries is
+kept. A float32 entry thus costs about 5 bytes against 4 dense, and density rho sends about
+1.25 rho of the dense bytes (0.1 -> ~1/8), plus framing. ``value_dtype`` float16 or bfloat16
+halves the values (about 3 bytes per entry: 0.1 -> ~1/13); the rounding error is kept in the
+residual like the unsent entries, so with error feedback it is sent in a later round. Step 4
+compares the exact encoded sizes, so a tensor goes dense only where that costs no more. For
+the tiny BERT of the tests (4,226 adapter entries in 10 tensors) ``tests/unit/test_cellm.py``
+measures the ratio. The downlink stays the dense global adapter.
 
-and on the tiny BERT (4 nodes with 2 of 4 labels each, 3 seeds, mean accuracy after 10 / 20
-rounds): fedavg-lora 0.809 / 0.965; density 0.1 tensor 0.809 / 0.970, global 0.846 / 0.982;
-density 1/30 tensor 0.357 / 0.853, global 0.546 / 0.931. Global top-k is also the textbook
-form (Stich et al. select over the whole vector). ``scope = "tensor"`` remains for when every
-tensor must move every round, or the bytes per tensor must not depend on the data.
-
-Bytes. An entry costs its value plus its index. The codec's ``SparseTensor`` carries indices
-as int64 (it widens the int32 indices this module builds), so a float32 entry costs 12 bytes
-against 4 dense: density rho sends about 3 rho of the dense bytes (0.1 -> ~0.3, plus framing),
-and a tensor goes dense from rho >= 1/3 (step 4), where sparse would cost more. FedAvg-LoRA's
-10x is reached near rho = 1/30. For the tiny BERT of the tests (4,226 adapter entries in 10
-tensors) ``tests/unit/test_cellm.py`` measures the ratio. The downlink stays the dense global
-adapter.
-
-Exactness. At rho = 1 every tensor goes dense with D = w_i - w_{r-1} (the residual is all zero
-and is not added), so the payload, and the aggregate, are bit-identical to FedAvg-LoRA's.
+Exactness. At rho = 1 (and float32 values) every tensor goes dense with D = w_i - w_{r-1} (the
+residual is all zero and is not added), so the payload, and the aggregate, are bit-identical
+to FedAvg-LoRA's.
 
 What we take from the paper and what not. We do what CELLM and FLASC share: dense local LoRA
 training, top-k sparsification of the communicated adapter update by magnitude, and
