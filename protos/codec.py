@@ -481,6 +481,7 @@ def tensor_from_proto(
 
 
 _INT32_POSITIONS = 2**31
+_BITMAP_BLOCK = 1 << 20  # bytes of a bitmap unpacked at once
 
 
 def encode_positions(positions: torch.Tensor, numel: int) -> tuple[int, torch.Tensor]:
@@ -540,11 +541,17 @@ def decode_positions(
                 f"{what} bitmap must be {(numel + 7) // 8} UINT8 bytes for {numel} elements, "
                 f"got {indices.numel()} {indices.dtype}"
             )
-        shifts = torch.arange(8, dtype=torch.uint8)
-        bits = ((indices.unsqueeze(1) >> shifts) & 1).reshape(-1)
-        if bool(bits[numel:].any()):
+        if numel % 8 and int(indices[-1]) >> (numel % 8):
             raise CodecError(f"{what} bitmap sets padding bits past element {numel}")
-        positions = torch.nonzero(bits).reshape(-1)
+        # unpacked a block at a time: a bitmap must not cost 8x its size in memory at once
+        shifts = torch.arange(8, dtype=torch.uint8)
+        blocks = [torch.empty(0, dtype=torch.int64)]
+        for start in range(0, indices.numel(), _BITMAP_BLOCK):
+            bits = ((indices[start:start + _BITMAP_BLOCK].unsqueeze(1) >> shifts) & 1)
+            blocks.append(torch.nonzero(bits.reshape(-1)).reshape(-1) + 8 * start)
+            if sum(b.numel() for b in blocks) > count:
+                break  # more positions than values: reported below
+        positions = torch.cat(blocks)
     else:
         raise CodecError(f"{what} has unknown index encoding {encoding}")
     if positions.numel() != count:

@@ -605,3 +605,20 @@ def test_fuzz_hostile_messages_raise_only_codec_error(named):
     except CodecError:
         return
     _check_decoded(out)
+
+
+def test_a_bitmap_is_unpacked_block_by_block(monkeypatch):
+    import protos.codec as codec
+
+    monkeypatch.setattr(codec, "_BITMAP_BLOCK", 3)  # 24 elements per block
+    g = torch.Generator().manual_seed(3)
+    positions = torch.sort(torch.randperm(101, generator=g)[:60]).values
+    sparse = SparseTensor((101,), positions, torch.randn(60, generator=g))
+    msg = encode_named("s", sparse)
+    assert msg.sparse.index_encoding == common_pb2.INDEX_BITMAP
+    assert decode_named(msg)[1] == sparse
+    # one more set bit than values, found in the first block: refused without unpacking more
+    first = msg.sparse.indices.data
+    msg.sparse.indices.data = bytes([first[0] | 0xFF]) + first[1:]
+    with pytest.raises(CodecError, match="indices but 60 values"):
+        decode_named(msg)
