@@ -250,6 +250,15 @@ class SimNode:
                         reply(task.task_id,
                               tensor_map_to_bytes({"w": torch.zeros(self.params)}), 0)
                         task = None
+                    elif task.global_from_seed:  # the state INIT answers, built here
+                        import torch
+
+                        self.stats.task_received.setdefault(task.round, []).append(
+                            time.monotonic())
+                        state = {"w": torch.zeros(self.params)}
+                        delta = {name: _delta_like(value) for name, value in state.items()}
+                        reply(task.task_id, tensor_map_to_bytes(delta), 10)
+                        task = None
                     elif task.has_global:
                         assembler = ChunkAssembler(transfer_id=task.task_id)
                     else:

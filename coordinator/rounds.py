@@ -85,6 +85,8 @@ class JobRunner:
         self.task: asyncio.Task | None = None
         #: kept in memory only: after a restart every node gets the whole state once
         self.broadcast: CompactBroadcast | None = None
+        #: digest of the job's seeded initial state, which every node can build itself
+        self.seeded_digest = b""
 
     def start(self) -> asyncio.Task:
         self.task = asyncio.create_task(self.run(), name=f"job-{self.job_id}")
@@ -127,6 +129,8 @@ class JobRunner:
                 first_round = 1
             else:
                 first_round, state = latest[0] + 1, latest[1]
+            if first_round == 1:
+                self.seeded_digest = state_digest(state)
             for round_number in range(first_round, self.spec.rounds + 1):
                 state = await self._run_round(round_number, state)
             self._complete()
@@ -341,7 +345,7 @@ class JobRunner:
             message=f"{len(selected)} node(s): " + ", ".join(record.selected),
         )
         payload = tensor_map_to_bytes(state)
-        digest = state_digest(state) if self.method.compact_broadcast else b""
+        digest = state_digest(state)
         peers = [await self._split_server()] if self.method.needs_split_server else []
         outcomes = await asyncio.gather(
             *(
@@ -434,10 +438,11 @@ class JobRunner:
 
     async def _train_on(self, session: NodeSession, round_number: int, payload: bytes,
                         peers: Sequence[pb.Peer] = (), digest: bytes = b"") -> TaskOutcome:
-        """One node's TRAIN task. The global state goes down whole, or, when the method has a
-        compact broadcast and the node kept the state it builds on, in that compact form
-        (Ferret: the mean scalars); a node that cannot rebuild the state from it gets the
-        whole state in the time left."""
+        """One node's TRAIN task. The global state goes down whole, or not at all when it is
+        the job's seeded initial state (the node builds it as INIT does), or, when the method
+        has a compact broadcast and the node kept the state it builds on, in that compact
+        form (Ferret: the mean scalars). A node that cannot get the same bits (its digest
+        differs) gets the whole state in the time left."""
         timeout = self.spec.round_timeout_s
 
         def task() -> pb.Task:
@@ -447,20 +452,28 @@ class JobRunner:
             t.global_digest = digest
             return t
 
-        spent: TaskOutcome | None = None
+        cheap: tuple[pb.Task, bytes | None] | None = None
         compact = self.broadcast
-        if (compact is not None and digest and compact.digest == digest
+        if digest and digest == self.seeded_digest:
+            first = task()
+            first.has_global = False
+            first.global_from_seed = True
+            cheap = (first, None)
+        elif (compact is not None and digest and compact.digest == digest
                 and session.held_states.get(self.job_id) == compact.base):
             first = task()
             first.global_base_digest = compact.base
-            spent = await session.run_task(first, compact.payload, timeout,
+            cheap = (first, compact.payload)
+        spent: TaskOutcome | None = None
+        if cheap is not None:
+            spent = await session.run_task(*cheap, timeout,
                                            expects_payload=not self.spec.anonymous)
             if spent.ok or not spent.needs_full_state:
                 self._held(session, spent, digest)
                 return spent
-            log.info("job %s round %d: %s could not rebuild the state from the compact "
-                     "broadcast (%s); sending the whole state", self.job_id, round_number,
-                     session.node_id, spent.reason)
+            log.info("job %s round %d: %s could not build the global state itself (%s); "
+                     "sending the whole state", self.job_id, round_number, session.node_id,
+                     spent.reason)
             timeout = max(1.0, timeout - spent.seconds)
         outcome = await session.run_task(task(), payload, timeout,
                                          expects_payload=not self.spec.anonymous)

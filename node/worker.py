@@ -163,9 +163,15 @@ class TaskWorker:
 
     def _received_global(self, task: pb.Task, method: Method, config: MethodConfig,
                          payload: bytes) -> dict[str, torch.Tensor]:
-        """The round's global state: sent whole, or rebuilt from a compact broadcast on top of
-        the state this node kept from the job's previous round, checked against the
-        coordinator's digest."""
+        """The round's global state: sent whole, built here from the job's seed (the first
+        round), or rebuilt from a compact broadcast on top of the state this node kept from
+        the job's previous round; the last two checked against the coordinator's digest."""
+        if task.global_from_seed:  # the first round: the seeded state every node can build
+            state = dict(self._seeded_state(task.spec))
+            if state_digest(state) != task.global_digest:
+                raise NeedsFullState("this node's seeded initial state differs from the "
+                                     "coordinator's (another torch or model version?)")
+            return state
         received = tensor_map_from_bytes(payload)
         if not task.global_base_digest:
             return {k: to_dense(v) for k, v in received.items()}

@@ -177,8 +177,12 @@ async def _hostile_session(address: str, key: NodeKey, respond) -> list[pb.Coord
             received.append(message)
             if message.WhichOneof("body") == "task" and message.task.kind == pb.TRAIN:
                 task = message.task
-            if (message.WhichOneof("body") == "global_chunk" and task is not None
-                    and message.global_chunk.chunk.last):
+            # answer once the global state is in: whole (its last chunk), or the seeded
+            # state a node builds itself (the first round: no chunk comes)
+            if task is not None and (
+                    (message.WhichOneof("body") == "task" and task.global_from_seed)
+                    or (message.WhichOneof("body") == "global_chunk"
+                        and message.global_chunk.chunk.last)):
                 for reply in respond(task):
                     outbox.put_nowait(reply)
                 await asyncio.sleep(1.0)

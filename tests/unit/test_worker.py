@@ -77,3 +77,33 @@ def test_a_compact_broadcast_needs_the_kept_base_state_and_the_right_result(tmp_
     worker.train(good, payload, lambda *_: None, threading.Event())
     kept = models.load("job1", "global")
     assert all(torch.equal(kept[k], after[k]) for k in after)
+
+
+def test_the_first_round_state_is_built_from_the_seed_and_checked(tmp_path):
+    """Round 1 sends no state: the node builds the job's seeded state, as INIT does, and
+    asks for the whole state when its bits differ from the coordinator's."""
+    from node.methods.base import state_digest
+    from node.worker import NeedsFullState
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", synthetic_classification(16, 2, seed=1))
+    models = ModelStore(tmp_path / "models")
+    spec = normalize_spec(job_spec("fedavg-lora", base="tiny-bert", num_labels=2,
+                                   max_length=16, max_steps=1, batch_size=8,
+                                   learning_rate=1e-2))
+    # the INIT node and the training node are different workers (different processes)
+    init = TaskWorker(LocalData(tmp_path / "data"), ModelStore(tmp_path / "m0"),
+                      torch.device("cpu"))
+    seeded = _state(init.initial_state(pb.Task(task_id="i", job_id="job1", kind=pb.INIT,
+                                               spec=spec)))
+    worker = TaskWorker(LocalData(tmp_path / "data"), models, torch.device("cpu"))
+
+    def task(digest: bytes) -> pb.Task:
+        return pb.Task(task_id="t", job_id="job1", round=1, kind=pb.TRAIN, spec=spec,
+                       global_from_seed=True, global_digest=digest)
+
+    wrong = {k: v + 1 for k, v in seeded.items()}
+    with pytest.raises(NeedsFullState, match="seeded initial state differs"):
+        worker.train(task(state_digest(wrong)), b"", lambda *_: None, threading.Event())
+    worker.train(task(state_digest(seeded)), b"", lambda *_: None, threading.Event())
+    kept = models.load("job1", "global")
+    assert all(torch.equal(kept[k], seeded[k]) for k in seeded)

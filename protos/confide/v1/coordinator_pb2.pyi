@@ -459,7 +459,7 @@ class Peer(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "job_id", "round", "kind", "spec", "has_global", "deadline_s", "anonymous", "peers", "self_weight", "instructions", "global_base_digest", "global_digest")
+    __slots__ = ("task_id", "job_id", "round", "kind", "spec", "has_global", "deadline_s", "anonymous", "peers", "self_weight", "instructions", "global_base_digest", "global_digest", "global_from_seed")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -473,6 +473,7 @@ class Task(_message.Message):
     INSTRUCTIONS_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_BASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_FROM_SEED_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     job_id: str
     round: int
@@ -486,7 +487,8 @@ class Task(_message.Message):
     instructions: bytes
     global_base_digest: bytes
     global_digest: bytes
-    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., has_global: _Optional[bool] = ..., deadline_s: _Optional[float] = ..., anonymous: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., self_weight: _Optional[float] = ..., instructions: _Optional[bytes] = ..., global_base_digest: _Optional[bytes] = ..., global_digest: _Optional[bytes] = ...) -> None: ...
+    global_from_seed: bool
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., has_global: _Optional[bool] = ..., deadline_s: _Optional[float] = ..., anonymous: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., self_weight: _Optional[float] = ..., instructions: _Optional[bytes] = ..., global_base_digest: _Optional[bytes] = ..., global_digest: _Optional[bytes] = ..., global_from_seed: _Optional[bool] = ...) -> None: ...
 
 class TaskChunk(_message.Message):
     __slots__ = ("task_id", "chunk")
