@@ -125,7 +125,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
                                                    for r in result.rounds) / n,
             "downlink_bytes_per_node_per_round": sum(r["bytes_down_per_node"]
                                                      for r in result.rounds) / n,
-            # a method with a compact broadcast (Ferret) sends the whole state in round 1 only
+            # round 1's seeded state is built by the nodes; after it, a method with a compact
+            # broadcast (Ferret) sends its mean scalars, the others the whole state
             "downlink_bytes_per_node_after_round_1": (
                 sum(r["bytes_down_per_node"] for r in result.rounds[1:])
                 / max(len(result.rounds) - 1, 1)),

@@ -140,6 +140,7 @@ class SimNode:
     async def run(self, gate: asyncio.Semaphore) -> None:
         import grpc
 
+        from node.methods.base import STATE_DIGEST_FEATURE
         from protos.confide.v1 import coordinator_pb2 as pb
         from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
         from protos.tls import aio_channel
@@ -160,7 +161,8 @@ class SimNode:
                     await stub.Register(pb.RegisterRequest(
                         public_key=self.key.public_bytes, timestamp_ms=ts, signature=sig,
                         info=pb.NodeInfo(name=f"sim{self.index}", roles=["trainer"],
-                                         version="soak", datasets={"train": 10})), timeout=120)
+                                         version="soak", datasets={"train": 10},
+                                         features=[STATE_DIGEST_FEATURE])), timeout=120)
                     stage = "session"
 
                     async def outgoing():

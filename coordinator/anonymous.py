@@ -135,7 +135,7 @@ class AnonymousInbox:
                                     f"{header.round} (not anonymous, or not that round)",
                                     "FAILED_PRECONDITION")
         if header.epoch_id != ring_epoch_id(ring):
-            raise AnonymousRejected("ring epoch mismatch: fetch the job's ring again")
+            raise AnonymousRejected("ring epoch mismatch: fetch the round's ring again")
         key = (header.job_id, header.round)
         if key not in self._open:
             raise AnonymousRejected(f"job {header.job_id} is not collecting updates for round "
@@ -156,7 +156,7 @@ class AnonymousInbox:
                                            header.payload_sha256)
         scope = anonymous_scope(header.job_id, header.round)
         if not verify(message, ring, signature, scope):
-            raise AnonymousRejected("ring signature does not verify against the job's ring")
+            raise AnonymousRejected("ring signature does not verify against the round's ring")
         filed = self._updates[(header.job_id, header.round)]
         if signature.key_image in filed:
             raise AnonymousRejected("this ring member already submitted an update in this "

@@ -24,7 +24,7 @@ from coordinator.incentives import Bid, proportional_share
 from coordinator.sessions import NodeSession, SessionRegistry, TaskOutcome
 from coordinator.store import RoundRecord, Store
 from node.methods import ClientUpdate, Method, get_method, method_params
-from node.methods.base import state_digest
+from node.methods.base import STATE_DIGEST_FEATURE, state_digest
 from node.methods.dimat import mixing_weights, neighbours
 from protos.codec import CodecError, tensor_map_from_bytes, tensor_map_to_bytes, to_dense
 from protos.confide.v1 import coordinator_pb2 as pb
@@ -213,10 +213,12 @@ class JobRunner:
                 return online
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                why = (" (an anonymous round needs at least 2: its ring is its nodes, and a "
+                       "ring of one hides nobody)" if self.spec.anonymous else "")
                 raise JobFailed(
-                    f"only {len(online)} idle trainer node(s) online, the job needs {count} "
-                    f"(waited {self.spec.wait_for_nodes_s:.0f}s); start more nodes or lower "
-                    "min_nodes"
+                    f"only {len(online)} idle trainer node(s) online, the job needs {count}"
+                    f"{why} (waited {self.spec.wait_for_nodes_s:.0f}s); start more nodes or "
+                    "lower min_nodes"
                 )
             self.sessions.changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -273,7 +275,9 @@ class JobRunner:
         truthful budget-feasible auction (and what each will be paid); and the population
         they were drawn from, for privacy accounting (the nodes that could have been
         selected: an auction's choice is deterministic, so its population is the winners)."""
-        online = await self._wait_for_nodes(self.spec.min_nodes)
+        # an anonymous round's ring is its selected nodes: one alone would hide nobody
+        least = max(2, self.spec.min_nodes) if self.spec.anonymous else self.spec.min_nodes
+        online = await self._wait_for_nodes(least)
         if self.spec.budget <= 0:
             return self._select(online, round_number), [], len(online)
         bids = await asyncio.gather(*(self._ask_cost(s, round_number) for s in online))
@@ -347,9 +351,12 @@ class JobRunner:
         payload = tensor_map_to_bytes(state)
         digest = state_digest(state)
         peers = [await self._split_server()] if self.method.needs_split_server else []
+        builders = {node_id for node_id, info in self._node_infos().items()
+                    if STATE_DIGEST_FEATURE in info.features}
         outcomes = await asyncio.gather(
             *(
-                self._train_on(session, round_number, payload, peers, digest)
+                self._train_on(session, round_number, payload, peers, digest,
+                               session.node_id in builders)
                 for session in selected
             )
         )
@@ -395,7 +402,7 @@ class JobRunner:
         new_state, compact = self.method.aggregate_compact(self.config, state, updates,
                                                            round_number)
         self.broadcast = None
-        if compact is not None and digest:
+        if compact is not None:
             self.broadcast = CompactBroadcast(base=digest, digest=state_digest(new_state),
                                               payload=tensor_map_to_bytes(compact))
         record.metrics.update(
@@ -437,12 +444,14 @@ class JobRunner:
                 await asyncio.wait_for(self.sessions.changed.wait(), 1.0)
 
     async def _train_on(self, session: NodeSession, round_number: int, payload: bytes,
-                        peers: Sequence[pb.Peer] = (), digest: bytes = b"") -> TaskOutcome:
+                        peers: Sequence[pb.Peer] = (), digest: bytes = b"",
+                        builds: bool = False) -> TaskOutcome:
         """One node's TRAIN task. The global state goes down whole, or not at all when it is
         the job's seeded initial state (the node builds it as INIT does), or, when the method
         has a compact broadcast and the node kept the state it builds on, in that compact
-        form (Ferret: the mean scalars). A node that cannot get the same bits (its digest
-        differs) gets the whole state in the time left."""
+        form (Ferret: the mean scalars); ``builds``: the node speaks that part of the wire
+        (``STATE_DIGEST_FEATURE``). A node that cannot get the same bits (its digest differs)
+        gets the whole state in the time left."""
         timeout = self.spec.round_timeout_s
 
         def task() -> pb.Task:
@@ -454,12 +463,12 @@ class JobRunner:
 
         cheap: tuple[pb.Task, bytes | None] | None = None
         compact = self.broadcast
-        if digest and digest == self.seeded_digest:
+        if builds and digest == self.seeded_digest:
             first = task()
             first.has_global = False
             first.global_from_seed = True
             cheap = (first, None)
-        elif (compact is not None and digest and compact.digest == digest
+        elif (builds and compact is not None and compact.digest == digest
                 and session.held_states.get(self.job_id) == compact.base):
             first = task()
             first.global_base_digest = compact.base

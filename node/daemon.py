@@ -16,6 +16,7 @@ from node.agent_service import NodeAgentService, demo_capabilities
 from node.anonymous import load_or_create_ring_key
 from node.data import LocalData
 from node.device import select_device
+from node.methods.base import STATE_DIGEST_FEATURE
 from node.peer import NodePeerService
 from node.private_inference import PrivateInference
 from node.session import CoordinatorLink
@@ -97,6 +98,7 @@ class NodeDaemon:
             version=VERSION,
             ring_public_key=self.ring_key.public,
             cost=self.config.cost,
+            features=[STATE_DIGEST_FEATURE],
         )
         if self.peer_port:
             host = self.config.listen.rsplit(":", 1)[0]

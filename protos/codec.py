@@ -496,8 +496,9 @@ def encode_positions(positions: torch.Tensor, numel: int) -> tuple[int, torch.Te
     plain = positions.to(torch.int32) if numel <= _INT32_POSITIONS else positions
     best: tuple[int, torch.Tensor] = (common_pb2.INDEX_POSITIONS, plain)
     count = positions.numel()
-    if count == 0 or (count > 1 and not bool((positions.diff() > 0).all())):
-        return best  # empty, or not strictly increasing: positions as they are
+    if (count == 0 or int(positions.min()) < 0 or int(positions.max()) >= numel
+            or (count > 1 and not bool((positions.diff() > 0).all()))):
+        return best  # empty, out of range (refused on decode) or not strictly increasing
 
     def size(t: torch.Tensor) -> int:
         return t.numel() * t.element_size()

@@ -119,11 +119,6 @@ class FederatedMethod(Method):
         """Coordinator side, pure: the next global state from the current one and the
         nodes' updates."""
 
-    #: ``aggregate_compact`` can return a compact form of the aggregation that nodes holding
-    #: the previous global state turn into the new one (``apply_compact``): the downlink
-    #: then carries that instead of the whole state (Ferret: the mean scalars)
-    compact_broadcast: ClassVar[bool] = False
-
     def aggregate_compact(
         self,
         config: MethodConfig,
@@ -131,8 +126,9 @@ class FederatedMethod(Method):
         updates: Sequence[ClientUpdate],
         round_number: int,
     ) -> tuple[State, dict[str, WireTensor] | None]:
-        """Coordinator side: ``aggregate``, plus the compact broadcast that rebuilds its result
-        from ``global_state`` through ``apply_compact`` (None: broadcast the whole state)."""
+        """Coordinator side: ``aggregate``, plus a compact form of it that nodes holding
+        ``global_state`` turn into the result through ``apply_compact``, sent instead of the
+        whole state (Ferret: the mean scalars); None: broadcast the whole state."""
         return self.aggregate(config, global_state, updates, round_number), None
 
     def apply_compact(
@@ -202,6 +198,11 @@ def weighted_mean_of_deltas(global_state: State, deltas: Sequence[tuple[State, f
             acc += delta[name].to(torch.float64) * (weight / total)
         result[name] = (value.to(torch.float64) + acc).to(value.dtype)
     return result
+
+
+STATE_DIGEST_FEATURE = "state-digest"
+"""``NodeInfo.features`` entry of a node that builds global states itself (the seeded first
+round, compact broadcasts) and checks them against ``Task.global_digest``."""
 
 
 def state_digest(state: Mapping[str, torch.Tensor], person: bytes = b"confide-state") -> bytes:

@@ -53,7 +53,8 @@ halves the values (about 3 bytes per entry: 0.1 -> ~1/13); the rounding error is
 residual like the unsent entries, so with error feedback it is sent in a later round. Step 4
 compares the exact encoded sizes, so a tensor goes dense only where that costs no more. For
 the tiny BERT of the tests (4,226 adapter entries in 10 tensors) ``tests/unit/test_cellm.py``
-measures the ratio. The downlink stays the dense global adapter.
+measures the ratio. The downlink stays the dense global adapter (none in the first round:
+each node builds the seeded one).
 
 Exactness. At rho = 1 (and float32 values) every tensor goes dense with D = w_i - w_{r-1} (the
 residual is all zero and is not added), so the payload, and the aggregate, are bit-identical

@@ -311,7 +311,6 @@ class Ferret(FederatedMethod):
     name = "ferret"
     config_class = FerretConfig
     trainable = "full"
-    compact_broadcast = True
 
     def validate_config(self, config: MethodConfig) -> None:
         assert isinstance(config, FerretConfig)

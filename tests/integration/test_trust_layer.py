@@ -163,8 +163,9 @@ def test_budgeted_job_selects_by_truthful_auction_and_pays_critical_values(tmp_p
 
 
 def test_an_anonymous_round_with_one_selected_node_fails_clearly(tmp_path, shards):
-    """Two ring members are registered but only one node is online: its round's ring would
-    hold one key, which hides nobody, so the job fails before any task goes out."""
+    """Two ring members are registered but only one node is online: a round's ring would
+    hold one key, which hides nobody, so the job waits for a second node (min_nodes 1
+    notwithstanding) and fails before any task goes out when none comes."""
     with LocalCluster(tmp_path / "cluster", shards(1), mqtt=False) as cluster, \
             grpc.insecure_channel(cluster.address) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
@@ -172,9 +173,10 @@ def test_an_anonymous_round_with_one_selected_node_fails_clearly(tmp_path, shard
             wait_for_nodes(client, 1)
             _register(stub, "absent-member")
             job = client.submit_job(tiny_spec(rounds=1, min_nodes=1, anonymous=True,
-                                              max_steps=2))
+                                              max_steps=2, wait_for_nodes_s=3))
             final = client.wait_job(job.job_id)
             assert final.state == pb.FAILED
+            assert "the job needs 2" in final.reason
             assert "a ring of one hides nobody" in final.reason
             assert not final.rounds  # no round record: no task went out
             with pytest.raises(grpc.RpcError) as info:

@@ -622,3 +622,13 @@ def test_a_bitmap_is_unpacked_block_by_block(monkeypatch):
     msg.sparse.indices.data = bytes([first[0] | 0xFF]) + first[1:]
     with pytest.raises(CodecError, match="indices but 60 values"):
         decode_named(msg)
+
+
+def test_out_of_range_positions_are_sent_as_they_are_and_refused():
+    """A sender's bad position is not folded into a valid gap or bit: it travels as it is,
+    and the receiver refuses it."""
+    bad = SparseTensor((300,), torch.tensor([-5, 3]), torch.tensor([1.0, 2.0]))
+    msg = encode_named("s", bad)
+    assert msg.sparse.index_encoding == common_pb2.INDEX_POSITIONS
+    with pytest.raises(CodecError, match="index -5 outside"):
+        decode_named(msg)

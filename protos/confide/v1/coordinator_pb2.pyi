@@ -38,7 +38,7 @@ MERGE: TaskKind
 MINION: TaskKind
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "roles", "peer_address", "device", "datasets", "version", "ring_public_key", "cost")
+    __slots__ = ("name", "roles", "peer_address", "device", "datasets", "version", "ring_public_key", "cost", "features")
     class DatasetsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class NodeInfo(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     name: str
     roles: _containers.RepeatedScalarFieldContainer[str]
     peer_address: str
@@ -62,7 +63,8 @@ class NodeInfo(_message.Message):
     version: str
     ring_public_key: bytes
     cost: float
-    def __init__(self, name: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., peer_address: _Optional[str] = ..., device: _Optional[str] = ..., datasets: _Optional[_Mapping[str, int]] = ..., version: _Optional[str] = ..., ring_public_key: _Optional[bytes] = ..., cost: _Optional[float] = ...) -> None: ...
+    features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., peer_address: _Optional[str] = ..., device: _Optional[str] = ..., datasets: _Optional[_Mapping[str, int]] = ..., version: _Optional[str] = ..., ring_public_key: _Optional[bytes] = ..., cost: _Optional[float] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("public_key", "info", "timestamp_ms", "signature")

@@ -193,8 +193,9 @@ class CoordinatorServicer:
 
     def GetRing(self, request, context):
         """---- anonymous actions (jobs with `anonymous`): called outside any session, with no
-        node id; a linkable ring signature over the job's ring proves "some registered node
-        signed this", and its key image, scoped to (job, round), exposes a second submission.
+        node id; a linkable ring signature over the round's ring (its selected nodes' keys)
+        proves "one of them signed this", and its key image, scoped to (job, round), exposes a
+        second submission.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
