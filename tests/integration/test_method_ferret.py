@@ -101,3 +101,29 @@ def test_a_node_without_the_base_state_gets_the_whole_state(tmp_path, shards):
     assert state_bytes < second.bytes.down < state_bytes + 16_384, second.bytes.down
     for state in kept:
         assert all(torch.equal(state[name], round1[name]) for name in round1)
+
+
+def test_a_node_that_sat_a_round_out_gets_the_whole_state(tmp_path, shards):
+    """Two of three nodes per round: a node that did not take the previous round's state
+    cannot build on the mean scalars, so the coordinator sends it the whole state."""
+    spec = tiny_spec(method="ferret", rounds=4, min_nodes=2, nodes_per_round=2, max_steps=2,
+                     params={"k": K})
+    with (
+        LocalCluster(tmp_path / "cluster", shards(3, per_node=32), mqtt=False) as cluster,
+        SyncConfideClient(cluster.address) as client,
+    ):
+        wait_for_nodes(client, 3)
+        job = client.submit_job(spec)
+        final = client.wait_job(job.job_id)
+        assert final.state == pb.COMPLETED, final.reason
+        initial = client.fetch_global_model(job.job_id, 0)
+    state_bytes = wire_size(initial)
+    scalars = sum(group.directions(K) for group in group_parameters(initial))
+    newcomers_seen = 0
+    for before, summary in zip(final.rounds, final.rounds[1:], strict=False):
+        newcomers = len(set(summary.selected) - set(before.selected))
+        newcomers_seen += newcomers
+        # the newcomers get the whole state, the others the scalars
+        low = newcomers * state_bytes + (2 - newcomers) * 5 * scalars
+        assert low < summary.bytes.down < low + 2 * 4096, (summary.round, newcomers)
+    assert newcomers_seen, "the seeded selection never changed: pick another seed"
