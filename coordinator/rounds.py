@@ -280,7 +280,8 @@ class JobRunner:
         online = await self._wait_for_nodes(least)
         if self.spec.budget <= 0:
             return self._select(online, round_number), [], len(online)
-        bids = await asyncio.gather(*(self._ask_cost(s, round_number) for s in online))
+        infos = self._node_infos()
+        bids = await asyncio.gather(*(self._ask_cost(s, round_number, infos) for s in online))
         valid = [b for b in bids if b is not None]
         allocation = proportional_share(valid, self.spec.budget)
         by_id = {s.node_id: s for s in online}
@@ -317,11 +318,12 @@ class JobRunner:
         self.store.record_payments(self.job_id, round_number,
                                    [p for p in payments if p.node_id in paid])
 
-    async def _ask_cost(self, session: NodeSession, round_number: int) -> Bid | None:
+    async def _ask_cost(self, session: NodeSession, round_number: int,
+                        infos: dict[str, pb.NodeInfo]) -> Bid | None:
         cost = await session.ask_cost(self.job_id, round_number, timeout=10.0)
         if cost is None:
             return None
-        info = {n.node_id: n.info for n in self.store.nodes()}.get(session.node_id)
+        info = infos.get(session.node_id)
         value = float(info.datasets.get(self.spec.train.dataset, 0)) if info else 0.0
         if value <= 0:
             return None  # nothing to contribute to this job's dataset
@@ -377,8 +379,9 @@ class JobRunner:
                 record.bytes_up += outcome.bytes_up
         updates: list[ClientUpdate] = []
         accepted: list[TaskOutcome] = []
+        caps = self._example_caps(round_number)
         for outcome in outcomes:
-            update = self._accept(outcome, state, round_number, record)
+            update = self._accept(outcome, state, round_number, record, caps)
             if update is not None:
                 updates.append(update)
                 accepted.append(outcome)
@@ -507,22 +510,27 @@ class JobRunner:
                            ok=True, payload=update.payload, num_examples=update.num_examples,
                            bytes_up=update.bytes_up)
 
-    def _capped_examples(self, outcome: TaskOutcome, round_number: int) -> int:
-        """A node's example count is self-reported and weights its update: cap it at the
-        dataset size the node registered (an anonymous update: the largest registered by a
-        member of the round's ring), so one node cannot claim the whole average."""
+    def _example_caps(self, round_number: int) -> dict[str, int]:
+        """A node's example count is self-reported and weights its update: the cap of each
+        node is the dataset size it registered, and of an anonymous update ("" here) the
+        largest registered by a member of the round's ring, so one node cannot claim the
+        whole average. Read once per round (the registry can hold thousands of nodes)."""
         dataset = self.spec.train.dataset
         infos = self._node_infos()
-        if outcome.node_id in infos:
-            cap = infos[outcome.node_id].datasets.get(dataset, 0)
-        else:
+        caps = {node_id: int(info.datasets.get(dataset, 0)) for node_id, info in infos.items()}
+        if self.spec.anonymous:
             ring = set(self.store.ring(self.job_id, round_number))
-            cap = max((i.datasets.get(dataset, 0) for i in infos.values()
-                       if i.ring_public_key in ring), default=0)
-        return min(int(outcome.num_examples), int(cap)) if cap else int(outcome.num_examples)
+            caps[""] = max((int(i.datasets.get(dataset, 0)) for i in infos.values()
+                            if i.ring_public_key in ring), default=0)
+        return caps
+
+    @staticmethod
+    def _capped(outcome: TaskOutcome, caps: dict[str, int]) -> int:
+        cap = caps.get(outcome.node_id, caps.get("", 0))
+        return min(int(outcome.num_examples), cap) if cap else int(outcome.num_examples)
 
     def _accept(self, outcome: TaskOutcome, state: dict, round_number: int,
-                record: RoundRecord) -> ClientUpdate | None:
+                record: RoundRecord, caps: dict[str, int]) -> ClientUpdate | None:
         """Decode and check one node's update; a bad one is dropped, never aggregated."""
         reason = outcome.reason
         update = None
@@ -530,8 +538,7 @@ class JobRunner:
             try:
                 decoded = tensor_map_from_bytes(outcome.payload or b"")
                 self.method.check_update(state, decoded)
-                update = ClientUpdate(outcome.node_id, decoded,
-                                      self._capped_examples(outcome, round_number))
+                update = ClientUpdate(outcome.node_id, decoded, self._capped(outcome, caps))
             except (CodecError, ValueError) as exc:
                 reason = f"invalid update: {exc}"
         if update is None:
