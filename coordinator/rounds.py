@@ -526,8 +526,10 @@ class JobRunner:
 
     @staticmethod
     def _capped(outcome: TaskOutcome, caps: dict[str, int]) -> int:
+        """The example count an update is weighted by: what the node claims, at most its
+        cap (0 for a node that registered no example of the job's dataset)."""
         cap = caps.get(outcome.node_id, caps.get("", 0))
-        return min(int(outcome.num_examples), cap) if cap else int(outcome.num_examples)
+        return min(int(outcome.num_examples), cap)
 
     def _accept(self, outcome: TaskOutcome, state: dict, round_number: int,
                 record: RoundRecord, caps: dict[str, int]) -> ClientUpdate | None:

@@ -124,3 +124,31 @@ def test_challenges_are_stateless_single_use_and_unforgeable(monkeypatch):
     monkeypatch.setattr(clock, "time", lambda: later)
     with pytest.raises(AnonymousRejected, match="expired"):
         book.spend(old)
+
+
+def test_update_weights_are_capped_at_the_registered_dataset(tmp_path):
+    """A node's claimed example count weights its update: at most what it registered, 0 for
+    a node that registered none, and an anonymous update at most the largest dataset of the
+    round's ring."""
+    from coordinator.events import EventLog
+    from coordinator.rounds import JobRunner
+    from coordinator.sessions import SessionRegistry, TaskOutcome
+
+    store = Store(tmp_path)
+    keys = {name: bytes([i + 1]) * 32 for i, name in enumerate(["a", "b", "c"])}
+    for name, size in (("a", 40), ("b", 300), ("c", 0)):
+        info = pb.NodeInfo(name=name, ring_public_key=keys[name])
+        if size:
+            info.datasets["train"] = size
+        store.upsert_node(name, keys[name], info)
+    store.create_job("0123456789ab", normalize_spec(job_spec(anonymous=True, min_nodes=2)))
+    store.save_round_ring("0123456789ab", 1, sorted([keys["a"], keys["c"]]))
+    runner = JobRunner("0123456789ab", store, SessionRegistry(), EventLog(store))
+    caps = runner._example_caps(1)
+
+    def weight(node_id: str, claimed: int) -> int:
+        return JobRunner._capped(TaskOutcome(node_id, "t", True, num_examples=claimed), caps)
+
+    assert weight("a", 10**9) == 40 and weight("a", 7) == 7
+    assert weight("c", 10**9) == 0
+    assert weight("anon-1f2e", 10**9) == 40  # b (300) is not in round 1's ring
