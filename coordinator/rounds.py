@@ -152,6 +152,9 @@ class JobRunner:
             self.store.set_job_state(self.job_id, pb.FAILED, reason)
             self.events.emit(self.job_id, "job.failed", message=reason, state=pb.FAILED)
             return
+        finally:  # the sessions need not remember the states of a job that is over
+            for session in self.sessions.online():
+                session.held_states.pop(self.job_id, None)
 
     def _complete(self) -> None:
         self.inbox.forget(self.job_id)
