@@ -54,11 +54,28 @@ def label(method: str, params: dict) -> str:
     return method + " " + ",".join(f"{k}={v}" for k, v in params.items())
 
 
-def _parse_methods(text: str) -> list[tuple[str, dict]]:
+def parse_methods(text: str) -> list[tuple[str, dict]]:
+    """``NAME`` or ``NAME:JSON`` items separated by ';' (or by ',' when no item has JSON
+    parameters), checked: a known method and a JSON object of parameters it accepts."""
+    from node.methods import get_method
+
+    separator = ";" if ";" in text or "{" in text else ","
     methods = []
-    for item in filter(None, (s.strip() for s in text.split(";" if ":{" in text else ","))):
-        name, _, params = item.partition(":")
-        methods.append((name, json.loads(params) if params else {}))
+    for item in filter(None, (s.strip() for s in text.split(separator))):
+        name, _, raw = item.partition(":")
+        name = name.strip()
+        try:
+            params = json.loads(raw) if raw.strip() else {}
+        except ValueError as exc:
+            raise ValueError(f"--methods: parameters of {name!r} are not JSON ({exc}): "
+                             f"{raw!r}") from None
+        if not isinstance(params, dict):
+            raise ValueError(f"--methods: parameters of {name!r} must be a JSON object, "
+                             f"got {raw!r}")
+        get_method(name).parse_config(params)  # unknown method or parameter: a clear error
+        methods.append((name, params))
+    if not methods:
+        raise ValueError("--methods: no method given")
     return methods
 
 
@@ -97,7 +114,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
     workdir, data_root, labels, test = bbc_workload(args)
     results = []
-    methods = _parse_methods(args.methods)
+    methods = parse_methods(args.methods)
     split = any(get_method(method).needs_split_server for method, _ in methods)
     cluster = LocalCluster(workdir, shard_dirs(data_root, args.nodes), split_server=split)
     names = []

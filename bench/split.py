@@ -74,13 +74,13 @@ def _costs(args: argparse.Namespace, params: dict, num_labels: int) -> dict:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from bench.federated import _parse_methods
+    from bench.federated import parse_methods
     from cli.cluster import LocalCluster
     from cli.experiment import run_experiment, shard_dirs
     from protos.sdk import job_spec
 
     workdir, data_root, labels, test = bbc_workload(args)
-    methods = _parse_methods(args.methods)
+    methods = parse_methods(args.methods)
     results = []
     cluster = LocalCluster(workdir, shard_dirs(data_root, args.nodes), split_server=True)
     try:

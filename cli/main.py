@@ -425,7 +425,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    return importlib.import_module(f"bench.{args.action}").run_benchmark(args)
+    module = importlib.import_module(f"bench.{args.action}")
+    if hasattr(args, "methods"):  # a typo in --methods fails now, not after minutes of setup
+        try:
+            importlib.import_module("bench.federated").parse_methods(args.methods)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return module.run_benchmark(args)
 
 
 def cmd_infer(args: argparse.Namespace) -> int:

@@ -1,0 +1,40 @@
+"""Benchmark arguments: `--methods` is checked before any work starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.federated import DEFAULT_METHODS, parse_methods
+from bench.split import DEFAULT_METHODS as SPLIT_METHODS
+from cli.main import main as confide_main
+
+
+def test_methods_split_on_semicolons_or_on_commas_without_json():
+    expected = [("fedavg-lora", {}), ("ferret", {})]
+    assert parse_methods("fedavg-lora;ferret") == expected
+    assert parse_methods("fedavg-lora, ferret") == expected
+    assert parse_methods('cellm:{"density": 0.1, "scope": "tensor"};ferret') == [
+        ("cellm", {"density": 0.1, "scope": "tensor"}), ("ferret", {})]
+    assert len(parse_methods(DEFAULT_METHODS)) == 7
+    assert len(parse_methods(SPLIT_METHODS)) == 5
+
+
+@pytest.mark.parametrize("text,message", [
+    ("fedavg-lora;nope", "unknown method 'nope'"),
+    ('cellm:{"densty": 1}', "no parameter"),
+    ('cellm:{"density": 2}', "density must be"),
+    ("cellm:{bad", "not JSON"),
+    ("cellm:[1]", "must be a JSON object"),
+    (" ; ", "no method given"),
+])
+def test_bad_methods_are_refused_with_a_clear_message(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_methods(text)
+
+
+def test_the_cli_refuses_bad_methods_before_starting_anything(tmp_path, capsys):
+    code = confide_main(["bench", "federated", "--methods", "fedavg-lora;nope",
+                         "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
