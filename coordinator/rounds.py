@@ -176,11 +176,11 @@ class JobRunner:
         self.store.save_ring(self.job_id, keys)
         self.events.emit(self.job_id, "job.ring", message=f"ring of {len(keys)} keys fixed")
 
-    def _fix_round_ring(self, round_number: int, selected: Sequence[NodeSession]) -> None:
+    def _fix_round_ring(self, round_number: int, selected: Sequence[NodeSession],
+                        infos: dict[str, pb.NodeInfo]) -> None:
         """An update of this round is signed over the ring keys of the nodes selected for it:
         a member that was not asked cannot file one in a selected node's place, and the
         anonymity set loses nothing by it (who was asked is no secret)."""
-        infos = self._node_infos()
         keys = sorted({infos[s.node_id].ring_public_key for s in selected
                        if s.node_id in infos and len(infos[s.node_id].ring_public_key) == 32})
         if len(keys) < 2:
@@ -340,8 +340,9 @@ class JobRunner:
             self.events.emit(self.job_id, "job.stopped", round_number=round_number,
                              message=reason)
             raise JobStopped(f"stopped before round {round_number}: {reason}")
+        infos = self._node_infos()  # once per round: the registry can hold thousands
         if self.spec.anonymous:
-            self._fix_round_ring(round_number, selected)
+            self._fix_round_ring(round_number, selected, infos)
         record = RoundRecord(round=round_number, state="running",
                              selected=[s.node_id for s in selected])
         self.store.save_round(self.job_id, record)
@@ -356,7 +357,7 @@ class JobRunner:
         payload = tensor_map_to_bytes(state)
         digest = state_digest(state)
         peers = [await self._split_server()] if self.method.needs_split_server else []
-        builders = {node_id for node_id, info in self._node_infos().items()
+        builders = {node_id for node_id, info in infos.items()
                     if STATE_DIGEST_FEATURE in info.features}
         outcomes = await asyncio.gather(
             *(
@@ -382,7 +383,7 @@ class JobRunner:
                 record.bytes_up += outcome.bytes_up
         updates: list[ClientUpdate] = []
         accepted: list[TaskOutcome] = []
-        caps = self._example_caps(round_number)
+        caps = self._example_caps(round_number, infos)
         for outcome in outcomes:
             update = self._accept(outcome, state, round_number, record, caps)
             if update is not None:
@@ -450,8 +451,7 @@ class JobRunner:
                 await asyncio.wait_for(self.sessions.changed.wait(), 1.0)
 
     async def _train_on(self, session: NodeSession, round_number: int, payload: bytes,
-                        peers: Sequence[pb.Peer] = (), digest: bytes = b"",
-                        builds: bool = False) -> TaskOutcome:
+                        peers: Sequence[pb.Peer], digest: bytes, builds: bool) -> TaskOutcome:
         """One node's TRAIN task. The global state goes down whole, or not at all when it is
         the job's seeded initial state (the node builds it as INIT does), or, when the method
         has a compact broadcast and the node kept the state it builds on, in that compact
@@ -501,7 +501,7 @@ class JobRunner:
 
     def _held(self, session: NodeSession, outcome: TaskOutcome, digest: bytes) -> None:
         """A node that trained from the state keeps it: the base of the next broadcast."""
-        if outcome.ok and digest:
+        if outcome.ok:
             session.held_states[self.job_id] = digest
         else:
             session.held_states.pop(self.job_id, None)
@@ -513,13 +513,13 @@ class JobRunner:
                            ok=True, payload=update.payload, num_examples=update.num_examples,
                            bytes_up=update.bytes_up)
 
-    def _example_caps(self, round_number: int) -> dict[str, int]:
+    def _example_caps(self, round_number: int,
+                      infos: dict[str, pb.NodeInfo]) -> dict[str, int]:
         """A node's example count is self-reported and weights its update: the cap of each
         node is the dataset size it registered, and of an anonymous update ("" here) the
         largest registered by a member of the round's ring, so one node cannot claim the
-        whole average. Read once per round (the registry can hold thousands of nodes)."""
+        whole average."""
         dataset = self.spec.train.dataset
-        infos = self._node_infos()
         caps = {node_id: int(info.datasets.get(dataset, 0)) for node_id, info in infos.items()}
         if self.spec.anonymous:
             ring = set(self.store.ring(self.job_id, round_number))

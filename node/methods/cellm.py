@@ -92,7 +92,7 @@ from node.methods.base import (
     UpdateError,
     weighted_mean_of_deltas,
 )
-from protos.codec import SparseTensor, WireTensor, encode_named, to_dense
+from protos.codec import SparseTensor, WireTensor, to_dense, wire_size
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +142,6 @@ def _topk_positions(magnitude: torch.Tensor, k: int) -> torch.Tensor:
         return torch.arange(magnitude.numel(), dtype=torch.int64)
     positions = torch.topk(magnitude, k, sorted=False).indices
     return torch.sort(positions).values.to(torch.int64)
-
-
-def _wire_bytes(value: WireTensor) -> int:
-    return encode_named("", value).ByteSize()
 
 
 def _rounded(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -229,7 +225,8 @@ class CELLM(FederatedMethod):
                                   indices=positions.to(_index_dtype(cpu.numel())),
                                   values=_rounded(cpu[positions], wire_dtype))
             dense = _rounded(cpu, wire_dtype).reshape(d.shape)
-            if _wire_bytes(dense) <= _wire_bytes(sparse):  # everything, for no more bytes
+            # everything, for no more bytes
+            if wire_size({name: dense}) <= wire_size({name: sparse}):
                 payload[name] = dense
                 sent = dense.reshape(-1).to(cpu.dtype)
                 residual = cpu - sent

@@ -71,7 +71,8 @@ all-MiniLM-L6-v2 (22.7M parameters, 105 groups) at the default k = 24 that is ab
 node per round (``tests/unit/test_ferret.py`` measures it). The downlink is the same: the
 coordinator broadcasts the mean scalars abar (``aggregate_compact``) and each node that holds
 w_{r-1} rebuilds w_r from the seeds (``apply_compact``), checked against the state's digest;
-a node without w_{r-1} (its first round, a round it sat out, a restart) gets the whole state.
+a node without w_{r-1} (it sat the last round out, or restarted) gets the whole state. The
+first round's w_0 is the seeded initial state, which every node builds itself.
 """
 
 from __future__ import annotations

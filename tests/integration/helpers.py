@@ -38,3 +38,14 @@ def events_until(client: SyncConfideClient, job_id: str, kind: str, timeout: flo
         if time.monotonic() > deadline:
             break
     raise AssertionError(f"no {kind} event; saw {[e.kind for e in seen]}")
+
+
+def completed_job(client: SyncConfideClient, spec: pb.JobSpec,
+                  nodes: int) -> tuple[str, pb.JobStatus]:
+    """Wait for ``nodes`` nodes, run ``spec`` to the end and check it completed: (job id,
+    final status)."""
+    wait_for_nodes(client, nodes)
+    job = client.submit_job(spec)
+    final = client.wait_job(job.job_id)
+    assert final.state == pb.COMPLETED, final.reason
+    return job.job_id, final

@@ -15,7 +15,7 @@ from node.store import ModelStore
 from protos.codec import wire_size
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.sdk import SyncConfideClient
-from tests.integration.helpers import tiny_spec, wait_for_nodes
+from tests.integration.helpers import completed_job, tiny_spec, wait_for_nodes
 
 K = 24
 
@@ -26,14 +26,11 @@ def test_ferret_rounds_through_the_daemons_with_a_tiny_uplink(tmp_path, shards):
         LocalCluster(tmp_path / "cluster", shards(3, per_node=96), mqtt=False) as cluster,
         SyncConfideClient(cluster.address) as client,
     ):
-        wait_for_nodes(client, 3)
-        job = client.submit_job(spec)
-        final = client.wait_job(job.job_id)
-        assert final.state == pb.COMPLETED, final.reason
-        initial = client.fetch_global_model(job.job_id, 0)
-        last_sent = client.fetch_global_model(job.job_id, 2)
-        trained = client.fetch_global_model(job.job_id)
-        kept = [ModelStore(d / "models").load(job.job_id, "global")
+        job_id, final = completed_job(client, spec, 3)
+        initial = client.fetch_global_model(job_id, 0)
+        last_sent = client.fetch_global_model(job_id, 2)
+        trained = client.fetch_global_model(job_id)
+        kept = [ModelStore(d / "models").load(job_id, "global")
                 for d in cluster.node_data_dirs]
 
     # the INIT node built the full-parameter model, not LoRA adapters
@@ -112,11 +109,8 @@ def test_a_node_that_sat_a_round_out_gets_the_whole_state(tmp_path, shards):
         LocalCluster(tmp_path / "cluster", shards(3, per_node=32), mqtt=False) as cluster,
         SyncConfideClient(cluster.address) as client,
     ):
-        wait_for_nodes(client, 3)
-        job = client.submit_job(spec)
-        final = client.wait_job(job.job_id)
-        assert final.state == pb.COMPLETED, final.reason
-        initial = client.fetch_global_model(job.job_id, 0)
+        job_id, final = completed_job(client, spec, 3)
+        initial = client.fetch_global_model(job_id, 0)
     state_bytes = wire_size(initial)
     scalars = sum(group.directions(K) for group in group_parameters(initial))
     newcomers_seen = 0

