@@ -35,3 +35,15 @@ def shards(tmp_path: Path):
         return make_shards(tmp_path / "data", nodes, **kwargs)
 
     return factory
+
+
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/integration starts real processes: mark it ``integration``, so
+    ``pytest -m "not integration"`` is the fast, in-process loop (unit tests that start a
+    process carry the marker themselves)."""
+    for item in items:
+        if INTEGRATION in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
