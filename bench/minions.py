@@ -89,7 +89,7 @@ def _window(sentence: str, start: int, end: int) -> str:
 
 def make_questions(text: str, per_kind: int = 2) -> list[dict]:
     """Deterministic cloze questions whose answers are verbatim in ``text``."""
-    from agents.minions import split_sentences
+    from agents.minions.text import split_sentences
 
     title, _, body = text.partition("\n")
     sentences = [s for para in body.split("\n") for s in split_sentences(para)]
@@ -162,7 +162,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     import torch
 
     from agents.backends import backend_from_spec
-    from agents.minions import LocalWorker, ask, run_remote_only
+    from agents.minions.orchestrator import ask, run_remote_only
+    from agents.minions.worker import LocalWorker
     from bench.federated import hardware
     from bench.ringsig import _cpu_model
 
