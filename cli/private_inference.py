@@ -215,14 +215,14 @@ def _party_main(folder: str) -> int:
     from safetensors.torch import save_file
 
     from node.private_party import use_node_hosted_store
-    from privacy import mpc
+    from privacy import aero_2pc, mpc
 
     use_node_hosted_store()
     try:
         with mpc.mpc_session(job["rank"], 2, job["rendezvous"], timeout_s=job["timeout_s"],
                              provider=job["provider"]) as party:
             start = time.perf_counter()
-            logits = mpc.private_forward(job["config"], job["seq_len"],
+            logits = aero_2pc.private_forward(job["config"], job["seq_len"],
                                          token_ids=torch.tensor(job["token_ids"]),
                                          model_owner=job["model_owner_rank"],
                                          data_owner=job["rank"])

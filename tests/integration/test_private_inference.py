@@ -36,7 +36,7 @@ from cli.private_inference import (
 from node import private_inference as node_private
 from node.aero import AeroConfig, AeroModel, default_tokenizer
 from node.private_inference import TokenizerSpec, publish_model
-from privacy import mpc
+from privacy import aero_2pc, mpc
 from protos.confide.v1 import node_pb2
 from protos.confide.v1 import node_pb2_grpc as node_grpc
 from tests.integration.wire_capture import WireCapture, grpc_messages
@@ -371,7 +371,7 @@ def test_sessions_are_limited_and_finished_parties_are_reaped(node):
 
 
 def test_the_public_architecture_keys_match_privacy_mpc():
-    assert node_private.ARCH_KEYS == mpc.ARCH_KEYS
+    assert node_private.ARCH_KEYS == aero_2pc.ARCH_KEYS
     assert node_private.PROVIDERS == mpc.PROVIDERS
     with pytest.raises(ValueError, match="lists 3 ids"):
         TokenizerSpec.from_dict({"name": "minilm", "ids": [1, 2, 3]}, vocab_size=4)
