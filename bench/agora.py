@@ -275,7 +275,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     cluster = client = None
     if args.registry == "coordinator":
-        from cli.cluster import LocalCluster
+        from cluster.local import LocalCluster
         from protos.sdk import SyncConfideClient
 
         if workdir.exists():

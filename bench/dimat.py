@@ -53,8 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _daemon_part(args: argparse.Namespace) -> list[dict]:
-    from cli.cluster import LocalCluster
-    from cli.experiment import run_experiment, shard_dirs
+    from cluster.experiment import run_experiment, shard_dirs
+    from cluster.local import LocalCluster
     from protos.sdk import job_spec
 
     workdir, data_root, labels, test = bbc_workload(args)

@@ -107,8 +107,8 @@ def bbc_workload(args: argparse.Namespace) -> tuple[Path, Path, list[str], list]
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from cli.cluster import LocalCluster
-    from cli.experiment import run_experiment, shard_dirs
+    from cluster.experiment import run_experiment, shard_dirs
+    from cluster.local import LocalCluster
     from node.methods import get_method
     from protos.sdk import job_spec
 

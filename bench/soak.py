@@ -410,7 +410,7 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from cli.cluster import LocalCluster
+    from cluster.local import LocalCluster
     from protos.tls import TLSConfig
 
     fd_limit = raise_fd_limit()

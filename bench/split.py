@@ -75,8 +75,8 @@ def _costs(args: argparse.Namespace, params: dict, num_labels: int) -> dict:
 
 def run_benchmark(args: argparse.Namespace) -> int:
     from bench.federated import parse_methods
-    from cli.cluster import LocalCluster
-    from cli.experiment import run_experiment, shard_dirs
+    from cluster.experiment import run_experiment, shard_dirs
+    from cluster.local import LocalCluster
     from protos.sdk import job_spec
 
     workdir, data_root, labels, test = bbc_workload(args)

@@ -11,7 +11,7 @@ records everything it received during the protocol (see :class:`Audit`).
 
 ``python -m node.private_party dealer --rendezvous tcp://HOST:PORT`` runs the Beaver-triple
 dealer of the trusted-third-party provider (TTP). The data owner's client starts one locally
-(``cli.private_inference``); a real deployment runs it on a third machine that colludes with
+(``client.private_inference``); a real deployment runs it on a third machine that colludes with
 neither party.
 
 All parties join torch.distributed as clients of the store the node's party hosts
