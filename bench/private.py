@@ -36,6 +36,14 @@ import statistics
 import time
 from pathlib import Path
 
+from bench.common import (
+    cpu_model,
+    hardware,
+    legend_outside,
+    previous_results,
+    pyplot,
+    save_figure,
+)
 from node.aero_training import (
     DESCRIPTIONS,
     VARIANTS,
@@ -133,8 +141,6 @@ def _plain_forward(model, ids: list[int], repeats: int = 5):
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from bench.federated import hardware
-    from bench.ringsig import _cpu_model
     from client.private_inference import private_infer
     from cluster.local import LocalCluster
     from node.private_inference import publish_model
@@ -198,7 +204,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         cluster.stop()
 
     ratios = _ratios(rows, args.provider)
-    info = hardware() | {"cpu": _cpu_model(), "load_average_1min": load_before}
+    info = hardware() | {"cpu": cpu_model(), "load_average_1min": load_before}
     _print_report(args, rows, trained, ratios, info, vocab_size, coverage, len(train),
                   len(test))
     out = Path(args.out)
@@ -279,15 +285,11 @@ def _print_report(args, rows, trained, ratios, info, vocab_size, coverage, n_tra
 
 
 def _compare_with_previous(path: Path, rows: list[dict], trained: list[dict]) -> None:
-    if not path.exists():
-        print("  (no previous run to compare with)")
+    found = previous_results(path, lambda r: (r["variant"], r["seq_len"], r["provider"]))
+    if found is None:
         return
-    try:
-        previous = json.loads(path.read_text())
-        old_rows = {(r["variant"], r["seq_len"], r["provider"]): r for r in previous["results"]}
-        old_ppl = {r["variant"]: r["perplexity"] for r in previous["perplexity"]}
-    except (ValueError, KeyError, TypeError):
-        return
+    previous, old_rows = found
+    old_ppl = {r["variant"]: r["perplexity"] for r in previous.get("perplexity", [])}
     print(f"  vs last run ({previous.get('time', '?')}):")
     for r in trained:
         if r["variant"] in old_ppl:
@@ -304,10 +306,7 @@ def _compare_with_previous(path: Path, rows: list[dict], trained: list[dict]) ->
 
 
 def _plot(rows, trained, ratios, path: Path, provider: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     main = [r for r in rows if r["provider"] == provider]
@@ -326,7 +325,7 @@ def _plot(rows, trained, ratios, path: Path, provider: str) -> None:
         ax.set_xlabel("sequence length T")
         ax.set_ylabel(unit)
         ax.set_title(f"{title} ({provider})")
-        ax.legend(fontsize=8)
+        legend_outside(ax)
     axes[1].set_yscale("log")
     names = [r["variant"] for r in trained]
     bars = axes[2].bar(names, [r["perplexity"] for r in trained], color="tab:gray")
@@ -340,6 +339,4 @@ def _plot(rows, trained, ratios, path: Path, provider: str) -> None:
     axes[2].set_title("perplexity (lower is better)")
     fig.suptitle(f"AERO vs baseline under CrypTen 2PC - baseline/aero: {text} "
                  f"(paper: {PAPER['communication']}x, {PAPER['latency']}x)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
