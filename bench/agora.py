@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import signal
@@ -33,6 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bench.common import hardware, legend_outside, previous_results, pyplot, save_figure
 
 # torch and transformers load inside run_benchmark: `confide --help` stays fast
 
@@ -247,17 +248,11 @@ def run_stream(name: str, stream: list[Request], model: Any, registry: Any,
     }
 
 
-def hardware() -> dict:
+def agora_hardware() -> dict:
     import torch
 
-    return {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "threads": torch.get_num_threads(),
-        "load_average": round(os.getloadavg()[0], 1),
-    }
+    return hardware() | {"threads": torch.get_num_threads(),
+                         "load_average": round(os.getloadavg()[0], 1)}
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
@@ -275,7 +270,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     cluster = client = None
     if args.registry == "coordinator":
-        from cli.cluster import LocalCluster
+        from cluster.local import LocalCluster
         from protos.sdk import SyncConfideClient
 
         if workdir.exists():
@@ -326,7 +321,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
           f"by the model, {agora['drafts']['fallback']} from the capability's schemas), "
           f"{agora['negotiations_failed']} refused, {agora['fetches']} registry fetch(es); "
           f"model tokens {change:+.0%} vs all-natural")
-    info = hardware()
+    info = agora_hardware()
     print(f"hardware: {info['platform']}, {info['cpu_count']} CPU(s), torch {info['torch']} "
           f"({info['threads']} thread(s)), GPU {info['cuda'] or 'none'}, load average "
           f"{info['load_average']}; baseline: all-natural-language on the same stream and model")
@@ -344,12 +339,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 
 def _compare_with_previous(path: Path, rows: list[dict]) -> None:
-    if not path.exists():
+    found = previous_results(path, lambda r: r["run"])
+    if found is None:
         return
-    try:
-        previous = {r["run"]: r for r in json.loads(path.read_text())["results"]}
-    except (ValueError, KeyError):
-        return
+    _, previous = found
     for row in rows:
         old = previous.get(row["run"])
         if old is None:
@@ -363,10 +356,7 @@ def _compare_with_previous(path: Path, rows: list[dict]) -> None:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     colors = {"routine": "#2a9d8f", "protocol": "#8ab17d", "negotiated": "#e9c46a",
@@ -379,7 +369,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     left.set_ylabel("share of requests")
     left.set_title("How requests were handled")
-    left.legend(fontsize=8)
+    legend_outside(left)
     for row in rows:
         cumulative, total = [], 0
         for t in row["tokens_per_request"]:
@@ -389,7 +379,5 @@ def _plot(rows: list[dict], path: Path) -> None:
     right.set_xlabel("request")
     right.set_ylabel("cumulative model tokens")
     right.set_title("Model tokens over the stream")
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    legend_outside(right)
+    save_figure(fig, path)

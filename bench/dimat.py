@@ -24,7 +24,8 @@ import json
 import time
 from pathlib import Path
 
-from bench.federated import bbc_workload, hardware
+from bench.common import hardware, legend_outside, pyplot, save_figure
+from bench.federated import bbc_workload
 
 CONFIGS = (("ring", "dimat"), ("ring", "gossip"), ("full", "dimat"), ("full", "gossip"),
            ("ring", "none"))
@@ -53,8 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _daemon_part(args: argparse.Namespace) -> list[dict]:
-    from cli.cluster import LocalCluster
-    from cli.experiment import run_experiment, shard_dirs
+    from cluster.experiment import run_experiment, shard_dirs
+    from cluster.local import LocalCluster
     from protos.sdk import job_spec
 
     workdir, data_root, labels, test = bbc_workload(args)
@@ -209,10 +210,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 
 def _plot(daemons: list[dict], mlp: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     parts = [("MiniLM through the daemons", daemons)] if daemons else []
     parts.append(("separately initialized MLPs", mlp))
@@ -225,7 +223,5 @@ def _plot(daemons: list[dict], mlp: list[dict], path: Path) -> None:
         ax.set_xlabel("merge round")
         ax.set_ylabel("mean held-out accuracy over nodes")
         ax.set_title(title)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        legend_outside(ax, fontsize=7)
+    save_figure(fig, path)

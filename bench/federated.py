@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import time
 from pathlib import Path
+
+from bench.common import hardware, legend_outside, previous_results, pyplot, save_figure
 
 # torch and transformers load inside run_benchmark: `confide --help` stays fast
 
@@ -79,17 +79,6 @@ def parse_methods(text: str) -> list[tuple[str, dict]]:
     return methods
 
 
-def hardware() -> dict:
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-
-
 def bbc_workload(args: argparse.Namespace) -> tuple[Path, Path, list[str], list]:
     """A fresh work folder with non-IID BBC News shards for ``args.nodes`` nodes: (workdir,
     data root, label names, the first ``args.test_size`` held-out articles)."""
@@ -107,8 +96,8 @@ def bbc_workload(args: argparse.Namespace) -> tuple[Path, Path, list[str], list]
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from cli.cluster import LocalCluster
-    from cli.experiment import run_experiment, shard_dirs
+    from cluster.experiment import run_experiment, shard_dirs
+    from cluster.local import LocalCluster
     from node.methods import get_method
     from protos.sdk import job_spec
 
@@ -185,12 +174,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 def _compare_with_previous(path: Path, rows: list[dict]) -> None:
     """Print how this run differs from the last one written to ``path``."""
-    if not path.exists():
+    found = previous_results(path, lambda r: r["method"])
+    if found is None:
         return
-    try:
-        previous = {r["method"]: r for r in json.loads(path.read_text())["results"]}
-    except (ValueError, KeyError):
-        return
+    _, previous = found
     for row in rows:
         old = previous.get(row["method"])
         if old is None or old.get("accuracy") is None or row["accuracy"] is None:
@@ -202,23 +189,19 @@ def _compare_with_previous(path: Path, rows: list[dict]) -> None:
 
 
 def _plot(rows: list[dict], path: Path, before: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.axhline(before, color="grey", linestyle=":", label=f"before training (acc {before:.3f})")
     for row in rows:
-        cumulative, x, y = 0.0, [0.0], [before]
+        cumulative, x, y = 0.0, [], []
         for r in row["rounds"]:
             cumulative += r["bytes_up_per_node"]
             x.append(cumulative / 1e6)
             y.append(r["eval"].get("accuracy", float("nan")))
         ax.plot(x, y, marker="o", label=f"{row['method']} (acc {row['accuracy'] or 0:.3f})")
-    ax.set_xlabel("cumulative uplink per node (MB)")
+    ax.set_xscale("log")  # the methods' uplinks differ by orders of magnitude
+    ax.set_xlabel("cumulative uplink per node (MB, log)")
     ax.set_ylabel("held-out accuracy of the global model")
     ax.set_title("Federated methods on non-IID BBC News")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    legend_outside(ax)
+    save_figure(fig, path)

@@ -28,6 +28,8 @@ import re
 import time
 from pathlib import Path
 
+from bench.common import cpu_model, hardware, previous_results, pyplot, save_figure
+
 PAPER = ("the paper (Narayan et al. 2025, GPT-4o remote + Llama-3.2 local): MinionS at 5.7x "
          "lower remote cost than remote-only, at 97.9% of its quality")
 MODES = ("remote-only", "local-only", "minion", "minions")
@@ -89,7 +91,7 @@ def _window(sentence: str, start: int, end: int) -> str:
 
 def make_questions(text: str, per_kind: int = 2) -> list[dict]:
     """Deterministic cloze questions whose answers are verbatim in ``text``."""
-    from agents.minions import split_sentences
+    from agents.minions.text import split_sentences
 
     title, _, body = text.partition("\n")
     sentences = [s for para in body.split("\n") for s in split_sentences(para)]
@@ -162,9 +164,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     import torch
 
     from agents.backends import backend_from_spec
-    from agents.minions import LocalWorker, ask, run_remote_only
-    from bench.federated import hardware
-    from bench.ringsig import _cpu_model
+    from agents.minions.orchestrator import ask, run_remote_only
+    from agents.minions.worker import LocalWorker
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
@@ -264,7 +265,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
               f"{row['remote_prompt_tokens']:>11.0f}+{row['remote_completion_tokens']:<6.0f}"
               f"{cost:>16}{quality:>19}{row['local_tokens']:>13.0f}{row['seconds']:>7.1f}")
     print(f"baseline: remote-only (the remote model reads the whole article). {PAPER}.")
-    info = hardware() | {"cpu": _cpu_model(), "torch_threads": torch.get_num_threads()}
+    info = hardware() | {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()}
     print(f"hardware: {info['cpu']}, {info['cpu_count']} CPU(s), torch {info['torch']} with "
           f"{info['torch_threads']} thread(s), GPU {info['cuda'] or 'none'}; total "
           f"{time.perf_counter() - started:.0f}s")
@@ -285,14 +286,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 
 def _compare_with_previous(path: Path, rows: list[dict]) -> None:
-    if not path.exists():
-        print("  (no previous run to compare with)")
+    found = previous_results(path, lambda r: r["mode"])
+    if found is None:
         return
-    try:
-        previous = json.loads(path.read_text())
-        old = {r["mode"]: r for r in previous["results"]}
-    except (ValueError, KeyError, TypeError):
-        return
+    previous, old = found
     work = previous.get("workload", {})
     print(f"  vs last run ({previous.get('time', '?')}, {work.get('questions', '?')} "
           f"questions, remote {work.get('remote_model', '?')}, local "
@@ -306,10 +303,7 @@ def _compare_with_previous(path: Path, rows: list[dict]) -> None:
 
 
 def _plot(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, row in enumerate(rows):
@@ -326,6 +320,4 @@ def _plot(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
     ax.set_title(f"Minions on BBC News: remote {args.remote_model}, local {args.local_model}",
                  fontsize=10)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

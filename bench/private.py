@@ -7,7 +7,7 @@ on BBC News and run under CrypTen two-party computation through a real node daem
    (softmax-only + entropy regularization). Each is saved as safetensors into the node's
    ``private/`` folder (``node.private_inference.publish_model``).
 2. Start a node daemon (``confide node serve``) and, for each measured variant and sequence
-   length, run one private forward through the product path (``cli.private_inference``:
+   length, run one private forward through the product path (``client.private_inference``:
    ``OpenPrivateInference`` over gRPC, the node's party and the data owner's party as separate
    processes over gloo on 127.0.0.1). Per forward: bytes and rounds (per party, as CrypTen
    counts them), seconds of the 2PC forward, the plaintext forward's seconds, and the largest
@@ -21,14 +21,13 @@ tokens of the training articles, the rest mapped to [UNK]); the one-hot input an
 embedding/output matrices travel masked once per forward each, so with MiniLM's full 30,522
 tokens (``--vocab 0``) the vocabulary dominates the bytes of both variants alike.
 
-``confide aero train`` (:func:`train_command`) trains one variant with the same recipe and
-publishes it into a node's data folder.
+The training recipe (``node.aero_training``) is the one ``confide aero train`` uses to train
+one variant and publish it into a node's data folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import shutil
@@ -36,50 +35,31 @@ import socket
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+
+from bench.common import (
+    cpu_model,
+    hardware,
+    legend_outside,
+    previous_results,
+    pyplot,
+    save_figure,
+)
+from node.aero_training import (
+    DESCRIPTIONS,
+    VARIANTS,
+    add_model_arguments,
+    bbc_split,
+    train_variant,
+)
 
 PAPER = {"communication": 4.23, "latency": 1.94}
 """AERO (Jha & Reagen 2024): the softmax-only model vs the baseline, as the paper reports."""
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "baseline": {"layernorm": True, "activation": "gelu", "ffn": True, "normalization": "none"},
-    "ln-free": {"layernorm": False, "activation": "gelu", "ffn": True,
-                "normalization": "scaled"},
-    "softmax-only": {"layernorm": False, "activation": "none", "ffn": True,
-                     "normalization": "scaled"},
-    "aero": {"layernorm": False, "activation": "none", "ffn": True, "normalization": "scaled",
-             "entropy_reg": {"enabled": True}},
-}
-DESCRIPTIONS = {
-    "baseline": "LayerNorm + GELU FFN (GPT-2-like)",
-    "ln-free": "no LayerNorm, GELU FFN, scaled branches",
-    "softmax-only": "no LayerNorm, no GELU (linear FFN), scaled",
-    "aero": "softmax-only + entropy regularization",
-}
 MEASURE_DEFAULT = "baseline,ln-free,aero"  # softmax-only has aero's architecture: same cost
 
 
 # --------------------------------------------------------------------------------------------
 # Arguments
-
-
-def _add_model_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and training (equal for every variant)")
-    g.add_argument("--d-model", type=int, default=128, help="width (default: %(default)s)")
-    g.add_argument("--layers", type=int, default=2, help="depth (default: %(default)s)")
-    g.add_argument("--heads", type=int, default=4)
-    g.add_argument("--d-ff", type=int, default=512, help="FFN width (default: %(default)s)")
-    g.add_argument("--max-len", type=int, default=128, help="positions (default: %(default)s)")
-    g.add_argument("--vocab", type=int, default=4096,
-                   help="compact vocabulary: the most frequent MiniLM tokens of the training "
-                        "articles (the rest -> [UNK]); 0 = MiniLM's full 30,522 "
-                        "(default: %(default)s)")
-    g.add_argument("--steps", type=int, default=150, help="training steps (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--lr", type=float, default=2e-3)
-    g.add_argument("--eval-articles", type=int, default=100,
-                   help="held-out articles for perplexity (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -102,107 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench/results",
                    help="where private.json and private.png go; the previous JSON there is "
                         "compared with this run (default: %(default)s)")
-    _add_model_arguments(p)
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--variant", default="aero", choices=list(VARIANTS),
-                   help="architecture (default: %(default)s): " + "; ".join(
-                       f"{k}: {v}" for k, v in DESCRIPTIONS.items()))
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--node-data", help="publish into this node data folder's private/")
-    where.add_argument("--out", help="write this .safetensors file instead")
-    p.add_argument("--name", default="", help="model name on the node (default: the variant)")
-    _add_model_arguments(p)
-
-
-# --------------------------------------------------------------------------------------------
-# Data and training (shared by the benchmark and `confide aero train`)
-
-
-def bbc_split(vocab: int, seed: int = 0):
-    """BBC News token sequences (train, held-out: every 10th article) in a model vocabulary,
-    with the public tokenizer spec that maps MiniLM ids to it."""
-    from node.aero import bbc_token_sequences, default_tokenizer
-    from node.private_inference import TokenizerSpec
-
-    tokenizer = default_tokenizer()
-    sequences = bbc_token_sequences(tokenizer)
-    train = [s for i, s in enumerate(sequences) if i % 10 != 9]
-    test = [s for i, s in enumerate(sequences) if i % 10 == 9]
-    if not vocab:
-        return train, test, TokenizerSpec("minilm"), len(tokenizer), 1.0
-    counts = collections.Counter(t for s in train for t in s)
-    unk = tokenizer.unk_token_id
-    frequent = [t for t, _ in counts.most_common(vocab) if t != unk]
-    keep = [unk, *frequent[: vocab - 1]]
-    index = {t: i for i, t in enumerate(keep)}
-    coverage = sum(c for t, c in counts.items() if t in index) / sum(counts.values())
-
-    def remap(seqs):
-        return [[index.get(t, 0) for t in s] for s in seqs]
-
-    return remap(train), remap(test), TokenizerSpec("minilm", tuple(keep), 0), len(keep), \
-        coverage
-
-
-def variant_config(variant: str, vocab_size: int, args: argparse.Namespace):
-    from node.aero import AeroConfig
-
-    return AeroConfig(vocab_size=vocab_size, max_len=args.max_len, d_model=args.d_model,
-                      n_heads=args.heads, n_layers=args.layers, d_ff=args.d_ff, seed=args.seed,
-                      **VARIANTS[variant])
-
-
-def train_variant(variant: str, train, test, vocab_size: int, args: argparse.Namespace):
-    """Train one variant with the shared recipe; returns (model, record)."""
-    import torch
-
-    from node.aero import AeroModel, perplexity, train_aero
-
-    model = AeroModel(variant_config(variant, vocab_size, args))
-    start = time.perf_counter()
-    history = train_aero(model, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         seed=args.seed)
-    train_s = time.perf_counter() - start
-    held_out = test[: args.eval_articles or None]
-    ppl = perplexity(model, held_out)
-    tail = history[-min(20, len(history)):]
-    with torch.no_grad():
-        entropy = None
-        if model.config.entropy_reg.enabled:
-            entropy = model.entropy_thresholds().mean().item()
-    record = {
-        "variant": variant, "description": DESCRIPTIONS[variant],
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "steps": args.steps, "train_s": train_s,
-        "train_loss_last20": statistics.mean(h["ce"] for h in tail),
-        "perplexity": ppl, "held_out_articles": len(held_out),
-        "held_out_tokens": sum(len(s) for s in held_out),
-        "entropy_threshold_mean": entropy,
-    }
-    return model, record
-
-
-def train_command(args: argparse.Namespace) -> int:
-    """``confide aero train``: train one variant on BBC News and publish it for a node."""
-    from node.aero import save_aero
-    from node.private_inference import publish_model
-
-    print(f"tokenizing BBC News (vocabulary {args.vocab or 'full MiniLM'}) ...", flush=True)
-    train, test, spec, vocab_size, coverage = bbc_split(args.vocab, args.seed)
-    print(f"{len(train)} training / {len(test)} held-out articles, vocabulary {vocab_size} "
-          f"({coverage:.1%} of training tokens covered); training {args.variant} "
-          f"({DESCRIPTIONS[args.variant]}) for {args.steps} steps ...", flush=True)
-    model, record = train_variant(args.variant, train, test, vocab_size, args)
-    if args.node_data:
-        path = publish_model(model, args.node_data, args.name or args.variant, spec)
-    else:
-        path = save_aero(model, args.out)
-    print(f"held-out perplexity {record['perplexity']:.1f} ({record['held_out_tokens']} tokens),"
-          f" {record['parameters']:,} parameters, trained in {record['train_s']:.0f}s; "
-          f"wrote {path}")
-    return 0
+    add_model_arguments(p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,7 +108,7 @@ def _free_port() -> int:
 
 
 def _wait_for_node(address: str, timeout: float = 90.0) -> None:
-    from cli.private_inference import PrivateInferenceError, list_private_models
+    from client.private_inference import PrivateInferenceError, list_private_models
 
     deadline = time.monotonic() + timeout
     while True:
@@ -261,10 +141,8 @@ def _plain_forward(model, ids: list[int], repeats: int = 5):
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from bench.federated import hardware
-    from bench.ringsig import _cpu_model
-    from cli.cluster import LocalCluster
-    from cli.private_inference import private_infer
+    from client.private_inference import private_infer
+    from cluster.local import LocalCluster
     from node.private_inference import publish_model
 
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -326,7 +204,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         cluster.stop()
 
     ratios = _ratios(rows, args.provider)
-    info = hardware() | {"cpu": _cpu_model(), "load_average_1min": load_before}
+    info = hardware() | {"cpu": cpu_model(), "load_average_1min": load_before}
     _print_report(args, rows, trained, ratios, info, vocab_size, coverage, len(train),
                   len(test))
     out = Path(args.out)
@@ -407,15 +285,11 @@ def _print_report(args, rows, trained, ratios, info, vocab_size, coverage, n_tra
 
 
 def _compare_with_previous(path: Path, rows: list[dict], trained: list[dict]) -> None:
-    if not path.exists():
-        print("  (no previous run to compare with)")
+    found = previous_results(path, lambda r: (r["variant"], r["seq_len"], r["provider"]))
+    if found is None:
         return
-    try:
-        previous = json.loads(path.read_text())
-        old_rows = {(r["variant"], r["seq_len"], r["provider"]): r for r in previous["results"]}
-        old_ppl = {r["variant"]: r["perplexity"] for r in previous["perplexity"]}
-    except (ValueError, KeyError, TypeError):
-        return
+    previous, old_rows = found
+    old_ppl = {r["variant"]: r["perplexity"] for r in previous.get("perplexity", [])}
     print(f"  vs last run ({previous.get('time', '?')}):")
     for r in trained:
         if r["variant"] in old_ppl:
@@ -432,10 +306,7 @@ def _compare_with_previous(path: Path, rows: list[dict], trained: list[dict]) ->
 
 
 def _plot(rows, trained, ratios, path: Path, provider: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     main = [r for r in rows if r["provider"] == provider]
@@ -454,7 +325,7 @@ def _plot(rows, trained, ratios, path: Path, provider: str) -> None:
         ax.set_xlabel("sequence length T")
         ax.set_ylabel(unit)
         ax.set_title(f"{title} ({provider})")
-        ax.legend(fontsize=8)
+        legend_outside(ax)
     axes[1].set_yscale("log")
     names = [r["variant"] for r in trained]
     bars = axes[2].bar(names, [r["perplexity"] for r in trained], color="tab:gray")
@@ -468,6 +339,4 @@ def _plot(rows, trained, ratios, path: Path, provider: str) -> None:
     axes[2].set_title("perplexity (lower is better)")
     fig.suptitle(f"AERO vs baseline under CrypTen 2PC - baseline/aero: {text} "
                  f"(paper: {PAPER['communication']}x, {PAPER['latency']}x)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -10,10 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
+
+from bench.common import (
+    cpu_model,
+    goal_record,
+    hardware,
+    legend_outside,
+    previous_results,
+    pyplot,
+    save_figure,
+)
 
 GOAL_RING_SIZE = 100
 GOAL_MS = 20.0
@@ -37,16 +46,6 @@ def _parse_sizes(text: str) -> list[int]:
     return sizes
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _ms(seconds: list[float]) -> float:
     return statistics.median(seconds) * 1e3
 
@@ -55,7 +54,6 @@ def run_benchmark(args: argparse.Namespace) -> int:
     import nacl
     from nacl.signing import SigningKey
 
-    from bench.federated import hardware
     from privacy.ringsig import RingKeyPair, RingSignature, encoded_size, sign, verify
     from protos.identity import anonymous_scope, anonymous_update_message, ring_epoch_id
 
@@ -107,7 +105,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
           f"   <- baseline: one identified Ed25519 signature (PyNaCl), same message")
     print("ms: wall clock (time.perf_counter); (CPU ms): this process's CPU time for sign+verify, "
           "close to what the wall clock reads on an idle core")
-    info = hardware() | {"cpu": _cpu_model(), "pynacl": nacl.__version__,
+    info = hardware() | {"cpu": cpu_model(), "pynacl": nacl.__version__,
                          "load_average_1min": load_before}
     print(f"hardware: {info['cpu']}, {info['cpu_count']} CPU(s), {info['platform']}, "
           f"PyNaCl {info['pynacl']} (single-threaded; GPU not used); 1-min load average "
@@ -150,31 +148,25 @@ def _ed25519_baseline(signing_key_cls: type, message: bytes, repeats: int) -> di
 
 
 def _goal(rows: list[dict]) -> dict:
+    goal = f"ring of {GOAL_RING_SIZE}, sign+verify under {GOAL_MS:.0f} ms"
     row = next((r for r in rows if r["ring_size"] == GOAL_RING_SIZE), None)
     if row is None:
-        return {"ring_size": GOAL_RING_SIZE, "target_ms": GOAL_MS, "measured_ms": None,
-                "met": None, "text": f"goal: ring of {GOAL_RING_SIZE}, sign+verify under "
-                                     f"{GOAL_MS:.0f} ms: not measured (add {GOAL_RING_SIZE} "
-                                     "to --sizes)"}
+        return goal_record(goal, GOAL_MS, None, None, f"goal: {goal}: not measured (add "
+                           f"{GOAL_RING_SIZE} to --sizes)", ring_size=GOAL_RING_SIZE)
     met = row["sign_verify_ms"] < GOAL_MS
-    return {"ring_size": GOAL_RING_SIZE, "target_ms": GOAL_MS,
-            "measured_ms": row["sign_verify_ms"], "cpu_ms": row["sign_verify_cpu_ms"],
-            "met": met,
-            "text": f"goal: ring of {GOAL_RING_SIZE}, sign+verify under {GOAL_MS:.0f} ms: "
-                    f"{'met' if met else 'NOT met'} ({row['sign_verify_ms']:.1f} ms measured, "
-                    f"{row['sign_verify_cpu_ms']:.1f} ms of CPU)"}
+    return goal_record(goal, GOAL_MS, row["sign_verify_ms"], met,
+                       f"goal: {goal}: {'met' if met else 'NOT met'} "
+                       f"({row['sign_verify_ms']:.1f} ms measured, "
+                       f"{row['sign_verify_cpu_ms']:.1f} ms of CPU)",
+                       ring_size=GOAL_RING_SIZE, cpu_ms=row["sign_verify_cpu_ms"])
 
 
 def _compare_with_previous(path: Path, rows: list[dict]) -> None:
     """Print how this run differs from the last one written to ``path``."""
-    if not path.exists():
-        print("  (no previous run to compare with)")
+    found = previous_results(path, lambda r: r["ring_size"])
+    if found is None:
         return
-    try:
-        previous = json.loads(path.read_text())
-        old = {r["ring_size"]: r for r in previous["results"]}
-    except (ValueError, KeyError, TypeError):
-        return
+    previous, old = found
     print(f"  vs last run ({previous.get('time', '?')}, "
           f"{previous.get('hardware', {}).get('cpu', '?')}):")
     for row in rows:
@@ -187,10 +179,7 @@ def _compare_with_previous(path: Path, rows: list[dict]) -> None:
 
 
 def _plot(rows: list[dict], baseline: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sizes = [r["ring_size"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -206,7 +195,5 @@ def _plot(rows: list[dict], baseline: dict, path: Path) -> None:
     ax.set_xlabel("ring size (keys)")
     ax.set_ylabel("time (ms, median)")
     ax.set_title("Linkable ring signature (LSAG over ed25519, libsodium)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    legend_outside(ax)
+    save_figure(fig, path)

@@ -31,13 +31,14 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import resource
 import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench.common import hardware, pyplot, save_figure
 
 # torch loads inside run_benchmark: `confide --help` stays fast
 
@@ -66,16 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with this run (default: %(default)s)")
 
 
-def hardware() -> dict:
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "load_average": round(os.getloadavg()[0], 1),
-        "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE),
-    }
+def soak_hardware() -> dict:
+    return hardware() | {"load_average": round(os.getloadavg()[0], 1),
+                         "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)}
 
 
 def raise_fd_limit() -> int:
@@ -410,7 +404,7 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from cli.cluster import LocalCluster
+    from cluster.local import LocalCluster
     from protos.tls import TLSConfig
 
     fd_limit = raise_fd_limit()
@@ -435,7 +429,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         result = asyncio.run(_soak(args, cluster, tls_config, client_tls))
     finally:
         cluster.stop()
-    info = hardware()
+    info = soak_hardware()
     _print_table(result)
     print("note: a round's latency runs from the first task sent to the round committed, "
           "every node's update included")
@@ -517,10 +511,7 @@ def _compare_with_previous(path: Path, result: dict) -> None:
 
 
 def _plot(result: dict, path: Path, args: argparse.Namespace) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     if result["timeline"]:
@@ -537,6 +528,4 @@ def _plot(result: dict, path: Path, args: argparse.Namespace) -> None:
     right.set_xlabel("round")
     right.set_ylabel("round latency (s)")
     right.set_title(f"FedAvg rounds over {result['sessions_held']} sessions")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -23,7 +23,8 @@ import json
 import time
 from pathlib import Path
 
-from bench.federated import bbc_workload, hardware, label
+from bench.common import hardware, legend_outside, previous_results, pyplot, save_figure
+from bench.federated import bbc_workload, label
 
 DEFAULT_METHODS = (
     'fedavg-full;'
@@ -75,8 +76,8 @@ def _costs(args: argparse.Namespace, params: dict, num_labels: int) -> dict:
 
 def run_benchmark(args: argparse.Namespace) -> int:
     from bench.federated import parse_methods
-    from cli.cluster import LocalCluster
-    from cli.experiment import run_experiment, shard_dirs
+    from cluster.experiment import run_experiment, shard_dirs
+    from cluster.local import LocalCluster
     from protos.sdk import job_spec
 
     workdir, data_root, labels, test = bbc_workload(args)
@@ -167,11 +168,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "split.json"
-    if path.exists():
-        try:
-            previous = {r["method"]: r for r in json.loads(path.read_text())["results"]}
-        except (ValueError, KeyError):
-            previous = {}
+    found = previous_results(path, lambda r: r["method"])
+    if found is not None:
+        _, previous = found
         for row in rows:
             old = previous.get(row["method"])
             if old and old.get("accuracy") is not None and row["accuracy"] is not None:
@@ -198,12 +197,9 @@ def _lora_trainable(args: argparse.Namespace, num_labels: int) -> int:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    plt = pyplot()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     for row in rows:
         ax.scatter(row["bytes_per_device_per_round"] / 1e6, row["accuracy"] or 0.0,
                    s=40 + 300 * row["flops_vs_full"], label=row["method"])
@@ -211,7 +207,5 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("MB per device per round (log)")
     ax.set_ylabel("held-out accuracy")
     ax.set_title("Split vs federated fine-tuning (marker size: device FLOPs)")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    legend_outside(ax, fontsize=7)
+    save_figure(fig, path)

@@ -35,8 +35,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from cli.cluster import ClusterError, LocalCluster
-    from cli.experiment import run_experiment, shard_dirs
+    from cluster.experiment import run_experiment, shard_dirs
+    from cluster.local import ClusterError, LocalCluster
     from node.data import load_jsonl, prepare_bbc_shards
     from node.methods import get_method
     from protos.sdk import job_spec

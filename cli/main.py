@@ -436,10 +436,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    """Private inference on a node's model (``cli.private_inference``)."""
+    """Private inference on a node's model (``client.private_inference``)."""
     import json
 
-    from cli.private_inference import PrivateInferenceError, list_private_models, private_infer
+    from client.private_inference import PrivateInferenceError, list_private_models, private_infer
 
     if not args.private:
         print("error: nodes offer inference on their models only as two-party computation: "
@@ -480,7 +480,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     shown = result.next_token if result.next_token is not None else "-"
     top5 = top.indices.tolist()
     if result.next_token is not None:
-        from cli.private_inference import decode_token
+        from client.private_inference import decode_token
 
         top5 = [f"{i} ({decode_token(i, result.config)})" for i in top5]
     print(f"next token: id {result.next_token_id} ({shown}); top-5 ids {top5} logits "
@@ -492,7 +492,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_aero_train(args: argparse.Namespace) -> int:
-    from bench.private import train_command
+    from node.aero_training import train_command
 
     return train_command(args)
 
@@ -752,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "BBC News, offline, print its held-out perplexity and save it as "
                             "safetensors into a node's data folder (private/NAME.safetensors), "
                             "where `confide node serve` offers it for private inference.")
-    from bench.private import add_train_arguments
+    from node.aero_training import add_train_arguments
 
     add_train_arguments(p)
     p.set_defaults(func=cmd_aero_train)

@@ -31,17 +31,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agents.minions import (
-    CITATION_MODES,
-    DAEMON_MODES,
-    MAX_ROUNDS_LIMIT,
-    MODES,
-    AskCancelled,
-    AskStep,
-    ask,
-    resolve_citations,
-    validate_question,
-)
+from agents.minions.config import DAEMON_MODES, MAX_ROUNDS_LIMIT, MODES, AskCancelled
+from agents.minions.orchestrator import AskStep, ask, validate_question
+from agents.minions.policy import CITATION_MODES, resolve_citations
 from agents.model import ChatModel
 from coordinator.sessions import NodeSession, SessionRegistry
 from protos.confide.v1 import coordinator_pb2 as pb

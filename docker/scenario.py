@@ -142,7 +142,7 @@ def step_dimat(client, args, devices, servers) -> dict:
 
 
 def step_private(client, args, devices, servers) -> dict:
-    from cli.private_inference import private_infer
+    from client.private_inference import private_infer
 
     address = args.private_node
     if not address:

@@ -15,7 +15,7 @@ One configurable model gives both ends of the comparison:
 * :meth:`AeroConfig.softmax_only`: no LayerNorm, no activation (a linear FFN, which the private
   forward merges into one matrix), learnable scalar scaling and entropy regularization.
 
-The layer math is kept simple enough for ``privacy.mpc.private_forward`` to mirror it exactly:
+The layer math is kept simple enough for ``privacy.aero_2pc`` to mirror it exactly:
 linear layers, learned absolute positions (no RoPE), causal softmax attention, optional
 LayerNorm, and GELU computed as ``x * sigmoid(1.702 x)`` (the sigmoid form, the same formula the
 private forward uses; CrypTen has no GELU and its erf diverges for |x| > ~2). A test compares the
@@ -69,7 +69,7 @@ __all__ = [
 ACTIVATIONS = ("gelu", "relu", "none")
 NORMALIZATIONS = ("none", "weight", "scaled")
 MAX_ENTROPY_MODES = ("context", "row")
-GELU_SIGMOID_COEF = 1.702  # must equal privacy.mpc.GELU_SIGMOID_COEF (a test checks it)
+GELU_SIGMOID_COEF = 1.702  # must equal privacy.aero_2pc.GELU_SIGMOID_COEF (a test checks it)
 METADATA_KEY = "confide.aero.config"
 
 

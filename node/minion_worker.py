@@ -3,7 +3,7 @@
 Documents are the UTF-8 text files ``<data dir>/docs/*.txt`` (sorted by name; re-read when a
 file changes). The coordinator knows them only as opaque ids (``d0``, ``d1``, ... in that
 order) with their sizes and chunk counts: no file name, no text. A MINION task's instructions
-(JSON, validated against ``agents.minions.INSTRUCTIONS_SCHEMA``, never executed) ask the node
+(JSON, validated against ``INSTRUCTIONS_SCHEMA``, never executed) ask the node
 to describe its documents, run jobs on their chunks, chat about them, or answer directly; the
 local model (``--local-model``: ``smollm2`` by default, ``tiny``, ``path:DIR`` or
 ``openai:URL#model``, loaded on first use) does the reading, and the reply goes back as the
@@ -19,13 +19,9 @@ import logging
 import threading
 from pathlib import Path
 
-from agents.minions import (
-    CITATION_MODES,
-    DEFAULT_CHUNK_CHARS,
-    DEFAULT_CONTEXT_CHARS,
-    AskCancelled,
-    LocalWorker,
-)
+from agents.minions.config import DEFAULT_CHUNK_CHARS, DEFAULT_CONTEXT_CHARS, AskCancelled
+from agents.minions.policy import CITATION_MODES
+from agents.minions.worker import LocalWorker
 from agents.model import ChatModel
 
 log = logging.getLogger(__name__)

@@ -85,7 +85,7 @@ PROVIDERS = ("TFP", "TTP")
 ARCH_KEYS = (
     "vocab_size", "max_len", "d_model", "n_heads", "n_layers", "d_ff", "layernorm",
     "activation", "ffn", "normalization", "tie_embeddings", "ln_eps",
-)  # privacy.mpc.ARCH_KEYS (a test checks they agree)
+)  # privacy.aero_2pc.ARCH_KEYS (a test checks they agree)
 
 DATA_OWNER_RANK = 0
 MODEL_OWNER_RANK = 1

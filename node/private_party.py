@@ -3,7 +3,7 @@
 ``python -m node.private_party model-owner ...`` is what a node daemon starts for every
 ``OpenPrivateInference`` session (``node.private_inference``): it hosts the session's rendezvous
 store on the port the daemon chose, loads the model (safetensors only), joins the CrypTen
-session as the model owner and runs :func:`privacy.mpc.private_forward` with its weights. It
+session as the model owner and runs ``aero_2pc.private_forward`` with its weights. It
 never receives the data owner's token ids (only secret shares and values masked by Beaver
 triples it does not know) and never the logits (they are revealed to the data owner alone).
 It reports its progress in a small JSON status file the daemon reads, and with ``--audit`` it
@@ -11,7 +11,7 @@ records everything it received during the protocol (see :class:`Audit`).
 
 ``python -m node.private_party dealer --rendezvous tcp://HOST:PORT`` runs the Beaver-triple
 dealer of the trusted-third-party provider (TTP). The data owner's client starts one locally
-(``cli.private_inference``); a real deployment runs it on a third machine that colludes with
+(``client.private_inference``); a real deployment runs it on a third machine that colludes with
 neither party.
 
 All parties join torch.distributed as clients of the store the node's party hosts
@@ -142,7 +142,7 @@ def run_model_owner(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     use_node_hosted_store()
     from node.aero import load_aero
-    from privacy import mpc
+    from privacy import aero_2pc, mpc
 
     try:
         # the session's rendezvous store lives here, on the node, for the session's lifetime
@@ -172,7 +172,7 @@ def run_model_owner(args: argparse.Namespace) -> int:
             if audit is not None:
                 audit.install()
             start = time.perf_counter()
-            revealed = mpc.private_forward(config, args.seq_len, state_dict=state,
+            revealed = aero_2pc.private_forward(config, args.seq_len, state_dict=state,
                                            model_owner=args.rank,
                                            data_owner=args.data_owner_rank)
             forward_s = time.perf_counter() - start

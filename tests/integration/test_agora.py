@@ -14,7 +14,7 @@ import pytest
 
 from agents.agora import Agent, ClientRegistry, ProtocolDocument
 from agents.backends import CountingChat, backend_from_spec
-from cli.cluster import LocalCluster
+from cluster.local import LocalCluster
 from node.agent_service import WEATHER_INPUT, WEATHER_OUTPUT, NodeAgentService, grpc_peer
 from protos.confide.v1 import node_pb2_grpc as node_grpc
 from protos.sdk import ConfideError, SyncConfideClient

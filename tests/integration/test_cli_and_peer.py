@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file
 
-from cli.cluster import LocalCluster
+from cluster.local import LocalCluster
 from protos.chunking import assemble
 from protos.codec import tensor_map_from_bytes
 from protos.confide.v1 import node_pb2

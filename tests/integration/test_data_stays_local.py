@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cli.cluster import LocalCluster
+from cluster.local import LocalCluster
 from node.data import Example, synthetic_classification, write_jsonl
 from protos.sdk import SyncConfideClient
 from tests.integration.helpers import tiny_spec, wait_for_nodes

@@ -26,7 +26,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors import safe_open
 
-from cli.cluster import LocalCluster
+from cluster.local import LocalCluster
 from coordinator.broker import free_port
 from coordinator.jobs import normalize_spec
 from node.merging import fetch_neighbours

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from cli.cluster import LocalCluster
-from cli.experiment import Evaluator
+from cluster.experiment import Evaluator
+from cluster.local import LocalCluster
 from node.data import synthetic_classification
 from protos.codec import wire_size
 from protos.confide.v1 import coordinator_pb2 as pb

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc_tools import protoc
 
-from cli.cluster import LocalCluster
+from cluster.local import LocalCluster
 from protos.generate import PROTO_ROOT, proto_files
 from tests.integration.helpers import wait_for_nodes
 

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cli.cluster import LocalCluster
+from cluster.local import LocalCluster
 from protos.chunking import split_payload
 from protos.codec import tensor_map_to_bytes
 from protos.confide.v1 import common_pb2

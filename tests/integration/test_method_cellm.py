@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from cli.cluster import LocalCluster
+from cluster.local import LocalCluster
 from node.methods.cellm import RESIDUAL_PREFIX
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.sdk import SyncConfideClient

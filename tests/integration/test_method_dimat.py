@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cli.cluster import LocalCluster
+from cluster.local import LocalCluster
 from node.store import ModelStore
 from protos.codec import wire_size
 from protos.confide.v1 import coordinator_pb2 as pb

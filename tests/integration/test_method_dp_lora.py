@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cli.cluster import LocalCluster
+from cluster.local import LocalCluster
 from privacy.dp import RdpAccountant
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.sdk import SyncConfideClient

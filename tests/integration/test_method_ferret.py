@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from cli.cluster import LocalCluster
-from cli.experiment import Evaluator
+from cluster.experiment import Evaluator
+from cluster.local import LocalCluster
 from node.data import synthetic_classification
 from node.methods.ferret import group_parameters
 from node.store import ModelStore

@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from cli.cluster import LocalCluster
-from cli.experiment import Evaluator
+from cluster.experiment import Evaluator
+from cluster.local import LocalCluster
 from coordinator.broker import free_port
 from node.data import synthetic_classification
 from node.store import ModelStore

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cli.cluster import LocalCluster
+from cluster.local import LocalCluster
 from protos.sdk import ConfideError, SyncConfideClient
 from tests.integration.helpers import wait_for_nodes
 from tests.integration.wire_capture import WireCapture, grpc_messages

@@ -9,7 +9,7 @@ import uuid
 
 import aiomqtt
 
-from cli.cluster import LocalCluster
+from cluster.local import LocalCluster
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.events import BrokerAddress, event_from_json
 from protos.sdk import ConfideClient, SyncConfideClient

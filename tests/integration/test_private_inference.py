@@ -1,5 +1,5 @@
 """Private inference through the product path: a real node daemon (the model owner) serves
-tiny AERO-family models from its data folder; the data owner's client (``cli.private_inference``
+tiny AERO-family models from its data folder; the data owner's client (``client.private_inference``
 and ``confide infer --private``) opens sessions over gRPC and runs its party as a separate
 process. Checked: logits equal plaintext within 1e-2, the gRPC request carries no input, the
 node's MPC party only ever held shares and masked values of the input (its audit record), a
@@ -24,8 +24,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cli.cluster import LocalCluster
-from cli.private_inference import (
+from client.private_inference import (
     PrivateInferenceError,
     encode_text,
     list_private_models,
@@ -33,10 +32,11 @@ from cli.private_inference import (
     private_infer,
     run_private_session,
 )
+from cluster.local import LocalCluster
 from node import private_inference as node_private
 from node.aero import AeroConfig, AeroModel, default_tokenizer
 from node.private_inference import TokenizerSpec, publish_model
-from privacy import mpc
+from privacy import aero_2pc, mpc
 from protos.confide.v1 import node_pb2
 from protos.confide.v1 import node_pb2_grpc as node_grpc
 from tests.integration.wire_capture import WireCapture, grpc_messages
@@ -283,7 +283,7 @@ def test_the_clients_party_vanishing_fails_the_nodes_session_not_the_node(node):
         job = {"rendezvous": session.rendezvous, "rank": 0, "model_owner_rank": 1,
                "provider": "TFP", "timeout_s": 5.0, "config": json.loads(session.config_json),
                "seq_len": 64, "token_ids": list(range(1, 65))}
-        party = subprocess.Popen([sys.executable, "-m", "cli.private_inference", "data-owner",
+        party = subprocess.Popen([sys.executable, "-m", "client.private_inference", "data-owner",
                                   tmp], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
         assert party.stdin is not None
@@ -371,7 +371,7 @@ def test_sessions_are_limited_and_finished_parties_are_reaped(node):
 
 
 def test_the_public_architecture_keys_match_privacy_mpc():
-    assert node_private.ARCH_KEYS == mpc.ARCH_KEYS
+    assert node_private.ARCH_KEYS == aero_2pc.ARCH_KEYS
     assert node_private.PROVIDERS == mpc.PROVIDERS
     with pytest.raises(ValueError, match="lists 3 ids"):
         TokenizerSpec.from_dict({"name": "minilm", "ids": [1, 2, 3]}, vocab_size=4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from cli.cluster import LocalCluster
+from cluster.local import LocalCluster
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.sdk import ConfideError, SyncConfideClient
 from tests.integration.helpers import events_until, tiny_spec, wait_for_nodes

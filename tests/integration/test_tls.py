@@ -16,8 +16,8 @@ import time
 import grpc
 import pytest
 
-from cli.cluster import LocalCluster
-from cli.private_inference import PrivateInferenceError, list_private_models
+from client.private_inference import PrivateInferenceError, list_private_models
+from cluster.local import LocalCluster
 from coordinator.broker import free_port
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc

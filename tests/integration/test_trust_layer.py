@@ -7,7 +7,7 @@ import hashlib
 import grpc
 import pytest
 
-from cli.cluster import LocalCluster
+from cluster.local import LocalCluster
 from node.anonymous import load_or_create_ring_key
 from privacy.ringsig import RingKeyPair, sign
 from protos.chunking import split_payload

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-OURS = {"protos", "node", "coordinator", "privacy", "agents", "cli", "bench", "tests"}
+OURS = {"protos", "node", "coordinator", "privacy", "agents", "cluster", "client", "cli", "bench",
+        "docker", "tests"}
+#: the library layers; the tools on top (cli, docker) may use all of them
+LIBRARY = {"protos", "privacy", "agents", "node", "coordinator", "cluster", "client"}
 ALLOWED = {
     "protos": {"protos"},
     "privacy": {"privacy"},
@@ -18,6 +21,15 @@ ALLOWED = {
     "coordinator": {"coordinator", "protos", "privacy", "agents", "node.methods"},
     # ... so the method modules must stay pure themselves
     "node/methods": {"node.methods", "protos", "privacy"},
+    # running Confide as local processes (LocalCluster, experiments): demo, benchmarks, tests
+    "cluster": {"cluster", "protos", "privacy", "agents", "node", "coordinator"},
+    # the data owner's side of private inference
+    "client": {"client", "protos", "privacy", "node"},
+    # benchmarks are built on the library, never on the command line (no cli <-> bench loop)
+    "bench": LIBRARY | {"bench"},
+    # the top: `confide ...` (it runs the benchmarks) and the container scripts
+    "cli": LIBRARY | {"cli", "bench"},
+    "docker": LIBRARY | {"cli", "bench"},
 }
 
 

@@ -12,29 +12,32 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from agents.minions import (
-    INSTRUCTIONS_SCHEMA,
-    NONE_MAX_COPIED_WORDS,
-    PLAN_SCHEMA,
-    SHORT_CITATION_WORDS,
-    AskCancelled,
-    LocalWorker,
-    PlanError,
+from agents.minions.config import AskCancelled
+from agents.minions.orchestrator import (
     RecordingModel,
-    VerbatimGuard,
     ask,
-    chunk_text,
     majority_answer,
-    parse_decision,
-    parse_instructions,
-    parse_plan,
-    parse_worker_output,
-    resolve_citations,
     run_minion,
     run_minions,
     run_remote_only,
+)
+from agents.minions.policy import (
+    NONE_MAX_COPIED_WORDS,
+    SHORT_CITATION_WORDS,
+    VerbatimGuard,
+    resolve_citations,
     stricter,
 )
+from agents.minions.schemas import (
+    INSTRUCTIONS_SCHEMA,
+    PLAN_SCHEMA,
+    PlanError,
+    parse_decision,
+    parse_instructions,
+    parse_plan,
+)
+from agents.minions.text import chunk_text
+from agents.minions.worker import LocalWorker, parse_worker_output
 from agents.model import Completion, Usage
 from node.minion_worker import MinionCancelled, MinionWorker
 

@@ -24,7 +24,7 @@ import torch
 
 from node import aero
 from node.aero import AeroConfig, AeroModel, load_aero, save_aero
-from privacy import mpc
+from privacy import aero_2pc, mpc
 
 T = 8
 VOCAB = 64
@@ -83,7 +83,7 @@ def test_from_pytorch_converts_a_tiny_attention_block_with_the_legacy_exporter()
 
 
 def test_gelu_formula_is_shared():
-    assert aero.GELU_SIGMOID_COEF == mpc.GELU_SIGMOID_COEF
+    assert aero.GELU_SIGMOID_COEF == aero_2pc.GELU_SIGMOID_COEF
 
 
 SWITCHES = list(itertools.product([True, False], ["gelu", "relu", "none"], [True, False],
@@ -105,20 +105,20 @@ def test_the_private_forward_math_equals_node_aero(layernorm, activation, ffn, n
     ids = torch.randint(0, VOCAB, (T,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(ids)
-    got = mpc.reference_forward(model.state_dict(), cfg.to_dict(), ids)
+    got = aero_2pc.reference_forward(model.state_dict(), cfg.to_dict(), ids)
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
 
 
 def test_weight_spec_is_public_and_fold_checks_shapes():
     cfg = tiny_config("softmax_only")
-    spec = dict(mpc.weight_spec(cfg.to_dict(), T))
+    spec = dict(aero_2pc.weight_spec(cfg.to_dict(), T))
     assert spec["tok_emb"] == (VOCAB, 32) and spec["blocks.0.ffn.weight"] == (32, 32)
     assert "head.weight" not in spec  # tied embeddings, no LayerNorm: reuses tok_emb
     other = AeroModel(AeroConfig.softmax_only(VOCAB + 1, **TINY))
     with pytest.raises(mpc.MpcError, match="does not match the config"):
-        mpc.fold_weights(other.state_dict(), cfg.to_dict(), T)
+        aero_2pc.fold_weights(other.state_dict(), cfg.to_dict(), T)
     with pytest.raises(mpc.MpcError, match="seq_len"):
-        mpc.weight_spec(cfg.to_dict(), T + 1)
+        aero_2pc.weight_spec(cfg.to_dict(), T + 1)
 
 
 def test_session_arguments_are_checked_before_any_networking():
@@ -169,7 +169,7 @@ def _forward(rank: int, folder: Path, variant: str) -> torch.Tensor | None:
         config = json.loads((folder / f"{variant}.json").read_text())
     ids = torch.tensor(json.loads((folder / "ids.json").read_text())) if rank == DATA_OWNER \
         else None
-    return mpc.private_forward(config, T, state_dict=state if rank == MODEL_OWNER else None,
+    return aero_2pc.private_forward(config, T, state_dict=state if rank == MODEL_OWNER else None,
                                token_ids=ids, model_owner=MODEL_OWNER, data_owner=DATA_OWNER)
 
 
@@ -204,7 +204,7 @@ def _run_party(rank: int, folder: str, scenario: str, ports: list[int], timeout_
                         os._exit(3)
                     time.sleep(120)
 
-                mpc._CrypTenOps.masked_softmax = fail
+                aero_2pc._CrypTenOps.masked_softmax = fail
             with mpc.mpc_session(rank, 2, f"tcp://127.0.0.1:{ports[0]}",
                                  timeout_s=timeout_s):
                 start = time.perf_counter()

@@ -2,14 +2,14 @@
 
 ::
 
-    from cli.private_inference import private_infer
+    from client.private_inference import private_infer
 
     result = private_infer("10.0.0.5:7070", "aero", "The markets rallied after", timeout_s=60)
     result.next_token, result.logits.shape, result.stats.bytes
 
 The client asks the node for a session on one of its models (``OpenPrivateInference``: the
 model name, the sequence length and the provider travel, never a token), then runs the data
-owner's MPC party in a fresh process (``python -m cli.private_inference``: CrypTen keeps global
+owner's MPC party in a fresh process (``python -m client.private_inference``: CrypTen keeps global
 state, and a fresh interpreter needs no ``if __name__ == "__main__"`` guard in the caller) that
 meets the node's party at the rendezvous the node gave. The token ids are secret-shared with
 the node's party; the logits are revealed to this process alone. Text is tokenized here, with
@@ -201,7 +201,7 @@ def decode_token(model_id: int, config: dict[str, Any], tokenizer=None) -> str |
 
 
 def _party_main(folder: str) -> int:
-    """``python -m cli.private_inference data-owner FOLDER``: the data owner's party process.
+    """``python -m client.private_inference data-owner FOLDER``: the data owner's party process.
 
     Reads its job (rendezvous, config, token ids) from stdin as JSON (ids never appear on a
     command line, where other local users could read them) and writes ``FOLDER/result.json``
@@ -215,14 +215,14 @@ def _party_main(folder: str) -> int:
     from safetensors.torch import save_file
 
     from node.private_party import use_node_hosted_store
-    from privacy import mpc
+    from privacy import aero_2pc, mpc
 
     use_node_hosted_store()
     try:
         with mpc.mpc_session(job["rank"], 2, job["rendezvous"], timeout_s=job["timeout_s"],
                              provider=job["provider"]) as party:
             start = time.perf_counter()
-            logits = mpc.private_forward(job["config"], job["seq_len"],
+            logits = aero_2pc.private_forward(job["config"], job["seq_len"],
                                          token_ids=torch.tensor(job["token_ids"]),
                                          model_owner=job["model_owner_rank"],
                                          data_owner=job["rank"])
@@ -262,7 +262,7 @@ def run_private_session(session: node_pb2.PrivateInferenceSession, token_ids: Se
                         node_address: str, *, start_dealer: bool = True) -> dict[str, Any]:
     """Join a session the node opened, as the data owner; returns logits, stats, timing.
 
-    The party runs as a fresh process (``python -m cli.private_inference``; with TTP and
+    The party runs as a fresh process (``python -m client.private_inference``; with TTP and
     ``start_dealer`` a dealer process too). Raises :class:`privacy.mpc.MpcPeerError` (naming
     the node) when the node's party disconnects or stops answering, within the session's
     timeout per communication step.
@@ -302,7 +302,7 @@ def run_private_session(session: node_pb2.PrivateInferenceSession, token_ids: Se
                    "seq_len": session.seq_len, "token_ids": ids}
             with open(folder / "party.log", "wb") as log_file:
                 party = subprocess.Popen(
-                    [sys.executable, "-m", "cli.private_inference", "data-owner", tmp],
+                    [sys.executable, "-m", "client.private_inference", "data-owner", tmp],
                     stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                     cwd=ROOT)
             assert party.stdin is not None
@@ -371,6 +371,6 @@ def private_infer(node_address: str, model: str, text_or_token_ids: str | Sequen
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "data-owner":
-        sys.exit("usage: python -m cli.private_inference data-owner FOLDER (job JSON on stdin); "
+        sys.exit("usage: python -m client.private_inference data-owner FOLDER (job JSON on stdin); "
                  "use `confide infer --private` or private_infer() instead")
     sys.exit(_party_main(sys.argv[2]))

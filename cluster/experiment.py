@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cli.cluster import LocalCluster
+from cluster.local import LocalCluster
 from coordinator.jobs import normalize_spec
 from node.data import Example
 from node.methods import get_method, method_params
