@@ -113,6 +113,8 @@ class _Writer:
         self.parts: list[bytes] = []
 
     def uint(self, value: int, width: int) -> None:
+        if not 0 <= value < 1 << (8 * width):
+            raise SecAggMessageError(f"{value} does not fit an unsigned {8 * width}-bit field")
         self.parts.append(int(value).to_bytes(width, "big"))
 
     def f64(self, value: float) -> None:
