@@ -138,13 +138,28 @@ def advertisement_payload(job_id: str, round_: int, sender: str, c_pk: bytes,
 # ---------------------------------------------------------------- graph and parameters
 
 
-def default_degree(n: int) -> int:
+def default_degree(n: int, expected_dropout: float = 0.0, max_failure: float = 1e-3) -> int:
     """Neighbours per node: the complete graph (n - 1) for small rounds, else an even degree of
-    about ``3 log2 n`` (SecAgg+ takes O(log n); at n=100 this is 20)."""
+    at least ``3 log2 n`` (SecAgg+ takes O(log n); at n=100 this is 20), raised until the round
+    survives ``expected_dropout`` (each node independently gone by unmasking) with probability
+    ``>= 1 - max_failure``: by a union bound over the n share groups,
+    ``n * P(Binomial(k + 1, 1 - dropout) < t) <= max_failure`` with ``t`` the majority
+    threshold. A majority threshold makes heavy dropout expensive: at n=100, 10% needs k=20
+    but 30% needs the complete graph (which then fails with probability ~1e-3)."""
     if n < 2:
         return 0
+    if not 0.0 <= expected_dropout < 1.0:
+        raise ValueError("expected_dropout is a probability below 1")
     k = 2 * math.ceil(1.5 * math.log2(n))
+    while k < n - 1 and n * _group_failure(k, expected_dropout) > max_failure:
+        k += 2
     return n - 1 if k >= n - 1 else k
+
+
+def _group_failure(degree: int, dropout: float) -> float:
+    """``P(Binomial(k + 1, 1 - dropout) < t)``: a share group left with fewer than t members."""
+    m, t, alive = degree + 1, default_threshold(degree), 1.0 - dropout
+    return sum(math.comb(m, s) * alive**s * dropout ** (m - s) for s in range(t))
 
 
 def default_threshold(degree: int) -> int:
@@ -496,11 +511,13 @@ class SecAggServer:
     def new_round(cls, *, job_id: str, round_: int, participants: Sequence[str], dim: int,
                   clip: float, max_weight: int, verify: Verifier, bits: int = 32,
                   frac_bits: int | None = None, degree: int | None = None,
-                  threshold: int | None = None, graph_seed: bytes | None = None) -> SecAggServer:
-        """Phase 0: pick the graph (``degree``: :func:`default_degree`), the threshold
-        (:func:`default_threshold`) and the finest fixed-point step that cannot overflow."""
+                  threshold: int | None = None, graph_seed: bytes | None = None,
+                  expected_dropout: float = 0.0) -> SecAggServer:
+        """Phase 0: pick the graph (``degree``: :func:`default_degree` for the expected
+        dropout), the threshold (:func:`default_threshold`) and the finest fixed-point step
+        that cannot overflow."""
         ids = tuple(sorted(participants))
-        k = default_degree(len(ids)) if degree is None else degree
+        k = default_degree(len(ids), expected_dropout) if degree is None else degree
         if frac_bits is None:
             codec = FixedPointCodec.for_bounds(max_nodes=len(ids), max_weight=max_weight,
                                                clip=clip, bits=bits)

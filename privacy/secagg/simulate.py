@@ -98,7 +98,8 @@ def simulate_round(n: int, dim: int = LORA_ADAPTER_ENTRIES, dropout: float = 0.0
 
     server = SecAggServer.new_round(job_id="bench", round_=1, participants=ids, dim=dim,
                                     clip=clip, max_weight=max_weight, verify=verify, bits=bits,
-                                    degree=degree, threshold=threshold)
+                                    degree=degree, threshold=threshold,
+                                    expected_dropout=dropout)
     clients = {i: SecAggClient(i, keys[i].sign, verify) for i in ids}
     up: dict[str, list[int]] = {p: [] for p in PHASES}
     down: dict[str, list[int]] = {p: [] for p in PHASES}

@@ -431,6 +431,17 @@ def test_the_neighbour_graph():
     assert default_degree(10) == 9 and default_degree(100) == 20 and default_degree(2) == 1
 
 
+def test_the_default_degree_grows_with_the_expected_dropout():
+    degrees = [default_degree(100, d) for d in (0.0, 0.1, 0.2, 0.3)]
+    assert degrees == sorted(degrees) and degrees[0] == 20 and degrees[-1] == 99
+    # the promise, checked with scipy's binomial: at 20% dropout, 100 share groups of the chosen
+    # degree all keep a majority with probability >= 1 - 1e-3, and two neighbours fewer do not
+    def failure(k: int) -> float:
+        return 100 * stats.binom.cdf((k + 1) // 2, k + 1, 0.8)  # P(survivors < t = (k+1)//2+1)
+
+    assert failure(degrees[2]) <= 1e-3 < failure(degrees[2] - 2)
+
+
 def test_simulate_round_reports_phases_and_checks_the_sum():
     report = simulate_round(8, 300, 0.25, "after_share_keys", degree=4)
     assert report.exact and report.survivors == 6
