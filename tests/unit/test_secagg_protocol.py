@@ -194,17 +194,23 @@ def test_the_server_refuses_to_go_on_below_t_mid_protocol():
 # ---------------------------------------------------------------- an honest node's refusals
 
 
-def _masked_round(n: int = 5, skip: str | None = None):
-    """A round up to the masked inputs (``skip`` never sends its masked input)."""
-    nodes = Nodes(n)
-    values, weights = inputs(nodes)
-    server = nodes.server()
+def _through_sharing(nodes: Nodes, server: SecAggServer):
+    """Phases 1-2 without the wire encoding: the clients and the server's forwarded shares."""
     clients = {i: nodes.client(i) for i in nodes.ids}
     for i in nodes.ids:
         server.receive_advertisement(clients[i].handle_setup(server.setup))
     for i, bundle in server.close_advertising().items():
         server.receive_shares(clients[i].handle_key_bundle(bundle))
-    for i, message in server.close_sharing().items():
+    return clients, server.close_sharing()
+
+
+def _masked_round(n: int = 5, skip: str | None = None):
+    """A round up to the masked inputs (``skip`` never sends its masked input)."""
+    nodes = Nodes(n)
+    values, weights = inputs(nodes)
+    server = nodes.server()
+    clients, forwarded = _through_sharing(nodes, server)
+    for i, message in forwarded.items():
         if i != skip:
             server.receive_masked_input(
                 clients[i].handle_forwarded_shares(message, values[i], weights[i]))
@@ -302,13 +308,8 @@ def test_a_share_replayed_from_another_round_is_refused():
     values, weights = inputs(nodes)
     _, round1 = run(nodes, values, weights, round_=1)
     old = round1.forwarded[nodes.ids[0]]
-    server = nodes.server(round_=2)
-    clients = {i: nodes.client(i) for i in nodes.ids}
-    for i in nodes.ids:
-        server.receive_advertisement(clients[i].handle_setup(server.setup))
-    for i, bundle in server.close_advertising().items():
-        server.receive_shares(clients[i].handle_key_bundle(bundle))
-    fresh = server.close_sharing()[nodes.ids[0]]
+    clients, forwarded = _through_sharing(nodes, nodes.server(round_=2))
+    fresh = forwarded[nodes.ids[0]]
     replay = dataclasses.replace(fresh, shares=(old.shares[0], *fresh.shares[1:]))
     me = clients[nodes.ids[0]]
     with pytest.raises(SecAggProtocolError, match="replayed or forged"):
@@ -382,12 +383,8 @@ def test_the_masked_vector_is_independent_of_the_input():
         values[target] = update
         weights = dict.fromkeys(nodes.ids, 7)
         server = nodes.server(dim=dim)
-        clients = {i: nodes.client(i) for i in nodes.ids}
-        for i in nodes.ids:
-            server.receive_advertisement(clients[i].handle_setup(server.setup))
-        for i, bundle in server.close_advertising().items():
-            server.receive_shares(clients[i].handle_key_bundle(bundle))
-        for i, message in server.close_sharing().items():
+        clients, forwarded = _through_sharing(nodes, server)
+        for i, message in forwarded.items():
             masked = clients[i].handle_forwarded_shares(message, values[i], weights[i])
             if i == target:
                 seen.append(np.frombuffer(masked.vector, dtype="<u4")[:-1].astype(np.float64))
