@@ -110,6 +110,17 @@ def _loop_gradients(model, data, batch):
     return grads
 
 
+def _dpsgd(model, *, clip, sigma, q=0.5, n=N_EXAMPLES, seed=0):
+    return DPSGD(
+        model,
+        clip_norm=clip,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        n_examples=n,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
 @pytest.fixture(scope="module")
 def lora_setup():
     model = _tiny_lora_bert()
@@ -125,14 +136,7 @@ def lora_setup():
 def test_per_example_gradients_equal_a_loop_over_single_examples(lora_setup):
     model, reference, data, batch = lora_setup
     expected = _loop_gradients(reference, data, batch)
-    dp = DPSGD(
-        model,
-        clip_norm=1.0,
-        noise_multiplier=0.0,
-        sample_rate=0.5,
-        n_examples=N_EXAMPLES,
-        generator=torch.Generator().manual_seed(0),
-    )
+    dp = _dpsgd(model, clip=1.0, sigma=0.0)
     try:
         dp.module.zero_grad(set_to_none=True)
         _loss_fn(model, data)(batch).sum().backward()
@@ -157,14 +161,7 @@ def test_private_step_is_the_clipped_sum_over_expected_batch_size(lora_setup):
     norms = [math.sqrt(sum(float(g.pow(2).sum()) for g in e.values())) for e in expected]
     assert any(n > clip for n in norms)
     q = 0.5
-    dp = DPSGD(
-        model,
-        clip_norm=clip,
-        noise_multiplier=0.0,
-        sample_rate=q,
-        n_examples=N_EXAMPLES,
-        generator=torch.Generator().manual_seed(0),
-    )
+    dp = _dpsgd(model, clip=clip, sigma=0.0, q=q)
     try:
         stats_ = dp.private_step(batch, _loss_fn(model, data))
         assert stats_.batch_size == len(batch)
@@ -183,14 +180,7 @@ def test_private_step_is_the_clipped_sum_over_expected_batch_size(lora_setup):
 def test_optimizer_steps_on_the_private_gradient(lora_setup):
     _, reference, data, batch = lora_setup
     model = copy.deepcopy(reference)
-    dp = DPSGD(
-        model,
-        clip_norm=1.0,
-        noise_multiplier=1.0,
-        sample_rate=0.5,
-        n_examples=N_EXAMPLES,
-        generator=torch.Generator().manual_seed(3),
-    )
+    dp = _dpsgd(model, clip=1.0, sigma=1.0, seed=3)
     before = {n: p.detach().clone() for n, p in dp.params.items()}
     optimizer = torch.optim.SGD(list(dp.params.values()), lr=0.1)
     try:
@@ -204,14 +194,7 @@ def test_optimizer_steps_on_the_private_gradient(lora_setup):
 def test_eval_mode_and_bad_losses_are_refused(lora_setup):
     _, reference, data, batch = lora_setup
     model = copy.deepcopy(reference)
-    dp = DPSGD(
-        model,
-        clip_norm=1.0,
-        noise_multiplier=1.0,
-        sample_rate=0.5,
-        n_examples=N_EXAMPLES,
-        generator=torch.Generator().manual_seed(0),
-    )
+    dp = _dpsgd(model, clip=1.0, sigma=1.0)
     try:
         model.eval()
         with pytest.raises(RuntimeError, match="train"):
@@ -253,24 +236,16 @@ def test_each_clipped_contribution_is_at_most_c():
 def test_clipped_contributions_of_real_grad_samples_are_at_most_c(lora_setup):
     _, reference, data, batch = lora_setup
     model = copy.deepcopy(reference)
-    dp = DPSGD(
-        model,
-        clip_norm=0.02,
-        noise_multiplier=0.0,
-        sample_rate=0.5,
-        n_examples=N_EXAMPLES,
-        generator=torch.Generator().manual_seed(0),
-    )
+    dp = _dpsgd(model, clip=0.02, sigma=0.0)
     try:
         _loss_fn(model, data)(batch).sum().backward()
         samples = [p.grad_sample for p in dp.params.values()]
         _, norms, factors = clip_and_sum(samples, 0.02)
-        per_example = torch.sqrt(
-            sum(
-                (f[:, None] * s.reshape(len(batch), -1).double()).pow(2).sum(1)
-                for f, s in ((factors, s) for s in samples)
-            )
+        # each example's clipped gradient over all trainable parameters, from the grad samples
+        clipped = torch.cat(
+            [factors[:, None] * s.reshape(len(batch), -1).double() for s in samples], dim=1
         )
+        per_example = clipped.norm(dim=1)
         assert bool((norms > 0.02).any())
         assert bool((per_example <= 0.02).all()), per_example
     finally:
@@ -294,14 +269,7 @@ def test_noise_std_is_sigma_times_c():
     sigma, clip, q, n = 1.3, 2.5, 0.25, 40
     model = torch.nn.Sequential(torch.nn.Linear(40, 50))
     model.train()
-    dp = DPSGD(
-        model,
-        clip_norm=clip,
-        noise_multiplier=sigma,
-        sample_rate=q,
-        n_examples=n,
-        generator=torch.Generator().manual_seed(11),
-    )
+    dp = _dpsgd(model, clip=clip, sigma=sigma, q=q, n=n, seed=11)
 
     def never_called(batch):
         raise AssertionError("an empty batch must not run the model")
