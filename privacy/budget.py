@@ -346,10 +346,22 @@ class PrivacyLedger:
         Re-reads the file under the lock, refuses with :class:`BudgetExceeded` if the run would
         cross the budget (nothing is written then), otherwise appends the charge and persists
         it atomically. Charge *before* training: a crash mid-job must not leave the spending
-        unrecorded."""
+        unrecorded.
+
+        Idempotent per job: with a non-empty ``job`` already charged on this dataset with the
+        same event, nothing is added (a node that restarts mid-job and gets the job's next task
+        charges it once); the same job with a different event is a ValueError."""
         event = _event(noise_multiplier, sampling_rate, steps)
         with self._transaction() as datasets:
             self.datasets = datasets
+            previous = [c for c in self._entry(dataset).charges if job and c.job == str(job)]
+            if previous:
+                if any(c.event != event for c in previous):
+                    raise ValueError(
+                        f"job {job!r} was charged on {dataset!r} with {previous[0].event}, "
+                        f"not {event}"
+                    )
+                return self.spent(dataset)
             reason = self.refusal(dataset, event)
             if reason is not None:
                 raise BudgetExceeded(reason)

@@ -103,6 +103,20 @@ def test_uncapped_datasets_are_tracked_and_a_lower_budget_never_erases_spending(
     assert report["epsilon_remaining"] == 0.0 and report["charges"] == 1
 
 
+def test_charging_the_same_job_again_is_a_no_op(path):
+    ledger = PrivacyLedger.open(path)
+    ledger.set_budget("d", 6.0, DELTA)
+    sigma = RdpAccountant().noise_multiplier_for(5.0, DELTA, Q, STEPS)
+    spent = ledger.charge("d", sigma, Q, STEPS, job="job-1")
+    # the node restarted and the job's next round asks again: charged once, not refused
+    assert PrivacyLedger.open(path).charge("d", sigma, Q, STEPS, job="job-1") == spent
+    assert len(PrivacyLedger.open(path).datasets["d"].charges) == 1
+    with pytest.raises(ValueError, match="job-1"):
+        ledger.charge("d", sigma * 2, Q, STEPS, job="job-1")
+    with pytest.raises(BudgetExceeded):  # an anonymous charge is never deduplicated
+        ledger.charge("d", sigma, Q, STEPS)
+
+
 def test_sigma_zero_is_infinite_spending(path):
     ledger = PrivacyLedger.open(path)
     ledger.set_budget("d", 1000.0, DELTA)
