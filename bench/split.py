@@ -61,7 +61,7 @@ def _costs(args: argparse.Namespace, params: dict, num_labels: int) -> dict:
     whole model's forward FLOPs are the sum of the three parts)."""
     from node.methods import get_method
     from node.models import ModelConfig
-    from node.split_model import SplitConfig, build_split, split_costs
+    from node.split.model import SplitConfig, build_split, split_costs
 
     config = get_method("sfprompt").parse_config(params)
     model_cfg = ModelConfig(base=args.base, num_labels=num_labels, max_length=args.max_length,
