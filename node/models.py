@@ -79,7 +79,7 @@ BASES = ("minilm", "smollm2", "tiny-bert", "tiny-llama")
 ADAPTERS = ("lora", "none")
 
 # A federated method's ``trainable`` ("lora" or "full") -> the ModelConfig.adapter that trains it.
-# SFPrompt ("sfprompt") builds the plain base and cuts it (node.split_model): no PEFT wrapper.
+# SFPrompt ("sfprompt") builds the plain base and cuts it (node.split.model): no PEFT wrapper.
 _ADAPTER_FOR_TRAINABLE = {"lora": "lora", "full": "none", "sfprompt": "none"}
 
 # Which tasks each built-in base supports: BERT-style encoders are not language models.

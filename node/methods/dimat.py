@@ -7,23 +7,12 @@ Saadati et al., "DIMAT: Decentralized Iterative Merging-And-Training for Deep Le
     Trainable state w_i of node i: every floating parameter of the model (``trainable = "full"``).
     No coordinator in the data path: models travel between neighbours only.
 
-    Topology (fixed for a job; every node derives the same graph from the sorted node ids and the
-    config, nothing to agree on at run time). Node k is the k-th id in sorted order.
-        ring    i ~ i-1, i+1 (mod n)
-        full    every pair
-        random  a connected k-regular graph (k = ``degree``) drawn from ``seed``: the circulant
-                k-regular graph, then 10|E| seeded double-edge swaps that keep it simple, k-regular
-                and connected (Python's ``random.Random``, stable across versions and platforms,
-                unlike a networkx generator whose algorithm may change between releases)
-        edges   an explicit list "0-1,1-2,..." of positions in the sorted id list
-    A topology that leaves the graph disconnected is a configuration error: the nodes could
-    never reach consensus.
-
-    Mixing matrix (Metropolis-Hastings, needs only the degrees of a node and its neighbours):
+    Topology and mixing (``node.methods.topology``, computed by the coordinator): a fixed graph
+    over the job's sorted node ids ("ring", "full", seeded k-regular "random", or explicit
+    "edges"; connected, or the job is refused), and the Metropolis-Hastings mixing matrix
         w_ij = 1 / (1 + max(d_i, d_j)) for each edge ij,   w_ii = 1 - sum_j w_ij.
-    Symmetric and doubly stochastic for every undirected graph; 1/3 everywhere on a ring.
 
-    Node i, every round (the transport calls ``dimat_merge``):
+    Node i, every round (``node.merging.merge.merge_round`` runs steps 2-4):
         1. train locally from w_i for the round's period (the job's local epochs or steps)
         2. fetch w_j from every neighbour j; an unreachable neighbour is skipped for this merge
            and the row is re-weighted (``renormalized_weights``)
@@ -35,6 +24,10 @@ Saadati et al., "DIMAT: Decentralized Iterative Merging-And-Training for Deep Le
            reads them (columns): a function-preserving change of w_j that lines its units up
            with w_i's.          merge == "gossip": no alignment.     merge == "none": keep w_i.
         4. w_i <- w_ii w_i + sum_j w_ij P(w_j)         (in float64, cast back to w_i's dtype)
+
+Where the node's parts live: ``node.merging.fetch`` (step 2, peer to peer),
+``node.merging.permutation`` (the groups below), ``node.merging.activations`` and
+``node.merging.alignment`` (step 3), ``node.merging.merge`` (step 4).
 
 What is permuted (the hidden units only: the residual stream, of width ``hidden_size``, is never
 permuted, so every permutation stays inside one block and the groups are independent):
@@ -167,9 +160,9 @@ class DIMAT(DecentralizedMethod):
     """DIMAT's config for the job machinery (``parse_config`` validates job parameters).
 
     There is no coordinator-side aggregation: neighbours exchange full states peer to peer and
-    each node merges with ``dimat_merge``; the coordinator only schedules train and merge
-    phases and tells each node its neighbours and mixing weights (``neighbours``,
-    ``mixing_weights``).
+    each node merges with ``node.merging.merge.dimat_merge``; the coordinator only schedules
+    train and merge phases and tells each node its neighbours and mixing weights
+    (``node.methods.topology``).
     """
 
     name = "dimat"
