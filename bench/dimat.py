@@ -93,7 +93,9 @@ def _mlp_part(args: argparse.Namespace) -> list[dict]:
     """Separately initialized MLPs on label-skewed Gaussian clusters, merged in process."""
     import torch
 
-    from node.methods.dimat import DIMATConfig, dimat_merge, mixing_weights, neighbours
+    from node.merging.merge import dimat_merge
+    from node.methods.dimat import DIMATConfig
+    from node.methods.topology import mixing_weights, neighbours
 
     classes, dim, hidden = 8, 16, 64
     g = torch.Generator().manual_seed(args.seed)

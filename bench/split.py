@@ -8,7 +8,7 @@ fine-tuning of the same model on the same data. SFPrompt runs plain, with EL2N p
 with pruning plus local-loss steps. The paper (Cao et al. 2024) reports 53% less communication
 and 0.46% of the local compute of federated full fine-tuning; the table says what we measure.
 
-FLOPs are counted analytically (``node.split_model.split_costs``: linear maps and attention
+FLOPs are counted analytically (``node.split.model.split_costs``: linear maps and attention
 matmuls per position, backward = input gradients + weight gradients where weights train), not
 timed: full fine-tuning costs 3x the forward pass per position, FedAvg-LoRA about 2x (input
 gradients through every frozen layer; its small adapters' weight gradients are left out), an
@@ -62,7 +62,7 @@ def _costs(args: argparse.Namespace, params: dict, num_labels: int) -> dict:
     whole model's forward FLOPs are the sum of the three parts)."""
     from node.methods import get_method
     from node.models import ModelConfig
-    from node.split_model import SplitConfig, build_split, split_costs
+    from node.split.model import SplitConfig, build_split, split_costs
 
     config = get_method("sfprompt").parse_config(params)
     model_cfg = ModelConfig(base=args.base, num_labels=num_labels, max_length=args.max_length,

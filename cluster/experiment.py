@@ -15,11 +15,13 @@ from cluster.local import LocalCluster
 from coordinator.jobs import normalize_spec
 from node.data import Example
 from node.methods import get_method, method_params
-from node.methods.sfprompt import SFPROMPT_TRAINABLE, LocalBody, SplitTrainer
+from node.methods.sfprompt import SFPROMPT_TRAINABLE
 from node.models import job_model_config
-from node.split_model import SplitConfig, build_split
+from node.split.body import LocalBody
+from node.split.model import SplitConfig, build_split
+from node.split.trainer import SplitTrainer
 from node.store import ModelStore
-from node.trainer import LoraTrainer
+from node.training.lora import LoraTrainer
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.sdk import SyncConfideClient
 

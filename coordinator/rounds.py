@@ -25,7 +25,7 @@ from coordinator.sessions import NodeSession, SessionRegistry, TaskOutcome
 from coordinator.store import RoundRecord, Store
 from node.methods import ClientUpdate, Method, get_method, method_params
 from node.methods.base import STATE_DIGEST_FEATURE, state_digest
-from node.methods.dimat import mixing_weights, neighbours
+from node.methods.topology import mixing_weights, neighbours
 from protos.codec import CodecError, tensor_map_from_bytes, tensor_map_to_bytes, to_dense
 from protos.confide.v1 import coordinator_pb2 as pb
 

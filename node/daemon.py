@@ -20,7 +20,7 @@ from node.methods.base import STATE_DIGEST_FEATURE
 from node.peer import NodePeerService
 from node.private_inference import PrivateInference
 from node.session import CoordinatorLink
-from node.split_transport import SplitServer
+from node.split.transport import SplitServer
 from node.store import ModelStore
 from node.worker import TaskWorker
 from protos.confide.v1 import coordinator_pb2 as pb

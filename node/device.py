@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator
 
 import torch
 
-__all__ = ["autocast", "autocast_dtype", "select_device"]
+__all__ = ["autocast", "autocast_dtype", "bf16_autocast", "seeded_rng", "select_device"]
 
 _CUDA_RE = re.compile(r"^cuda(?::(\d+))?$")
 
@@ -73,3 +74,23 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def bf16_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """``autocast`` minus fp16: bf16 on GPUs that have it, else float32. For a model split
+    between parties, whose fp16 loss scaling would have to cross the seam."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def seeded_rng(device: torch.device, seed: int) -> Iterator[None]:
+    """torch's RNG (and ``device``'s CUDA RNG) seeded with ``seed`` inside, the caller's
+    random state untouched outside: dropout in a training round is reproducible."""
+    devices = []
+    if device.type == "cuda":
+        devices = [torch.cuda.current_device() if device.index is None else device.index]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

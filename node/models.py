@@ -61,6 +61,7 @@ __all__ = [
     "TASKS",
     "ModelConfig",
     "adapter_for",
+    "base_model_and_tokenizer",
     "build_base_model",
     "build_full_model",
     "build_lora_model",
@@ -78,7 +79,7 @@ BASES = ("minilm", "smollm2", "tiny-bert", "tiny-llama")
 ADAPTERS = ("lora", "none")
 
 # A federated method's ``trainable`` ("lora" or "full") -> the ModelConfig.adapter that trains it.
-# SFPrompt ("sfprompt") builds the plain base and cuts it (node.split_model): no PEFT wrapper.
+# SFPrompt ("sfprompt") builds the plain base and cuts it (node.split.model): no PEFT wrapper.
 _ADAPTER_FOR_TRAINABLE = {"lora": "lora", "full": "none", "sfprompt": "none"}
 
 # Which tasks each built-in base supports: BERT-style encoders are not language models.
@@ -504,10 +505,11 @@ def _head_names(model: torch.nn.Module) -> list[str]:
     return [name for name in _HEAD_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)]
 
 
-def _model_and_tokenizer(
+def base_model_and_tokenizer(
     cfg: ModelConfig, cache_dir: Path | str | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base model and its tokenizer, the model's pad token set from the tokenizer's."""
+    """The seeded base model and its tokenizer, the model's pad token set from the
+    tokenizer's: what every trainer builds on (LoRA, full-parameter, a split model)."""
     if cfg.base == "smollm2":  # building the model fills the cache the tokenizer reads
         model = build_base_model(cfg, cache_dir)
         tokenizer = load_tokenizer(cfg, cache_dir)
@@ -528,7 +530,7 @@ def build_lora_model(
     (``classifier`` / ``score``) through ``modules_to_save``: a random head cannot stay frozen.
     """
     cfg.validate()
-    model, tokenizer = _model_and_tokenizer(cfg, cache_dir)
+    model, tokenizer = base_model_and_tokenizer(cfg, cache_dir)
     classification = cfg.task == "sequence-classification"
     heads = _head_names(model) if classification else []
     if classification and not heads:
@@ -556,7 +558,7 @@ def build_full_model(
     tokenizer: what full-parameter methods (Ferret) train. Built exactly as the LoRA path builds
     its base, so the same ``seed`` gives the same weights on every node."""
     cfg.validate()
-    model, tokenizer = _model_and_tokenizer(cfg, cache_dir)
+    model, tokenizer = base_model_and_tokenizer(cfg, cache_dir)
     for param in model.parameters():
         param.requires_grad_(param.is_floating_point())
     return model, tokenizer

@@ -1,6 +1,6 @@
 """The node's peer service (NodePeer): what other nodes, and the coordinator when it can
 reach the node, ask of it directly: the node's info, the global models it holds, the body of
-SFPrompt jobs on a node with the "split-server" role (``node.split_transport``), and private
+SFPrompt jobs on a node with the "split-server" role (``node.split.transport``), and private
 inference sessions on its AERO models (``node.private_inference``)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import grpc
 
 from node.agent_service import NodeAgentService
 from node.private_inference import PrivateInference, PrivateInferenceError
-from node.split_transport import SplitServer
+from node.split.transport import SplitServer
 from node.store import ModelStore
 from protos.chunking import split_payload
 from protos.codec import tensor_map_to_bytes

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from cluster.local import LocalCluster
 from coordinator.broker import free_port
 from coordinator.jobs import normalize_spec
-from node.merging import fetch_neighbours
+from node.merging.fetch import fetch_neighbours
 from protos.confide.v1 import common_pb2, node_pb2
 from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import node_pb2_grpc as node_grpc

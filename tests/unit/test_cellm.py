@@ -9,7 +9,7 @@ import torch
 from node.methods import ClientUpdate, UpdateError, get_method, known_methods
 from node.methods.cellm import RESIDUAL_PREFIX, CELLMConfig, keep_count
 from node.models import ModelConfig
-from node.trainer import LoraTrainer
+from node.training.lora import LoraTrainer
 from protos.codec import (
     CodecError,
     QuantizedTensor,

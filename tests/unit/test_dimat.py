@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,22 +16,17 @@ from peft import LoraConfig, get_peft_model
 from torch.func import functional_call
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+from node.merging.activations import CorrelationStats
+from node.merging.alignment import align, assignment, match_permutation
+from node.merging.merge import dimat_merge, merge
+from node.merging.permutation import apply_permutation, permutation_spec
 from node.methods.base import UpdateError
-from node.methods.dimat import (
-    DIMAT,
-    CorrelationStats,
-    DIMATConfig,
-    align,
-    apply_permutation,
-    assignment,
-    dimat_merge,
-    match_permutation,
-    merge,
+from node.methods.dimat import DIMAT, DIMATConfig
+from node.methods.topology import (
     mixing_matrix,
     mixing_weights,
     neighbours,
     parse_edges,
-    permutation_spec,
     renormalized_weights,
 )
 
@@ -528,3 +526,17 @@ def test_parse_edges_canonicalizes():
         parse_edges("0-1,a-b")
     with pytest.raises(ValueError, match="unique"):
         neighbours(DIMATConfig(), ["a", "a"])
+
+
+@pytest.mark.parametrize("module", ["coordinator.service", "node.methods", "node.methods.dimat"])
+def test_the_coordinator_and_the_pure_method_modules_do_not_import_scipy(module):
+    """Topology and mixing are pure: the coordinator schedules DIMAT without the node-side
+    alignment machinery (scipy's linear assignment). (torch.func is not checked: ``import
+    torch`` loads it itself.)"""
+    root = Path(__file__).resolve().parents[2]
+    code = (f"import sys, {module}\n"
+            "leaked = sorted(m for m in sys.modules if m == 'scipy' or m.startswith('scipy.'))\n"
+            "print(','.join(leaked))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                         text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "", f"importing {module} imported {out.stdout.strip()}"

@@ -30,7 +30,7 @@ from node.methods.ferret import (
     state_digest,
 )
 from node.models import ModelConfig, adapter_for, job_model_config
-from node.trainer import LoraTrainer
+from node.training.lora import LoraTrainer
 from protos.codec import (
     SeedProjectedTensor,
     tensor_map_from_bytes,

@@ -24,7 +24,7 @@ from node.models import (
     load_tokenizer,
     smollm2_cache_dir,
 )
-from node.trainer import LoraTrainer
+from node.training.lora import LoraTrainer
 
 TINY_CLS = ModelConfig(base="tiny-bert", num_labels=4, max_length=32)
 TINY_LM = ModelConfig(task="causal-lm", base="tiny-llama", max_length=32)

@@ -1,4 +1,4 @@
-"""SFPrompt: the U-shaped split (node.split_model) and the method (node.methods.sfprompt).
+"""SFPrompt: the U-shaped split (node.split) and the method (node.methods.sfprompt).
 
 Tiny random-init models: the split's forward and backward must be the unsplit model's, the body
 must see only hidden states and a mask, pruning keeps exactly the top EL2N fraction, local-loss
@@ -23,25 +23,19 @@ from transformers import (
 
 from node.data import Example, synthetic_classification, synthetic_text
 from node.methods import ClientUpdate, get_method
-from node.methods.sfprompt import (
-    LocalBody,
-    SFPrompt,
-    SFPromptConfig,
-    SplitTrainer,
-    activation_bytes,
-    el2n,
-    top_fraction,
-)
+from node.methods.sfprompt import SFPrompt, SFPromptConfig
 from node.models import ModelConfig, load_tokenizer
-from node.split_model import (
+from node.split.body import LocalBody, activation_bytes
+from node.split.model import (
     SplitConfig,
     build_split,
-    build_split_trainer,
     device_parts,
     server_part,
     split_costs,
     split_model,
 )
+from node.split.pruning import el2n, top_fraction
+from node.split.trainer import SplitTrainer, build_split_trainer
 
 HIDDEN = 64
 
@@ -226,7 +220,7 @@ def test_body_receives_only_float_hidden_states_and_a_mask(bert_parts):
     trainer.evaluate(examples[:4], body)
     trainer.load_trainable_state(start)
 
-    encoded = trainer._encode(examples)
+    encoded = trainer._batcher.encode(examples)
     all_ids = {tok for e in encoded for tok in e["input_ids"]}
     assert len(body.forwards) == 3 and len(body.backwards) == 2
     for _step, hidden, mask, _ in body.forwards:

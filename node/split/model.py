@@ -35,7 +35,7 @@ What is trainable (``split_model`` sets ``requires_grad``): the prompts; with ``
 every parameter of the tail except a causal LM's ``lm_head`` (vocabulary-sized and, for
 SmolLM2, tied to the input embeddings: training it would ship the whole vocabulary matrix every
 round; ``train_lm_head`` opts in); nothing of the head's embeddings or layers; nothing of the
-body (the server decides; see ``LocalBody`` in ``node.methods.sfprompt``).
+body (the server decides; see ``node.split.body.LocalBody``).
 
 The parts share the original model's submodules (no copies). ``device_parts`` and
 ``server_part`` strip the model of what the other side holds, so a device never keeps the body
@@ -63,8 +63,8 @@ from transformers import (
 )
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
-from node.methods.sfprompt import SFPromptConfig, SplitTrainer
-from node.models import ModelConfig, build_base_model, load_tokenizer
+from node.methods.sfprompt import SFPromptConfig
+from node.models import ModelConfig, base_model_and_tokenizer
 
 __all__ = [
     "DeviceHead",
@@ -75,7 +75,6 @@ __all__ = [
     "SplitCosts",
     "SplitParts",
     "build_split",
-    "build_split_trainer",
     "device_parts",
     "server_part",
     "split_costs",
@@ -527,16 +526,7 @@ def build_split(
         raise ValueError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
     model_cfg.validate()
     split_cfg.validate()
-    # As node.models builds a base for training: tokenizer first (SmolLM2: model first, it fills
-    # the cache the tokenizer reads), pad token id copied onto the model config.
-    if model_cfg.base == "smollm2":
-        model = build_base_model(model_cfg, cache_dir)
-        tokenizer = load_tokenizer(model_cfg, cache_dir)
-    else:
-        tokenizer = load_tokenizer(model_cfg, cache_dir)
-        model = build_base_model(model_cfg, cache_dir, tokenizer=tokenizer)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    model, tokenizer = base_model_and_tokenizer(model_cfg, cache_dir)
     if role == "device":
         head, tail = device_parts(model, split_cfg)
         return SplitParts(head, None, tail, tokenizer)
@@ -544,26 +534,6 @@ def build_split(
         return SplitParts(None, server_part(model, split_cfg), None, None)
     head, body, tail = split_model(model, split_cfg)
     return SplitParts(head, body, tail, tokenizer)
-
-
-def build_split_trainer(
-    model_cfg: ModelConfig,
-    method_cfg: SFPromptConfig,
-    device: torch.device | str = "cpu",
-    cache_dir: Path | str | None = None,
-) -> SplitTrainer:
-    """The device side of an SFPrompt job: head + tail of the seeded base, ready to train."""
-    split_cfg = SplitConfig.from_method(method_cfg, model_cfg.seed)
-    parts = build_split(model_cfg, split_cfg, role="device", cache_dir=cache_dir)
-    assert parts.head is not None and parts.tail is not None and parts.tokenizer is not None
-    return SplitTrainer(
-        parts.head,
-        parts.tail,
-        parts.tokenizer,
-        max_length=model_cfg.max_length,
-        activation_dtype=method_cfg.activation_dtype,
-        device=device,
-    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ The coordinator sends a MERGE task naming the node's neighbours (their peer addr
 mixing weights) once every member finished training the round. The node then streams each
 neighbour's model of that round straight from the neighbour (``NodePeer.FetchModel``,
 which="shared": chunked raw tensors, never through the coordinator), and
-merges with ``node.methods.dimat.dimat_merge``. A neighbour that cannot be reached, or sends a
+merges with ``node.merging.merge.dimat_merge``. A neighbour that cannot be reached, or sends a
 model that does not fit, is skipped for this merge and its weight handled by the job's
 ``unreachable`` policy; the node goes on.
 """

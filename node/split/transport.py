@@ -1,6 +1,6 @@
 """SFPrompt over the wire: the device's ``RemoteBody`` and the split-server's ``SplitServer``.
 
-``node.methods.sfprompt`` trains through a ``Body`` seam (forward the head's activations, get
+``node.split.trainer`` trains through a ``Body`` seam (forward the head's activations, get
 the body's output; backward the gradient of that output, get the gradient of the activations).
 This module carries that seam over the ``NodePeer.SplitSession`` stream:
 
@@ -42,9 +42,10 @@ import grpc
 import torch
 
 from node.methods import get_method, method_params
-from node.methods.sfprompt import LocalBody, SFPromptConfig
+from node.methods.sfprompt import SFPromptConfig
 from node.models import model_config
-from node.split_model import SplitConfig, build_split
+from node.split.body import LocalBody
+from node.split.model import SplitConfig, build_split
 from protos.chunking import ChunkAssembler, ChunkError, split_payload, wire_bytes
 from protos.codec import CodecError, tensor_map_from_bytes, tensor_map_to_bytes, to_dense
 from protos.confide.v1 import coordinator_pb2 as pb
@@ -91,7 +92,7 @@ def _decode(payload: bytes, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
 
 
 class RemoteBody:
-    """The ``Body`` of ``node.methods.sfprompt`` on another node, reached over a stream.
+    """The ``Body`` of ``node.split.body`` on another node, reached over a stream.
 
     Blocking: each ``forward`` / ``backward`` sends one step's tensors and waits for the
     answer. ``bytes_up`` / ``bytes_down`` count every message of the stream. Use as a

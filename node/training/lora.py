@@ -12,44 +12,30 @@ are safetensors, never pickles.
 from __future__ import annotations
 
 import math
-import os
 import random
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
 
 from node.data import Example
-from node.device import autocast, autocast_dtype, select_device
+from node.device import autocast, autocast_dtype, seeded_rng, select_device
 from node.models import ModelConfig, build_model
+from node.training.batching import Batcher
+from node.training.state import (
+    check_state,
+    copy_into,
+    cpu_copies,
+    load_state_file,
+    save_state_file,
+)
+from node.training.task import ProgressFn, round_seed
+from protos.confide.v1 import coordinator_pb2 as pb
 
-__all__ = ["LoraTrainer", "load_state_file", "save_state_file"]
-
-ProgressFn = Callable[[int, int, float], None]
-
-
-def save_state_file(path: Path, state: Mapping[str, torch.Tensor]) -> None:
-    """Write tensors to a safetensors file atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_state_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read tensors from a safetensors file (on the CPU), in sorted key order."""
-    loaded = load_file(str(path), device="cpu")
-    return {name: loaded[name] for name in sorted(loaded)}
+__all__ = ["LoraTrainer"]
 
 
 class LoraTrainer:
@@ -75,6 +61,8 @@ class LoraTrainer:
         self.tokenizer = tokenizer
         self._classification = cfg.task == "sequence-classification"
         self._full = cfg.adapter == "none"
+        self._batcher = Batcher(tokenizer, task=cfg.task, num_labels=cfg.num_labels,
+                                max_length=cfg.max_length, device=self.device)
         initial = self._current_state()
         # Sorted names: the same order however the model was built or the state was read back.
         self._keys = sorted(initial)
@@ -99,11 +87,7 @@ class LoraTrainer:
         parameter names with ``adapter="none"``; identical on every node that built the same
         ``ModelConfig``.
         """
-        state = self._current_state()
-        return {
-            name: state[name].detach().to(device="cpu", dtype=torch.float32).clone()
-            for name in self._keys
-        }
+        return cpu_copies(self._current_state(), self._keys)
 
     def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load trainable tensors (e.g. a round's global adapter); strict about names and shapes.
@@ -111,33 +95,16 @@ class LoraTrainer:
         A partial or mismatched state means the sender built a different model (other base,
         rank or targets); loading it silently would train from a wrong start, so it is an error.
         """
-        expected = set(self._keys)
-        missing = sorted(expected - set(state))
-        unexpected = sorted(set(state) - expected)
-        if missing or unexpected:
-            what = "full" if self._full else f"r={self.cfg.lora_r}"
-            raise ValueError(
-                f"trainable state does not match this model ({self.cfg.base}, {what})"
-                f": missing {_preview(missing)}, unexpected {_preview(unexpected)}"
-            )
-        wrong = [
-            f"{name}: got {tuple(state[name].shape)}, expected {self._shapes[name]}"
-            for name in self._keys
-            if tuple(state[name].shape) != self._shapes[name]
-        ]
-        if wrong:
-            raise ValueError(f"trainable state has wrong shapes: {_preview(wrong)}")
+        what = "full" if self._full else f"r={self.cfg.lora_r}"
+        check_state(state, self._shapes, f"this model ({self.cfg.base}, {what})")
+        if self._full:
+            copy_into(self._current_state(), state)
+            return
         current = self._current_state()
-        converted = {
+        set_peft_model_state_dict(self.model, {
             name: state[name].detach().to(device=self.device, dtype=current[name].dtype)
             for name in self._keys
-        }
-        if self._full:
-            with torch.no_grad():
-                for name in self._keys:
-                    current[name].copy_(converted[name])
-        else:
-            set_peft_model_state_dict(self.model, converted)
+        })
 
     def save_trainable_state(self, path: Path) -> None:
         """Write the trainable state to a safetensors file, atomically."""
@@ -148,65 +115,21 @@ class LoraTrainer:
         """Read a trainable state written by ``save_trainable_state`` (pass it to ``load_...``)."""
         return load_state_file(path)
 
-    # ---------------------------------------------------------------- batches
-
-    def _check(self, examples: Sequence[Example]) -> None:
-        if not examples:
-            raise ValueError("no examples: a node needs at least one example to train or evaluate")
-        if self._classification:
-            n = self.cfg.num_labels
-            for i, ex in enumerate(examples):
-                if ex.label is None or isinstance(ex.label, bool) or not 0 <= ex.label < n:
-                    raise ValueError(
-                        f"example {i} has label {ex.label!r}; sequence-classification with "
-                        f"num_labels={n} needs integer labels in [0, {n})"
-                    )
-
-    def _encode(self, examples: Sequence[Example]) -> list[dict[str, list[int]]]:
-        encoded = self.tokenizer(
-            [ex.text for ex in examples],
-            truncation=True,
-            max_length=self.cfg.max_length,
-            return_token_type_ids=False,
-        )
-        return [
-            {"input_ids": ids, "attention_mask": mask}
-            for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
-        ]
-
-    def _collate(
-        self, encoded: Sequence[dict[str, list[int]]], labels: Sequence[int | None]
-    ) -> dict[str, torch.Tensor]:
-        """Pad one batch to its own longest sequence (dynamic padding) and attach labels."""
-        batch = self.tokenizer.pad(list(encoded), padding=True, return_tensors="pt")
-        out = {
-            "input_ids": batch["input_ids"].to(self.device),
-            "attention_mask": batch["attention_mask"].to(self.device),
-        }
-        if self._classification:
-            out["labels"] = torch.tensor(list(labels), dtype=torch.long, device=self.device)
-        else:
-            out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
-        return out
-
     def batch(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         """``examples`` as one model-ready batch (ids, mask, labels) on the trainer's device:
         what a merge runs through the model to match hidden units (DIMAT)."""
-        self._check(examples)
-        return self._collate(self._encode(examples), [ex.label for ex in examples])
-
-    def _batches(
-        self,
-        encoded: Sequence[dict[str, list[int]]],
-        examples: Sequence[Example],
-        order: Sequence[int],
-        batch_size: int,
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            yield self._collate([encoded[i] for i in idx], [examples[i].label for i in idx])
+        return self._batcher.batch(examples)
 
     # ---------------------------------------------------------------- train / evaluate
+
+    def train_task(self, task: pb.Task, examples: Sequence[Example], progress: ProgressFn,
+                   scratch: dict[str, Any]) -> tuple[int, dict[str, float]]:
+        """A TRAIN task's local training, as its job's train spec says."""
+        train = task.spec.train
+        metrics = self.train(examples, epochs=train.local_epochs, max_steps=train.max_steps,
+                             batch_size=train.batch_size, learning_rate=train.learning_rate,
+                             seed=round_seed(task), progress=progress)
+        return len(examples), metrics
 
     def train(
         self,
@@ -228,7 +151,7 @@ class LoraTrainer:
         with a large shard does not hold the round up; 0 = no cap). The data order and any
         dropout are seeded by ``seed``, so a round is reproducible.
         """
-        self._check(examples)
+        self._batcher.check(examples)
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
         if max_steps < 0:
@@ -238,43 +161,24 @@ class LoraTrainer:
         if not learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
 
-        encoded = self._encode(examples)
+        encoded = self._batcher.encode(examples)
         per_epoch = math.ceil(len(examples) / batch_size)
         total = min(max_steps, epochs * per_epoch) if max_steps > 0 else epochs * per_epoch
+        batches = self._batcher.shuffled(examples, encoded, batch_size, random.Random(seed))
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=learning_rate)
         use_scaler = autocast_dtype(self.device) == torch.float16
         scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        rng = random.Random(seed)
         losses: list[float] = []
-        cuda_devices = []
-        if self.device.type == "cuda":
-            index = self.device.index
-            cuda_devices = [torch.cuda.current_device() if index is None else index]
 
         self.model.train()
         # A progress callback may raise to abort (cancellation): drop the gradients either way.
         try:
-            with torch.random.fork_rng(devices=cuda_devices):
-                torch.manual_seed(seed)
-                for _ in range(epochs):
-                    order = list(range(len(examples)))
-                    rng.shuffle(order)
-                    for batch in self._batches(encoded, examples, order, batch_size):
-                        with autocast(self.device):
-                            loss = self.model(**batch).loss
-                        optimizer.zero_grad(set_to_none=True)
-                        scaler.scale(loss).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
-                        value = float(loss.detach())
-                        losses.append(value)
-                        if progress is not None:
-                            progress(len(losses), total, value)
-                        if len(losses) >= total:
-                            break
-                    if len(losses) >= total:
-                        break
+            with seeded_rng(self.device, seed):
+                for batch in islice(batches, total):
+                    losses.append(self._step(batch, optimizer, scaler))
+                    if progress is not None:
+                        progress(len(losses), total, losses[-1])
         finally:
             optimizer.zero_grad(set_to_none=True)
         return {
@@ -285,6 +189,18 @@ class LoraTrainer:
             "num_examples": len(examples),
         }
 
+    def _step(self, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+              scaler: torch.amp.GradScaler) -> float:
+        """One optimizer step on one batch; the loss. (Example-level DP-SGD replaces this
+        step: per-example gradients, clipped and noised, instead of the batch gradient.)"""
+        with autocast(self.device):
+            loss = self.model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return float(loss.detach())
+
     @torch.no_grad()
     def evaluate(self, examples: Sequence[Example], *, batch_size: int = 32) -> dict[str, float]:
         """Loss and accuracy (classification) or loss and perplexity (causal LM).
@@ -292,18 +208,17 @@ class LoraTrainer:
         Classification loss is the mean over examples; language-model loss is the mean over
         predicted tokens, so perplexity does not depend on how examples fall into batches.
         """
-        self._check(examples)
+        self._batcher.check(examples)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         was_training = self.model.training
         self.model.eval()
         try:
-            encoded = self._encode(examples)
-            order = list(range(len(examples)))
+            encoded = self._batcher.encode(examples)
             loss_sum = 0.0
             count = 0
             correct = 0
-            for batch in self._batches(encoded, examples, order, batch_size):
+            for batch in self._batcher.in_order(examples, encoded, batch_size):
                 with autocast(self.device):
                     out = self.model(**batch)
                 if self._classification:
@@ -321,9 +236,3 @@ class LoraTrainer:
             return {"loss": loss, "accuracy": correct / len(examples)}
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
-
-def _preview(items: Sequence[str], limit: int = 5) -> str:
-    if not items:
-        return "none"
-    shown = ", ".join(items[:limit])
-    return f"[{shown}, ... {len(items) - limit} more]" if len(items) > limit else f"[{shown}]"
