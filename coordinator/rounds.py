@@ -24,10 +24,10 @@ from coordinator.incentives import Bid, proportional_share
 from coordinator.sessions import NodeSession, SessionRegistry, TaskOutcome
 from coordinator.store import RoundRecord, Store
 from node.methods import ClientUpdate, Method, get_method, method_params
-from node.methods.base import STATE_DIGEST_FEATURE, state_digest
 from node.methods.dimat import mixing_weights, neighbours
 from protos.codec import CodecError, tensor_map_from_bytes, tensor_map_to_bytes, to_dense
 from protos.confide.v1 import coordinator_pb2 as pb
+from protos.state import STATE_DIGEST_FEATURE, state_digest
 
 log = logging.getLogger(__name__)
 
@@ -542,7 +542,7 @@ class JobRunner:
         if outcome.ok:
             try:
                 decoded = tensor_map_from_bytes(outcome.payload or b"")
-                self.method.check_update(state, decoded)
+                self.method.check_update(self.config, state, decoded)
                 update = ClientUpdate(outcome.node_id, decoded, self._capped(outcome, caps))
             except (CodecError, ValueError) as exc:
                 reason = f"invalid update: {exc}"

@@ -18,7 +18,7 @@ import torch
 from node.data import LocalData
 from node.merging import fetch_neighbours
 from node.methods import UpdateError, get_method, method_params
-from node.methods.base import Method, MethodConfig, state_digest
+from node.methods.base import Method, MethodConfig
 from node.methods.dimat import DIMATConfig, check_neighbour_state, dimat_merge
 from node.methods.sfprompt import SFPROMPT_TRAINABLE, SFPromptConfig, SplitTrainer
 from node.minion_worker import MinionCancelled, MinionWorker
@@ -29,6 +29,7 @@ from node.store import ModelStore
 from node.trainer import LoraTrainer
 from protos.codec import tensor_map_from_bytes, tensor_map_to_bytes, to_dense
 from protos.confide.v1 import coordinator_pb2 as pb
+from protos.state import state_digest
 
 log = logging.getLogger(__name__)
 
