@@ -134,9 +134,9 @@ class SimNode:
     async def run(self, gate: asyncio.Semaphore) -> None:
         import grpc
 
-        from node.methods.base import STATE_DIGEST_FEATURE
         from protos.confide.v1 import coordinator_pb2 as pb
         from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
+        from protos.state import STATE_DIGEST_FEATURE
         from protos.tls import aio_channel
 
         options = [("grpc.max_receive_message_length", 8 * 1024 * 1024),

@@ -20,7 +20,7 @@ from coordinator.events import EventLog
 from coordinator.jobs import JOB_ID_PATTERN, normalize_spec
 from coordinator.minions import AskOrchestrator, AskRejected
 from coordinator.protocols import ProtocolRegistry, RegistryFull
-from coordinator.rounds import JobRunner
+from coordinator.runner import JobRunner
 from coordinator.sessions import NodeSession, SessionRegistry
 from coordinator.store import TERMINAL_STATES, Store
 from protos.chunking import ChunkAssembler, ChunkError, split_payload, wire_bytes

@@ -16,11 +16,14 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from protos.chunking import ChunkAssembler, ChunkError, split_payload, wire_bytes
 from protos.confide.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -268,6 +271,22 @@ class SessionRegistry:
 
     def online(self) -> list[NodeSession]:
         return [s for s in self._sessions.values() if not s.closed]
+
+    async def wait_until(self, ready: Callable[[], T | None], timeout: float) -> T | None:
+        """What ``ready`` returns once it is not None, or None after ``timeout`` seconds.
+        ``ready`` is asked again whenever a session opens or closes, and at least every
+        second (a node's busy flag changes with its heartbeats, which signal nothing)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = ready()
+            if value is not None:
+                return value
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), min(remaining, 1.0))
 
     def expire(self, max_silence_s: float) -> list[NodeSession]:
         """Close sessions silent for longer than ``max_silence_s`` (a dead peer, a partition)."""

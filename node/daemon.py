@@ -16,7 +16,6 @@ from node.agent_service import NodeAgentService, demo_capabilities
 from node.anonymous import load_or_create_ring_key
 from node.data import LocalData
 from node.device import select_device
-from node.methods.base import STATE_DIGEST_FEATURE
 from node.peer import NodePeerService
 from node.private_inference import PrivateInference
 from node.session import CoordinatorLink
@@ -27,6 +26,7 @@ from protos.confide.v1 import coordinator_pb2 as pb
 from protos.confide.v1 import node_pb2_grpc as node_grpc
 from protos.identity import NodeKey
 from protos.interceptors import MalformedRequestInterceptor
+from protos.state import STATE_DIGEST_FEATURE
 from protos.tls import add_port as tls_add_port
 from protos.tls import configure as tls_configure
 from protos.tls import load as tls_load

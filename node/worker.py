@@ -18,7 +18,7 @@ import torch
 from node.data import LocalData
 from node.merging.merge import merge_round
 from node.methods import UpdateError, get_method, method_params
-from node.methods.base import Method, MethodConfig, state_digest
+from node.methods.base import Method, MethodConfig
 from node.minion_worker import MinionCancelled, MinionWorker
 from node.models import job_model_config
 from node.store import ModelStore
@@ -26,6 +26,7 @@ from node.training.registry import trainer_kind
 from node.training.task import ProgressFn, TaskTrainer
 from protos.codec import tensor_map_from_bytes, tensor_map_to_bytes, to_dense
 from protos.confide.v1 import coordinator_pb2 as pb
+from protos.state import state_digest
 
 log = logging.getLogger(__name__)
 

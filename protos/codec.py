@@ -1,7 +1,7 @@
 """Tensor codec: torch tensors <-> ``confide.v1`` protobuf messages, never pickle.
 
 Why this module exists: every tensor that crosses a process boundary (model weights, adapter
-updates, sparse top-k deltas, seed-projected scalars, quantized updates) travels as raw
+updates, sparse top-k deltas, seed-projected scalars) travels as raw
 little-endian bytes with an explicit dtype and shape, so a receiver can validate it *before*
 allocating or trusting anything. Unpickling a peer's bytes would run the peer's code; decoding
 these messages only ever builds tensors.
@@ -34,7 +34,6 @@ __all__ = [
     "MAX_RANK",
     "SUPPORTED_DTYPES",
     "CodecError",
-    "QuantizedTensor",
     "SeedProjectedTensor",
     "SparseTensor",
     "WireTensor",
@@ -245,26 +244,6 @@ class SparseTensor:
             flat[self.indices.cpu()] = self.values.detach().cpu()
         return flat.reshape(self.shape)
 
-    @classmethod
-    def from_dense_topk(cls, t: torch.Tensor, k: int) -> SparseTensor:
-        """Keep the ``k`` entries of largest magnitude (indices sorted ascending).
-
-        ``k`` larger than the tensor's size keeps every entry; ``k < 0`` is a ValueError.
-        """
-        if k < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
-        flat = t.detach().cpu().reshape(-1)
-        k = min(int(k), flat.numel())
-        if k == 0:
-            indices = torch.empty(0, dtype=torch.int64)
-        elif k == flat.numel():
-            indices = torch.arange(k, dtype=torch.int64)
-        else:
-            magnitude = flat.to(torch.uint8) if flat.dtype == torch.bool else flat.abs()
-            indices = torch.topk(magnitude, k, sorted=False).indices
-            indices = torch.sort(indices).values.to(torch.int64)
-        return cls(shape=tuple(t.shape), indices=indices, values=flat[indices].clone())
-
 
 @dataclass(frozen=True)
 class SeedProjectedTensor:
@@ -316,113 +295,7 @@ def _round_to_float32(values: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(float(x) for x in rounded.astype(np.float64))
 
 
-@dataclass(frozen=True)
-class QuantizedTensor:
-    """A uniformly quantized tensor: ``value = scale * (q - zero_point)``, q in 0..255.
-
-    Why: 8-bit updates cut bytes on the wire by 4x against float32. ``data`` holds one byte
-    per element in C order; ``dtype`` is the dtype :meth:`dequantize` returns.
-    """
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    bits: int
-    scale: float
-    zero_point: float
-    data: bytes
-
-    def __post_init__(self) -> None:
-        shape = _shape_tuple(self.shape, "quantized tensor")
-        object.__setattr__(self, "shape", shape)
-        object.__setattr__(self, "data", bytes(self.data))
-        if self.bits != 8:
-            raise CodecError(f"quantized tensor has bits={self.bits}; only 8-bit is supported")
-        if not self.dtype.is_floating_point or self.dtype not in SUPPORTED_DTYPES:
-            raise CodecError(
-                f"quantized tensor must dequantize to a floating dtype the wire carries, "
-                f"got {self.dtype}"
-            )
-        if not (math.isfinite(self.scale) and self.scale > 0):
-            raise CodecError(f"quantized tensor scale must be finite and > 0, got {self.scale}")
-        if not math.isfinite(self.zero_point):
-            raise CodecError(f"quantized tensor zero_point must be finite, got {self.zero_point}")
-        numel = math.prod(shape)
-        if len(self.data) != numel:
-            raise CodecError(
-                f"quantized tensor of shape {list(shape)} needs {numel} data bytes "
-                f"(one per element at 8 bits), got {len(self.data)}"
-            )
-
-    @classmethod
-    def quantize(cls, t: torch.Tensor, bits: int = 8) -> QuantizedTensor:
-        """Uniform min/max quantization to uint8.
-
-        Scale and zero point are chosen as the float32 numbers the wire will carry, and so
-        that the grid covers [min, max]: every element dequantizes to within ``scale / 2``
-        of its value (before rounding to the output dtype).
-        """
-        if bits != 8:
-            raise CodecError(f"only 8-bit quantization is supported, got bits={bits}")
-        if not t.dtype.is_floating_point or t.dtype not in SUPPORTED_DTYPES:
-            raise CodecError(f"can only quantize floating tensors, got {t.dtype}")
-        values = t.detach().cpu().to(torch.float64).reshape(-1)
-        if values.numel() and not torch.isfinite(values).all():
-            raise CodecError("cannot quantize NaN or infinite values; send the tensor dense")
-        lo = float(values.min()) if values.numel() else 0.0
-        hi = float(values.max()) if values.numel() else 0.0
-        scale, zero_point = _quantization_grid(lo, hi)
-        q = torch.round(values / scale + zero_point).clamp_(0, 255).to(torch.uint8)
-        return cls(
-            shape=tuple(t.shape),
-            dtype=t.dtype,
-            bits=8,
-            scale=scale,
-            zero_point=zero_point,
-            data=q.numpy().tobytes(),
-        )
-
-    def dequantize(self) -> torch.Tensor:
-        """``scale * (q - zero_point)`` computed in float64, returned as ``dtype``."""
-        q = torch.frombuffer(bytearray(self.data), dtype=torch.uint8) if self.data else None
-        if q is None:
-            return torch.zeros(self.shape, dtype=self.dtype)
-        out = (q.to(torch.float64) - self.zero_point) * self.scale
-        return out.to(self.dtype).reshape(self.shape)
-
-
-def _float32_at_least(x: float) -> float:
-    """The smallest float32 >= x (as a Python float); inf when x is beyond float32."""
-    with np.errstate(over="ignore"):
-        f = np.float32(x)
-    if float(f) < x:
-        f = np.nextafter(f, np.float32(np.inf))
-    return float(f)
-
-
-def _quantization_grid(lo: float, hi: float) -> tuple[float, float]:
-    """Float32 (scale, zero_point) whose 256-point grid covers [lo, hi] in float64."""
-    span = hi - lo
-    if span == 0:
-        span = abs(lo) or 1.0  # constant tensor: any grid that contains the value
-    scale = span / 255
-    for _ in range(100):
-        s32 = _float32_at_least(scale)
-        if not math.isfinite(s32) or s32 == 0:
-            break
-        z32 = _float32_at_least(-lo / s32)  # grid bottom -s32 * z32 <= lo
-        if not math.isfinite(z32):
-            break
-        top = s32 * (255.0 - z32)
-        if top >= hi:
-            return s32, z32
-        scale = s32 * (1.0 + max(2.0**-22, (hi - top) / span))
-    raise CodecError(
-        f"cannot quantize values in [{lo!r}, {hi!r}] to 8 bits with float32 scale and zero "
-        "point; send the tensor dense"
-    )
-
-
-WireTensor: TypeAlias = torch.Tensor | SparseTensor | SeedProjectedTensor | QuantizedTensor
+WireTensor: TypeAlias = torch.Tensor | SparseTensor | SeedProjectedTensor
 """Anything :func:`encode_named` can put on the wire."""
 
 
@@ -596,19 +469,9 @@ def encode_named(name: str, value: WireTensor) -> common_pb2.NamedTensor:
             generator=value.generator,
         )
         return common_pb2.NamedTensor(name=name, projected=projected)
-    if isinstance(value, QuantizedTensor):
-        quantized = common_pb2.QuantizedTensor(
-            dtype=dtype_to_proto(value.dtype),
-            shape=list(value.shape),
-            bits=value.bits,
-            scale=value.scale,
-            zero_point=value.zero_point,
-            data=value.data,
-        )
-        return common_pb2.NamedTensor(name=name, quantized=quantized)
     raise TypeError(
         f"tensor {name!r}: cannot encode {type(value).__name__}; expected a torch.Tensor, "
-        "SparseTensor, SeedProjectedTensor or QuantizedTensor"
+        "SparseTensor or SeedProjectedTensor"
     )
 
 
@@ -621,7 +484,7 @@ def decode_named(
     if kind is None:
         raise CodecError(
             f"tensor {_label(name)} carries no value; "
-            "set one of dense, sparse, projected, quantized"
+            "set one of dense, sparse, projected"
         )
     if kind == "dense":
         return name, tensor_from_proto(
@@ -631,8 +494,6 @@ def decode_named(
         return name, _decode_sparse(name, msg.sparse, max_elements)
     if kind == "projected":
         return name, _decode_projected(name, msg.projected, max_elements)
-    if kind == "quantized":
-        return name, _decode_quantized(name, msg.quantized, max_elements)
     raise CodecError(f"tensor {_label(name)} has unsupported variant {kind!r}")  # pragma: no cover
 
 
@@ -674,32 +535,6 @@ def _decode_projected(
         coefficients=tuple(msg.coefficients),
         generator=msg.generator,
     )
-
-
-def _decode_quantized(
-    name: str, msg: common_pb2.QuantizedTensor, max_elements: int
-) -> QuantizedTensor:
-    what = f"quantized tensor {_label(name)}"
-    dtype = dtype_from_proto(msg.dtype, what)
-    shape, numel = _check_shape(msg.shape, what, max_elements)
-    if msg.bits != 8:
-        raise CodecError(f"{what} has bits={msg.bits}; only 8-bit quantization is supported")
-    if len(msg.data) != numel:
-        raise CodecError(
-            f"{what} of shape {list(shape)} needs {numel} data bytes (one per element at 8 "
-            f"bits), got {len(msg.data)}"
-        )
-    try:
-        return QuantizedTensor(
-            shape=shape,
-            dtype=dtype,
-            bits=msg.bits,
-            scale=msg.scale,
-            zero_point=msg.zero_point,
-            data=msg.data,
-        )
-    except CodecError as exc:
-        raise CodecError(f"tensor {_label(name)}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- tensor maps
@@ -751,7 +586,7 @@ def tensor_map_from_bytes(
 
 
 def to_dense(value: WireTensor) -> torch.Tensor:
-    """The dense tensor a dense, sparse or quantized value stands for.
+    """The dense tensor a dense or sparse value stands for.
 
     A :class:`SeedProjectedTensor` raises CodecError: only its method's direction generator
     can turn seeds and coefficients back into a tensor.
@@ -760,8 +595,6 @@ def to_dense(value: WireTensor) -> torch.Tensor:
         return value
     if isinstance(value, SparseTensor):
         return value.to_dense()
-    if isinstance(value, QuantizedTensor):
-        return value.dequantize()
     if isinstance(value, SeedProjectedTensor):
         raise CodecError(
             f"a seed-projected tensor (generator {value.generator!r}) cannot be densified by "

@@ -10,8 +10,6 @@ any node daemon internals, and tests can run them without processes.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import struct
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -151,9 +149,14 @@ class FederatedMethod(Method):
         so far). Merged into the round's metrics and its ``round.completed`` event."""
         return {}
 
-    def check_update(self, global_state: State, payload: Mapping[str, WireTensor]) -> None:
-        """Reject an update whose names or shapes do not match the global state, so
-        one bad node cannot poison (or crash) the aggregation."""
+    def check_update(
+        self, config: MethodConfig, global_state: State, payload: Mapping[str, WireTensor]
+    ) -> None:
+        """Coordinator side, the one validation of an update: raise ``UpdateError`` for one
+        that does not fit this job and round (here: names, shapes, finite float values;
+        methods add their own rules). The coordinator calls it once, before the node counts
+        as a participant, so ``aggregate`` can trust every update it is given and one bad
+        node can neither poison nor crash the aggregation."""
         missing = sorted(set(global_state) - set(payload))
         extra = sorted(set(payload) - set(global_state))
         if missing or extra:
@@ -169,8 +172,6 @@ class FederatedMethod(Method):
             if isinstance(value, SeedProjectedTensor):
                 continue  # scalars only; the method regenerates the directions
             values = value.values if isinstance(value, SparseTensor) else value
-            if not isinstance(values, torch.Tensor):
-                continue  # quantized: dequantized by the method
             if not values.dtype.is_floating_point:
                 raise UpdateError(f"tensor {name!r} must be floating point, got {values.dtype}")
             if not torch.isfinite(values).all():
@@ -198,22 +199,3 @@ def weighted_mean_of_deltas(global_state: State, deltas: Sequence[tuple[State, f
             acc += delta[name].to(torch.float64) * (weight / total)
         result[name] = (value.to(torch.float64) + acc).to(value.dtype)
     return result
-
-
-STATE_DIGEST_FEATURE = "state-digest"
-"""``NodeInfo.features`` entry of a node that builds global states itself (the seeded first
-round, compact broadcasts) and checks them against ``Task.global_digest``."""
-
-
-def state_digest(state: Mapping[str, torch.Tensor], person: bytes = b"confide-state") -> bytes:
-    """BLAKE2b-256 of a state's names, dtypes, shapes and bytes (sorted by name), with
-    ``person`` for domain separation: names one exact global state, so a node and the
-    coordinator can tell they hold the same bits."""
-    h = hashlib.blake2b(digest_size=32, person=person)
-    for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
-        header = f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}".encode()
-        h.update(struct.pack("<Q", len(header)) + header)
-        if tensor.numel():
-            h.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return h.digest()

@@ -282,10 +282,12 @@ class CELLM(FederatedMethod):
 
     # ------------------------------------------------------------------ coordinator side
 
-    def check_update(self, global_state: State, payload: Mapping[str, WireTensor]) -> None:
+    def check_update(
+        self, config: MethodConfig, global_state: State, payload: Mapping[str, WireTensor]
+    ) -> None:
         """Names, shapes and finite float values (the base checks), then: dense or sparse
         tensors only, sparse indices 1-D integers, in range and each used once."""
-        super().check_update(global_state, payload)
+        super().check_update(config, global_state, payload)
         for name, value in payload.items():
             if isinstance(value, torch.Tensor):
                 continue
@@ -329,14 +331,9 @@ class CELLM(FederatedMethod):
         assert isinstance(config, CELLMConfig)
         if not updates:
             raise UpdateError("cannot aggregate a round without updates")
-        deltas = []
-        for update in updates:
-            try:  # the coordinator checked already; a pure caller may not have
-                self.check_update(global_state, update.payload)
-            except UpdateError as exc:
-                raise UpdateError(f"update of {update.node_id}: {exc}") from None
-            deltas.append(
-                ({name: to_dense(value) for name, value in update.payload.items()},
-                 float(update.num_examples))
-            )
+        deltas = [
+            ({name: to_dense(value) for name, value in update.payload.items()},
+             float(update.num_examples))
+            for update in updates
+        ]
         return weighted_mean_of_deltas(global_state, deltas)

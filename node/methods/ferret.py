@@ -78,7 +78,6 @@ first round's w_0 is the seeded initial state, which every node builds itself.
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import struct
 from collections.abc import Mapping, Sequence
@@ -93,10 +92,8 @@ from node.methods.base import (
     State,
     UpdateError,
 )
-from node.methods.base import state_digest as base_state_digest
 from protos.codec import SeedProjectedTensor, WireTensor
-
-log = logging.getLogger(__name__)
+from protos.state import state_digest as base_state_digest
 
 GENERATOR = "ferret-tn1"
 """The direction generator's name on the wire (truncated normal, chunks of ``CHUNK``)."""
@@ -382,16 +379,13 @@ class Ferret(FederatedMethod):
     # ---------------------------------------------------------------- coordinator side
 
     def check_update(
-        self,
-        global_state: State,
-        payload: Mapping[str, WireTensor],
-        config: MethodConfig | None = None,
+        self, config: MethodConfig, global_state: State, payload: Mapping[str, WireTensor]
     ) -> None:
         """Reject an update that does not fit this round: names are groups (not parameters),
         the round tag must be this global state's, every group's direction ids must be
-        0..n-1 with n what the config allows (at most ``MAX_K`` without one), shapes and the
-        generator must match, and the scalars must be finite."""
-        assert config is None or isinstance(config, FerretConfig)
+        0..n-1 with n what the config allows, shapes and the generator must match, and the
+        scalars must be finite."""
+        assert isinstance(config, FerretConfig)
         self._check(group_parameters(global_state), state_digest(global_state), payload, config)
 
     @staticmethod
@@ -399,7 +393,7 @@ class Ferret(FederatedMethod):
         groups: Sequence[Group],
         digest: bytes,
         payload: Mapping[str, WireTensor],
-        config: FerretConfig | None,
+        config: FerretConfig,
     ) -> None:
         expected = {group.key for group in groups} | {ROUND_KEY}
         missing = sorted(expected - set(payload))
@@ -436,8 +430,8 @@ class Ferret(FederatedMethod):
                     f"torch.float32 ({group.size},)"
                 )
             count = len(value.seeds)
-            cap = group.directions(config.k if config is not None else MAX_K)
-            low = min(2, cap) if config is None or config.adaptive else cap
+            cap = group.directions(config.k)
+            low = min(2, cap) if config.adaptive else cap
             if not low <= count <= cap:
                 raise UpdateError(
                     f"{what} carries {count} coefficients, this job expects "
@@ -467,35 +461,21 @@ class Ferret(FederatedMethod):
         updates: Sequence[ClientUpdate],
         round_number: int,
     ) -> tuple[State, dict[str, WireTensor]]:
-        """Steps 5-7: the mean scalars of the accepted updates (the compact broadcast: every
-        party rebuilds the step from the same seeds) and the state they lead to."""
+        """Steps 5-7: the mean scalars of the updates (each passed ``check_update``; the
+        compact broadcast: every party rebuilds the step from the same seeds) and the state
+        they lead to."""
         assert isinstance(config, FerretConfig)
         if not updates:
             raise UpdateError("cannot aggregate a round without updates")
         digest = state_digest(global_state)
         groups = group_parameters(global_state)
-        accepted = []
-        for update in updates:
-            try:  # the config-dependent counts; check_update without a config bounds them only
-                self._check(groups, digest, update.payload, config)
-            except UpdateError as exc:
-                log.warning(
-                    "ferret round %d: ignoring the update of %s: %s",
-                    round_number,
-                    update.node_id,
-                    exc,
-                )
-                continue
-            accepted.append(update)
-        if not accepted:
-            raise UpdateError("no update fits this round's parameter groups and directions")
-        total = float(sum(update.num_examples for update in accepted))
+        total = float(sum(update.num_examples for update in updates))
         if total <= 0:
             raise UpdateError("no update carries a positive weight (all nodes reported 0 examples)")
         mean_payload: dict[str, WireTensor] = {ROUND_KEY: round_tag(digest)}
         for group in groups:
-            mean = [0.0] * max(len(u.payload[group.key].seeds) for u in accepted)
-            for update in accepted:
+            mean = [0.0] * max(len(u.payload[group.key].seeds) for u in updates)
+            for update in updates:
                 weight = update.num_examples / total
                 for j, c in enumerate(update.payload[group.key].coefficients):
                     mean[j] += weight * c

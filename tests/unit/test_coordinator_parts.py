@@ -130,8 +130,11 @@ def test_update_weights_are_capped_at_the_registered_dataset(tmp_path):
     """A node's claimed example count weights its update: at most what it registered, 0 for
     a node that registered none, and an anonymous update at most the largest dataset of the
     round's ring."""
+    from coordinator.anonymous import AnonymousInbox
     from coordinator.events import EventLog
-    from coordinator.rounds import JobRunner
+    from coordinator.federated_rounds import FederatedRounds
+    from coordinator.job import RunningJob
+    from coordinator.node_pool import NodePool
     from coordinator.sessions import SessionRegistry, TaskOutcome
 
     store = Store(tmp_path)
@@ -143,11 +146,12 @@ def test_update_weights_are_capped_at_the_registered_dataset(tmp_path):
         store.upsert_node(name, keys[name], info)
     store.create_job("0123456789ab", normalize_spec(job_spec(anonymous=True, min_nodes=2)))
     store.save_round_ring("0123456789ab", 1, sorted([keys["a"], keys["c"]]))
-    runner = JobRunner("0123456789ab", store, SessionRegistry(), EventLog(store))
-    caps = runner._example_caps(1, runner._node_infos())
+    job = RunningJob.load("0123456789ab", store, SessionRegistry(), EventLog(store))
+    pool = NodePool(job)
+    caps = FederatedRounds(job, pool, AnonymousInbox())._example_caps(1, pool.infos())
 
     def weight(node_id: str, claimed: int) -> int:
-        return JobRunner._capped(TaskOutcome(node_id, "t", True, num_examples=claimed), caps)
+        return FederatedRounds._capped(TaskOutcome(node_id, "t", True, num_examples=claimed), caps)
 
     assert weight("a", 10**9) == 40 and weight("a", 7) == 7
     assert weight("c", 10**9) == 0

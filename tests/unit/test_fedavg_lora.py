@@ -41,7 +41,8 @@ def test_aggregate_accepts_sparse_updates():
     method = get_method("fedavg-lora")
     global_state = {"w": torch.zeros(5)}
     dense = torch.tensor([0.0, 2.0, 0.0, -1.0, 0.0])
-    sparse = SparseTensor.from_dense_topk(dense, 2)
+    sparse = SparseTensor(shape=(5,), indices=torch.tensor([1, 3]),
+                          values=torch.tensor([2.0, -1.0]))
     result = method.aggregate(method.parse_config({}), global_state,
                               [ClientUpdate("n", {"w": sparse}, 1)], 1)
     assert torch.equal(result["w"], dense)
@@ -50,17 +51,21 @@ def test_aggregate_accepts_sparse_updates():
 def test_check_update_rejects_mismatches():
     method = get_method("fedavg-lora")
     global_state = _state(0.0)
+
+    def check(payload):
+        method.check_update(method.parse_config({}), global_state, payload)
+
     with pytest.raises(UpdateError, match="missing"):
-        method.check_update(global_state, {"a": torch.zeros(2, 3)})
+        check({"a": torch.zeros(2, 3)})
     with pytest.raises(UpdateError, match="shape"):
-        method.check_update(global_state, {"a": torch.zeros(3, 2), "b": torch.zeros(4)})
+        check({"a": torch.zeros(3, 2), "b": torch.zeros(4)})
     with pytest.raises(UpdateError, match="NaN"):
-        method.check_update(global_state, {"a": torch.full((2, 3), float("nan")),
-                                           "b": torch.zeros(4)})
+        check({"a": torch.full((2, 3), float("nan")),
+               "b": torch.zeros(4)})
     with pytest.raises(UpdateError, match="floating point"):
-        method.check_update(global_state, {"a": torch.zeros(2, 3, dtype=torch.int64),
-                                           "b": torch.zeros(4)})
-    method.check_update(global_state, _state(1.0))
+        check({"a": torch.zeros(2, 3, dtype=torch.int64),
+               "b": torch.zeros(4)})
+    check(_state(1.0))
 
 
 def test_zero_examples_everywhere_is_an_error_not_a_division_by_zero():

@@ -201,7 +201,7 @@ def test_adaptive_counts_follow_the_group_update_norms():
     payload = FERRET.client_update(config, global_state, local, {})
     counts = [len(payload[f"group:000{i}"].seeds) for i in range(3)]
     assert counts == [16, 8, 2]
-    FERRET.check_update(global_state, payload, config)
+    FERRET.check_update(config, global_state, payload)
     result = FERRET.aggregate(config, global_state, [ClientUpdate("n", payload, 1)], 1)
     assert not torch.equal(result["c"], global_state["c"])
 
@@ -223,7 +223,7 @@ def test_uplink_is_k_scalars_and_seed_ids_per_group():
     assert 5 * scalars < wire_size(payload) <= 5 * scalars + 3 * 40 + 40
     assert wire_size(payload) == wire_size(_structural_payload(global_state, 24))
     decoded = tensor_map_from_bytes(tensor_map_to_bytes(payload))
-    FERRET.check_update(global_state, decoded, config)
+    FERRET.check_update(config, global_state, decoded)
 
 
 def test_uplink_for_minilm_is_under_18_kilobytes(capsys):
@@ -253,8 +253,7 @@ def test_check_update_rejects_what_the_coordinator_did_not_prescribe():
     global_state = _state(0, a=5, b=300, c=2000)
     config = FERRET.parse_config({"k": 8})
     good = FERRET.client_update(config, global_state, _moved(global_state, 1), {})
-    FERRET.check_update(global_state, good)
-    FERRET.check_update(global_state, good, config)
+    FERRET.check_update(config, global_state, good)
 
     def changed(key, **fields):
         value = good[key]
@@ -290,34 +289,32 @@ def test_check_update_rejects_what_the_coordinator_did_not_prescribe():
     ]
     for payload, message in cases:
         with pytest.raises(UpdateError, match=message):
-            FERRET.check_update(global_state, payload, config)
+            FERRET.check_update(config, global_state, payload)
     # an update from another round's state: its tag (and so its directions) are not this one's
     stale = FERRET.client_update(config, _moved(global_state, 5), global_state, {})
     with pytest.raises(UpdateError, match="stale"):
-        FERRET.check_update(global_state, stale)
-    # without the job's config the counts are only bounded
-    FERRET.check_update(global_state, cases[3][0])
+        FERRET.check_update(config, global_state, stale)
     with pytest.raises(UpdateError, match="coefficients"):
         over = tuple(range(MAX_K + 1))
         FERRET.check_update(
-            global_state, changed("group:0002", seeds=over, coefficients=(0.0,) * len(over))
+            config, global_state,
+            changed("group:0002", seeds=over, coefficients=(0.0,) * len(over)),
         )
 
 
-def test_aggregate_ignores_updates_the_config_forbids_and_fails_without_any():
+def test_check_update_rejects_what_the_config_forbids_and_aggregate_needs_a_weight():
+    """The config-aware check is ``check_update``'s (the coordinator drops such an update
+    before it counts); ``aggregate`` trusts its input."""
     global_state = _state(0, a=300)
     config = FERRET.parse_config({"k": 8})
     good = FERRET.client_update(config, global_state, _moved(global_state, 1), {})
     wide = FERRET.client_update(
         FERRET.parse_config({"k": 16}), global_state, _moved(global_state, 2), {}
     )
-    alone = FERRET.aggregate(config, global_state, [ClientUpdate("a", good, 5)], 1)
-    both = FERRET.aggregate(
-        config, global_state, [ClientUpdate("a", good, 5), ClientUpdate("b", wide, 5)], 1
-    )
-    assert torch.equal(alone["a"], both["a"])
-    with pytest.raises(UpdateError, match="no update fits"):
-        FERRET.aggregate(config, global_state, [ClientUpdate("b", wide, 5)], 1)
+    with pytest.raises(UpdateError, match="16 coefficients, this job expects 8"):
+        FERRET.check_update(config, global_state, wide)
+    with pytest.raises(UpdateError, match="without updates"):
+        FERRET.aggregate(config, global_state, [], 1)
     with pytest.raises(UpdateError, match="positive weight"):
         FERRET.aggregate(config, global_state, [ClientUpdate("a", good, 0)], 1)
 

@@ -454,7 +454,7 @@ def test_two_devices_aggregate_by_example_weighted_mean(bert_parts):
         for i, (local, n) in enumerate(zip(locals_, counts, strict=True))
     ]
     for update in updates:
-        method.check_update(global_state, update.payload)
+        method.check_update(config, global_state, update.payload)
     result = method.aggregate(config, global_state, updates, 1)
     for name in global_state:
         expected = (locals_[0][name] * 8 + locals_[1][name] * 24) / 32

@@ -41,9 +41,9 @@ def test_a_compact_broadcast_needs_the_kept_base_state_and_the_right_result(tmp_
     """Ferret's downlink: the node rebuilds the round's state from the state it kept and the
     mean scalars, or asks for the whole state (no kept state, another base, wrong result)."""
     from node.methods import ClientUpdate, get_method
-    from node.methods.base import state_digest
     from node.worker import NeedsFullState
     from protos.codec import tensor_map_to_bytes
+    from protos.state import state_digest
 
     write_jsonl(tmp_path / "data" / "train.jsonl", synthetic_classification(16, 2, seed=1))
     models = ModelStore(tmp_path / "models")
@@ -82,8 +82,8 @@ def test_a_compact_broadcast_needs_the_kept_base_state_and_the_right_result(tmp_
 def test_the_first_round_state_is_built_from_the_seed_and_checked(tmp_path):
     """Round 1 sends no state: the node builds the job's seeded state, as INIT does, and
     asks for the whole state when its bits differ from the coordinator's."""
-    from node.methods.base import state_digest
     from node.worker import NeedsFullState
+    from protos.state import state_digest
 
     write_jsonl(tmp_path / "data" / "train.jsonl", synthetic_classification(16, 2, seed=1))
     models = ModelStore(tmp_path / "models")

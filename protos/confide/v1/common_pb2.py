@@ -24,31 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63onfide/v1/common.proto\x12\nconfide.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.confide.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xbb\x01\n\x0cSparseTensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.confide.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12#\n\x07indices\x18\x03 \x01(\x0b\x32\x12.confide.v1.Tensor\x12\"\n\x06values\x18\x04 \x01(\x0b\x32\x12.confide.v1.Tensor\x12\x31\n\x0eindex_encoding\x18\x05 \x01(\x0e\x32\x19.confide.v1.IndexEncoding\"~\n\x13SeedProjectedTensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.confide.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05seeds\x18\x03 \x03(\x04\x12\x14\n\x0c\x63oefficients\x18\x04 \x03(\x02\x12\x11\n\tgenerator\x18\x05 \x01(\t\"\x81\x01\n\x0fQuantizedTensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.confide.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x62its\x18\x03 \x01(\r\x12\r\n\x05scale\x18\x04 \x01(\x02\x12\x12\n\nzero_point\x18\x05 \x01(\x02\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"\xdd\x01\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05\x64\x65nse\x18\x02 \x01(\x0b\x32\x12.confide.v1.TensorH\x00\x12*\n\x06sparse\x18\x03 \x01(\x0b\x32\x18.confide.v1.SparseTensorH\x00\x12\x34\n\tprojected\x18\x04 \x01(\x0b\x32\x1f.confide.v1.SeedProjectedTensorH\x00\x12\x30\n\tquantized\x18\x05 \x01(\x0b\x32\x1b.confide.v1.QuantizedTensorH\x00\x42\x07\n\x05value\"5\n\tTensorMap\x12(\n\x07tensors\x18\x01 \x03(\x0b\x32\x17.confide.v1.NamedTensor\"l\n\x05\x43hunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06sha256\x18\x06 \x01(\x0c\"%\n\tByteCount\x12\n\n\x02up\x18\x01 \x01(\x04\x12\x0c\n\x04\x64own\x18\x02 \x01(\x04*\x93\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05INT32\x10\x06\x12\t\n\x05INT16\x10\x07\x12\x08\n\x04INT8\x10\x08\x12\t\n\x05UINT8\x10\t\x12\x08\n\x04\x42OOL\x10\n*F\n\rIndexEncoding\x12\x13\n\x0fINDEX_POSITIONS\x10\x00\x12\x0e\n\nINDEX_GAPS\x10\x01\x12\x10\n\x0cINDEX_BITMAP\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63onfide/v1/common.proto\x12\nconfide.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.confide.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xbb\x01\n\x0cSparseTensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.confide.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12#\n\x07indices\x18\x03 \x01(\x0b\x32\x12.confide.v1.Tensor\x12\"\n\x06values\x18\x04 \x01(\x0b\x32\x12.confide.v1.Tensor\x12\x31\n\x0eindex_encoding\x18\x05 \x01(\x0e\x32\x19.confide.v1.IndexEncoding\"~\n\x13SeedProjectedTensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.confide.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05seeds\x18\x03 \x03(\x04\x12\x14\n\x0c\x63oefficients\x18\x04 \x03(\x02\x12\x11\n\tgenerator\x18\x05 \x01(\t\"\xbc\x01\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05\x64\x65nse\x18\x02 \x01(\x0b\x32\x12.confide.v1.TensorH\x00\x12*\n\x06sparse\x18\x03 \x01(\x0b\x32\x18.confide.v1.SparseTensorH\x00\x12\x34\n\tprojected\x18\x04 \x01(\x0b\x32\x1f.confide.v1.SeedProjectedTensorH\x00\x42\x07\n\x05valueJ\x04\x08\x05\x10\x06R\tquantized\"5\n\tTensorMap\x12(\n\x07tensors\x18\x01 \x03(\x0b\x32\x17.confide.v1.NamedTensor\"l\n\x05\x43hunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06sha256\x18\x06 \x01(\x0c\"%\n\tByteCount\x12\n\n\x02up\x18\x01 \x01(\x04\x12\x0c\n\x04\x64own\x18\x02 \x01(\x04*\x93\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05INT32\x10\x06\x12\t\n\x05INT16\x10\x07\x12\x08\n\x04INT8\x10\x08\x12\t\n\x05UINT8\x10\t\x12\x08\n\x04\x42OOL\x10\n*F\n\rIndexEncoding\x12\x13\n\x0fINDEX_POSITIONS\x10\x00\x12\x0e\n\nINDEX_GAPS\x10\x01\x12\x10\n\x0cINDEX_BITMAP\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'confide.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=991
-  _globals['_DTYPE']._serialized_end=1138
-  _globals['_INDEXENCODING']._serialized_start=1140
-  _globals['_INDEXENCODING']._serialized_end=1210
+  _globals['_DTYPE']._serialized_start=826
+  _globals['_DTYPE']._serialized_end=973
+  _globals['_INDEXENCODING']._serialized_start=975
+  _globals['_INDEXENCODING']._serialized_end=1045
   _globals['_TENSOR']._serialized_start=39
   _globals['_TENSOR']._serialized_end=110
   _globals['_SPARSETENSOR']._serialized_start=113
   _globals['_SPARSETENSOR']._serialized_end=300
   _globals['_SEEDPROJECTEDTENSOR']._serialized_start=302
   _globals['_SEEDPROJECTEDTENSOR']._serialized_end=428
-  _globals['_QUANTIZEDTENSOR']._serialized_start=431
-  _globals['_QUANTIZEDTENSOR']._serialized_end=560
-  _globals['_NAMEDTENSOR']._serialized_start=563
-  _globals['_NAMEDTENSOR']._serialized_end=784
-  _globals['_TENSORMAP']._serialized_start=786
-  _globals['_TENSORMAP']._serialized_end=839
-  _globals['_CHUNK']._serialized_start=841
-  _globals['_CHUNK']._serialized_end=949
-  _globals['_BYTECOUNT']._serialized_start=951
-  _globals['_BYTECOUNT']._serialized_end=988
+  _globals['_NAMEDTENSOR']._serialized_start=431
+  _globals['_NAMEDTENSOR']._serialized_end=619
+  _globals['_TENSORMAP']._serialized_start=621
+  _globals['_TENSORMAP']._serialized_end=674
+  _globals['_CHUNK']._serialized_start=676
+  _globals['_CHUNK']._serialized_end=784
+  _globals['_BYTECOUNT']._serialized_start=786
+  _globals['_BYTECOUNT']._serialized_end=823
 # @@protoc_insertion_point(module_scope)

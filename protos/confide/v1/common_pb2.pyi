@@ -79,35 +79,17 @@ class SeedProjectedTensor(_message.Message):
     generator: str
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., seeds: _Optional[_Iterable[int]] = ..., coefficients: _Optional[_Iterable[float]] = ..., generator: _Optional[str] = ...) -> None: ...
 
-class QuantizedTensor(_message.Message):
-    __slots__ = ("dtype", "shape", "bits", "scale", "zero_point", "data")
-    DTYPE_FIELD_NUMBER: _ClassVar[int]
-    SHAPE_FIELD_NUMBER: _ClassVar[int]
-    BITS_FIELD_NUMBER: _ClassVar[int]
-    SCALE_FIELD_NUMBER: _ClassVar[int]
-    ZERO_POINT_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    dtype: DType
-    shape: _containers.RepeatedScalarFieldContainer[int]
-    bits: int
-    scale: float
-    zero_point: float
-    data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., bits: _Optional[int] = ..., scale: _Optional[float] = ..., zero_point: _Optional[float] = ..., data: _Optional[bytes] = ...) -> None: ...
-
 class NamedTensor(_message.Message):
-    __slots__ = ("name", "dense", "sparse", "projected", "quantized")
+    __slots__ = ("name", "dense", "sparse", "projected")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DENSE_FIELD_NUMBER: _ClassVar[int]
     SPARSE_FIELD_NUMBER: _ClassVar[int]
     PROJECTED_FIELD_NUMBER: _ClassVar[int]
-    QUANTIZED_FIELD_NUMBER: _ClassVar[int]
     name: str
     dense: Tensor
     sparse: SparseTensor
     projected: SeedProjectedTensor
-    quantized: QuantizedTensor
-    def __init__(self, name: _Optional[str] = ..., dense: _Optional[_Union[Tensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., projected: _Optional[_Union[SeedProjectedTensor, _Mapping]] = ..., quantized: _Optional[_Union[QuantizedTensor, _Mapping]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., dense: _Optional[_Union[Tensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., projected: _Optional[_Union[SeedProjectedTensor, _Mapping]] = ...) -> None: ...
 
 class TensorMap(_message.Message):
     __slots__ = ("tensors",)

@@ -1,0 +1,94 @@
+"""A job's lifecycle: one ``JobRunner`` per running job.
+
+It marks the job running, drives its rounds (``FederatedRounds`` or, for a decentralized
+method, ``PeerRounds``, both drawing nodes from one ``NodePool``) and ends it in exactly one
+state: completed, stopped by its method (completed, with the reason), failed (with the reason
+the user reads) or cancelled. A restarted coordinator starts a runner again and the rounds
+resume at the first one not committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from coordinator.anonymous import AnonymousInbox
+from coordinator.events import EventLog
+from coordinator.federated_rounds import FederatedRounds
+from coordinator.job import JobFailed, JobStopped, RunningJob
+from coordinator.node_pool import NodePool
+from coordinator.peer_rounds import PeerRounds
+from coordinator.sessions import SessionRegistry
+from coordinator.store import Store
+from protos.confide.v1 import coordinator_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class JobRunner:
+    def __init__(
+        self,
+        job_id: str,
+        store: Store,
+        sessions: SessionRegistry,
+        events: EventLog,
+        inbox: AnonymousInbox | None = None,
+    ) -> None:
+        self.job = RunningJob.load(job_id, store, sessions, events)
+        self.job_id = job_id
+        self.inbox = inbox if inbox is not None else AnonymousInbox()
+        self.pool = NodePool(self.job)
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> asyncio.Task:
+        self.task = asyncio.create_task(self.run(), name=f"job-{self.job_id}")
+        return self.task
+
+    async def cancel(self, reason: str) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        self.inbox.forget(self.job_id)
+        self._end(pb.CANCELLED, "job.cancelled", reason)
+
+    async def run(self) -> None:
+        job = self.job
+        status = job.store.job(self.job_id)
+        assert status is not None
+        resumed = status.rounds_completed > 0 or status.state == pb.RUNNING
+        job.store.set_job_state(self.job_id, pb.RUNNING)
+        job.events.emit(
+            self.job_id,
+            "job.started",
+            message=f"resumed after round {status.rounds_completed}" if resumed else "",
+            state=pb.RUNNING,
+        )
+        try:
+            if job.method.decentralized:
+                await PeerRounds(job, self.pool).run(status.rounds_completed)
+            else:
+                await FederatedRounds(job, self.pool, self.inbox).run()
+        except JobFailed as exc:
+            self.inbox.forget(self.job_id)
+            self._end(pb.FAILED, "job.failed", str(exc))
+        except JobStopped as exc:
+            self._end(pb.COMPLETED, "job.completed", str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must fail the job visibly, not hang it
+            log.exception("job %s crashed", self.job_id)
+            self._end(pb.FAILED, "job.failed", f"internal error: {type(exc).__name__}: {exc}")
+        else:
+            self.inbox.forget(self.job_id)
+            job.store.set_job_state(self.job_id, pb.COMPLETED)
+            job.events.emit(self.job_id, "job.completed", round_number=job.spec.rounds,
+                            state=pb.COMPLETED)
+        finally:  # the sessions need not remember the states of a job that is over
+            for session in job.sessions.online():
+                session.held_states.pop(self.job_id, None)
+
+    def _end(self, state: int, kind: str, reason: str) -> None:
+        self.job.store.set_job_state(self.job_id, state, reason)
+        self.job.events.emit(self.job_id, kind, message=reason, state=state)

@@ -1,0 +1,118 @@
+"""In-process fakes for unit tests of the round engine: a node without a process or a stream.
+
+``FakeNode`` plays the node's end of a real ``NodeSession``: it reads what the coordinator put
+in the session's outbox (tasks, global state chunks, cost queries) and answers through
+``NodeSession.handle``, as the session stream would. So everything coordinator-side is real
+(session deadlines and byte counts, store, event log, methods); only the node is scripted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from coordinator.sessions import NodeSession, SessionRegistry
+from coordinator.store import Store
+from protos.chunking import ChunkAssembler, split_payload
+from protos.codec import WireTensor, tensor_map_from_bytes, tensor_map_to_bytes
+from protos.confide.v1 import coordinator_pb2 as pb
+
+
+@dataclass
+class Reply:
+    """A node's answer to one task. ``update``: the tensors it sends (``raw``: bytes
+    instead, e.g. garbage); ``failure``: it reports a failure; ``silent``: it never answers."""
+
+    update: Mapping[str, WireTensor] | None = None
+    raw: bytes | None = None
+    num_examples: int = 10
+    metrics: dict[str, float] = field(default_factory=dict)
+    failure: str = ""
+    silent: bool = False
+
+
+#: (task, the global state it came with or None) -> the node's reply
+Behaviour = Callable[[pb.Task, dict[str, torch.Tensor] | None], Reply]
+
+INITIAL_STATE = {"w": torch.zeros(4)}
+
+
+def honest(step: float = 1.0) -> Behaviour:
+    """INIT: ``INITIAL_STATE``; TRAIN: the FedAvg delta ``step`` on every entry."""
+    def behave(task: pb.Task, state: dict[str, torch.Tensor] | None) -> Reply:
+        if task.kind == pb.INIT:
+            return Reply(update=INITIAL_STATE)
+        assert state is not None
+        return Reply(update={k: torch.full_like(v, step) for k, v in state.items()})
+
+    return behave
+
+
+class FakeNode:
+    def __init__(self, node_id: str, behaviour: Behaviour, *, cost: float | None = None,
+                 examples: int = 100, roles: tuple[str, ...] = ()) -> None:
+        self.node_id = node_id
+        self.behaviour = behaviour
+        self.cost = cost
+        self.examples = examples
+        self.roles = roles
+        self.session = NodeSession(node_id)
+        self.tasks: list[pb.Task] = []
+        self._serving: asyncio.Task | None = None
+
+    def join(self, store: Store, sessions: SessionRegistry) -> FakeNode:
+        """Register (as the Register RPC would) and open the session (as Session would)."""
+        info = pb.NodeInfo(name=self.node_id, roles=list(self.roles))
+        if self.examples:
+            info.datasets["train"] = self.examples
+        store.upsert_node(self.node_id, self.node_id.encode().ljust(32, b"\0")[:32], info)
+        sessions.add(self.session)
+        self._serving = asyncio.get_running_loop().create_task(self._serve())
+        return self
+
+    async def leave(self) -> None:
+        self.session.close("test over")
+        if self._serving is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._serving
+
+    async def _serve(self) -> None:
+        assemblers: dict[str, ChunkAssembler] = {}
+        while (message := await self.session.outbox.get()) is not None:
+            kind = message.WhichOneof("body")
+            if kind == "task":
+                task = message.task
+                self.tasks.append(task)
+                if task.has_global:
+                    assemblers[task.task_id] = ChunkAssembler(transfer_id=task.task_id)
+                else:
+                    self._answer(task, None)
+            elif kind == "global_chunk":
+                chunk = message.global_chunk
+                payload = assemblers[chunk.task_id].add(chunk.chunk)
+                if payload is not None:
+                    task = next(t for t in self.tasks if t.task_id == chunk.task_id)
+                    state = {k: v for k, v in tensor_map_from_bytes(payload).items()}
+                    self._answer(task, state)
+            elif kind == "cost_query" and self.cost is not None:
+                self.session.handle(pb.NodeMessage(cost_report=pb.CostReport(
+                    query_id=message.cost_query.query_id, cost=self.cost)))
+
+    def _answer(self, task: pb.Task, state: dict[str, torch.Tensor] | None) -> None:
+        reply = self.behaviour(task, state)
+        if reply.silent:
+            return
+        if reply.failure:
+            self.session.handle(pb.NodeMessage(failure=pb.TaskFailure(
+                task_id=task.task_id, reason=reply.failure)))
+            return
+        payload = reply.raw if reply.raw is not None else tensor_map_to_bytes(reply.update or {})
+        for chunk in split_payload(payload, task.task_id):
+            self.session.handle(pb.NodeMessage(update_chunk=pb.TaskChunk(
+                task_id=task.task_id, chunk=chunk)))
+        self.session.handle(pb.NodeMessage(result=pb.TaskResult(
+            task_id=task.task_id, num_examples=reply.num_examples, metrics=reply.metrics)))
