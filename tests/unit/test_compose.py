@@ -267,6 +267,7 @@ def test_dockerfile_installs_what_setup_sh_installs():
         assert setup_line in installs, setup_line
 
 
+@pytest.mark.integration  # starts a process
 def test_the_entrypoint_prints_runs_and_refuses(compose):
     import os
     import subprocess

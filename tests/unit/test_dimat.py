@@ -528,6 +528,7 @@ def test_parse_edges_canonicalizes():
         neighbours(DIMATConfig(), ["a", "a"])
 
 
+@pytest.mark.integration  # starts a process
 @pytest.mark.parametrize("module", ["coordinator.service", "node.methods", "node.methods.dimat"])
 def test_the_coordinator_and_the_pure_method_modules_do_not_import_scipy(module):
     """Topology and mixing are pure: the coordinator schedules DIMAT without the node-side

@@ -123,6 +123,7 @@ def test_seeds_derive_from_the_round_state_and_the_salt():
     )
 
 
+@pytest.mark.integration  # starts a process
 def test_reconstruction_from_seeds_is_bit_identical_in_another_process(tmp_path):
     # a group larger than one chunk, so chunk seeding is part of what must agree
     global_state = _state(3, big=CHUNK + 1000, bias=7, w=300)

@@ -271,6 +271,7 @@ def two_party_run(tmp_path_factory):
     return expected, owner, data
 
 
+@pytest.mark.integration  # starts a process
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_private_forward_matches_plaintext_and_only_the_data_owner_sees_logits(two_party_run,
                                                                                variant):
@@ -283,6 +284,7 @@ def test_private_forward_matches_plaintext_and_only_the_data_owner_sees_logits(t
     assert expected[variant].abs().max() > 1.0  # the comparison is not trivially small
 
 
+@pytest.mark.integration  # starts a process
 def test_communication_is_counted_and_softmax_only_costs_less(two_party_run):
     _, owner, data = two_party_run
     for party in (owner, data):
@@ -295,6 +297,7 @@ def test_communication_is_counted_and_softmax_only_costs_less(two_party_run):
     assert owner["baseline"]["stats"]["bytes"] == data["baseline"]["stats"]["bytes"]
 
 
+@pytest.mark.integration  # starts a process
 def test_trusted_third_party_provider_gives_the_same_logits(two_party_run):
     expected, owner, data = two_party_run
     assert owner["ttp"]["logits"] is None
@@ -304,6 +307,7 @@ def test_trusted_third_party_provider_gives_the_same_logits(two_party_run):
     assert owner["ttp"]["stats"]["rounds"] > owner["softmax_only"]["stats"]["rounds"]
 
 
+@pytest.mark.integration  # starts a process
 @pytest.mark.parametrize("scenario", ["die", "hang"])
 def test_a_failing_party_makes_the_other_raise_within_the_timeout(tmp_path, scenario):
     _prepare(tmp_path)
