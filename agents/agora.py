@@ -67,10 +67,10 @@ from typing import Any, Protocol
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
-from agents.jsonrepair import AskJSONError, ask_json_reply
-from agents.model import ChatModel, Message, ModelError, Usage
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.confide.v1 import node_pb2
+from confide.agents.jsonrepair import AskJSONError, ask_json_reply
+from confide.agents.model import ChatModel, Message, ModelError, Usage
+from confide.v1 import coordinator_pb2 as pb
+from confide.v1 import node_pb2
 
 __all__ = [
     "HANDLED_BY",
@@ -491,7 +491,7 @@ class MemoryRegistry:
 
 
 class ClientRegistry:
-    """The coordinator's registry through a blocking client (``protos.sdk.SyncConfideClient``
+    """The coordinator's registry through a blocking client (``sdk.client.Client``
     or anything with its four protocol methods): the ``Registry`` an agent outside the
     coordinator uses."""
 

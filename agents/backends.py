@@ -41,7 +41,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from agents.model import ChatModel, Completion, Message, ModelError, Usage
+from confide.agents.model import ChatModel, Completion, Message, ModelError, Usage
 
 __all__ = [
     "CountingChat",

@@ -23,7 +23,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from agents.model import ChatModel, Message, Usage
+from confide.agents.model import ChatModel, Message, Usage
 
 __all__ = [
     "AskJSONError",

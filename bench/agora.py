@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import hardware, legend_outside, previous_results, pyplot, save_figure
+from confide.bench.common import hardware, legend_outside, previous_results, pyplot, save_figure
 
 # torch and transformers load inside run_benchmark: `confide --help` stays fast
 
@@ -85,7 +85,7 @@ class Request:
 
 
 def make_stream(n: int, requesters: int, rare: float, seed: int) -> list[Request]:
-    from node.agent_service import calendar_free_slots, math_add, weather_lookup
+    from confide.node.agent_service import calendar_free_slots, math_add, weather_lookup
 
     rng = random.Random(seed)
     stream = []
@@ -144,7 +144,7 @@ class CountingRegistry:
         return stored
 
     def get(self, hash_):
-        from protos.confide.v1 import coordinator_pb2 as pb
+        from confide.v1 import coordinator_pb2 as pb
 
         found = self.inner.get(hash_)
         self._count(pb.GetProtocolRequest(hash=hash_),
@@ -152,7 +152,7 @@ class CountingRegistry:
         return found
 
     def list(self, task_kind=""):
-        from protos.confide.v1 import coordinator_pb2 as pb
+        from confide.v1 import coordinator_pb2 as pb
 
         docs = self.inner.list(task_kind)
         self._count(pb.ListProtocolsRequest(task_kind=task_kind),
@@ -160,14 +160,14 @@ class CountingRegistry:
         return docs
 
     def record_use(self, hash_, count):
-        from protos.confide.v1 import coordinator_pb2 as pb
+        from confide.v1 import coordinator_pb2 as pb
 
         self.inner.record_use(hash_, count)
         self._count(pb.RecordProtocolUseRequest(hash=hash_, count=count), pb.ProtocolDocument())
 
 
 def _servers(model, registry, args) -> dict[str, Any]:
-    from node.agent_service import NodeAgentService, demo_capabilities
+    from confide.node.agent_service import NodeAgentService, demo_capabilities
 
     options = {"answer_tokens": args.answer_tokens, "extract_tokens": args.extract_tokens,
                "draft_tokens": args.draft_tokens, "draft_retries": args.draft_retries}
@@ -193,8 +193,8 @@ def _correct(request: Request, exchange: Any) -> bool | None:
 
 def run_stream(name: str, stream: list[Request], model: Any, registry: Any,
                args: argparse.Namespace, natural_only: bool) -> dict[str, Any]:
-    from agents.agora import Agent, Peer
-    from agents.backends import CountingChat
+    from confide.agents.agora import Agent, Peer
+    from confide.agents.backends import CountingChat
 
     counted = CountingChat(model)
     servers = _servers(counted, registry, args)
@@ -256,8 +256,8 @@ def agora_hardware() -> dict:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from agents.agora import ClientRegistry, MemoryRegistry
-    from agents.backends import backend_from_spec
+    from confide.agents.agora import ClientRegistry, MemoryRegistry
+    from confide.agents.backends import backend_from_spec
 
     # SIGTERM unwinds like Ctrl-C, so the coordinator this bench started is stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -270,14 +270,14 @@ def run_benchmark(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     cluster = client = None
     if args.registry == "coordinator":
-        from cluster.local import LocalCluster
-        from protos.sdk import SyncConfideClient
+        from confide.cluster.local import LocalCluster
+        from confide.sdk.client import Client
 
         if workdir.exists():
             shutil.rmtree(workdir)
         cluster = LocalCluster(workdir, [], mqtt=False)
         cluster.start_coordinator()
-        client = SyncConfideClient(cluster.address)
+        client = Client(cluster.address)
         registry = CountingRegistry(ClientRegistry(client))
     else:
         registry = CountingRegistry(MemoryRegistry())

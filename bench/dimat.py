@@ -24,8 +24,8 @@ import json
 import time
 from pathlib import Path
 
-from bench.common import hardware, legend_outside, pyplot, save_figure
-from bench.federated import bbc_workload
+from confide.bench.common import hardware, legend_outside, pyplot, save_figure
+from confide.bench.federated import bbc_workload
 
 CONFIGS = (("ring", "dimat"), ("ring", "gossip"), ("full", "dimat"), ("full", "gossip"),
            ("ring", "none"))
@@ -54,9 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _daemon_part(args: argparse.Namespace) -> list[dict]:
-    from cluster.experiment import run_experiment, shard_dirs
-    from cluster.local import LocalCluster
-    from protos.sdk import job_spec
+    from confide.cluster.experiment import run_experiment, shard_dirs
+    from confide.cluster.local import LocalCluster
+    from confide.sdk.client import job_spec
 
     workdir, data_root, labels, test = bbc_workload(args)
     rows = []
@@ -93,9 +93,9 @@ def _mlp_part(args: argparse.Namespace) -> list[dict]:
     """Separately initialized MLPs on label-skewed Gaussian clusters, merged in process."""
     import torch
 
-    from node.merging.merge import dimat_merge
-    from node.methods.dimat import DIMATConfig
-    from node.methods.topology import mixing_weights, neighbours
+    from confide.node.merging.merge import dimat_merge
+    from confide.node.methods.dimat import DIMATConfig
+    from confide.node.methods.topology import mixing_weights, neighbours
 
     classes, dim, hidden = 8, 16, 64
     g = torch.Generator().manual_seed(args.seed)

@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from bench.common import hardware, legend_outside, previous_results, pyplot, save_figure
+from confide.bench.common import hardware, legend_outside, previous_results, pyplot, save_figure
 
 # torch and transformers load inside run_benchmark: `confide --help` stays fast
 
@@ -57,7 +57,7 @@ def label(method: str, params: dict) -> str:
 def parse_methods(text: str) -> list[tuple[str, dict]]:
     """``NAME`` or ``NAME:JSON`` items separated by ';' (or by ',' when no item has JSON
     parameters), checked: a known method and a JSON object of parameters it accepts."""
-    from node.methods import get_method
+    from confide.node.methods import get_method
 
     separator = ";" if ";" in text or "{" in text else ","
     methods = []
@@ -82,7 +82,7 @@ def parse_methods(text: str) -> list[tuple[str, dict]]:
 def bbc_workload(args: argparse.Namespace) -> tuple[Path, Path, list[str], list]:
     """A fresh work folder with non-IID BBC News shards for ``args.nodes`` nodes: (workdir,
     data root, label names, the first ``args.test_size`` held-out articles)."""
-    from node.data import load_jsonl, prepare_bbc_shards
+    from confide.node.data import load_jsonl, prepare_bbc_shards
 
     workdir = Path(args.workdir)
     if workdir.exists():
@@ -96,10 +96,10 @@ def bbc_workload(args: argparse.Namespace) -> tuple[Path, Path, list[str], list]
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from cluster.experiment import run_experiment, shard_dirs
-    from cluster.local import LocalCluster
-    from node.methods import get_method
-    from protos.sdk import job_spec
+    from confide.cluster.experiment import run_experiment, shard_dirs
+    from confide.cluster.local import LocalCluster
+    from confide.node.methods import get_method
+    from confide.sdk.client import job_spec
 
     workdir, data_root, labels, test = bbc_workload(args)
     results = []

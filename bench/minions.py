@@ -28,7 +28,7 @@ import re
 import time
 from pathlib import Path
 
-from bench.common import cpu_model, hardware, previous_results, pyplot, save_figure
+from confide.bench.common import cpu_model, hardware, previous_results, pyplot, save_figure
 
 PAPER = ("the paper (Narayan et al. 2025, GPT-4o remote + Llama-3.2 local): MinionS at 5.7x "
          "lower remote cost than remote-only, at 97.9% of its quality")
@@ -91,7 +91,7 @@ def _window(sentence: str, start: int, end: int) -> str:
 
 def make_questions(text: str, per_kind: int = 2) -> list[dict]:
     """Deterministic cloze questions whose answers are verbatim in ``text``."""
-    from agents.minions.text import split_sentences
+    from confide.agents.minions.text import split_sentences
 
     title, _, body = text.partition("\n")
     sentences = [s for para in body.split("\n") for s in split_sentences(para)]
@@ -126,7 +126,7 @@ def make_questions(text: str, per_kind: int = 2) -> list[dict]:
 def workload(docs: int, per_doc: int) -> tuple[list[dict], list[dict]]:
     """The articles (longest first within the size range, one category at a time) and their
     questions."""
-    from node.data import bbc_news
+    from confide.node.data import bbc_news
 
     examples, labels = bbc_news()
     pool = sorted((e for e in examples if MIN_CHARS <= len(e.text) <= MAX_CHARS),
@@ -163,9 +163,9 @@ def correct(answer: str, expected: str) -> bool:
 def run_benchmark(args: argparse.Namespace) -> int:
     import torch
 
-    from agents.backends import backend_from_spec
-    from agents.minions.orchestrator import ask, run_remote_only
-    from agents.minions.worker import LocalWorker
+    from confide.agents.backends import backend_from_spec
+    from confide.agents.minions.orchestrator import ask, run_remote_only
+    from confide.agents.minions.worker import LocalWorker
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]

@@ -7,7 +7,7 @@ on BBC News and run under CrypTen two-party computation through a real node daem
    (softmax-only + entropy regularization). Each is saved as safetensors into the node's
    ``private/`` folder (``node.private_inference.publish_model``).
 2. Start a node daemon (``confide node serve``) and, for each measured variant and sequence
-   length, run one private forward through the product path (``client.private_inference``:
+   length, run one private forward through the product path (``sdk.private_inference``:
    ``OpenPrivateInference`` over gRPC, the node's party and the data owner's party as separate
    processes over gloo on 127.0.0.1). Per forward: bytes and rounds (per party, as CrypTen
    counts them), seconds of the 2PC forward, the plaintext forward's seconds, and the largest
@@ -36,7 +36,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.common import (
+from confide.bench.common import (
     cpu_model,
     hardware,
     legend_outside,
@@ -44,7 +44,7 @@ from bench.common import (
     pyplot,
     save_figure,
 )
-from node.aero_training import (
+from confide.node.aero_training import (
     DESCRIPTIONS,
     VARIANTS,
     add_model_arguments,
@@ -108,7 +108,7 @@ def _free_port() -> int:
 
 
 def _wait_for_node(address: str, timeout: float = 90.0) -> None:
-    from client.private_inference import PrivateInferenceError, list_private_models
+    from confide.sdk.private_inference import PrivateInferenceError, list_private_models
 
     deadline = time.monotonic() + timeout
     while True:
@@ -141,9 +141,9 @@ def _plain_forward(model, ids: list[int], repeats: int = 5):
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from client.private_inference import private_infer
-    from cluster.local import LocalCluster
-    from node.private_inference import publish_model
+    from confide.cluster.local import LocalCluster
+    from confide.node.private_inference import publish_model
+    from confide.sdk.private_inference import private_infer
 
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if args.quick:

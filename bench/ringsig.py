@@ -14,7 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.common import (
+from confide.bench.common import (
     cpu_model,
     goal_record,
     hardware,
@@ -54,8 +54,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     import nacl
     from nacl.signing import SigningKey
 
-    from privacy.ringsig import RingKeyPair, RingSignature, encoded_size, sign, verify
-    from protos.identity import anonymous_scope, anonymous_update_message, ring_epoch_id
+    from confide.privacy.ringsig import RingKeyPair, RingSignature, encoded_size, sign, verify
+    from confide.protos.identity import anonymous_scope, anonymous_update_message, ring_epoch_id
 
     sizes = _parse_sizes(args.sizes)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

@@ -38,7 +38,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import hardware, pyplot, save_figure
+from confide.bench.common import hardware, pyplot, save_figure
 
 # torch loads inside run_benchmark: `confide --help` stays fast
 
@@ -120,7 +120,7 @@ class SimNode:
     """One node's session, through the generated stubs only (no node daemon code)."""
 
     def __init__(self, index: int, address: str, tls_config, stats: Stats, params: int) -> None:
-        from protos.identity import NodeKey
+        from confide.protos.identity import NodeKey
 
         self.index = index
         self.address = address
@@ -134,10 +134,10 @@ class SimNode:
     async def run(self, gate: asyncio.Semaphore) -> None:
         import grpc
 
-        from protos.confide.v1 import coordinator_pb2 as pb
-        from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
-        from protos.state import STATE_DIGEST_FEATURE
-        from protos.tls import aio_channel
+        from confide.protos.state import STATE_DIGEST_FEATURE
+        from confide.protos.tls import aio_channel
+        from confide.v1 import coordinator_pb2 as pb
+        from confide.v1 import coordinator_pb2_grpc as pb_grpc
 
         options = [("grpc.max_receive_message_length", 8 * 1024 * 1024),
                    ("grpc.keepalive_time_ms", 60_000),
@@ -196,9 +196,9 @@ class SimNode:
     async def _serve(self, call, outbox: asyncio.Queue, interval: float) -> None:
         import grpc
 
-        from protos.chunking import ChunkAssembler, split_payload
-        from protos.codec import tensor_map_from_bytes, tensor_map_to_bytes
-        from protos.confide.v1 import coordinator_pb2 as pb
+        from confide.protos.chunking import ChunkAssembler, split_payload
+        from confide.protos.codec import tensor_map_from_bytes, tensor_map_to_bytes
+        from confide.v1 import coordinator_pb2 as pb
 
         sent: dict[int, float] = {}
 
@@ -280,7 +280,7 @@ class SimNode:
 def _delta_like(value):
     import torch
 
-    from protos.codec import to_dense
+    from confide.protos.codec import to_dense
 
     return torch.full_like(to_dense(value), 0.01)
 
@@ -290,8 +290,8 @@ def _delta_like(value):
 
 
 async def _soak(args: argparse.Namespace, cluster, tls_config, client_tls) -> dict:
-    from protos.confide.v1 import coordinator_pb2 as pb
-    from protos.sdk import ConfideClient, job_spec
+    from confide.sdk.client import AsyncClient, job_spec
+    from confide.v1 import coordinator_pb2 as pb
 
     started = time.monotonic()
     deadline = started + args.duration
@@ -332,7 +332,7 @@ async def _soak(args: argparse.Namespace, cluster, tls_config, client_tls) -> di
     job_s = None
     fanout: list[float] = []
     if stats.held and time.monotonic() < deadline:
-        client = ConfideClient(cluster.address, tls=client_tls, timeout=120)
+        client = AsyncClient(cluster.address, tls=client_tls, timeout=120)
         try:
             held = stats.held
             spec = job_spec("fedavg-lora", name="soak", rounds=args.rounds, min_nodes=held,
@@ -404,8 +404,8 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from cluster.local import LocalCluster
-    from protos.tls import TLSConfig
+    from confide.cluster.local import LocalCluster
+    from confide.protos.tls import TLSConfig
 
     fd_limit = raise_fd_limit()
     if fd_limit < args.sessions + 64:

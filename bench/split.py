@@ -23,8 +23,8 @@ import json
 import time
 from pathlib import Path
 
-from bench.common import hardware, legend_outside, previous_results, pyplot, save_figure
-from bench.federated import bbc_workload, label
+from confide.bench.common import hardware, legend_outside, previous_results, pyplot, save_figure
+from confide.bench.federated import bbc_workload, label
 
 DEFAULT_METHODS = (
     'fedavg-full;'
@@ -60,9 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _costs(args: argparse.Namespace, params: dict, num_labels: int) -> dict:
     """Parameters and FLOPs per position of the split this row uses (for every row: the
     whole model's forward FLOPs are the sum of the three parts)."""
-    from node.methods import get_method
-    from node.models import ModelConfig
-    from node.split.model import SplitConfig, build_split, split_costs
+    from confide.node.methods import get_method
+    from confide.node.models import ModelConfig
+    from confide.node.split.model import SplitConfig, build_split, split_costs
 
     config = get_method("sfprompt").parse_config(params)
     model_cfg = ModelConfig(base=args.base, num_labels=num_labels, max_length=args.max_length,
@@ -75,10 +75,10 @@ def _costs(args: argparse.Namespace, params: dict, num_labels: int) -> dict:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from bench.federated import parse_methods
-    from cluster.experiment import run_experiment, shard_dirs
-    from cluster.local import LocalCluster
-    from protos.sdk import job_spec
+    from confide.bench.federated import parse_methods
+    from confide.cluster.experiment import run_experiment, shard_dirs
+    from confide.cluster.local import LocalCluster
+    from confide.sdk.client import job_spec
 
     workdir, data_root, labels, test = bbc_workload(args)
     methods = parse_methods(args.methods)
@@ -189,7 +189,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 def _lora_trainable(args: argparse.Namespace, num_labels: int) -> int:
     """Parameters FedAvg-LoRA trains (adapters + head), from the model the nodes build."""
-    from node.models import ModelConfig, build_lora_model
+    from confide.node.models import ModelConfig, build_lora_model
 
     model, _ = build_lora_model(ModelConfig(base=args.base, num_labels=num_labels,
                                             max_length=args.max_length, seed=args.seed))

@@ -35,11 +35,11 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from cluster.experiment import run_experiment, shard_dirs
-    from cluster.local import ClusterError, LocalCluster
-    from node.data import load_jsonl, prepare_bbc_shards
-    from node.methods import get_method
-    from protos.sdk import job_spec
+    from confide.cluster.experiment import run_experiment, shard_dirs
+    from confide.cluster.local import ClusterError, LocalCluster
+    from confide.node.data import load_jsonl, prepare_bbc_shards
+    from confide.node.methods import get_method
+    from confide.sdk.client import job_spec
 
     started = time.monotonic()
     try:  # a typo in the method or its parameters fails here, before anything starts

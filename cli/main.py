@@ -45,7 +45,7 @@ def _run_until_signal(coro) -> int:
 
 
 def cmd_coordinator_serve(args: argparse.Namespace) -> int:
-    from coordinator.server import CoordinatorConfig, serve
+    from confide.coordinator.server import CoordinatorConfig, serve
 
     config = CoordinatorConfig(
         listen=args.listen,
@@ -60,7 +60,7 @@ def cmd_coordinator_serve(args: argparse.Namespace) -> int:
     config.tls_name = getattr(args, "tls_name", "")
     config.anonymous_listen = args.anonymous_listen
     if config.tls_dir:
-        from protos.tls import TLSError, load
+        from confide.protos.tls import TLSError, load
 
         try:  # a bad folder is an error message, not a traceback
             load(config.tls_dir, config.tls_name).server_credentials()
@@ -72,7 +72,7 @@ def cmd_coordinator_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_node_serve(args: argparse.Namespace) -> int:
-    from node.daemon import NodeConfig, serve
+    from confide.node.daemon import NodeConfig, serve
 
     config = NodeConfig(
         coordinator=args.coordinator,
@@ -101,7 +101,7 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
 def _spec_from_args(args: argparse.Namespace):
     import json
 
-    from protos.sdk import job_spec
+    from confide.sdk.client import job_spec
 
     params = json.loads(args.params) if args.params else None
     return job_spec(
@@ -130,7 +130,7 @@ def _spec_from_args(args: argparse.Namespace):
 
 
 def format_event(event) -> str:
-    from protos.confide.v1 import coordinator_pb2 as pb
+    from confide.v1 import coordinator_pb2 as pb
 
     parts = [f"#{event.seq:<4} {event.kind:<16}"]
     if event.round:
@@ -157,21 +157,21 @@ def _human(n: float) -> str:
 
 
 def _client(args: argparse.Namespace):
-    from protos.sdk import SyncConfideClient
+    from confide.sdk.client import Client
 
-    return SyncConfideClient(args.coordinator, tls=_client_tls(args))
+    return Client(args.coordinator, tls=_client_tls(args))
 
 
 def _client_tls(args: argparse.Namespace):
     """The client commands' ``--tls DIR`` (protos.tls), or None for plaintext."""
-    from protos.tls import load
+    from confide.protos.tls import load
 
     return load(getattr(args, "tls", ""), getattr(args, "tls_name", ""))
 
 
 def _sdk_errors(func):
     def wrapper(args: argparse.Namespace) -> int:
-        from protos.sdk import ConfideError
+        from confide.sdk.client import ConfideError
 
         try:
             return func(args)
@@ -203,7 +203,7 @@ def cmd_job_watch(args: argparse.Namespace) -> int:
 
 @_sdk_errors
 def cmd_job_list(args: argparse.Namespace) -> int:
-    from protos.confide.v1 import coordinator_pb2 as pb
+    from confide.v1 import coordinator_pb2 as pb
 
     with _client(args) as client:
         jobs = client.list_jobs()
@@ -244,7 +244,7 @@ def cmd_job_fetch(args: argparse.Namespace) -> int:
 
 @_sdk_errors
 def cmd_status(args: argparse.Namespace) -> int:
-    from protos.confide.v1 import coordinator_pb2 as pb
+    from confide.v1 import coordinator_pb2 as pb
 
     with _client(args) as client:
         nodes = client.list_nodes()
@@ -310,7 +310,7 @@ def cmd_protocols_show(args: argparse.Namespace) -> int:
 def cmd_protocols_register(args: argparse.Namespace) -> int:
     import json
 
-    from agents.agora import AgoraError, ProtocolDocument
+    from confide.agents.agora import AgoraError, ProtocolDocument
 
     try:
         document = ProtocolDocument.from_dict(json.loads(Path(args.file).read_text()))
@@ -331,11 +331,11 @@ def cmd_agent_send(args: argparse.Namespace) -> int:
 
     import grpc
 
-    from node.anonymous import AnonymityError, load_or_create_ring_key, sign_agent_message
-    from protos.confide.v1 import node_pb2
-    from protos.confide.v1 import node_pb2_grpc as node_grpc
-    from protos.sdk import ConfideError
-    from protos.tls import channel as tls_channel
+    from confide.node.anonymous import AnonymityError, load_or_create_ring_key, sign_agent_message
+    from confide.protos.tls import channel as tls_channel
+    from confide.sdk.client import ConfideError
+    from confide.v1 import node_pb2
+    from confide.v1 import node_pb2_grpc as node_grpc
 
     if args.body:
         try:
@@ -408,7 +408,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_data_bbc(args: argparse.Namespace) -> int:
-    from node.data import prepare_bbc_shards
+    from confide.node.data import prepare_bbc_shards
 
     summary = prepare_bbc_shards(Path(args.out), nodes=args.nodes, alpha=args.alpha,
                                  test_fraction=args.test_fraction, seed=args.seed,
@@ -419,7 +419,7 @@ def cmd_data_bbc(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cli.demo import run_demo
+    from confide.cli.demo import run_demo
 
     return run_demo(args)
 
@@ -428,7 +428,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"bench.{args.action}")
     if hasattr(args, "methods"):  # a typo in --methods fails now, not after minutes of setup
         try:
-            importlib.import_module("bench.federated").parse_methods(args.methods)
+            importlib.import_module("confide.bench.federated").parse_methods(args.methods)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -436,10 +436,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    """Private inference on a node's model (``client.private_inference``)."""
+    """Private inference on a node's model (``sdk.private_inference``)."""
     import json
 
-    from client.private_inference import PrivateInferenceError, list_private_models, private_infer
+    from confide.sdk.private_inference import (
+        PrivateInferenceError,
+        list_private_models,
+        private_infer,
+    )
 
     if not args.private:
         print("error: nodes offer inference on their models only as two-party computation: "
@@ -480,7 +484,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     shown = result.next_token if result.next_token is not None else "-"
     top5 = top.indices.tolist()
     if result.next_token is not None:
-        from client.private_inference import decode_token
+        from confide.sdk.private_inference import decode_token
 
         top5 = [f"{i} ({decode_token(i, result.config)})" for i in top5]
     print(f"next token: id {result.next_token_id} ({shown}); top-5 ids {top5} logits "
@@ -492,7 +496,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_aero_train(args: argparse.Namespace) -> int:
-    from node.aero_training import train_command
+    from confide.node.aero_training import train_command
 
     return train_command(args)
 
@@ -716,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_data_bbc)
 
-    from cli.demo import add_demo_arguments
+    from confide.cli.demo import add_demo_arguments
 
     p = sub.add_parser("demo", help="local multi-node demo: coordinator + nodes on 127.0.0.1",
                        description="Start a coordinator and N node daemons as separate "
@@ -752,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "BBC News, offline, print its held-out perplexity and save it as "
                             "safetensors into a node's data folder (private/NAME.safetensors), "
                             "where `confide node serve` offers it for private inference.")
-    from node.aero_training import add_train_arguments
+    from confide.node.aero_training import add_train_arguments
 
     add_train_arguments(p)
     p.set_defaults(func=cmd_aero_train)
@@ -833,7 +837,7 @@ def _add_certs_commands(sub) -> None:
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
-    from protos.tls import TLSError, create_ca
+    from confide.protos.tls import TLSError, create_ca
 
     try:
         files = create_ca(args.out, common_name=args.name, days=args.days, force=args.force)
@@ -845,7 +849,7 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_issue(args: argparse.Namespace) -> int:
-    from protos.tls import TLSError, describe, issue_certificate
+    from confide.protos.tls import TLSError, describe, issue_certificate
 
     try:
         files = issue_certificate(args.ca, args.name, args.out, args.san, days=args.days,
@@ -863,7 +867,7 @@ def cmd_certs_issue(args: argparse.Namespace) -> int:
 def cmd_certs_show(args: argparse.Namespace) -> int:
     import json
 
-    from protos.tls import describe
+    from confide.protos.tls import describe
 
     try:
         print(json.dumps(describe(Path(args.file).read_bytes()), indent=2))
@@ -893,7 +897,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     if (isinstance(getattr(args, "tls", ""), str) and getattr(args, "tls", "")
             and args.func not in (cmd_coordinator_serve, cmd_node_serve)):
-        from protos.tls import TLSError, configure
+        from confide.protos.tls import TLSError, configure
 
         try:  # every channel of a client command (SDK, private inference) follows --tls
             configure(_client_tls(args))

@@ -11,19 +11,19 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cluster.local import LocalCluster
-from coordinator.jobs import normalize_spec
-from node.data import Example
-from node.methods import get_method, method_params
-from node.methods.sfprompt import SFPROMPT_TRAINABLE
-from node.models import job_model_config
-from node.split.body import LocalBody
-from node.split.model import SplitConfig, build_split
-from node.split.trainer import SplitTrainer
-from node.store import ModelStore
-from node.training.lora import LoraTrainer
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.sdk import SyncConfideClient
+from confide.cluster.local import LocalCluster
+from confide.coordinator.jobs import normalize_spec
+from confide.node.data import Example
+from confide.node.methods import get_method, method_params
+from confide.node.methods.sfprompt import SFPROMPT_TRAINABLE
+from confide.node.models import job_model_config
+from confide.node.split.body import LocalBody
+from confide.node.split.model import SplitConfig, build_split
+from confide.node.split.trainer import SplitTrainer
+from confide.node.store import ModelStore
+from confide.node.training.lora import LoraTrainer
+from confide.sdk.client import Client
+from confide.v1 import coordinator_pb2 as pb
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Evaluator:
         return self.trainer.evaluate(self.examples, batch_size=self.batch_size)
 
 
-def watch_with_progress(client: SyncConfideClient, job_id: str, label: str = "",
+def watch_with_progress(client: Client, job_id: str, label: str = "",
                         quiet: bool = False,
                         on_event: Callable[[pb.Event], None] | None = None) -> None:
     """A progress bar per round: local training steps summed over the round's nodes.
@@ -133,7 +133,7 @@ def run_experiment(cluster: LocalCluster, spec: pb.JobSpec, test: list[Example],
     before = evaluator(None) if evaluator and evaluate_before else {}
     accuracy_by_round: dict[int, dict[str, float]] = {}
     decentralized = get_method(spec.method).decentralized
-    with SyncConfideClient(cluster.address) as client:
+    with Client(cluster.address) as client:
         job = client.submit_job(spec)
         node_metrics: dict[int, dict[str, dict[str, float]]] = {}
         node_states: dict[int, list[dict]] = {}

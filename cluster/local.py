@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from coordinator.broker import free_port
+from confide.coordinator.broker import free_port
 
 
 class ClusterError(RuntimeError):
@@ -70,7 +70,7 @@ class LocalCluster:
 
     def _spawn(self, name: str, args: list[str], threads: int) -> subprocess.Popen:
         log = open(self.root / "logs" / f"{name}.log", "ab")  # noqa: SIM115 (owned by Popen)
-        cmd = [sys.executable, "-m", "cli.main", "--log-level", self.log_level, *args]
+        cmd = [sys.executable, "-m", "confide.cli.main", "--log-level", self.log_level, *args]
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(threads),
                                 cwd=Path(__file__).resolve().parent.parent)
 
@@ -122,7 +122,7 @@ class LocalCluster:
     def tls_folder(self, name: str) -> Path:
         """The --tls folder of ``name`` (a process, or e.g. "client" for the SDK), with a
         certificate from the cluster's CA valid for 127.0.0.1 and localhost."""
-        from protos.tls import CA_CERT, create_ca, issue_certificate
+        from confide.protos.tls import CA_CERT, create_ca, issue_certificate
 
         assert self.tls_dir is not None, "the cluster runs without TLS"
         ca = self.tls_dir / "ca"

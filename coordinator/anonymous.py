@@ -21,9 +21,9 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from privacy.ringsig import RingSignature, RingSignatureError, verify
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.identity import anonymous_scope, anonymous_update_message, ring_epoch_id
+from confide.privacy.ringsig import RingSignature, RingSignatureError, verify
+from confide.protos.identity import anonymous_scope, anonymous_update_message, ring_epoch_id
+from confide.v1 import coordinator_pb2 as pb
 
 CHALLENGE_TTL_S = 120.0
 MAX_OUTSTANDING_CHALLENGES = 100_000

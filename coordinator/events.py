@@ -8,9 +8,9 @@ import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
-from coordinator.store import Store, now_ms
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.events import EventPublisher, event_to_json, job_events_topic
+from confide.coordinator.store import Store, now_ms
+from confide.protos.events import EventPublisher, event_to_json, job_events_topic
+from confide.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
 

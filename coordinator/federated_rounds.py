@@ -17,16 +17,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from coordinator.anonymous import AnonymousInbox, AnonymousUpdate
-from coordinator.job import JobFailed, JobStopped, RunningJob, weighted_metrics
-from coordinator.node_pool import NodePool
-from coordinator.sessions import NodeSession, TaskOutcome
-from coordinator.store import RoundRecord
-from node.methods import ClientUpdate, FederatedMethod
-from node.methods.base import State
-from protos.codec import CodecError, tensor_map_from_bytes, tensor_map_to_bytes, to_dense
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.state import STATE_DIGEST_FEATURE, state_digest
+from confide.coordinator.anonymous import AnonymousInbox, AnonymousUpdate
+from confide.coordinator.job import JobFailed, JobStopped, RunningJob, weighted_metrics
+from confide.coordinator.node_pool import NodePool
+from confide.coordinator.sessions import NodeSession, TaskOutcome
+from confide.coordinator.store import RoundRecord
+from confide.node.methods import ClientUpdate, FederatedMethod
+from confide.node.methods.base import State
+from confide.protos.codec import CodecError, tensor_map_from_bytes, tensor_map_to_bytes, to_dense
+from confide.protos.state import STATE_DIGEST_FEATURE, state_digest
+from confide.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from coordinator.events import EventLog
-from coordinator.sessions import SessionRegistry, TaskOutcome
-from coordinator.store import RoundRecord, Store
-from node.methods import Method, MethodConfig, get_method, method_params
-from protos.confide.v1 import coordinator_pb2 as pb
+from confide.coordinator.events import EventLog
+from confide.coordinator.sessions import SessionRegistry, TaskOutcome
+from confide.coordinator.store import RoundRecord, Store
+from confide.node.methods import Method, MethodConfig, get_method, method_params
+from confide.v1 import coordinator_pb2 as pb
 
 
 class JobFailed(Exception):

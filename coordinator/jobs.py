@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import re
 
-from node.methods import get_method, method_params
-from protos.confide.v1 import coordinator_pb2 as pb
+from confide.node.methods import get_method, method_params
+from confide.v1 import coordinator_pb2 as pb
 
 TASKS = ("sequence-classification", "causal-lm")
 JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{12}$")

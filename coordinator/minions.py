@@ -31,12 +31,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agents.minions.config import DAEMON_MODES, MAX_ROUNDS_LIMIT, MODES, AskCancelled
-from agents.minions.orchestrator import AskStep, ask, validate_question
-from agents.minions.policy import CITATION_MODES, resolve_citations
-from agents.model import ChatModel
-from coordinator.sessions import NodeSession, SessionRegistry
-from protos.confide.v1 import coordinator_pb2 as pb
+from confide.agents.minions.config import DAEMON_MODES, MAX_ROUNDS_LIMIT, MODES, AskCancelled
+from confide.agents.minions.orchestrator import AskStep, ask, validate_question
+from confide.agents.minions.policy import CITATION_MODES, resolve_citations
+from confide.agents.model import ChatModel
+from confide.coordinator.sessions import NodeSession, SessionRegistry
+from confide.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class AskOrchestrator:
             if self._remote is None:
                 load = self._load_model
                 if load is None:
-                    from agents.backends import backend_from_spec
+                    from confide.agents.backends import backend_from_spec
 
                     load = backend_from_spec
                 log.info("loading the remote model %s for Minions", self.remote_model)

@@ -9,10 +9,10 @@ import asyncio
 import random
 from collections.abc import Sequence
 
-from coordinator.incentives import Bid, proportional_share
-from coordinator.job import JobFailed, RunningJob
-from coordinator.sessions import NodeSession
-from protos.confide.v1 import coordinator_pb2 as pb
+from confide.coordinator.incentives import Bid, proportional_share
+from confide.coordinator.job import JobFailed, RunningJob
+from confide.coordinator.sessions import NodeSession
+from confide.v1 import coordinator_pb2 as pb
 
 
 def has_role(info: pb.NodeInfo | None, role: str) -> bool:

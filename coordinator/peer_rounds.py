@@ -11,12 +11,12 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-from coordinator.job import JobFailed, RunningJob, weighted_metrics
-from coordinator.node_pool import NodePool
-from coordinator.sessions import NodeSession, TaskOutcome
-from coordinator.store import RoundRecord
-from node.methods.topology import mixing_weights, neighbours
-from protos.confide.v1 import coordinator_pb2 as pb
+from confide.coordinator.job import JobFailed, RunningJob, weighted_metrics
+from confide.coordinator.node_pool import NodePool
+from confide.coordinator.sessions import NodeSession, TaskOutcome
+from confide.coordinator.store import RoundRecord
+from confide.node.methods.topology import mixing_weights, neighbours
+from confide.v1 import coordinator_pb2 as pb
 
 
 class PeerRounds:

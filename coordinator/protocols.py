@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 
-from agents.agora import HASH, AgoraError, ProtocolDocument
-from coordinator.store import Store
-from protos.confide.v1 import coordinator_pb2 as pb
+from confide.agents.agora import HASH, AgoraError, ProtocolDocument
+from confide.coordinator.store import Store
+from confide.v1 import coordinator_pb2 as pb
 
 MAX_PROTOCOLS = 100_000
 MAX_USE_COUNT = 1_000_000

@@ -13,15 +13,15 @@ import asyncio
 import contextlib
 import logging
 
-from coordinator.anonymous import AnonymousInbox
-from coordinator.events import EventLog
-from coordinator.federated_rounds import FederatedRounds
-from coordinator.job import JobFailed, JobStopped, RunningJob
-from coordinator.node_pool import NodePool
-from coordinator.peer_rounds import PeerRounds
-from coordinator.sessions import SessionRegistry
-from coordinator.store import Store
-from protos.confide.v1 import coordinator_pb2 as pb
+from confide.coordinator.anonymous import AnonymousInbox
+from confide.coordinator.events import EventLog
+from confide.coordinator.federated_rounds import FederatedRounds
+from confide.coordinator.job import JobFailed, JobStopped, RunningJob
+from confide.coordinator.node_pool import NodePool
+from confide.coordinator.peer_rounds import PeerRounds
+from confide.coordinator.sessions import SessionRegistry
+from confide.coordinator.store import Store
+from confide.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
 

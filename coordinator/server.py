@@ -12,17 +12,17 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator.broker import EmbeddedBroker
-from coordinator.events import EventLog
-from coordinator.service import CoordinatorService
-from coordinator.sessions import SessionRegistry
-from coordinator.store import Store
-from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
-from protos.events import COORDINATOR_PRESENCE_TOPIC, EventPublisher
-from protos.interceptors import MalformedRequestInterceptor
-from protos.tls import AllowOnly, TLSConfig
-from protos.tls import add_port as tls_add_port
-from protos.tls import load as tls_load
+from confide.coordinator.broker import EmbeddedBroker
+from confide.coordinator.events import EventLog
+from confide.coordinator.service import CoordinatorService
+from confide.coordinator.sessions import SessionRegistry
+from confide.coordinator.store import Store
+from confide.protos.events import COORDINATOR_PRESENCE_TOPIC, EventPublisher
+from confide.protos.interceptors import MalformedRequestInterceptor
+from confide.protos.tls import AllowOnly, TLSConfig
+from confide.protos.tls import add_port as tls_add_port
+from confide.protos.tls import load as tls_load
+from confide.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -15,19 +15,17 @@ import grpc
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from coordinator.anonymous import AnonymousInbox, AnonymousRejected, ChallengeBook
-from coordinator.events import EventLog
-from coordinator.jobs import JOB_ID_PATTERN, normalize_spec
-from coordinator.minions import AskOrchestrator, AskRejected
-from coordinator.protocols import ProtocolRegistry, RegistryFull
-from coordinator.runner import JobRunner
-from coordinator.sessions import NodeSession, SessionRegistry
-from coordinator.store import TERMINAL_STATES, Store
-from protos.chunking import ChunkAssembler, ChunkError, split_payload, wire_bytes
-from protos.codec import tensor_map_to_bytes
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
-from protos.identity import (
+from confide.coordinator.anonymous import AnonymousInbox, AnonymousRejected, ChallengeBook
+from confide.coordinator.events import EventLog
+from confide.coordinator.jobs import JOB_ID_PATTERN, normalize_spec
+from confide.coordinator.minions import AskOrchestrator, AskRejected
+from confide.coordinator.protocols import ProtocolRegistry, RegistryFull
+from confide.coordinator.runner import JobRunner
+from confide.coordinator.sessions import NodeSession, SessionRegistry
+from confide.coordinator.store import TERMINAL_STATES, Store
+from confide.protos.chunking import ChunkAssembler, ChunkError, split_payload, wire_bytes
+from confide.protos.codec import tensor_map_to_bytes
+from confide.protos.identity import (
     REGISTER_DOMAIN,
     SESSION_DOMAIN,
     node_id_for,
@@ -35,6 +33,8 @@ from protos.identity import (
     ring_epoch_id,
     session_message,
 )
+from confide.v1 import coordinator_pb2 as pb
+from confide.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

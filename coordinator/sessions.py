@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from protos.chunking import ChunkAssembler, ChunkError, split_payload, wire_bytes
-from protos.confide.v1 import coordinator_pb2 as pb
+from confide.protos.chunking import ChunkAssembler, ChunkError, split_payload, wire_bytes
+from confide.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
 

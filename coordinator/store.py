@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from protos.confide.v1 import coordinator_pb2 as pb
+from confide.v1 import coordinator_pb2 as pb
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (

@@ -207,7 +207,7 @@ def _argv(line: list[str]) -> list[str]:
     """Run ``confide`` and ``python`` with this interpreter: the image's venv, or the one
     that runs this file outside Docker (docker/netns_cluster.py)."""
     if line[0] == "confide":
-        return [sys.executable, "-m", "cli.main", *line[1:]]
+        return [sys.executable, "-m", "confide.cli.main", *line[1:]]
     if line[0] == "python":
         return [sys.executable, *line[1:]]
     return line

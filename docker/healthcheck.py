@@ -28,8 +28,8 @@ def check(address: str, service: str = "", timeout: float = 3.0, tls: str = "") 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     if tls:  # the daemon runs with --tls: the project's TLS helpers (mutual TLS)
-        from protos.tls import channel as tls_channel
-        from protos.tls import load
+        from confide.protos.tls import channel as tls_channel
+        from confide.protos.tls import load
 
         channel = tls_channel(address, tls=load(tls))
     else:

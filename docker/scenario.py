@@ -60,11 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _connect(address: str, timeout: float):
-    from protos.sdk import ConfideError, SyncConfideClient
+    from confide.sdk.client import Client, ConfideError
 
     deadline = time.monotonic() + timeout
     while True:
-        client = SyncConfideClient(address, timeout=10)
+        client = Client(address, timeout=10)
         try:
             client.list_nodes()
             return client
@@ -90,8 +90,8 @@ def _wait_for_devices(client, count: int, timeout: float) -> tuple[list, list]:
 
 
 def _run_job(client, spec) -> tuple:
-    from cli.main import format_event
-    from protos.confide.v1 import coordinator_pb2 as pb
+    from confide.cli.main import format_event
+    from confide.v1 import coordinator_pb2 as pb
 
     job = client.submit_job(spec)
     print(f"  job {job.job_id} submitted", flush=True)
@@ -103,7 +103,7 @@ def _run_job(client, spec) -> tuple:
 
 
 def step_dp_lora(client, args, devices, servers) -> dict:
-    from protos.sdk import job_spec
+    from confide.sdk.client import job_spec
 
     spec = job_spec("dp-lora", name="scenario dp-lora", rounds=args.rounds,
                     min_nodes=len(devices), base=args.base, num_labels=args.num_labels,
@@ -124,7 +124,7 @@ def step_dp_lora(client, args, devices, servers) -> dict:
 
 
 def step_dimat(client, args, devices, servers) -> dict:
-    from protos.sdk import job_spec
+    from confide.sdk.client import job_spec
 
     spec = job_spec("dimat", name="scenario dimat", rounds=1, min_nodes=len(devices),
                     base=args.base, num_labels=args.num_labels, max_length=args.max_length,
@@ -142,7 +142,7 @@ def step_dimat(client, args, devices, servers) -> dict:
 
 
 def step_private(client, args, devices, servers) -> dict:
-    from client.private_inference import private_infer
+    from confide.sdk.private_inference import private_infer
 
     address = args.private_node
     if not address:
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.tls:
-        from protos.tls import configure, load
+        from confide.protos.tls import configure, load
 
         configure(load(args.tls))
     report = run(args)

@@ -421,14 +421,14 @@ def default_tokenizer() -> Any:
     input (T x V) and the embedding and output matrices (V x d) are opened once per forward
     each, so bytes grow with V (SmolLM2's has 49,152 tokens).
     """
-    from node.models import ModelConfig, load_tokenizer
+    from confide.node.models import ModelConfig, load_tokenizer
 
     return load_tokenizer(ModelConfig(base="minilm"))
 
 
 def bbc_token_sequences(tokenizer: Any, limit: int | None = None) -> list[list[int]]:
     """BBC News articles (``node.data.bbc_news``, offline) tokenized with ``tokenizer``."""
-    from node.data import bbc_news
+    from confide.node.data import bbc_news
 
     examples, _ = bbc_news()
     if limit is not None:

@@ -69,8 +69,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def bbc_split(vocab: int, seed: int = 0):
     """BBC News token sequences (train, held-out: every 10th article) in a model vocabulary,
     with the public tokenizer spec that maps MiniLM ids to it."""
-    from node.aero import bbc_token_sequences, default_tokenizer
-    from node.private_inference import TokenizerSpec
+    from confide.node.aero import bbc_token_sequences, default_tokenizer
+    from confide.node.private_inference import TokenizerSpec
 
     tokenizer = default_tokenizer()
     sequences = bbc_token_sequences(tokenizer)
@@ -93,7 +93,7 @@ def bbc_split(vocab: int, seed: int = 0):
 
 
 def variant_config(variant: str, vocab_size: int, args: argparse.Namespace):
-    from node.aero import AeroConfig
+    from confide.node.aero import AeroConfig
 
     return AeroConfig(vocab_size=vocab_size, max_len=args.max_len, d_model=args.d_model,
                       n_heads=args.heads, n_layers=args.layers, d_ff=args.d_ff, seed=args.seed,
@@ -104,7 +104,7 @@ def train_variant(variant: str, train, test, vocab_size: int, args: argparse.Nam
     """Train one variant with the shared recipe; returns (model, record)."""
     import torch
 
-    from node.aero import AeroModel, perplexity, train_aero
+    from confide.node.aero import AeroModel, perplexity, train_aero
 
     model = AeroModel(variant_config(variant, vocab_size, args))
     start = time.perf_counter()
@@ -132,8 +132,8 @@ def train_variant(variant: str, train, test, vocab_size: int, args: argparse.Nam
 
 def train_command(args: argparse.Namespace) -> int:
     """``confide aero train``: train one variant on BBC News and publish it for a node."""
-    from node.aero import save_aero
-    from node.private_inference import publish_model
+    from confide.node.aero import save_aero
+    from confide.node.private_inference import publish_model
 
     print(f"tokenizing BBC News (vocabulary {args.vocab or 'full MiniLM'}) ...", flush=True)
     train, test, spec, vocab_size, coverage = bbc_split(args.vocab, args.seed)

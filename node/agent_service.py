@@ -23,14 +23,14 @@ from typing import Any
 
 import grpc
 
-from agents.agora import Agent, Capability, ClientRegistry, Peer, Registry, RoutineError
-from agents.backends import LazyChat
-from agents.model import ChatModel
-from node.anonymous import AgentMessageVerifier
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.confide.v1 import node_pb2
-from protos.confide.v1 import node_pb2_grpc as node_grpc
-from protos.tls import channel as tls_channel
+from confide.agents.agora import Agent, Capability, ClientRegistry, Peer, Registry, RoutineError
+from confide.agents.backends import LazyChat
+from confide.agents.model import ChatModel
+from confide.node.anonymous import AgentMessageVerifier
+from confide.protos.tls import channel as tls_channel
+from confide.v1 import coordinator_pb2 as pb
+from confide.v1 import node_pb2
+from confide.v1 import node_pb2_grpc as node_grpc
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def demo_capabilities(published: Iterable[str] = ("weather.lookup", "math.add")
 
 class LoopClientRegistry(ClientRegistry):
     """The coordinator's registry for an agent running in worker threads of a daemon whose
-    gRPC client (``protos.sdk.ConfideClient``, async) lives on the daemon's event loop."""
+    gRPC client (``sdk.client.AsyncClient``, async) lives on the daemon's event loop."""
 
     def __init__(self, client: Any, loop: asyncio.AbstractEventLoop,
                  timeout: float = 30.0) -> None:
@@ -231,9 +231,9 @@ class NodeAgentService:
         the capabilities default to the demo's."""
         client, registry = None, None
         if coordinator:
-            from protos.sdk import ConfideClient
+            from confide.sdk.client import AsyncClient
 
-            client = ConfideClient(coordinator)
+            client = AsyncClient(coordinator)
             registry = LoopClientRegistry(client, asyncio.get_running_loop())
         agent = Agent(name, chat or LazyChat(model, device=device), registry=registry,
                       **agent_options)

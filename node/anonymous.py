@@ -16,21 +16,21 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from privacy.ringsig import RingKeyPair, RingSignature, RingSignatureError, sign, verify
-from protos.chunking import split_payload
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
-from protos.confide.v1 import node_pb2
-from protos.identity import (
+from confide.privacy.ringsig import RingKeyPair, RingSignature, RingSignatureError, sign, verify
+from confide.protos.chunking import split_payload
+from confide.protos.identity import (
     agent_message_bytes,
     agent_message_scope,
     anonymous_scope,
     anonymous_update_message,
     ring_epoch_id,
 )
-from protos.tls import PROCESS as TLS_PROCESS
-from protos.tls import TLSChoice, aio_channel
-from protos.tls import active as tls_active
+from confide.protos.tls import PROCESS as TLS_PROCESS
+from confide.protos.tls import TLSChoice, aio_channel
+from confide.protos.tls import active as tls_active
+from confide.v1 import coordinator_pb2 as pb
+from confide.v1 import coordinator_pb2_grpc as pb_grpc
+from confide.v1 import node_pb2
 
 MIN_RING_SIZE = 2
 

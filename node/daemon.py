@@ -12,24 +12,24 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from node.agent_service import NodeAgentService, demo_capabilities
-from node.anonymous import load_or_create_ring_key
-from node.data import LocalData
-from node.device import select_device
-from node.peer import NodePeerService
-from node.private_inference import PrivateInference
-from node.session import CoordinatorLink
-from node.split.transport import SplitServer
-from node.store import ModelStore
-from node.worker import TaskWorker
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.confide.v1 import node_pb2_grpc as node_grpc
-from protos.identity import NodeKey
-from protos.interceptors import MalformedRequestInterceptor
-from protos.state import STATE_DIGEST_FEATURE
-from protos.tls import add_port as tls_add_port
-from protos.tls import configure as tls_configure
-from protos.tls import load as tls_load
+from confide.node.agent_service import NodeAgentService, demo_capabilities
+from confide.node.anonymous import load_or_create_ring_key
+from confide.node.data import LocalData
+from confide.node.device import select_device
+from confide.node.peer import NodePeerService
+from confide.node.private_inference import PrivateInference
+from confide.node.session import CoordinatorLink
+from confide.node.split.transport import SplitServer
+from confide.node.store import ModelStore
+from confide.node.worker import TaskWorker
+from confide.protos.identity import NodeKey
+from confide.protos.interceptors import MalformedRequestInterceptor
+from confide.protos.state import STATE_DIGEST_FEATURE
+from confide.protos.tls import add_port as tls_add_port
+from confide.protos.tls import configure as tls_configure
+from confide.protos.tls import load as tls_load
+from confide.v1 import coordinator_pb2 as pb
+from confide.v1 import node_pb2_grpc as node_grpc
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ import logging
 import threading
 from pathlib import Path
 
-from agents.minions.config import DEFAULT_CHUNK_CHARS, DEFAULT_CONTEXT_CHARS, AskCancelled
-from agents.minions.policy import CITATION_MODES
-from agents.minions.worker import LocalWorker
-from agents.model import ChatModel
+from confide.agents.minions.config import DEFAULT_CHUNK_CHARS, DEFAULT_CONTEXT_CHARS, AskCancelled
+from confide.agents.minions.policy import CITATION_MODES
+from confide.agents.minions.worker import LocalWorker
+from confide.agents.model import ChatModel
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class MinionWorker:
     def model(self) -> ChatModel:
         with self._model_lock:
             if self._model is None:
-                from agents.backends import backend_from_spec
+                from confide.agents.backends import backend_from_spec
 
                 log.info("loading the local model %s for Minions", self.local_model)
                 self._model = backend_from_spec(self.local_model, device=self.device)

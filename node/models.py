@@ -52,8 +52,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from node.methods import get_method
-from protos.confide.v1 import coordinator_pb2 as pb
+from confide.node.methods import get_method
+from confide.v1 import coordinator_pb2 as pb
 
 __all__ = [
     "ADAPTERS",

@@ -9,15 +9,15 @@ import asyncio
 
 import grpc
 
-from node.agent_service import NodeAgentService
-from node.private_inference import PrivateInference, PrivateInferenceError
-from node.split.transport import SplitServer
-from node.store import ModelStore
-from protos.chunking import split_payload
-from protos.codec import tensor_map_to_bytes
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.confide.v1 import node_pb2
-from protos.confide.v1 import node_pb2_grpc as node_grpc
+from confide.node.agent_service import NodeAgentService
+from confide.node.private_inference import PrivateInference, PrivateInferenceError
+from confide.node.split.transport import SplitServer
+from confide.node.store import ModelStore
+from confide.protos.chunking import split_payload
+from confide.protos.codec import tensor_map_to_bytes
+from confide.v1 import coordinator_pb2 as pb
+from confide.v1 import node_pb2
+from confide.v1 import node_pb2_grpc as node_grpc
 
 
 class NodePeerService(node_grpc.NodePeerServicer):

@@ -7,7 +7,7 @@ which adds the tokenizer the data owner should use). Only safetensors are read, 
 ``OpenPrivateInference`` (``node.peer``) lands in :meth:`PrivateInference.open`: the request is
 checked (a known model, ``1 <= seq_len <= max_len``, provider TFP or TTP, a sane timeout), a free
 port is taken on the node's peer host, and the node's MPC party starts as a fresh process
-(``python -m node.private_party``: CrypTen keeps global state and must never run inside the
+(``python -m confide.node.private_party``: CrypTen keeps global state and must never run inside the
 daemon's asyncio process). The reply tells the data owner where the parties meet and the
 model's public configuration. The request carries no input and the reply no weights: both
 travel only as secret shares between the two party processes, over torch.distributed (gloo).
@@ -62,7 +62,7 @@ from typing import Any
 import grpc
 from safetensors import safe_open
 
-from protos.confide.v1 import node_pb2
+from confide.v1 import node_pb2
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class ServableModel:
 
 def _read_model(name: str, path: Path) -> ServableModel:
     """Read and check a model file's header (metadata, tensor names and shapes), no weights."""
-    from node.aero import AeroConfig, AeroModel  # torch: only once a model is looked at
+    from confide.node.aero import AeroConfig, AeroModel  # torch: only once a model is looked at
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
@@ -413,7 +413,7 @@ class PrivateInference:
         status_path = self.sessions_dir / f"{session_id}.json"
         log_path = self.sessions_dir / f"{session_id}.log"
         port = _free_port(self.bind_host)
-        args = [sys.executable, "-m", "node.private_party", "model-owner",
+        args = [sys.executable, "-m", "confide.node.private_party", "model-owner",
                 "--session-id", session_id, "--model-file", str(model.path),
                 "--arch-json", json.dumps(model.arch()), "--seq-len", str(seq_len),
                 "--provider", provider, "--timeout", repr(timeout_s),

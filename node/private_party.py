@@ -1,6 +1,6 @@
 """The MPC party processes of private inference, each started as a fresh process.
 
-``python -m node.private_party model-owner ...`` is what a node daemon starts for every
+``python -m confide.node.private_party model-owner ...`` is what a node daemon starts for every
 ``OpenPrivateInference`` session (``node.private_inference``): it hosts the session's rendezvous
 store on the port the daemon chose, loads the model (safetensors only), joins the CrypTen
 session as the model owner and runs ``aero_2pc.private_forward`` with its weights. It
@@ -9,9 +9,9 @@ triples it does not know) and never the logits (they are revealed to the data ow
 It reports its progress in a small JSON status file the daemon reads, and with ``--audit`` it
 records everything it received during the protocol (see :class:`Audit`).
 
-``python -m node.private_party dealer --rendezvous tcp://HOST:PORT`` runs the Beaver-triple
+``python -m confide.node.private_party dealer --rendezvous tcp://HOST:PORT`` runs the Beaver-triple
 dealer of the trusted-third-party provider (TTP). The data owner's client starts one locally
-(``client.private_inference``); a real deployment runs it on a third machine that colludes with
+(``sdk.private_inference``); a real deployment runs it on a third machine that colludes with
 neither party.
 
 All parties join torch.distributed as clients of the store the node's party hosts
@@ -103,7 +103,7 @@ class Audit:
     def install(self) -> None:
         import crypten.communicator as comm
 
-        from privacy import mpc
+        from confide.privacy import mpc
 
         original_encrypt = mpc.encrypt
 
@@ -141,8 +141,8 @@ def run_model_owner(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     use_node_hosted_store()
-    from node.aero import load_aero
-    from privacy import aero_2pc, mpc
+    from confide.node.aero import load_aero
+    from confide.privacy import aero_2pc, mpc
 
     try:
         # the session's rendezvous store lives here, on the node, for the session's lifetime
@@ -205,13 +205,13 @@ def run_dealer(rendezvous: str, timeout_s: float) -> None:
 
     torch.set_num_threads(1)
     use_node_hosted_store()
-    from privacy import mpc
+    from confide.privacy import mpc
 
     mpc.run_ttp_server(2, rendezvous, timeout_s=timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m node.private_party",
+    parser = argparse.ArgumentParser(prog="python -m confide.node.private_party",
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="role", required=True)
     p = sub.add_parser("model-owner", help="the node's party (started by the node daemon)")

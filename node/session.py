@@ -18,16 +18,16 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from node.anonymous import AnonymityError, fetch_ring, submit_anonymously
-from node.worker import NeedsFullState, TaskCancelled, TaskWorker
-from privacy.ringsig import RingKeyPair
-from protos.chunking import ChunkAssembler, ChunkError, split_payload
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
-from protos.events import EventPublisher, node_presence_topic, presence_payload
-from protos.identity import NodeKey
-from protos.tls import PROCESS as TLS_PROCESS
-from protos.tls import aio_channel
+from confide.node.anonymous import AnonymityError, fetch_ring, submit_anonymously
+from confide.node.worker import NeedsFullState, TaskCancelled, TaskWorker
+from confide.privacy.ringsig import RingKeyPair
+from confide.protos.chunking import ChunkAssembler, ChunkError, split_payload
+from confide.protos.events import EventPublisher, node_presence_topic, presence_payload
+from confide.protos.identity import NodeKey
+from confide.protos.tls import PROCESS as TLS_PROCESS
+from confide.protos.tls import aio_channel
+from confide.v1 import coordinator_pb2 as pb
+from confide.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -15,18 +15,18 @@ from typing import Any
 
 import torch
 
-from node.data import LocalData
-from node.merging.merge import merge_round
-from node.methods import UpdateError, get_method, method_params
-from node.methods.base import Method, MethodConfig
-from node.minion_worker import MinionCancelled, MinionWorker
-from node.models import job_model_config
-from node.store import ModelStore
-from node.training.registry import trainer_kind
-from node.training.task import ProgressFn, TaskTrainer
-from protos.codec import tensor_map_from_bytes, tensor_map_to_bytes, to_dense
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.state import state_digest
+from confide.node.data import LocalData
+from confide.node.merging.merge import merge_round
+from confide.node.methods import UpdateError, get_method, method_params
+from confide.node.methods.base import Method, MethodConfig
+from confide.node.minion_worker import MinionCancelled, MinionWorker
+from confide.node.models import job_model_config
+from confide.node.store import ModelStore
+from confide.node.training.registry import trainer_kind
+from confide.node.training.task import ProgressFn, TaskTrainer
+from confide.protos.codec import tensor_map_from_bytes, tensor_map_to_bytes, to_dense
+from confide.protos.state import state_digest
+from confide.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from privacy import mpc
-from privacy.mpc import MpcError
+from confide.privacy import mpc
+from confide.privacy.mpc import MpcError
 
 ARCH_KEYS = (
     "vocab_size", "max_len", "d_model", "n_heads", "n_layers", "d_ff", "layernorm",

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privacy.dp import RdpAccountant, SampledGaussian
+from confide.privacy.dp import RdpAccountant, SampledGaussian
 
 __all__ = [
     "FORMAT",

@@ -56,7 +56,7 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
-from privacy.dp import RdpAccountant, SampledGaussian, gaussian_noise_like
+from confide.privacy.dp import RdpAccountant, SampledGaussian, gaussian_noise_like
 
 __all__ = [
     "DPSGD",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterable, Iterable, Iterator
 
-from protos.confide.v1 import common_pb2
+from confide.v1 import common_pb2
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",

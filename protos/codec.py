@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
-from protos.confide.v1 import common_pb2
+from confide.v1 import common_pb2
 
 __all__ = [
     "MAX_RANK",

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import aiomqtt
 from google.protobuf import json_format
 
-from protos.confide.v1 import coordinator_pb2 as pb
+from confide.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Regenerate the committed protobuf/gRPC Python code from protos/confide/v1/*.proto.
 
-Run ``python -m protos.generate`` after editing a .proto file, and commit the result.
-``python -m protos.generate --check`` exits 1 when the committed code is stale (CI runs it
+Run ``python -m confide.protos.generate`` after editing a .proto file, and commit the result.
+``python -m confide.protos.generate --check`` exits 1 when the committed code is stale (CI runs it
 through the test suite), so the wire contract and its Python face never drift apart.
 """
 
@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import filecmp
 import importlib.resources
-import re
 import sys
 import tempfile
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
-_IMPORT = re.compile(r"^from confide\.v1 import", re.MULTILINE)
 
 
 def proto_files(root: Path = PROTO_ROOT) -> list[Path]:
@@ -42,10 +40,9 @@ def generate_into(out_dir: Path, root: Path = PROTO_ROOT) -> list[Path]:
         raise RuntimeError("protoc failed; see the messages above")
     generated = []
     for path in sorted((out_dir / "confide" / "v1").glob("*_pb2*.py*")):
-        # The .proto files import each other as "confide/v1/x.proto" (clean for other
-        # languages); in Python the package lives under ``protos``.
-        text = _IMPORT.sub("from protos.confide.v1 import", path.read_text())
-        path.write_text(text)
+        # protoc writes "from confide.v1 import x_pb2" for the .proto files' imports of
+        # "confide/v1/x.proto": it resolves as is, because this folder installs as the
+        # package ``confide.v1`` (setup.py), the name of the protobuf package
         generated.append(path.relative_to(out_dir))
     return generated
 
@@ -71,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         if stale or extra:
             print("stale generated code: " + ", ".join(stale + [str(p) for p in extra]))
-            print("run: python -m protos.generate")
+            print("run: python -m confide.protos.generate")
             return 1
         print("generated protobuf code is up to date")
         return 0

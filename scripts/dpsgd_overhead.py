@@ -20,8 +20,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModel
 
-from privacy.dp import secure_generator
-from privacy.dpsgd import DPSGD
+from confide.privacy.dp import secure_generator
+from confide.privacy.dpsgd import DPSGD
 
 
 class MeanPooled(torch.nn.Module):

@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
-.venv/bin/python -m protos.generate --check
+.venv/bin/python -m confide.protos.generate --check
 exec .venv/bin/python -m pytest "$@"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from node.data import synthetic_classification, write_jsonl
+from confide.node.data import synthetic_classification, write_jsonl
 
 
 def make_shards(root: Path, nodes: int, per_node: int = 64, num_labels: int = 2,

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.minions.config import (
+from confide.agents.minions.config import (
     DAEMON_MODES,
     DEFAULT_MAX_ROUNDS,
     LOCAL_CHAT_TOKENS,
@@ -47,9 +47,9 @@ from agents.minions.config import (
     REMOTE_PLAN_TOKENS,
     AskCancelled,
 )
-from agents.minions.schemas import PlanError, default_plan, parse_decision, parse_plan
-from agents.minions.text import is_abstention, normalized, trim_words
-from agents.model import ChatModel, Completion, Message, Usage
+from confide.agents.minions.schemas import PlanError, default_plan, parse_decision, parse_plan
+from confide.agents.minions.text import is_abstention, normalized, trim_words
+from confide.agents.model import ChatModel, Completion, Message, Usage
 
 Executor = Callable[[dict[str, dict[str, Any]]], dict[str, dict[str, Any]]]
 """Runs one instruction per node (in parallel) and returns each node's reply; a node that
@@ -202,7 +202,7 @@ def _ask_remote(remote: ChatModel, messages: list[Message], max_tokens: int,
     shape by example; the strict schemas are applied afterwards by ``parse_plan`` and
     ``parse_decision``, which repair what they can instead of spending remote tokens on
     re-asking. A failing remote model (``ModelError``) propagates."""
-    from agents.jsonrepair import JSONRepairError, ask_json_reply
+    from confide.agents.jsonrepair import JSONRepairError, ask_json_reply
 
     try:
         return ask_json_reply(remote, messages, _ANY_JSON, retries, max_tokens=max_tokens,

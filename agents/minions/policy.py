@@ -20,8 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from agents.minions.config import MAX_ANSWER_CHARS, MAX_EXPLANATION_CHARS, MAX_REPLY_CHARS
-from agents.minions.text import WORD, trim_words
+from confide.agents.minions.config import MAX_ANSWER_CHARS, MAX_EXPLANATION_CHARS, MAX_REPLY_CHARS
+from confide.agents.minions.text import WORD, trim_words
 
 CITATION_MODES = ("allow", "short", "none")  # loosest to strictest
 ALLOW_CITATION_WORDS = 60

@@ -18,9 +18,9 @@ from typing import Any
 
 import jsonschema
 
-from agents.minions.config import MAX_JOBS, MAX_QUESTION_CHARS, MAX_ROUNDS_LIMIT
-from agents.minions.policy import CITATION_MODES
-from agents.minions.text import as_text
+from confide.agents.minions.config import MAX_JOBS, MAX_QUESTION_CHARS, MAX_ROUNDS_LIMIT
+from confide.agents.minions.policy import CITATION_MODES
+from confide.agents.minions.text import as_text
 
 
 class PlanError(ValueError):

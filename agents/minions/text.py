@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any
 
-from agents.minions.config import DEFAULT_CHUNK_CHARS
+from confide.agents.minions.config import DEFAULT_CHUNK_CHARS
 
 WORD = re.compile(r"\w+")
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from agents.minions.config import (
+from confide.agents.minions.config import (
     DEFAULT_CHUNK_CHARS,
     DEFAULT_CONTEXT_CHARS,
     LOCAL_CHAT_TOKENS,
@@ -31,7 +31,7 @@ from agents.minions.config import (
     MAX_LOCAL_CALLS,
     AskCancelled,
 )
-from agents.minions.policy import (
+from confide.agents.minions.policy import (
     CitationPolicy,
     VerbatimGuard,
     apply_policy,
@@ -39,8 +39,8 @@ from agents.minions.policy import (
     citation_policy,
     stricter,
 )
-from agents.minions.schemas import DocumentInfo, parse_instructions
-from agents.minions.text import (
+from confide.agents.minions.schemas import DocumentInfo, parse_instructions
+from confide.agents.minions.text import (
     as_text,
     chunk_text,
     grounded,
@@ -48,7 +48,7 @@ from agents.minions.text import (
     normalized,
     split_sentences,
 )
-from agents.model import ChatModel, Message, Usage
+from confide.agents.model import ChatModel, Message, Usage
 
 WORKER_SYSTEM = (
     "You read an excerpt of a private document and do one small task using only the "
@@ -86,7 +86,7 @@ def _supporting_sentence(answer: str, chunk: str) -> str | None:
 
 
 def _extract_json(text: str) -> Any:
-    from agents.jsonrepair import extract_json
+    from confide.agents.jsonrepair import extract_json
 
     try:
         return extract_json(text)

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from node.merging.permutation import PermGroup, PermutationSpec
-from node.methods.base import State
+from confide.node.merging.permutation import PermGroup, PermutationSpec
+from confide.node.methods.base import State
 
 __all__ = ["Batch", "CorrelationStats", "collect_activations", "each_batch"]
 

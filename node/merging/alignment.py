@@ -8,9 +8,14 @@ from collections.abc import Iterable, Mapping
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from node.merging.activations import Batch, CorrelationStats, collect_activations, each_batch
-from node.merging.permutation import PermutationSpec, apply_permutation, permutation_spec
-from node.methods.base import State
+from confide.node.merging.activations import (
+    Batch,
+    CorrelationStats,
+    collect_activations,
+    each_batch,
+)
+from confide.node.merging.permutation import PermutationSpec, apply_permutation, permutation_spec
+from confide.node.methods.base import State
 
 __all__ = ["align", "align_all", "assignment", "match_permutation"]
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from protos.chunking import ChunkAssembler, ChunkError, wire_bytes
-from protos.codec import CodecError, tensor_map_from_bytes, to_dense
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.confide.v1 import node_pb2
-from protos.confide.v1 import node_pb2_grpc as node_grpc
-from protos.tls import channel as tls_channel
+from confide.protos.chunking import ChunkAssembler, ChunkError, wire_bytes
+from confide.protos.codec import CodecError, tensor_map_from_bytes, to_dense
+from confide.protos.tls import channel as tls_channel
+from confide.v1 import coordinator_pb2 as pb
+from confide.v1 import node_pb2
+from confide.v1 import node_pb2_grpc as node_grpc
 
 log = logging.getLogger(__name__)
 

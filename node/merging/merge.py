@@ -12,15 +12,15 @@ from typing import Protocol
 
 import torch
 
-from node.data import Example
-from node.merging.activations import Batch
-from node.merging.alignment import align_all
-from node.merging.fetch import fetch_neighbours
-from node.merging.permutation import PermutationSpec, permutation_spec
-from node.methods.base import MethodConfig, State, UpdateError
-from node.methods.dimat import MERGE_MODES, DIMATConfig
-from node.methods.topology import check_row, renormalized_weights
-from protos.confide.v1 import coordinator_pb2 as pb
+from confide.node.data import Example
+from confide.node.merging.activations import Batch
+from confide.node.merging.alignment import align_all
+from confide.node.merging.fetch import fetch_neighbours
+from confide.node.merging.permutation import PermutationSpec, permutation_spec
+from confide.node.methods.base import MethodConfig, State, UpdateError
+from confide.node.methods.dimat import MERGE_MODES, DIMATConfig
+from confide.node.methods.topology import check_row, renormalized_weights
+from confide.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
 

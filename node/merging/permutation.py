@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from node.methods.base import State
+from confide.node.methods.base import State
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import importlib
 import importlib.util
 from functools import cache
 
-from node.methods.base import (
+from confide.node.methods.base import (
     ClientUpdate,
     DecentralizedMethod,
     FederatedMethod,
@@ -21,13 +21,13 @@ from node.methods.base import (
 )
 
 REGISTRY: dict[str, str] = {
-    "fedavg-lora": "node.methods.fedavg_lora:FedAvgLoRA",
-    "fedavg-full": "node.methods.fedavg_full:FedAvgFull",
-    "dp-lora": "node.methods.dp_lora:DPLoRA",
-    "cellm": "node.methods.cellm:CELLM",
-    "ferret": "node.methods.ferret:Ferret",
-    "sfprompt": "node.methods.sfprompt:SFPrompt",
-    "dimat": "node.methods.dimat:DIMAT",
+    "fedavg-lora": "confide.node.methods.fedavg_lora:FedAvgLoRA",
+    "fedavg-full": "confide.node.methods.fedavg_full:FedAvgFull",
+    "dp-lora": "confide.node.methods.dp_lora:DPLoRA",
+    "cellm": "confide.node.methods.cellm:CELLM",
+    "ferret": "confide.node.methods.ferret:Ferret",
+    "sfprompt": "confide.node.methods.sfprompt:SFPrompt",
+    "dimat": "confide.node.methods.dimat:DIMAT",
 }
 
 

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from google.protobuf import json_format
 
-from protos.codec import SeedProjectedTensor, SparseTensor, WireTensor
+from confide.protos.codec import SeedProjectedTensor, SparseTensor, WireTensor
 
 State = dict[str, torch.Tensor]
 

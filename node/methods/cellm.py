@@ -84,7 +84,7 @@ from dataclasses import dataclass
 
 import torch
 
-from node.methods.base import (
+from confide.node.methods.base import (
     ClientUpdate,
     FederatedMethod,
     MethodConfig,
@@ -92,7 +92,7 @@ from node.methods.base import (
     UpdateError,
     weighted_mean_of_deltas,
 )
-from protos.codec import SparseTensor, WireTensor, to_dense, wire_size
+from confide.protos.codec import SparseTensor, WireTensor, to_dense, wire_size
 
 log = logging.getLogger(__name__)
 

@@ -84,8 +84,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from node.methods.base import DecentralizedMethod, MethodConfig
-from node.methods.topology import TOPOLOGIES, UNREACHABLE_POLICIES, parse_edges
+from confide.node.methods.base import DecentralizedMethod, MethodConfig
+from confide.node.methods.topology import TOPOLOGIES, UNREACHABLE_POLICIES, parse_edges
 
 __all__ = ["DIMAT", "MERGE_MODES", "DIMATConfig"]
 

@@ -117,9 +117,20 @@ from dataclasses import dataclass
 
 import torch
 
-from node.methods.base import ClientUpdate, FederatedMethod, MethodConfig, State, UpdateError
-from privacy.dp import RdpAccountant, clip_by_global_norm, gaussian_noise_like, secure_generator
-from protos.codec import WireTensor, to_dense
+from confide.node.methods.base import (
+    ClientUpdate,
+    FederatedMethod,
+    MethodConfig,
+    State,
+    UpdateError,
+)
+from confide.privacy.dp import (
+    RdpAccountant,
+    clip_by_global_norm,
+    gaussian_noise_like,
+    secure_generator,
+)
+from confide.protos.codec import WireTensor, to_dense
 
 MODES = ("local", "central")
 

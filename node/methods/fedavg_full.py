@@ -7,7 +7,7 @@ parameter of the model, the coordinator averages the deltas weighted by example 
 
 from __future__ import annotations
 
-from node.methods.fedavg_lora import FedAvgLoRA
+from confide.node.methods.fedavg_lora import FedAvgLoRA
 
 
 class FedAvgFull(FedAvgLoRA):

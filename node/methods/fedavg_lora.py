@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from node.methods.base import (
+from confide.node.methods.base import (
     ClientUpdate,
     FederatedMethod,
     MethodConfig,
@@ -27,7 +27,7 @@ from node.methods.base import (
     UpdateError,
     weighted_mean_of_deltas,
 )
-from protos.codec import WireTensor, to_dense
+from confide.protos.codec import WireTensor, to_dense
 
 
 @dataclass(frozen=True)

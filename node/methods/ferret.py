@@ -85,15 +85,15 @@ from dataclasses import dataclass
 
 import torch
 
-from node.methods.base import (
+from confide.node.methods.base import (
     ClientUpdate,
     FederatedMethod,
     MethodConfig,
     State,
     UpdateError,
 )
-from protos.codec import SeedProjectedTensor, WireTensor
-from protos.state import state_digest as base_state_digest
+from confide.protos.codec import SeedProjectedTensor, WireTensor
+from confide.protos.state import state_digest as base_state_digest
 
 GENERATOR = "ferret-tn1"
 """The direction generator's name on the wire (truncated normal, chunks of ``CHUNK``)."""

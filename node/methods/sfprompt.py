@@ -84,8 +84,8 @@ from typing import Any
 
 import torch
 
-from node.methods.base import MethodConfig
-from node.methods.fedavg_lora import FedAvgLoRA
+from confide.node.methods.base import MethodConfig
+from confide.node.methods.fedavg_lora import FedAvgLoRA
 
 __all__ = ["ACTIVATION_DTYPES", "SFPROMPT_TRAINABLE", "SFPrompt", "SFPromptConfig"]
 

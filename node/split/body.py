@@ -16,8 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from node.device import bf16_autocast
-from node.methods.sfprompt import ACTIVATION_DTYPES
+from confide.node.device import bf16_autocast
+from confide.node.methods.sfprompt import ACTIVATION_DTYPES
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ from typing import Any
 
 import torch
 
-from node.data import Example
-from node.methods import MethodConfig
-from node.methods.sfprompt import SFPromptConfig
-from node.models import ModelConfig
-from node.split.trainer import SplitTrainer, build_split_trainer
-from node.split.transport import RemoteBody
-from node.training.task import ProgressFn, round_seed
-from protos.confide.v1 import coordinator_pb2 as pb
+from confide.node.data import Example
+from confide.node.methods import MethodConfig
+from confide.node.methods.sfprompt import SFPromptConfig
+from confide.node.models import ModelConfig
+from confide.node.split.trainer import SplitTrainer, build_split_trainer
+from confide.node.split.transport import RemoteBody
+from confide.node.training.task import ProgressFn, round_seed
+from confide.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -63,8 +63,8 @@ from transformers import (
 )
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
-from node.methods.sfprompt import SFPromptConfig
-from node.models import ModelConfig, base_model_and_tokenizer
+from confide.node.methods.sfprompt import SFPromptConfig
+from confide.node.models import ModelConfig, base_model_and_tokenizer
 
 __all__ = [
     "DeviceHead",

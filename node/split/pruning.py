@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from node.split.body import is_number
+from confide.node.split.body import is_number
 
 __all__ = ["el2n", "kept_examples", "top_fraction"]
 

@@ -15,15 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from node.device import bf16_autocast, seeded_rng
-from node.methods.sfprompt import ACTIVATION_DTYPES, SFPromptConfig
-from node.models import ModelConfig
-from node.split.body import Body, is_int, is_number, nbytes
-from node.split.model import SplitConfig, build_split
-from node.split.pruning import el2n, kept_examples
-from node.training.batching import Batcher
-from node.training.state import check_state, copy_into, cpu_copies
-from node.training.task import ProgressFn
+from confide.node.device import bf16_autocast, seeded_rng
+from confide.node.methods.sfprompt import ACTIVATION_DTYPES, SFPromptConfig
+from confide.node.models import ModelConfig
+from confide.node.split.body import Body, is_int, is_number, nbytes
+from confide.node.split.model import SplitConfig, build_split
+from confide.node.split.pruning import el2n, kept_examples
+from confide.node.training.batching import Batcher
+from confide.node.training.state import check_state, copy_into, cpu_copies
+from confide.node.training.task import ProgressFn
 
 __all__ = ["SplitTrainer", "build_split_trainer"]
 

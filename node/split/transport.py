@@ -41,17 +41,17 @@ from typing import Any
 import grpc
 import torch
 
-from node.methods import get_method, method_params
-from node.methods.sfprompt import SFPromptConfig
-from node.models import model_config
-from node.split.body import LocalBody
-from node.split.model import SplitConfig, build_split
-from protos.chunking import ChunkAssembler, ChunkError, split_payload, wire_bytes
-from protos.codec import CodecError, tensor_map_from_bytes, tensor_map_to_bytes, to_dense
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.confide.v1 import node_pb2
-from protos.confide.v1 import node_pb2_grpc as node_grpc
-from protos.tls import channel as tls_channel
+from confide.node.methods import get_method, method_params
+from confide.node.methods.sfprompt import SFPromptConfig
+from confide.node.models import model_config
+from confide.node.split.body import LocalBody
+from confide.node.split.model import SplitConfig, build_split
+from confide.protos.chunking import ChunkAssembler, ChunkError, split_payload, wire_bytes
+from confide.protos.codec import CodecError, tensor_map_from_bytes, tensor_map_to_bytes, to_dense
+from confide.protos.tls import channel as tls_channel
+from confide.v1 import coordinator_pb2 as pb
+from confide.v1 import node_pb2
+from confide.v1 import node_pb2_grpc as node_grpc
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from node.data import Example
+from confide.node.data import Example
 
 __all__ = ["Batcher", "Encoded"]
 

@@ -21,19 +21,19 @@ from typing import Any
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from node.data import Example
-from node.device import autocast, autocast_dtype, seeded_rng, select_device
-from node.models import ModelConfig, build_model
-from node.training.batching import Batcher
-from node.training.state import (
+from confide.node.data import Example
+from confide.node.device import autocast, autocast_dtype, seeded_rng, select_device
+from confide.node.models import ModelConfig, build_model
+from confide.node.training.batching import Batcher
+from confide.node.training.state import (
     check_state,
     copy_into,
     cpu_copies,
     load_state_file,
     save_state_file,
 )
-from node.training.task import ProgressFn, round_seed
-from protos.confide.v1 import coordinator_pb2 as pb
+from confide.node.training.task import ProgressFn, round_seed
+from confide.v1 import coordinator_pb2 as pb
 
 __all__ = ["LoraTrainer"]
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from node.methods import MethodConfig
-from node.models import ModelConfig
-from node.split.job import SplitJobTrainer
-from node.training.lora import LoraTrainer
-from node.training.task import TaskTrainer
+from confide.node.methods import MethodConfig
+from confide.node.models import ModelConfig
+from confide.node.split.job import SplitJobTrainer
+from confide.node.training.lora import LoraTrainer
+from confide.node.training.task import TaskTrainer
 
 __all__ = ["TRAINERS", "TrainerKind", "trainer_kind"]
 

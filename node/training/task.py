@@ -12,8 +12,8 @@ from typing import Any, Protocol
 
 import torch
 
-from node.data import Example
-from protos.confide.v1 import coordinator_pb2 as pb
+from confide.node.data import Example
+from confide.v1 import coordinator_pb2 as pb
 
 __all__ = ["ProgressFn", "TaskTrainer", "round_seed"]
 

@@ -91,15 +91,15 @@ noise: calibrate for ``t - c`` honest nodes if ``c`` corruptions are assumed.
 
 from __future__ import annotations
 
-from privacy.secagg.errors import (
+from confide.privacy.secagg.errors import (
     SecAggAbort,
     SecAggError,
     SecAggMessageError,
     SecAggProtocolError,
     SecAggRefused,
 )
-from privacy.secagg.masking import FixedPointCodec, MaskingError
-from privacy.secagg.protocol import (
+from confide.privacy.secagg.masking import FixedPointCodec, MaskingError
+from confide.privacy.secagg.protocol import (
     AggregateResult,
     CostCounters,
     SecAggClient,

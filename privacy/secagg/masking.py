@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from privacy.secagg.errors import SecAggError
+from confide.privacy.secagg.errors import SecAggError
 
 __all__ = [
     "SEED_BYTES",

@@ -23,8 +23,8 @@ import struct
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
-from privacy.secagg.errors import SecAggMessageError
-from privacy.secagg.shamir import PRIME, SHARE_BYTES
+from confide.privacy.secagg.errors import SecAggMessageError
+from confide.privacy.secagg.shamir import PRIME, SHARE_BYTES
 
 __all__ = [
     "KEY_BYTES",

@@ -71,10 +71,15 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from privacy.secagg import shamir
-from privacy.secagg.errors import SecAggAbort, SecAggProtocolError, SecAggRefused
-from privacy.secagg.masking import FixedPointCodec, MaskingError, pairwise_sign, prg_ring_elements
-from privacy.secagg.messages import (
+from confide.privacy.secagg import shamir
+from confide.privacy.secagg.errors import SecAggAbort, SecAggProtocolError, SecAggRefused
+from confide.privacy.secagg.masking import (
+    FixedPointCodec,
+    MaskingError,
+    pairwise_sign,
+    prg_ring_elements,
+)
+from confide.privacy.secagg.messages import (
     SHARE_KIND_MASK_KEY,
     SHARE_KIND_SELF_SEED,
     AdvertiseKeys,

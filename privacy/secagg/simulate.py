@@ -16,7 +16,7 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from privacy.secagg.messages import (
+from confide.privacy.secagg.messages import (
     AdvertiseKeys,
     ForwardedShares,
     KeyBundle,
@@ -26,7 +26,7 @@ from privacy.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from privacy.secagg.protocol import SecAggClient, SecAggServer, codec_of
+from confide.privacy.secagg.protocol import SecAggClient, SecAggServer, codec_of
 
 __all__ = ["DROPOUT_PHASES", "PHASES", "RoundReport", "simulate_round"]
 

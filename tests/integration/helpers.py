@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.sdk import SyncConfideClient, job_spec
+from confide.sdk.client import Client, job_spec
+from confide.v1 import coordinator_pb2 as pb
 
 
 def tiny_spec(**overrides) -> pb.JobSpec:
@@ -17,7 +17,7 @@ def tiny_spec(**overrides) -> pb.JobSpec:
     return job_spec(options.pop("method", "fedavg-lora"), **options)
 
 
-def wait_for_nodes(client: SyncConfideClient, count: int, timeout: float = 90.0) -> list:
+def wait_for_nodes(client: Client, count: int, timeout: float = 90.0) -> list:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         online = [n for n in client.list_nodes() if n.online]
@@ -27,7 +27,7 @@ def wait_for_nodes(client: SyncConfideClient, count: int, timeout: float = 90.0)
     raise AssertionError(f"fewer than {count} nodes came online within {timeout}s")
 
 
-def events_until(client: SyncConfideClient, job_id: str, kind: str, timeout: float = 120.0):
+def events_until(client: Client, job_id: str, kind: str, timeout: float = 120.0):
     """Follow the job's events until one of ``kind`` arrives; return all seen so far."""
     seen = []
     deadline = time.monotonic() + timeout
@@ -40,7 +40,7 @@ def events_until(client: SyncConfideClient, job_id: str, kind: str, timeout: flo
     raise AssertionError(f"no {kind} event; saw {[e.kind for e in seen]}")
 
 
-def completed_job(client: SyncConfideClient, spec: pb.JobSpec,
+def completed_job(client: Client, spec: pb.JobSpec,
                   nodes: int) -> tuple[str, pb.JobStatus]:
     """Wait for ``nodes`` nodes, run ``spec`` to the end and check it completed: (job id,
     final status)."""

@@ -12,12 +12,12 @@ import threading
 import grpc
 import pytest
 
-from agents.agora import Agent, ClientRegistry, ProtocolDocument
-from agents.backends import CountingChat, backend_from_spec
-from cluster.local import LocalCluster
-from node.agent_service import WEATHER_INPUT, WEATHER_OUTPUT, NodeAgentService, grpc_peer
-from protos.confide.v1 import node_pb2_grpc as node_grpc
-from protos.sdk import ConfideError, SyncConfideClient
+from confide.agents.agora import Agent, ClientRegistry, ProtocolDocument
+from confide.agents.backends import CountingChat, backend_from_spec
+from confide.cluster.local import LocalCluster
+from confide.node.agent_service import WEATHER_INPUT, WEATHER_OUTPUT, NodeAgentService, grpc_peer
+from confide.sdk.client import Client, ConfideError
+from confide.v1 import node_pb2_grpc as node_grpc
 
 CAL = {"date": "2024-05-07", "duration_minutes": 60}   # a Tuesday
 
@@ -39,7 +39,7 @@ def document(**overrides) -> ProtocolDocument:
 
 
 def test_registry_through_the_sdk(coordinator):
-    with SyncConfideClient(coordinator) as client:
+    with Client(coordinator) as client:
         stored = client.register_protocol(document().to_proto())
         assert stored.hash == document().hash and stored.uses == 0
         again = client.register_protocol(document().to_proto())      # idempotent
@@ -86,7 +86,7 @@ def test_cli_protocol_commands(coordinator, tmp_path):
     path.write_text(json.dumps({**document(name="from the cli").to_dict(), "hash": ""}))
 
     def confide(*args):
-        return subprocess.run([sys.executable, "-m", "cli.main", "--log-level", "WARNING",
+        return subprocess.run([sys.executable, "-m", "confide.cli.main", "--log-level", "WARNING",
                                "protocols", *args, "--coordinator", coordinator],
                               capture_output=True, text=True, timeout=60)
 
@@ -107,7 +107,7 @@ def test_agents_share_protocols_through_the_coordinator(coordinator):
     """Negotiation registers a PD at the coordinator; a second server, which never negotiated,
     fetches it by hash when a message under it arrives, and serves it without a model."""
     tiny = backend_from_spec("tiny", device="cpu")
-    with SyncConfideClient(coordinator) as client:
+    with Client(coordinator) as client:
         registry = ClientRegistry(client)
         first_model, second_model = CountingChat(tiny), CountingChat(tiny)
         options = {"answer_tokens": 4, "draft_tokens": 8, "draft_retries": 0}
@@ -116,7 +116,7 @@ def test_agents_share_protocols_through_the_coordinator(coordinator):
         second = NodeAgentService.for_agent("second", second_model, registry=registry,
                                             **options).agent
         alice = Agent("alice", None, registry=registry, negotiate_after=2)
-        from agents.agora import Peer
+        from confide.agents.agora import Peer
 
         to_first, to_second = Peer("first", first.handle), Peer("second", second.handle)
         modes = [alice.ask(to_first, "calendar.free_slots", CAL, "Free on May 7?").handled_by
@@ -161,7 +161,7 @@ def test_node_agent_endpoint_over_grpc(coordinator):
 
     service, server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(60)
     try:
-        with SyncConfideClient(coordinator) as client:
+        with Client(coordinator) as client:
             agent = Agent("caller", None, registry=ClientRegistry(client))
             peer = grpc_peer("node-agent", f"127.0.0.1:{port}")
             routine = agent.ask(peer, "weather.lookup", {"city": "Nairobi"})
@@ -191,13 +191,13 @@ def test_anonymous_agent_message_between_real_nodes(tmp_path, shards):
     sign."""
     import time
 
-    from node.anonymous import load_or_create_ring_key, sign_agent_message
-    from protos.confide.v1 import node_pb2
+    from confide.node.anonymous import load_or_create_ring_key, sign_agent_message
+    from confide.v1 import node_pb2
     from tests.integration.helpers import wait_for_nodes
 
     folders = shards(2)
     with LocalCluster(tmp_path / "cluster", folders, mqtt=False) as cluster, \
-            SyncConfideClient(cluster.address) as client:
+            Client(cluster.address) as client:
         nodes = {n.info.name: n for n in wait_for_nodes(client, 2)}
         deadline = time.monotonic() + 30
         while not client.list_protocols("weather.lookup"):
@@ -205,7 +205,7 @@ def test_anonymous_agent_message_between_real_nodes(tmp_path, shards):
             time.sleep(0.3)
         receiver = nodes["node1"].info.peer_address
         result = subprocess.run(
-            [sys.executable, "-m", "cli.main", "--log-level", "WARNING", "agent", "send",
+            [sys.executable, "-m", "confide.cli.main", "--log-level", "WARNING", "agent", "send",
              "--node", receiver, "--task-kind", "weather.lookup", "--protocol", "auto",
              "--body", json.dumps({"city": "paris"}), "--anonymous", "--data",
              str(folders[0]), "--coordinator", cluster.address],
@@ -231,7 +231,7 @@ def test_anonymous_agent_message_between_real_nodes(tmp_path, shards):
             tampered = peer.AgentMessage(signed, timeout=30)
             assert tampered.handled_by == "error" and "UNAUTHENTICATED" in tampered.error
         outsider = subprocess.run(
-            [sys.executable, "-m", "cli.main", "--log-level", "WARNING", "agent", "send",
+            [sys.executable, "-m", "confide.cli.main", "--log-level", "WARNING", "agent", "send",
              "--node", receiver, "--task-kind", "weather.lookup", "--body", "{}",
              "--anonymous", "--data", str(tmp_path / "stranger"), "--coordinator",
              cluster.address], capture_output=True, text=True, timeout=120)

@@ -12,17 +12,18 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file
 
-from cluster.local import LocalCluster
-from protos.chunking import assemble
-from protos.codec import tensor_map_from_bytes
-from protos.confide.v1 import node_pb2
-from protos.confide.v1 import node_pb2_grpc as node_grpc
-from protos.sdk import SyncConfideClient
+from confide.cluster.local import LocalCluster
+from confide.protos.chunking import assemble
+from confide.protos.codec import tensor_map_from_bytes
+from confide.sdk.client import Client
+from confide.v1 import node_pb2
+from confide.v1 import node_pb2_grpc as node_grpc
 from tests.integration.helpers import wait_for_nodes
 
 
 def confide(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", "--log-level", "WARNING", *args],
+    return subprocess.run([sys.executable, "-m", "confide.cli.main", "--log-level", "WARNING",
+                           *args],
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -48,7 +49,7 @@ def test_demo_refuses_a_bad_method_before_starting_anything(tmp_path, args, mess
 
 def test_cli_submits_watches_fetches_and_shows_status(tmp_path, shards):
     with LocalCluster(tmp_path / "cluster", shards(1), mqtt=False) as cluster:
-        with SyncConfideClient(cluster.address) as client:
+        with Client(cluster.address) as client:
             (node,) = wait_for_nodes(client, 1)
         submitted = confide("job", "submit", "--coordinator", cluster.address, "--rounds", "1",
                             "--max-steps", "2", "--max-length", "32", "--wait")
@@ -104,7 +105,7 @@ def test_cli_submits_watches_fetches_and_shows_status(tmp_path, shards):
 
             # the node's Agora agent: its published routine answers a protocol message
             # (the registry learns the routine's document once the node reaches it)
-            with SyncConfideClient(cluster.address) as client:
+            with Client(cluster.address) as client:
                 deadline = time.monotonic() + 30
                 while not (documents := client.list_protocols("weather.lookup")):
                     assert time.monotonic() < deadline, "the node published no routine"

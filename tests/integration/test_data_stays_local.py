@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from cluster.local import LocalCluster
-from node.data import Example, synthetic_classification, write_jsonl
-from protos.sdk import SyncConfideClient
+from confide.cluster.local import LocalCluster
+from confide.node.data import Example, synthetic_classification, write_jsonl
+from confide.sdk.client import Client
 from tests.integration.helpers import tiny_spec, wait_for_nodes
 from tests.integration.wire_capture import WireCapture
 
@@ -23,7 +23,7 @@ def test_no_training_text_crosses_the_wire_to_the_coordinator(tmp_path):
             cluster.nodes[0].kill()  # restart the node behind the capturing relay
             cluster.nodes[0].wait()
             cluster.start_node(0, coordinator=capture.address)
-            with SyncConfideClient(cluster.address) as client:
+            with Client(cluster.address) as client:
                 (node,) = wait_for_nodes(client, 1)
                 job = client.submit_job(tiny_spec(rounds=2, min_nodes=1, max_steps=4))
                 final = client.wait_job(job.job_id)

@@ -26,16 +26,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors import safe_open
 
-from cluster.local import LocalCluster
-from coordinator.broker import free_port
-from coordinator.jobs import normalize_spec
-from node.merging.fetch import fetch_neighbours
-from protos.confide.v1 import common_pb2, node_pb2
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.confide.v1 import node_pb2_grpc as node_grpc
-from protos.events import BrokerAddress, event_from_json
-from protos.identity import NodeKey
-from protos.sdk import ConfideError, SyncConfideClient
+from confide.cluster.local import LocalCluster
+from confide.coordinator.broker import free_port
+from confide.coordinator.jobs import normalize_spec
+from confide.node.merging.fetch import fetch_neighbours
+from confide.protos.events import BrokerAddress, event_from_json
+from confide.protos.identity import NodeKey
+from confide.sdk.client import Client, ConfideError
+from confide.v1 import common_pb2, node_pb2
+from confide.v1 import coordinator_pb2 as pb
+from confide.v1 import node_pb2_grpc as node_grpc
 from tests.integration.helpers import tiny_spec, wait_for_nodes
 
 pytestmark = pytest.mark.integration
@@ -114,7 +114,7 @@ def _serving(address: str, service: str = "") -> float:
 
 BROKER = """
 import asyncio, sys
-from coordinator.broker import EmbeddedBroker
+from confide.coordinator.broker import EmbeddedBroker
 async def main():
     await EmbeddedBroker("127.0.0.1", int(sys.argv[1])).start()
     print("broker ready", flush=True)
@@ -154,7 +154,7 @@ def cluster(tmp_path_factory):
         for index in range(len(cluster.node_data_dirs)):
             cluster.start_node(index, "--local-model", "tiny")
         cluster.start_split_server("--local-model", "tiny")
-        with SyncConfideClient(cluster.address) as client:
+        with Client(cluster.address) as client:
             nodes = {n.info.name: n for n in wait_for_nodes(client, 3)}
         cluster.peer = {name: n.info.peer_address for name, n in nodes.items()}
         cluster.node_ids = {name: n.node_id for name, n in nodes.items()}
@@ -170,7 +170,7 @@ def _assert_all_serving(cluster) -> None:
     _serving(cluster.address, "confide.v1.Coordinator")
     for address in cluster.peer.values():
         _serving(address, "confide.v1.NodePeer")
-    with SyncConfideClient(cluster.address) as client:
+    with Client(cluster.address) as client:
         online = {n.info.name for n in client.list_nodes() if n.online}
     assert online >= set(cluster.peer), online
     check_coordinator_store(cluster.root / "coordinator")
@@ -329,7 +329,7 @@ def test_oversized_split_stream_is_refused(cluster):
 
 
 def test_oversized_anonymous_update_is_refused(cluster):
-    with SyncConfideClient(cluster.address) as client:
+    with Client(cluster.address) as client:
         job_id = _running_job(client)
         header = pb.AnonymousUpdateMessage(header=pb.AnonymousUpdateHeader(job_id=job_id,
                                                                            round=1))
@@ -441,7 +441,7 @@ def test_broker_killed_mid_job_training_goes_on(cluster):
     url = f"mqtt://127.0.0.1:{cluster.broker_port}"
     seen, stop, _ = _subscriber(url, "confide/jobs/+/events")
     killed_at = None
-    with SyncConfideClient(cluster.address) as client:
+    with Client(cluster.address) as client:
         job = client.submit_job(tiny_spec(rounds=3, min_nodes=2, max_steps=2))
         for event in client.watch_job(job.job_id):
             if event.kind == "round.completed" and event.round == 1:
@@ -500,7 +500,7 @@ def stalls(cluster):
     while the other tests (placed before test_slow_loris_...) use the daemons; the test then
     checks how each one ended. Each is a call that sends nothing, or a first message and
     then nothing, or dribbles; plus raw TCP connections that never speak HTTP/2."""
-    from protos.interceptors import FIRST_MESSAGE_TIMEOUT_S as FIRST
+    from confide.protos.interceptors import FIRST_MESSAGE_TIMEOUT_S as FIRST
 
     split = cluster.peer["split-server"]
     forever = threading.Event()
@@ -511,7 +511,7 @@ def stalls(cluster):
 
     key = NodeKey.generate()
     outcome: dict = {}
-    client = SyncConfideClient(cluster.address)
+    client = Client(cluster.address)
     client.register_node(key)
     anon_job = _running_job(client, round_timeout_s=3)
     coordinator = grpc.insecure_channel(cluster.address)
@@ -623,7 +623,7 @@ def test_coordinator_killed_mid_job_resumes_with_state_and_models_intact(cluster
     uncommitted round. Committed rounds, their model files (byte for byte) and the event log
     survive; the nodes come back by themselves."""
     folder = cluster.root / "coordinator"
-    with SyncConfideClient(cluster.address) as client:
+    with Client(cluster.address) as client:
         job = client.submit_job(tiny_spec(rounds=3, min_nodes=2, epochs=6))
         for event in client.watch_job(job.job_id):
             if event.kind == "round.started" and event.round == 2:
@@ -639,7 +639,7 @@ def test_coordinator_killed_mid_job_resumes_with_state_and_models_intact(cluster
     deadline = time.monotonic() + 60
     while True:
         try:
-            with SyncConfideClient(cluster.address, timeout=2) as client:
+            with Client(cluster.address, timeout=2) as client:
                 online = {n.info.name for n in client.list_nodes() if n.online}
                 if online >= set(cluster.peer):
                     break
@@ -648,7 +648,7 @@ def test_coordinator_killed_mid_job_resumes_with_state_and_models_intact(cluster
         assert time.monotonic() < deadline, "nodes did not come back"
         time.sleep(0.2)
     figures["nodes_back_s"] = time.monotonic() - killed
-    with SyncConfideClient(cluster.address) as client:
+    with Client(cluster.address) as client:
         final = client.wait_job(job.job_id)
         figures["job_done_s"] = time.monotonic() - killed
         events = list(client.watch_job(job.job_id))

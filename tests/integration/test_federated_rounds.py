@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from cluster.experiment import Evaluator
-from cluster.local import LocalCluster
-from node.data import synthetic_classification
-from protos.codec import wire_size
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.sdk import SyncConfideClient
+from confide.cluster.experiment import Evaluator
+from confide.cluster.local import LocalCluster
+from confide.node.data import synthetic_classification
+from confide.protos.codec import wire_size
+from confide.sdk.client import Client
+from confide.v1 import coordinator_pb2 as pb
 from tests.integration.helpers import events_until, tiny_spec, wait_for_nodes
 
 
 def test_two_rounds_change_the_adapter_and_lower_the_loss(tmp_path, shards):
     spec = tiny_spec(rounds=2, min_nodes=3, epochs=2)
     with LocalCluster(tmp_path / "cluster", shards(3, per_node=96)) as cluster, \
-            SyncConfideClient(cluster.address) as client:
+            Client(cluster.address) as client:
         wait_for_nodes(client, 3)
         job = client.submit_job(spec)
         final = client.wait_job(job.job_id)
@@ -45,7 +45,7 @@ def test_two_rounds_change_the_adapter_and_lower_the_loss(tmp_path, shards):
 
 def test_events_follow_the_round_structure(tmp_path, shards):
     with LocalCluster(tmp_path / "cluster", shards(2), mqtt=False) as cluster, \
-            SyncConfideClient(cluster.address) as client:
+            Client(cluster.address) as client:
         wait_for_nodes(client, 2)
         job = client.submit_job(tiny_spec(rounds=1, max_steps=3))
         kinds = [e.kind for e in client.watch_job(job.job_id)]
@@ -63,7 +63,7 @@ def test_node_killed_mid_round_the_round_completes_with_the_others(tmp_path, sha
     # long enough local training that the kill lands mid-round
     spec = tiny_spec(rounds=2, min_nodes=2, epochs=40)
     with LocalCluster(tmp_path / "cluster", shards(3), mqtt=False) as cluster, \
-            SyncConfideClient(cluster.address) as client:
+            Client(cluster.address) as client:
         online = wait_for_nodes(client, 3)
         victim_id = next(n.node_id for n in online if n.info.name == "node0")
         job = client.submit_job(spec)
@@ -81,7 +81,7 @@ def test_node_killed_mid_round_the_round_completes_with_the_others(tmp_path, sha
 def test_job_fails_with_a_clear_reason_when_too_few_nodes_answer(tmp_path, shards):
     spec = tiny_spec(rounds=2, min_nodes=2, epochs=40)
     with LocalCluster(tmp_path / "cluster", shards(2), mqtt=False) as cluster, \
-            SyncConfideClient(cluster.address) as client:
+            Client(cluster.address) as client:
         wait_for_nodes(client, 2)
         job = client.submit_job(spec)
         events_until(client, job.job_id, "round.started")
@@ -93,7 +93,7 @@ def test_job_fails_with_a_clear_reason_when_too_few_nodes_answer(tmp_path, shard
 
 
 def test_causal_lm_lora_rounds_through_the_daemons(tmp_path):
-    from node.data import synthetic_text, write_jsonl
+    from confide.node.data import synthetic_text, write_jsonl
 
     folders = []
     for i in range(2):
@@ -104,7 +104,7 @@ def test_causal_lm_lora_rounds_through_the_daemons(tmp_path):
     spec = tiny_spec(rounds=2, min_nodes=2, task="causal-lm", base="tiny-llama",
                      dataset="text", max_steps=6)
     with LocalCluster(tmp_path / "cluster", folders, mqtt=False) as cluster, \
-            SyncConfideClient(cluster.address) as client:
+            Client(cluster.address) as client:
         wait_for_nodes(client, 2)
         job = client.submit_job(spec)
         final = client.wait_job(job.job_id)

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc_tools import protoc
 
-from cluster.local import LocalCluster
-from protos.generate import PROTO_ROOT, proto_files
+from confide.cluster.local import LocalCluster
+from confide.protos.generate import PROTO_ROOT, proto_files
 from tests.integration.helpers import wait_for_nodes
 
 
@@ -49,9 +49,9 @@ def test_client_generated_from_protos_registers_submits_and_watches(tmp_path, sh
                                                      signature=key.sign(message),
                                                      info=pb.NodeInfo(name="generated")))
             assert len(reply.node_id) == 32
-            from protos.sdk import SyncConfideClient
+            from confide.sdk.client import Client
 
-            with SyncConfideClient(cluster.address) as sdk:
+            with Client(cluster.address) as sdk:
                 wait_for_nodes(sdk, 2)
             spec = pb.JobSpec(method="fedavg-lora", rounds=1, min_nodes=2,
                               model=pb.ModelSpec(base="tiny-bert", num_labels=2, max_length=32),

@@ -10,14 +10,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster.local import LocalCluster
-from protos.chunking import split_payload
-from protos.codec import tensor_map_to_bytes
-from protos.confide.v1 import common_pb2
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
-from protos.identity import NodeKey
-from protos.sdk import ConfideError, SyncConfideClient
+from confide.cluster.local import LocalCluster
+from confide.protos.chunking import split_payload
+from confide.protos.codec import tensor_map_to_bytes
+from confide.protos.identity import NodeKey
+from confide.sdk.client import Client, ConfideError
+from confide.v1 import common_pb2
+from confide.v1 import coordinator_pb2 as pb
+from confide.v1 import coordinator_pb2_grpc as pb_grpc
 from tests.integration.helpers import events_until, tiny_spec, wait_for_nodes
 
 BAD_SPECS = [
@@ -38,7 +38,7 @@ def cluster(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("hostile")
     with LocalCluster(root / "cluster", make_shards(root / "data", 1), mqtt=False) as cluster:
-        with SyncConfideClient(cluster.address) as client:
+        with Client(cluster.address) as client:
             wait_for_nodes(client, 1)
             job = client.submit_job(tiny_spec(rounds=1, min_nodes=1, max_steps=2))
             assert client.wait_job(job.job_id).state == pb.COMPLETED
@@ -52,7 +52,7 @@ def _assert_alive_and_intact(cluster) -> None:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="confide.v1.Coordinator"), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    with SyncConfideClient(cluster.address) as client:
+    with Client(cluster.address) as client:
         status = client.get_job(cluster.job_id)
         assert status.state == pb.COMPLETED and status.rounds_completed == 1
         model = client.fetch_global_model(cluster.job_id)
@@ -62,7 +62,7 @@ def _assert_alive_and_intact(cluster) -> None:
 
 @pytest.mark.parametrize("overrides,error", BAD_SPECS)
 def test_submit_job_validates_the_spec(cluster, overrides, error):
-    with SyncConfideClient(cluster.address) as client:
+    with Client(cluster.address) as client:
         if error is None:
             job = client.submit_job(tiny_spec(**overrides, wait_for_nodes_s=0.5, max_steps=1))
             client.cancel_job(job.job_id)
@@ -81,7 +81,7 @@ def test_submit_job_validates_the_spec(cluster, overrides, error):
     ("", grpc.StatusCode.INVALID_ARGUMENT),
 ])
 def test_unknown_or_malformed_job_ids(cluster, job_id, code):
-    with SyncConfideClient(cluster.address) as client:
+    with Client(cluster.address) as client:
         for call in (client.get_job, client.cancel_job, client.fetch_global_model,
                      lambda j: list(client.watch_job(j))):
             with pytest.raises(ConfideError) as info:
@@ -227,7 +227,7 @@ def _not_a_tensor_map(task):
 ])
 def test_a_hostile_node_is_dropped_and_the_round_goes_on(cluster, respond, reason):
     key = NodeKey.generate()
-    with SyncConfideClient(cluster.address) as client:
+    with Client(cluster.address) as client:
         job = client.submit_job(tiny_spec(rounds=1, min_nodes=2, nodes_per_round=2,
                                           max_steps=2, wait_for_nodes_s=60))
         # the honest node builds the initial state first: the hostile one only answers TRAIN

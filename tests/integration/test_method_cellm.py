@@ -7,17 +7,17 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from cluster.local import LocalCluster
-from node.methods.cellm import RESIDUAL_PREFIX
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.sdk import SyncConfideClient
+from confide.cluster.local import LocalCluster
+from confide.node.methods.cellm import RESIDUAL_PREFIX
+from confide.sdk.client import Client
+from confide.v1 import coordinator_pb2 as pb
 from tests.integration.helpers import tiny_spec, wait_for_nodes
 
 NODES = 2
 ROUNDS = 2
 
 
-def _run(client: SyncConfideClient, spec: pb.JobSpec) -> tuple[pb.JobStatus, dict, dict]:
+def _run(client: Client, spec: pb.JobSpec) -> tuple[pb.JobStatus, dict, dict]:
     job = client.submit_job(spec)
     final = client.wait_job(job.job_id)
     assert final.state == pb.COMPLETED, final.reason
@@ -31,7 +31,7 @@ def test_cellm_sends_a_fraction_of_fedavg_lora_uplink(tmp_path, shards):
     fedavg_spec = tiny_spec(method="fedavg-lora", **options)
     with (
         LocalCluster(tmp_path / "cluster", data, mqtt=False) as cluster,
-        SyncConfideClient(cluster.address) as client,
+        Client(cluster.address) as client,
     ):
         wait_for_nodes(client, NODES)
         cellm, initial, trained = _run(client, cellm_spec)

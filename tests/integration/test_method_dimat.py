@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from cluster.local import LocalCluster
-from node.store import ModelStore
-from protos.codec import wire_size
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.sdk import SyncConfideClient
+from confide.cluster.local import LocalCluster
+from confide.node.store import ModelStore
+from confide.protos.codec import wire_size
+from confide.sdk.client import Client
+from confide.v1 import coordinator_pb2 as pb
 from tests.integration.helpers import tiny_spec, wait_for_nodes
 
 
@@ -22,7 +22,7 @@ def _spec(**overrides) -> pb.JobSpec:
 
 def test_dimat_merges_peer_to_peer_and_no_weight_reaches_the_coordinator(tmp_path, shards):
     with LocalCluster(tmp_path / "cluster", shards(4, per_node=48), mqtt=False) as cluster, \
-            SyncConfideClient(cluster.address) as client:
+            Client(cluster.address) as client:
         nodes = wait_for_nodes(client, 4)
         job = client.submit_job(_spec(min_nodes=4))
         events: list[pb.Event] = []
@@ -56,7 +56,7 @@ def test_unreachable_neighbour_is_skipped_and_the_others_go_on(tmp_path, shards)
     spec = _spec(rounds=2, min_nodes=2, wait_for_nodes_s=5,
                  params={"topology": "full", "match_examples": 16, "merge": "gossip"})
     with LocalCluster(tmp_path / "cluster", shards(3, per_node=48), mqtt=False) as cluster, \
-            SyncConfideClient(cluster.address) as client:
+            Client(cluster.address) as client:
         wait_for_nodes(client, 3)
         job = client.submit_job(spec)
         killed = False

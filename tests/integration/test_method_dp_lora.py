@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.local import LocalCluster
-from privacy.dp import RdpAccountant
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.sdk import SyncConfideClient
+from confide.cluster.local import LocalCluster
+from confide.privacy.dp import RdpAccountant
+from confide.sdk.client import Client
+from confide.v1 import coordinator_pb2 as pb
 from tests.integration.helpers import tiny_spec, wait_for_nodes
 
 SIGMA = 1.0
@@ -20,7 +20,7 @@ def _run(tmp_path, shards, spec) -> tuple[pb.JobStatus, list[pb.Event], dict, di
     events: list[pb.Event] = []
     with (
         LocalCluster(tmp_path / "cluster", shards(2), mqtt=False) as cluster,
-        SyncConfideClient(cluster.address) as client,
+        Client(cluster.address) as client,
     ):
         wait_for_nodes(client, 2)
         job = client.submit_job(spec)

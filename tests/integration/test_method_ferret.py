@@ -7,14 +7,14 @@ import time
 
 import torch
 
-from cluster.experiment import Evaluator
-from cluster.local import LocalCluster
-from node.data import synthetic_classification
-from node.methods.ferret import group_parameters
-from node.store import ModelStore
-from protos.codec import wire_size
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.sdk import SyncConfideClient
+from confide.cluster.experiment import Evaluator
+from confide.cluster.local import LocalCluster
+from confide.node.data import synthetic_classification
+from confide.node.methods.ferret import group_parameters
+from confide.node.store import ModelStore
+from confide.protos.codec import wire_size
+from confide.sdk.client import Client
+from confide.v1 import coordinator_pb2 as pb
 from tests.integration.helpers import completed_job, tiny_spec, wait_for_nodes
 
 K = 24
@@ -24,7 +24,7 @@ def test_ferret_rounds_through_the_daemons_with_a_tiny_uplink(tmp_path, shards):
     spec = tiny_spec(method="ferret", rounds=3, min_nodes=3, params={"k": K})
     with (
         LocalCluster(tmp_path / "cluster", shards(3, per_node=96), mqtt=False) as cluster,
-        SyncConfideClient(cluster.address) as client,
+        Client(cluster.address) as client,
     ):
         job_id, final = completed_job(client, spec, 3)
         initial = client.fetch_global_model(job_id, 0)
@@ -76,7 +76,7 @@ def test_a_node_without_the_base_state_gets_the_whole_state(tmp_path, shards):
     (dirs[0] / "train.jsonl").write_text("\n".join(lines) + "\n")
     with (
         LocalCluster(tmp_path / "cluster", dirs, mqtt=False) as cluster,
-        SyncConfideClient(cluster.address) as client,
+        Client(cluster.address) as client,
     ):
         wait_for_nodes(client, 2)
         job = client.submit_job(spec)
@@ -107,7 +107,7 @@ def test_a_node_that_sat_a_round_out_gets_the_whole_state(tmp_path, shards):
                      params={"k": K})
     with (
         LocalCluster(tmp_path / "cluster", shards(3, per_node=32), mqtt=False) as cluster,
-        SyncConfideClient(cluster.address) as client,
+        Client(cluster.address) as client,
     ):
         job_id, final = completed_job(client, spec, 3)
         initial = client.fetch_global_model(job_id, 0)

@@ -10,15 +10,15 @@ import time
 
 import torch
 
-from cluster.experiment import Evaluator
-from cluster.local import LocalCluster
-from coordinator.broker import free_port
-from node.data import synthetic_classification
-from node.store import ModelStore
-from protos.codec import tensor_map_from_bytes, to_dense
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.confide.v1 import node_pb2
-from protos.sdk import SyncConfideClient
+from confide.cluster.experiment import Evaluator
+from confide.cluster.local import LocalCluster
+from confide.coordinator.broker import free_port
+from confide.node.data import synthetic_classification
+from confide.node.store import ModelStore
+from confide.protos.codec import tensor_map_from_bytes, to_dense
+from confide.sdk.client import Client
+from confide.v1 import coordinator_pb2 as pb
+from confide.v1 import node_pb2
 from tests.integration.helpers import tiny_spec, wait_for_nodes
 from tests.integration.wire_capture import WireCapture, grpc_messages
 
@@ -42,7 +42,7 @@ def test_sfprompt_trains_through_a_split_server_and_only_activations_cross(tmp_p
         with WireCapture("127.0.0.1", server_port) as capture:
             cluster.start_split_server("--listen", f"127.0.0.1:{server_port}",
                                        "--advertise", capture.address)
-            with SyncConfideClient(cluster.address) as client:
+            with Client(cluster.address) as client:
                 nodes = wait_for_nodes(client, 3)
                 job = client.submit_job(spec)
                 events: list[pb.Event] = []
@@ -108,7 +108,7 @@ def test_split_server_killed_mid_step_fails_the_round_and_devices_keep_their_sta
     spec = _spec(rounds=2, max_steps=400, batch_size=8, round_timeout_s=60)
     with LocalCluster(tmp_path / "cluster", shards(2, per_node=64), mqtt=False,
                       split_server=True) as cluster, \
-            SyncConfideClient(cluster.address) as client:
+            Client(cluster.address) as client:
         wait_for_nodes(client, 3)
         job = client.submit_job(spec)
         killed = False
@@ -138,7 +138,7 @@ def test_split_server_killed_mid_step_fails_the_round_and_devices_keep_their_sta
 
 def test_sfprompt_without_a_split_server_fails_clearly(tmp_path, shards):
     with LocalCluster(tmp_path / "cluster", shards(2), mqtt=False) as cluster, \
-            SyncConfideClient(cluster.address) as client:
+            Client(cluster.address) as client:
         wait_for_nodes(client, 2)
         job = client.submit_job(_spec(wait_for_nodes_s=3))
         final = client.wait_job(job.job_id)
@@ -152,7 +152,7 @@ def test_two_devices_train_the_servers_body_in_turns(tmp_path, shards):
     spec = _spec(rounds=1, max_steps=8, params={**PARAMS, "body_lr": 1e-3})
     with LocalCluster(tmp_path / "cluster", shards(2, per_node=64), mqtt=False,
                       split_server=True) as cluster, \
-            SyncConfideClient(cluster.address) as client:
+            Client(cluster.address) as client:
         wait_for_nodes(client, 3)
         final = client.wait_job(client.submit_job(spec).job_id)
     assert final.state == pb.COMPLETED, final.reason

@@ -14,8 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cluster.local import LocalCluster
-from protos.sdk import ConfideError, SyncConfideClient
+from confide.cluster.local import LocalCluster
+from confide.sdk.client import Client, ConfideError
 from tests.integration.helpers import wait_for_nodes
 from tests.integration.wire_capture import WireCapture, grpc_messages
 
@@ -48,7 +48,7 @@ def cluster(tmp_path_factory):
         cluster.start_node(0, "--local-model", "tiny", coordinator=capture.address)
         cluster.start_node(1, "--local-model", "tiny")
         try:
-            with SyncConfideClient(cluster.address) as client:
+            with Client(cluster.address) as client:
                 wait_for_nodes(client, 2)
                 yield cluster, client, capture
         finally:
@@ -95,12 +95,12 @@ def test_questions_through_the_sdk_and_the_wire(cluster):
 def test_the_cli_asks(cluster):
     c, _, _ = cluster
     result = subprocess.run(
-        [sys.executable, "-m", "cli.main", "ask", "What did the festival draw?",
+        [sys.executable, "-m", "confide.cli.main", "ask", "What did the festival draw?",
          "--coordinator", c.address, "--mode", "local-only", "--anonymous"],
         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "answer:" in result.stdout and "local tokens:" in result.stdout
-    bad = subprocess.run([sys.executable, "-m", "cli.main", "ask", " ", "--coordinator",
+    bad = subprocess.run([sys.executable, "-m", "confide.cli.main", "ask", " ", "--coordinator",
                           c.address], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
 

@@ -9,10 +9,10 @@ import uuid
 
 import aiomqtt
 
-from cluster.local import LocalCluster
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.events import BrokerAddress, event_from_json
-from protos.sdk import ConfideClient, SyncConfideClient
+from confide.cluster.local import LocalCluster
+from confide.protos.events import BrokerAddress, event_from_json
+from confide.sdk.client import AsyncClient, Client
+from confide.v1 import coordinator_pb2 as pb
 from tests.integration.helpers import tiny_spec, wait_for_nodes
 
 
@@ -36,7 +36,7 @@ async def _collect(url: str, topic: str, until, timeout: float = 120.0) -> list:
 
 def test_presence_and_job_events_reach_mqtt_subscribers(tmp_path, shards):
     with LocalCluster(tmp_path / "cluster", shards(2)) as cluster, \
-            SyncConfideClient(cluster.address) as client:
+            Client(cluster.address) as client:
         online = wait_for_nodes(client, 2)
         victim = next(n.node_id for n in online if n.info.name == "node1")
 
@@ -51,7 +51,7 @@ def test_presence_and_job_events_reach_mqtt_subscribers(tmp_path, shards):
             subscriber = asyncio.create_task(_collect(cluster.mqtt_url, "confide/jobs/+/events",
                                                       finished))
             await asyncio.sleep(0.5)  # subscribed before the job exists: nothing is missed
-            async with ConfideClient(cluster.address) as sdk:
+            async with AsyncClient(cluster.address) as sdk:
                 job = await sdk.submit_job(tiny_spec(rounds=1, max_steps=2))
             return job, await subscriber
 
@@ -76,12 +76,12 @@ def test_presence_and_job_events_reach_mqtt_subscribers(tmp_path, shards):
 
 
 def test_an_unreachable_broker_degrades_events_never_training(tmp_path, shards):
-    from coordinator.broker import free_port
+    from confide.coordinator.broker import free_port
 
     dead_broker = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens there
     with LocalCluster(tmp_path / "cluster", shards(2), mqtt=False,
                       coordinator_args=("--mqtt", dead_broker)) as cluster, \
-            SyncConfideClient(cluster.address) as client:
+            Client(cluster.address) as client:
         wait_for_nodes(client, 2)
         job = client.submit_job(tiny_spec(rounds=2, max_steps=2))
         final = client.wait_job(job.job_id)

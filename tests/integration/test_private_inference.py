@@ -1,5 +1,5 @@
 """Private inference through the product path: a real node daemon (the model owner) serves
-tiny AERO-family models from its data folder; the data owner's client (``client.private_inference``
+tiny AERO-family models from its data folder; the data owner's client (``sdk.private_inference``
 and ``confide infer --private``) opens sessions over gRPC and runs its party as a separate
 process. Checked: logits equal plaintext within 1e-2, the gRPC request carries no input, the
 node's MPC party only ever held shares and masked values of the input (its audit record), a
@@ -24,7 +24,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from client.private_inference import (
+from confide.cluster.local import LocalCluster
+from confide.node import private_inference as node_private
+from confide.node.aero import AeroConfig, AeroModel, default_tokenizer
+from confide.node.private_inference import TokenizerSpec, publish_model
+from confide.privacy import aero_2pc, mpc
+from confide.sdk.private_inference import (
     PrivateInferenceError,
     encode_text,
     list_private_models,
@@ -32,13 +37,8 @@ from client.private_inference import (
     private_infer,
     run_private_session,
 )
-from cluster.local import LocalCluster
-from node import private_inference as node_private
-from node.aero import AeroConfig, AeroModel, default_tokenizer
-from node.private_inference import TokenizerSpec, publish_model
-from privacy import aero_2pc, mpc
-from protos.confide.v1 import node_pb2
-from protos.confide.v1 import node_pb2_grpc as node_grpc
+from confide.v1 import node_pb2
+from confide.v1 import node_pb2_grpc as node_grpc
 from tests.integration.wire_capture import WireCapture, grpc_messages
 
 T, VOCAB = 8, 64
@@ -222,7 +222,7 @@ def test_private_inference_matches_plaintext_and_the_node_never_sees_the_input(n
 def test_cli_text_under_the_trusted_third_party(node):
     """``confide infer --private --text`` tokenizes on the client with the model's tokenizer;
     TTP: the client also runs the dealer, as a third process."""
-    cmd = [sys.executable, "-m", "cli.main", "--log-level", "WARNING", "infer", "--private",
+    cmd = [sys.executable, "-m", "confide.cli.main", "--log-level", "WARNING", "infer", "--private",
            "--node", node["address"], "--model", "tiny-aero", "--text", TEXT,
            "--provider", "TTP", "--timeout", "20", "--json"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -283,7 +283,8 @@ def test_the_clients_party_vanishing_fails_the_nodes_session_not_the_node(node):
         job = {"rendezvous": session.rendezvous, "rank": 0, "model_owner_rank": 1,
                "provider": "TFP", "timeout_s": 5.0, "config": json.loads(session.config_json),
                "seq_len": 64, "token_ids": list(range(1, 65))}
-        party = subprocess.Popen([sys.executable, "-m", "client.private_inference", "data-owner",
+        party = subprocess.Popen([sys.executable, "-m", "confide.sdk.private_inference",
+                                  "data-owner",
                                   tmp], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
         assert party.stdin is not None

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import time
 
-from cluster.local import LocalCluster
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.sdk import ConfideError, SyncConfideClient
+from confide.cluster.local import LocalCluster
+from confide.sdk.client import Client, ConfideError
+from confide.v1 import coordinator_pb2 as pb
 from tests.integration.helpers import events_until, tiny_spec, wait_for_nodes
 
 
-def _wait_until_reachable(address: str, timeout: float = 30.0) -> SyncConfideClient:
+def _wait_until_reachable(address: str, timeout: float = 30.0) -> Client:
     deadline = time.monotonic() + timeout
     while True:
-        client = SyncConfideClient(address, timeout=2)
+        client = Client(address, timeout=2)
         try:
             client.list_jobs()
             return client
@@ -27,7 +27,7 @@ def _wait_until_reachable(address: str, timeout: float = 30.0) -> SyncConfideCli
 def test_coordinator_killed_mid_job_resumes_and_nodes_rejoin(tmp_path, shards):
     spec = tiny_spec(rounds=3, min_nodes=2, epochs=6)
     with LocalCluster(tmp_path / "cluster", shards(2), heartbeat_interval_s=1.0) as cluster:
-        with SyncConfideClient(cluster.address) as client:
+        with Client(cluster.address) as client:
             wait_for_nodes(client, 2)
             job = client.submit_job(spec)
             events_until(client, job.job_id, "round.completed")

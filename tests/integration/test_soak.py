@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bench import soak
+from confide.bench import soak
 
 
 def test_soak_holds_simulated_sessions_and_runs_rounds_over_them(tmp_path, capsys):

@@ -16,15 +16,15 @@ import time
 import grpc
 import pytest
 
-from client.private_inference import PrivateInferenceError, list_private_models
-from cluster.local import LocalCluster
-from coordinator.broker import free_port
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
-from protos.confide.v1 import node_pb2
-from protos.confide.v1 import node_pb2_grpc as node_grpc
-from protos.sdk import ConfideError, SyncConfideClient
-from protos.tls import TLSConfig, channel, configure, create_ca, issue_certificate
+from confide.cluster.local import LocalCluster
+from confide.coordinator.broker import free_port
+from confide.protos.tls import TLSConfig, channel, configure, create_ca, issue_certificate
+from confide.sdk.client import Client, ConfideError
+from confide.sdk.private_inference import PrivateInferenceError, list_private_models
+from confide.v1 import coordinator_pb2 as pb
+from confide.v1 import coordinator_pb2_grpc as pb_grpc
+from confide.v1 import node_pb2
+from confide.v1 import node_pb2_grpc as node_grpc
 from tests.integration.helpers import tiny_spec, wait_for_nodes
 from tests.integration.wire_capture import WireCapture
 
@@ -33,7 +33,8 @@ HTTP2_PREFACE = b"PRI * HTTP/2.0"  # what a plaintext gRPC connection opens with
 
 
 def confide(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", "--log-level", "WARNING", *args],
+    return subprocess.run([sys.executable, "-m", "confide.cli.main", "--log-level", "WARNING",
+                           *args],
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -67,7 +68,7 @@ def test_mutual_tls_cluster_trains_and_refuses_nodes_without_a_ca_certificate(tm
         # TLS, but no client certificate (and so no peer service: it would need one)
         cluster.start_node(4, "--tls", str(ca_only), "--listen", "")
         client_dir = cluster.tls_folder("client")
-        with SyncConfideClient(cluster.address, tls=client_dir) as client:
+        with Client(cluster.address, tls=client_dir) as client:
             nodes = wait_for_nodes(client, 2)
             for index in (2, 3, 4):
                 _rejected(cluster, index)
@@ -112,7 +113,7 @@ def test_mutual_tls_cluster_trains_and_refuses_nodes_without_a_ca_certificate(tm
 
         # the SDK without a client certificate, with a stranger's, or in plaintext: refused
         for tls_choice in (ca_only, rogue, foreign, None):
-            with SyncConfideClient(cluster.address, tls=tls_choice, timeout=5) as client, \
+            with Client(cluster.address, tls=tls_choice, timeout=5) as client, \
                     pytest.raises(ConfideError) as err:
                 client.list_nodes()
             assert err.value.code == grpc.StatusCode.UNAVAILABLE
@@ -149,7 +150,7 @@ def test_split_learning_and_dimat_peer_channels_run_over_tls(tmp_path, shards):
         cluster.start()
         server_port = free_port()
         with WireCapture("127.0.0.1", server_port) as capture, \
-                SyncConfideClient(cluster.address, tls=cluster.tls_folder("client")) as client:
+                Client(cluster.address, tls=cluster.tls_folder("client")) as client:
             cluster.start_split_server("--listen", f"127.0.0.1:{server_port}",
                                        "--advertise", capture.address)
             wait_for_nodes(client, 4)

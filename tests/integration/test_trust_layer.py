@@ -7,21 +7,21 @@ import hashlib
 import grpc
 import pytest
 
-from cluster.local import LocalCluster
-from node.anonymous import load_or_create_ring_key
-from privacy.ringsig import RingKeyPair, sign
-from protos.chunking import split_payload
-from protos.codec import tensor_map_to_bytes
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
-from protos.identity import NodeKey, anonymous_scope, anonymous_update_message
-from protos.sdk import SyncConfideClient
+from confide.cluster.local import LocalCluster
+from confide.node.anonymous import load_or_create_ring_key
+from confide.privacy.ringsig import RingKeyPair, sign
+from confide.protos.chunking import split_payload
+from confide.protos.codec import tensor_map_to_bytes
+from confide.protos.identity import NodeKey, anonymous_scope, anonymous_update_message
+from confide.sdk.client import Client
+from confide.v1 import coordinator_pb2 as pb
+from confide.v1 import coordinator_pb2_grpc as pb_grpc
 from tests.integration.helpers import events_until, tiny_spec, wait_for_nodes
 
 
 def test_anonymous_job_files_updates_under_link_tags_not_node_ids(tmp_path, shards):
     with LocalCluster(tmp_path / "cluster", shards(3), mqtt=False) as cluster, \
-            SyncConfideClient(cluster.address) as client:
+            Client(cluster.address) as client:
         nodes = wait_for_nodes(client, 3)
         job = client.submit_job(tiny_spec(rounds=2, min_nodes=3, max_steps=40,
                                           anonymous=True))
@@ -79,7 +79,7 @@ def test_anonymous_submissions_reject_replays_doubles_outsiders_and_tampering(tm
     with LocalCluster(tmp_path / "cluster", shards(2), mqtt=False) as cluster, \
             grpc.insecure_channel(cluster.address) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
-        with SyncConfideClient(cluster.address) as client:
+        with Client(cluster.address) as client:
             wait_for_nodes(client, 2)
             nodes = [load_or_create_ring_key(d / "ring_key.seed")
                      for d in cluster.node_data_dirs]
@@ -143,7 +143,7 @@ def test_budgeted_job_selects_by_truthful_auction_and_pays_critical_values(tmp_p
             cluster.nodes[index].kill()
             cluster.nodes[index].wait()
             cluster.start_node(index, "--cost", str(cost))
-        with SyncConfideClient(cluster.address) as client:
+        with Client(cluster.address) as client:
             nodes = {n.info.name: n for n in wait_for_nodes(client, 3)}
             job = client.submit_job(tiny_spec(rounds=2, min_nodes=2, max_steps=2,
                                               budget=budget))
@@ -169,7 +169,7 @@ def test_an_anonymous_round_with_one_selected_node_fails_clearly(tmp_path, shard
     with LocalCluster(tmp_path / "cluster", shards(1), mqtt=False) as cluster, \
             grpc.insecure_channel(cluster.address) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
-        with SyncConfideClient(cluster.address) as client:
+        with Client(cluster.address) as client:
             wait_for_nodes(client, 1)
             _register(stub, "absent-member")
             job = client.submit_job(tiny_spec(rounds=1, min_nodes=1, anonymous=True,

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from coordinator.sessions import NodeSession, SessionRegistry
-from coordinator.store import Store
-from protos.chunking import ChunkAssembler, split_payload
-from protos.codec import WireTensor, tensor_map_from_bytes, tensor_map_to_bytes
-from protos.confide.v1 import coordinator_pb2 as pb
+from confide.coordinator.sessions import NodeSession, SessionRegistry
+from confide.coordinator.store import Store
+from confide.protos.chunking import ChunkAssembler, split_payload
+from confide.protos.codec import WireTensor, tensor_map_from_bytes, tensor_map_to_bytes
+from confide.v1 import coordinator_pb2 as pb
 
 
 @dataclass

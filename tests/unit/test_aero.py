@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from node.aero import (
+from confide.node.aero import (
     AeroConfig,
     AeroModel,
     EntropyRegConfig,

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from agents.agora import (
+from confide.agents.agora import (
     NEGOTIATE,
     Agent,
     AgoraError,
@@ -19,9 +19,9 @@ from agents.agora import (
     compatibility,
     document_for_capability,
 )
-from agents.backends import CountingChat, backend_from_spec
-from agents.model import Completion, Usage
-from node.agent_service import (
+from confide.agents.backends import CountingChat, backend_from_spec
+from confide.agents.model import Completion, Usage
+from confide.node.agent_service import (
     ADD_INPUT,
     ADD_OUTPUT,
     WEATHER_INPUT,
@@ -29,7 +29,7 @@ from node.agent_service import (
     demo_capabilities,
     weather_lookup,
 )
-from protos.confide.v1 import node_pb2
+from confide.v1 import node_pb2
 
 CAL = {"date": "2024-05-06", "duration_minutes": 30}   # a Monday
 

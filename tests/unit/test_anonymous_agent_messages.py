@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from node.anonymous import AgentMessageVerifier, AnonymityError, sign_agent_message
-from privacy.ringsig import RingKeyPair
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.confide.v1 import node_pb2
-from protos.identity import ring_epoch_id
+from confide.node.anonymous import AgentMessageVerifier, AnonymityError, sign_agent_message
+from confide.privacy.ringsig import RingKeyPair
+from confide.protos.identity import ring_epoch_id
+from confide.v1 import coordinator_pb2 as pb
+from confide.v1 import node_pb2
 
 
 def _ring(keys: list[RingKeyPair]) -> pb.Ring:

@@ -12,14 +12,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from agents.backends import (
+from confide.agents.backends import (
     CountingChat,
     OpenAIChat,
     TransformersChat,
     backend_from_spec,
     estimate_tokens,
 )
-from agents.model import ChatModel, ModelError
+from confide.agents.model import ChatModel, ModelError
 
 MESSAGES = [{"role": "system", "content": "You answer briefly."},
             {"role": "user", "content": "What is the weather in Paris?"}]

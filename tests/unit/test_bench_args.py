@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bench.federated import DEFAULT_METHODS, parse_methods
-from bench.split import DEFAULT_METHODS as SPLIT_METHODS
-from cli.main import main as confide_main
+from confide.bench.federated import DEFAULT_METHODS, parse_methods
+from confide.bench.split import DEFAULT_METHODS as SPLIT_METHODS
+from confide.cli.main import main as confide_main
 
 
 def test_methods_split_on_semicolons_or_on_commas_without_json():

@@ -14,8 +14,8 @@ import dp_accounting
 import pytest
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from privacy.budget import BudgetExceeded, LedgerError, PrivacyLedger
-from privacy.dp import RdpAccountant, SampledGaussian
+from confide.privacy.budget import BudgetExceeded, LedgerError, PrivacyLedger
+from confide.privacy.dp import RdpAccountant, SampledGaussian
 
 DELTA = 1e-5
 # a node's job: 240 examples, expected batch 64, 3 rounds x 12 local steps

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node.methods import ClientUpdate, UpdateError, get_method, known_methods
-from node.methods.cellm import RESIDUAL_PREFIX, CELLMConfig, keep_count
-from node.models import ModelConfig
-from node.training.lora import LoraTrainer
-from protos.codec import (
+from confide.node.methods import ClientUpdate, UpdateError, get_method, known_methods
+from confide.node.methods.cellm import RESIDUAL_PREFIX, CELLMConfig, keep_count
+from confide.node.models import ModelConfig
+from confide.node.training.lora import LoraTrainer
+from confide.protos.codec import (
     CodecError,
     SeedProjectedTensor,
     SparseTensor,
@@ -21,7 +21,7 @@ from protos.codec import (
     to_dense,
     wire_size,
 )
-from protos.confide.v1 import common_pb2
+from confide.v1 import common_pb2
 
 CELLM = get_method("cellm")
 FEDAVG = get_method("fedavg-lora")

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protos.chunking import (
+from confide.protos.chunking import (
     DEFAULT_CHUNK_SIZE,
     ChunkAssembler,
     ChunkError,
@@ -19,7 +19,7 @@ from protos.chunking import (
     assemble_async,
     split_payload,
 )
-from protos.confide.v1 import common_pb2
+from confide.v1 import common_pb2
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protos.codec import (
+from confide.protos.codec import (
     SUPPORTED_DTYPES,
     CodecError,
     SeedProjectedTensor,
@@ -28,7 +28,7 @@ from protos.codec import (
     to_dense,
     wire_size,
 )
-from protos.confide.v1 import common_pb2
+from confide.v1 import common_pb2
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -528,7 +528,7 @@ def test_fuzz_hostile_messages_raise_only_codec_error(named):
 
 
 def test_a_bitmap_is_unpacked_block_by_block(monkeypatch):
-    import protos.codec as codec
+    import confide.protos.codec as codec
 
     monkeypatch.setattr(codec, "_BITMAP_BLOCK", 3)  # 24 elements per block
     g = torch.Generator().manual_seed(3)

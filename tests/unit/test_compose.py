@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli.main import build_parser
+from confide.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"

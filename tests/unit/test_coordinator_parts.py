@@ -8,11 +8,11 @@ import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from coordinator.jobs import normalize_spec
-from coordinator.store import RoundRecord, Store
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.identity import NodeKey, node_id_for, register_message, session_message
-from protos.sdk import job_spec
+from confide.coordinator.jobs import normalize_spec
+from confide.coordinator.store import RoundRecord, Store
+from confide.protos.identity import NodeKey, node_id_for, register_message, session_message
+from confide.sdk.client import job_spec
+from confide.v1 import coordinator_pb2 as pb
 
 
 def test_normalize_fills_defaults_for_unset_fields():
@@ -102,7 +102,7 @@ def test_node_key_signatures_follow_the_documented_bytes(tmp_path):
 def test_challenges_are_stateless_single_use_and_unforgeable(monkeypatch):
     import time as clock
 
-    from coordinator.anonymous import AnonymousRejected, ChallengeBook
+    from confide.coordinator.anonymous import AnonymousRejected, ChallengeBook
 
     book = ChallengeBook(ttl_s=60)
     for _ in range(1000):  # issuing keeps no state: a flood cannot crowd out honest nodes
@@ -130,12 +130,12 @@ def test_update_weights_are_capped_at_the_registered_dataset(tmp_path):
     """A node's claimed example count weights its update: at most what it registered, 0 for
     a node that registered none, and an anonymous update at most the largest dataset of the
     round's ring."""
-    from coordinator.anonymous import AnonymousInbox
-    from coordinator.events import EventLog
-    from coordinator.federated_rounds import FederatedRounds
-    from coordinator.job import RunningJob
-    from coordinator.node_pool import NodePool
-    from coordinator.sessions import SessionRegistry, TaskOutcome
+    from confide.coordinator.anonymous import AnonymousInbox
+    from confide.coordinator.events import EventLog
+    from confide.coordinator.federated_rounds import FederatedRounds
+    from confide.coordinator.job import RunningJob
+    from confide.coordinator.node_pool import NodePool
+    from confide.coordinator.sessions import SessionRegistry, TaskOutcome
 
     store = Store(tmp_path)
     keys = {name: bytes([i + 1]) * 32 for i, name in enumerate(["a", "b", "c"])}

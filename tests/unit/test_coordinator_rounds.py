@@ -8,14 +8,14 @@ import random
 
 import torch
 
-from coordinator.events import EventLog
-from coordinator.jobs import normalize_spec
-from coordinator.runner import JobRunner
-from coordinator.sessions import SessionRegistry
-from coordinator.store import RoundRecord, Store
-from node.methods import get_method
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.sdk import job_spec
+from confide.coordinator.events import EventLog
+from confide.coordinator.jobs import normalize_spec
+from confide.coordinator.runner import JobRunner
+from confide.coordinator.sessions import SessionRegistry
+from confide.coordinator.store import RoundRecord, Store
+from confide.node.methods import get_method
+from confide.sdk.client import job_spec
+from confide.v1 import coordinator_pb2 as pb
 from tests.unit.fakes import INITIAL_STATE, FakeNode, Reply, honest
 
 JOB = "0123456789ab"

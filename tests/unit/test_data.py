@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.data import (
+from confide.node.data import (
     DataError,
     Example,
     LocalData,

@@ -16,13 +16,13 @@ from peft import LoraConfig, get_peft_model
 from torch.func import functional_call
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from node.merging.activations import CorrelationStats
-from node.merging.alignment import align, assignment, match_permutation
-from node.merging.merge import dimat_merge, merge
-from node.merging.permutation import apply_permutation, permutation_spec
-from node.methods.base import UpdateError
-from node.methods.dimat import DIMAT, DIMATConfig
-from node.methods.topology import (
+from confide.node.merging.activations import CorrelationStats
+from confide.node.merging.alignment import align, assignment, match_permutation
+from confide.node.merging.merge import dimat_merge, merge
+from confide.node.merging.permutation import apply_permutation, permutation_spec
+from confide.node.methods.base import UpdateError
+from confide.node.methods.dimat import DIMAT, DIMATConfig
+from confide.node.methods.topology import (
     mixing_matrix,
     mixing_weights,
     neighbours,
@@ -529,7 +529,8 @@ def test_parse_edges_canonicalizes():
 
 
 @pytest.mark.integration  # starts a process
-@pytest.mark.parametrize("module", ["coordinator.service", "node.methods", "node.methods.dimat"])
+@pytest.mark.parametrize("module", ["confide.coordinator.service", "confide.node.methods",
+                                    "confide.node.methods.dimat"])
 def test_the_coordinator_and_the_pure_method_modules_do_not_import_scipy(module):
     """Topology and mixing are pure: the coordinator schedules DIMAT without the node-side
     alignment machinery (scipy's linear assignment). (torch.func is not checked: ``import

@@ -19,9 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from node.methods import ClientUpdate, get_method
-from node.methods.dp_lora import DPLoRAConfig
-from privacy.dp import (
+from confide.node.methods import ClientUpdate, get_method
+from confide.node.methods.dp_lora import DPLoRAConfig
+from confide.privacy.dp import (
     DEFAULT_ORDERS,
     RdpAccountant,
     clip_by_global_norm,

@@ -20,8 +20,8 @@ import torch
 from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import stats
 
-from privacy.dp import RdpAccountant, SampledGaussian
-from privacy.dpsgd import (
+from confide.privacy.dp import RdpAccountant, SampledGaussian
+from confide.privacy.dpsgd import (
     DPSGD,
     calibrate_noise_multiplier,
     clip_and_sum,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node.methods import ClientUpdate, UpdateError, get_method
-from protos.codec import SparseTensor
+from confide.node.methods import ClientUpdate, UpdateError, get_method
+from confide.protos.codec import SparseTensor
 
 
 def _state(value: float) -> dict[str, torch.Tensor]:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from node.methods import ClientUpdate, UpdateError, get_method
-from node.methods.ferret import (
+from confide.node.methods import ClientUpdate, UpdateError, get_method
+from confide.node.methods.ferret import (
     CHUNK,
     GENERATOR,
     MAX_K,
@@ -29,15 +29,15 @@ from node.methods.ferret import (
     round_tag,
     state_digest,
 )
-from node.models import ModelConfig, adapter_for, job_model_config
-from node.training.lora import LoraTrainer
-from protos.codec import (
+from confide.node.models import ModelConfig, adapter_for, job_model_config
+from confide.node.training.lora import LoraTrainer
+from confide.protos.codec import (
     SeedProjectedTensor,
     tensor_map_from_bytes,
     tensor_map_to_bytes,
     wire_size,
 )
-from protos.sdk import job_spec
+from confide.sdk.client import job_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 FERRET = get_method("ferret")
@@ -143,9 +143,9 @@ def test_reconstruction_from_seeds_is_bit_identical_in_another_process(tmp_path)
         from pathlib import Path
         import torch
         torch.set_num_threads(2)  # other threading than the test process: no effect
-        from node.methods import ClientUpdate, get_method
-        from node.methods.ferret import FerretConfig
-        from protos.codec import tensor_map_from_bytes, tensor_map_to_bytes
+        from confide.node.methods import ClientUpdate, get_method
+        from confide.node.methods.ferret import FerretConfig
+        from confide.protos.codec import tensor_map_from_bytes, tensor_map_to_bytes
         folder = Path(sys.argv[1])
         state = tensor_map_from_bytes((folder / "global.bin").read_bytes())
         updates = [ClientUpdate(f"n{i}", tensor_map_from_bytes(
@@ -228,7 +228,7 @@ def test_uplink_is_k_scalars_and_seed_ids_per_group():
 
 
 def test_uplink_for_minilm_is_under_18_kilobytes(capsys):
-    from node.models import build_base_model
+    from confide.node.models import build_base_model
 
     model = build_base_model(ModelConfig(base="minilm", num_labels=5))
     state = {name: p.detach() for name, p in model.named_parameters()}
@@ -343,7 +343,7 @@ FULL = ModelConfig(base="tiny-bert", num_labels=2, max_length=32, adapter="none"
 
 
 def test_full_parameter_trainer_trains_every_parameter():
-    from node.data import synthetic_classification
+    from confide.node.data import synthetic_classification
 
     trainer = LoraTrainer(FULL)
     names = sorted(n for n, p in trainer.model.named_parameters())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from protos.generate import PROTO_ROOT, main
+from confide.protos.generate import PROTO_ROOT, main
 
 
 def test_committed_generated_code_is_fresh():

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
-from coordinator.incentives import (
+from confide.coordinator.incentives import (
     Allocation,
     Bid,
     critical_value,

@@ -11,15 +11,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agents.backends import CountingChat, backend_from_spec
-from agents.jsonrepair import (
+from confide.agents.backends import CountingChat, backend_from_spec
+from confide.agents.jsonrepair import (
     AskJSONError,
     JSONRepairError,
     ask_json,
     ask_json_reply,
     extract_json,
 )
-from agents.model import Completion, Usage
+from confide.agents.model import Completion, Usage
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -12,8 +12,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from agents.minions.config import AskCancelled
-from agents.minions.orchestrator import (
+from confide.agents.minions.config import AskCancelled
+from confide.agents.minions.orchestrator import (
     RecordingModel,
     ask,
     majority_answer,
@@ -21,14 +21,14 @@ from agents.minions.orchestrator import (
     run_minions,
     run_remote_only,
 )
-from agents.minions.policy import (
+from confide.agents.minions.policy import (
     NONE_MAX_COPIED_WORDS,
     SHORT_CITATION_WORDS,
     VerbatimGuard,
     resolve_citations,
     stricter,
 )
-from agents.minions.schemas import (
+from confide.agents.minions.schemas import (
     INSTRUCTIONS_SCHEMA,
     PLAN_SCHEMA,
     PlanError,
@@ -36,10 +36,10 @@ from agents.minions.schemas import (
     parse_instructions,
     parse_plan,
 )
-from agents.minions.text import chunk_text
-from agents.minions.worker import LocalWorker, parse_worker_output
-from agents.model import Completion, Usage
-from node.minion_worker import MinionCancelled, MinionWorker
+from confide.agents.minions.text import chunk_text
+from confide.agents.minions.worker import LocalWorker, parse_worker_output
+from confide.agents.model import Completion, Usage
+from confide.node.minion_worker import MinionCancelled, MinionWorker
 
 CANARY = "The violet heron counted forty seven lanterns beside the frozen canal at dawn."
 DOCUMENT = (
@@ -86,7 +86,7 @@ def in_process(workers: dict[str, LocalWorker]):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from agents.backends import backend_from_spec
+    from confide.agents.backends import backend_from_spec
 
     return backend_from_spec("tiny")
 
@@ -409,7 +409,7 @@ def test_node_worker_reads_docs_and_never_names_them(tmp_path: Path):
 
 class _Sessions:
     def __init__(self, ids):
-        from coordinator.sessions import NodeSession
+        from confide.coordinator.sessions import NodeSession
 
         self._sessions = [NodeSession(i) for i in ids]
 
@@ -426,8 +426,8 @@ class _Sessions:
     ({"question": "q", "node_ids": ["nope"]}, "FAILED_PRECONDITION"),
 ])
 def test_the_coordinator_rejects_bad_questions(request_fields, code):
-    from coordinator.minions import AskOrchestrator, AskRejected
-    from protos.confide.v1 import coordinator_pb2 as pb
+    from confide.coordinator.minions import AskOrchestrator, AskRejected
+    from confide.v1 import coordinator_pb2 as pb
 
     orchestrator = AskOrchestrator(_Sessions(["n1"]), "tiny")
     with pytest.raises(AskRejected) as info:
@@ -436,8 +436,8 @@ def test_the_coordinator_rejects_bad_questions(request_fields, code):
 
 
 def test_the_coordinator_defaults():
-    from coordinator.minions import AskOrchestrator, AskRejected
-    from protos.confide.v1 import coordinator_pb2 as pb
+    from confide.coordinator.minions import AskOrchestrator, AskRejected
+    from confide.v1 import coordinator_pb2 as pb
 
     plan = AskOrchestrator(_Sessions(["n2", "n1"]), "tiny").validate(
         pb.AskRequest(question=" q ", anonymous=True))
@@ -452,7 +452,7 @@ def test_the_coordinator_defaults():
 
 
 def test_bench_questions_have_verbatim_answers_and_are_deterministic():
-    from bench.minions import correct, make_questions, workload
+    from confide.bench.minions import correct, make_questions, workload
 
     articles, items = workload(3, 4)
     assert len(articles) == 3 and len({a["label"] for a in articles}) == 3
@@ -480,7 +480,7 @@ class _FakeSession:
     async def run_task(self, task, global_payload, timeout, expects_payload=True):
         import asyncio
 
-        from coordinator.sessions import TaskOutcome
+        from confide.coordinator.sessions import TaskOutcome
 
         self.tasks.append(task)
         if self.hang:
@@ -494,7 +494,7 @@ class _FakeSession:
 
 
 def _orchestrator(sessions, remote):
-    from coordinator.minions import AskOrchestrator
+    from confide.coordinator.minions import AskOrchestrator
 
     registry = type("R", (), {"online": lambda self: sessions})()
     return AskOrchestrator(registry, "scripted", load_model=lambda spec: remote)
@@ -503,7 +503,7 @@ def _orchestrator(sessions, remote):
 def test_the_coordinator_streams_an_ask_over_node_sessions():
     import asyncio
 
-    from protos.confide.v1 import coordinator_pb2 as pb
+    from confide.v1 import coordinator_pb2 as pb
 
     local = Scripted(['{"answer": "Maria Delgado"}'] * 4)
     sessions = [_FakeSession("a", LocalWorker([DOCUMENT], model=local)),
@@ -528,7 +528,7 @@ def test_the_coordinator_streams_an_ask_over_node_sessions():
 def test_closing_the_ask_stream_cancels_the_node_tasks():
     import asyncio
 
-    from protos.confide.v1 import coordinator_pb2 as pb
+    from confide.v1 import coordinator_pb2 as pb
 
     session = _FakeSession("a", hang=True)
     orchestrator = _orchestrator([session], Scripted([]))

@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from node.data import Example, synthetic_classification, synthetic_text
-from node.device import autocast, select_device
-from node.models import (
+from confide.node.data import Example, synthetic_classification, synthetic_text
+from confide.node.device import autocast, select_device
+from confide.node.models import (
     ModelConfig,
     build_base_model,
     build_lora_model,
@@ -24,7 +24,7 @@ from node.models import (
     load_tokenizer,
     smollm2_cache_dir,
 )
-from node.training.lora import LoraTrainer
+from confide.node.training.lora import LoraTrainer
 
 TINY_CLS = ModelConfig(base="tiny-bert", num_labels=4, max_length=32)
 TINY_LM = ModelConfig(task="causal-lm", base="tiny-llama", max_length=32)

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from node import aero
-from node.aero import AeroConfig, AeroModel, load_aero, save_aero
-from privacy import aero_2pc, mpc
+from confide.node import aero
+from confide.node.aero import AeroConfig, AeroModel, load_aero, save_aero
+from confide.privacy import aero_2pc, mpc
 
 T = 8
 VOCAB = 64

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl import bindings as sodium
 
-from privacy.ringsig import (
+from confide.privacy.ringsig import (
     RingKeyPair,
     RingSignature,
     RingSignatureError,
@@ -413,7 +413,7 @@ def test_signature_bytes_are_pinned(monkeypatch):
     """With the randomness fixed, one exact encoding: a change here is a wire-format change
     (nodes and coordinators of different versions would stop understanding each other)."""
     counter = iter(range(1, 100))
-    monkeypatch.setattr("privacy.ringsig._random_scalar",
+    monkeypatch.setattr("confide.privacy.ringsig._random_scalar",
                         lambda: sodium.crypto_core_ed25519_scalar_reduce(
                             bytes([next(counter)]) * 64))
     data = sign(MESSAGE, RING[:3], KEYS[1], SCOPE).encode()

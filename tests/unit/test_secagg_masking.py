@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from privacy.secagg.masking import (
+from confide.privacy.secagg.masking import (
     FixedPointCodec,
     MaskingError,
     pairwise_sign,

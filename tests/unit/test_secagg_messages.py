@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from privacy.secagg.errors import SecAggMessageError
-from privacy.secagg.messages import (
+from confide.privacy.secagg.errors import SecAggMessageError
+from confide.privacy.secagg.messages import (
     SEALED_SHARE_BYTES,
     AdvertiseKeys,
     ForwardedShares,
@@ -24,7 +24,7 @@ from privacy.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from privacy.secagg.shamir import PRIME
+from confide.privacy.secagg.shamir import PRIME
 
 ALL = [Setup, AdvertiseKeys, KeyBundle, ShareKeys, ForwardedShares, MaskedInput, UnmaskRequest,
        UnmaskResponse]

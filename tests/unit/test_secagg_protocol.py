@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy import stats
 
-from privacy.secagg import (
+from confide.privacy.secagg import (
     SecAggAbort,
     SecAggClient,
     SecAggProtocolError,
@@ -22,7 +22,7 @@ from privacy.secagg import (
     default_degree,
     neighbour_graph,
 )
-from privacy.secagg.messages import (
+from confide.privacy.secagg.messages import (
     AdvertiseKeys,
     ForwardedShares,
     KeyBundle,
@@ -33,8 +33,8 @@ from privacy.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from privacy.secagg.protocol import codec_of, open_shares, seal_shares
-from privacy.secagg.simulate import simulate_round
+from confide.privacy.secagg.protocol import codec_of, open_shares, seal_shares
+from confide.privacy.secagg.simulate import simulate_round
 
 
 class Nodes:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privacy.secagg.shamir import (
+from confide.privacy.secagg.shamir import (
     PRIME,
     ShamirError,
     combine,

@@ -21,12 +21,12 @@ from transformers import (
     LlamaForSequenceClassification,
 )
 
-from node.data import Example, synthetic_classification, synthetic_text
-from node.methods import ClientUpdate, get_method
-from node.methods.sfprompt import SFPrompt, SFPromptConfig
-from node.models import ModelConfig, load_tokenizer
-from node.split.body import LocalBody, activation_bytes
-from node.split.model import (
+from confide.node.data import Example, synthetic_classification, synthetic_text
+from confide.node.methods import ClientUpdate, get_method
+from confide.node.methods.sfprompt import SFPrompt, SFPromptConfig
+from confide.node.models import ModelConfig, load_tokenizer
+from confide.node.split.body import LocalBody, activation_bytes
+from confide.node.split.model import (
     SplitConfig,
     build_split,
     device_parts,
@@ -34,8 +34,8 @@ from node.split.model import (
     split_costs,
     split_model,
 )
-from node.split.pruning import el2n, top_fraction
-from node.split.trainer import SplitTrainer, build_split_trainer
+from confide.node.split.pruning import el2n, top_fraction
+from confide.node.split.trainer import SplitTrainer, build_split_trainer
 
 HIDDEN = 64
 
@@ -463,7 +463,7 @@ def test_two_devices_aggregate_by_example_weighted_mean(bert_parts):
 
 
 def _registry() -> set[str]:
-    from node.methods import REGISTRY
+    from confide.node.methods import REGISTRY
 
     return set(REGISTRY)
 

@@ -15,11 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cli.main import main as confide_main
-from node.anonymous import AnonymityError, submit_anonymously
-from privacy.ringsig import RingKeyPair
-from protos import tls
-from protos.confide.v1 import coordinator_pb2 as pb
+from confide.cli.main import main as confide_main
+from confide.node.anonymous import AnonymityError, submit_anonymously
+from confide.privacy.ringsig import RingKeyPair
+from confide.protos import tls
+from confide.v1 import coordinator_pb2 as pb
 
 
 @pytest.fixture

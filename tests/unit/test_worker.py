@@ -7,13 +7,13 @@ import threading
 import pytest
 import torch
 
-from coordinator.jobs import normalize_spec
-from node.data import LocalData, synthetic_classification, write_jsonl
-from node.store import ModelStore
-from node.worker import TaskWorker
-from protos.codec import tensor_map_from_bytes, to_dense
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.sdk import job_spec
+from confide.coordinator.jobs import normalize_spec
+from confide.node.data import LocalData, synthetic_classification, write_jsonl
+from confide.node.store import ModelStore
+from confide.node.worker import TaskWorker
+from confide.protos.codec import tensor_map_from_bytes, to_dense
+from confide.sdk.client import job_spec
+from confide.v1 import coordinator_pb2 as pb
 
 
 def _state(payload: bytes) -> dict[str, torch.Tensor]:
@@ -40,10 +40,10 @@ def test_a_new_job_starts_from_the_seeded_state_not_the_last_jobs_training(tmp_p
 def test_a_compact_broadcast_needs_the_kept_base_state_and_the_right_result(tmp_path):
     """Ferret's downlink: the node rebuilds the round's state from the state it kept and the
     mean scalars, or asks for the whole state (no kept state, another base, wrong result)."""
-    from node.methods import ClientUpdate, get_method
-    from node.worker import NeedsFullState
-    from protos.codec import tensor_map_to_bytes
-    from protos.state import state_digest
+    from confide.node.methods import ClientUpdate, get_method
+    from confide.node.worker import NeedsFullState
+    from confide.protos.codec import tensor_map_to_bytes
+    from confide.protos.state import state_digest
 
     write_jsonl(tmp_path / "data" / "train.jsonl", synthetic_classification(16, 2, seed=1))
     models = ModelStore(tmp_path / "models")
@@ -82,8 +82,8 @@ def test_a_compact_broadcast_needs_the_kept_base_state_and_the_right_result(tmp_
 def test_the_first_round_state_is_built_from_the_seed_and_checked(tmp_path):
     """Round 1 sends no state: the node builds the job's seeded state, as INIT does, and
     asks for the whole state when its bits differ from the coordinator's."""
-    from node.worker import NeedsFullState
-    from protos.state import state_digest
+    from confide.node.worker import NeedsFullState
+    from confide.protos.state import state_digest
 
     write_jsonl(tmp_path / "data" / "train.jsonl", synthetic_classification(16, 2, seed=1))
     models = ModelStore(tmp_path / "models")

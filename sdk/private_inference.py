@@ -2,14 +2,15 @@
 
 ::
 
-    from client.private_inference import private_infer
+    from confide.sdk.private_inference import private_infer
 
     result = private_infer("10.0.0.5:7070", "aero", "The markets rallied after", timeout_s=60)
     result.next_token, result.logits.shape, result.stats.bytes
 
 The client asks the node for a session on one of its models (``OpenPrivateInference``: the
 model name, the sequence length and the provider travel, never a token), then runs the data
-owner's MPC party in a fresh process (``python -m client.private_inference``: CrypTen keeps global
+owner's MPC party in a fresh process (``python -m confide.sdk.private_inference``: CrypTen keeps
+global
 state, and a fresh interpreter needs no ``if __name__ == "__main__"`` guard in the caller) that
 meets the node's party at the rendezvous the node gave. The token ids are secret-shared with
 the node's party; the logits are revealed to this process alone. Text is tokenized here, with
@@ -37,9 +38,9 @@ from typing import Any
 
 import grpc
 
-from protos.confide.v1 import node_pb2
-from protos.confide.v1 import node_pb2_grpc as node_grpc
-from protos.tls import channel as tls_channel
+from confide.protos.tls import channel as tls_channel
+from confide.v1 import node_pb2
+from confide.v1 import node_pb2_grpc as node_grpc
 
 __all__ = [
     "PrivateInferenceError",
@@ -145,7 +146,7 @@ def _tokenizer(spec: dict[str, Any]):
 @functools.lru_cache(maxsize=4)
 def _tokenizer_named(name: str):
     if name == "minilm":
-        from node.aero import default_tokenizer
+        from confide.node.aero import default_tokenizer
 
         return default_tokenizer()
     if Path(name).expanduser().is_dir():
@@ -201,7 +202,8 @@ def decode_token(model_id: int, config: dict[str, Any], tokenizer=None) -> str |
 
 
 def _party_main(folder: str) -> int:
-    """``python -m client.private_inference data-owner FOLDER``: the data owner's party process.
+    """``python -m confide.sdk.private_inference data-owner FOLDER``: the data owner's party
+    process.
 
     Reads its job (rendezvous, config, token ids) from stdin as JSON (ids never appear on a
     command line, where other local users could read them) and writes ``FOLDER/result.json``
@@ -214,8 +216,8 @@ def _party_main(folder: str) -> int:
     torch.set_num_threads(1)
     from safetensors.torch import save_file
 
-    from node.private_party import use_node_hosted_store
-    from privacy import aero_2pc, mpc
+    from confide.node.private_party import use_node_hosted_store
+    from confide.privacy import aero_2pc, mpc
 
     use_node_hosted_store()
     try:
@@ -262,14 +264,14 @@ def run_private_session(session: node_pb2.PrivateInferenceSession, token_ids: Se
                         node_address: str, *, start_dealer: bool = True) -> dict[str, Any]:
     """Join a session the node opened, as the data owner; returns logits, stats, timing.
 
-    The party runs as a fresh process (``python -m client.private_inference``; with TTP and
+    The party runs as a fresh process (``python -m confide.sdk.private_inference``; with TTP and
     ``start_dealer`` a dealer process too). Raises :class:`privacy.mpc.MpcPeerError` (naming
     the node) when the node's party disconnects or stops answering, within the session's
     timeout per communication step.
     """
     from safetensors.torch import load_file
 
-    from privacy import mpc
+    from confide.privacy import mpc
 
     config = json.loads(session.config_json)
     ids = [int(i) for i in token_ids]
@@ -292,7 +294,8 @@ def run_private_session(session: node_pb2.PrivateInferenceSession, token_ids: Se
             if session.provider == "TTP" and start_dealer:
                 with open(folder / "dealer.log", "wb") as log_file:
                     dealer = subprocess.Popen(
-                        [sys.executable, "-m", "node.private_party", "dealer", "--rendezvous",
+                        [sys.executable, "-m", "confide.node.private_party", "dealer",
+                         "--rendezvous",
                          rendezvous, "--timeout", repr(session.timeout_s)],
                         stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                         env=env, cwd=ROOT)
@@ -302,7 +305,7 @@ def run_private_session(session: node_pb2.PrivateInferenceSession, token_ids: Se
                    "seq_len": session.seq_len, "token_ids": ids}
             with open(folder / "party.log", "wb") as log_file:
                 party = subprocess.Popen(
-                    [sys.executable, "-m", "client.private_inference", "data-owner", tmp],
+                    [sys.executable, "-m", "confide.sdk.private_inference", "data-owner", tmp],
                     stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                     cwd=ROOT)
             assert party.stdin is not None
@@ -371,6 +374,7 @@ def private_infer(node_address: str, model: str, text_or_token_ids: str | Sequen
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "data-owner":
-        sys.exit("usage: python -m client.private_inference data-owner FOLDER (job JSON on stdin); "
+        sys.exit("usage: python -m confide.sdk.private_inference data-owner FOLDER "
+                 "(job JSON on stdin); "
                  "use `confide infer --private` or private_infer() instead")
     sys.exit(_party_main(sys.argv[2]))

@@ -1,12 +1,12 @@
 """The Python client SDK: a typed face of the wire contract.
 
-``ConfideClient`` is async (grpc.aio); ``SyncConfideClient`` wraps it for scripts and
-notebooks. Errors from the coordinator arrive as ``ConfideError`` with the gRPC status code
-and the coordinator's message::
+``AsyncClient`` is async (grpc.aio); ``Client`` wraps it for scripts and
+notebooks (both are exported at the top: ``from confide import Client``). Errors from the
+coordinator arrive as ``ConfideError`` with the gRPC status code and its message::
 
-    from protos.sdk import SyncConfideClient, job_spec
+    from confide import Client, job_spec
 
-    with SyncConfideClient("127.0.0.1:50051") as client:
+    with Client("127.0.0.1:50051") as client:
         job = client.submit_job(job_spec("fedavg-lora", rounds=3, min_nodes=2, base="minilm",
                                          num_labels=5))
         for event in client.watch_job(job.job_id):
@@ -27,13 +27,13 @@ import grpc
 import torch
 from google.protobuf import struct_pb2
 
-from protos.chunking import assemble_async
-from protos.codec import tensor_map_from_bytes, to_dense
-from protos.confide.v1 import coordinator_pb2 as pb
-from protos.confide.v1 import coordinator_pb2_grpc as pb_grpc
-from protos.identity import NodeKey
-from protos.tls import PROCESS as TLS_PROCESS
-from protos.tls import TLSConfig, aio_channel
+from confide.protos.chunking import assemble_async
+from confide.protos.codec import tensor_map_from_bytes, to_dense
+from confide.protos.identity import NodeKey
+from confide.protos.tls import PROCESS as TLS_PROCESS
+from confide.protos.tls import TLSConfig, aio_channel
+from confide.v1 import coordinator_pb2 as pb
+from confide.v1 import coordinator_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
@@ -111,7 +111,7 @@ def job_spec(
     return spec
 
 
-class ConfideClient:
+class AsyncClient:
     """Async client of the coordinator."""
 
     def __init__(self, address: str, *, timeout: float = 30.0,
@@ -133,7 +133,7 @@ class ConfideClient:
             self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
 
-    async def __aenter__(self) -> ConfideClient:
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -251,24 +251,24 @@ class ConfideClient:
             call.cancel()
 
 
-class SyncConfideClient:
-    """Blocking wrapper: runs a ``ConfideClient`` on a private event loop thread."""
+class Client:
+    """Blocking wrapper: runs an ``AsyncClient`` on a private event loop thread."""
 
     def __init__(self, address: str, **kwargs: Any) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="confide-sdk")
         self._thread.start()
-        self._client: ConfideClient = self._run(self._make(address, kwargs))
+        self._client: AsyncClient = self._run(self._make(address, kwargs))
 
     @staticmethod
-    async def _make(address: str, kwargs: dict) -> ConfideClient:
-        return ConfideClient(address, **kwargs)
+    async def _make(address: str, kwargs: dict) -> AsyncClient:
+        return AsyncClient(address, **kwargs)
 
     def _run(self, coro) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def __enter__(self) -> SyncConfideClient:
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -337,7 +337,7 @@ class SyncConfideClient:
                 self._run(iterator.aclose())
 
     def ask(self, question: str, **kwargs: Any) -> Iterator[pb.AskEvent]:
-        """``ConfideClient.ask``, blocking: iterate to follow the question to its answer."""
+        """``AsyncClient.ask``, blocking: iterate to follow the question to its answer."""
         iterator = self._client.ask(question, **kwargs)
         try:
             while True:
@@ -348,3 +348,19 @@ class SyncConfideClient:
         finally:
             if self._loop.is_running():
                 self._run(iterator.aclose())
+
+
+#: names of the SDK before 0.2 (``protos.sdk``), kept one release for old code
+_DEPRECATED = {"ConfideClient": "AsyncClient", "SyncConfideClient": "Client"}
+
+
+def __getattr__(name: str) -> Any:
+    """``SyncConfideClient``/``ConfideClient`` still work, with a DeprecationWarning."""
+    if name in _DEPRECATED:
+        import warnings
+
+        new = _DEPRECATED[name]
+        warnings.warn(f"{name} is deprecated: use confide.{new}", DeprecationWarning,
+                      stacklevel=2)
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
