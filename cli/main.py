@@ -425,7 +425,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    module = importlib.import_module(f"bench.{args.action}")
+    module = importlib.import_module(f"confide.bench.{args.action}")
     if hasattr(args, "methods"):  # a typo in --methods fails now, not after minutes of setup
         try:
             importlib.import_module("confide.bench.federated").parse_methods(args.methods)
@@ -765,8 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="action", required=True)
     for name, helptext in BENCHMARKS.items():
         p = bench_sub.add_parser(name, help=helptext)
-        if importlib.util.find_spec(f"bench.{name}") is not None:
-            importlib.import_module(f"bench.{name}").add_arguments(p)
+        if importlib.util.find_spec(f"confide.bench.{name}") is not None:
+            importlib.import_module(f"confide.bench.{name}").add_arguments(p)
         p.set_defaults(func=cmd_bench)
     _add_certs_commands(sub)
     _add_tls_options(parser, sub)
