@@ -30,16 +30,12 @@ except metadata.PackageNotFoundError:  # a source tree that was never installed
 
 __all__ = ["AsyncClient", "Client", "ConfideError", "__version__", "job_spec"]
 
-_DEPRECATED = {"ConfideClient": "AsyncClient", "SyncConfideClient": "Client"}
-
 
 def __getattr__(name: str) -> Any:
-    """The SDK's names before 0.2 still work for one release, with a DeprecationWarning."""
-    if name in _DEPRECATED:
-        import warnings
+    """The SDK's names before 0.2 (``SyncConfideClient``, ``ConfideClient``) still work for one
+    release: ``confide.sdk.client`` answers them with a DeprecationWarning."""
+    from confide.sdk import client
 
-        new = _DEPRECATED[name]
-        warnings.warn(f"confide.{name} is deprecated: use confide.{new}", DeprecationWarning,
-                      stacklevel=2)
-        return globals()[new]
+    if name in client.DEPRECATED_NAMES:
+        return getattr(client, name)
     raise AttributeError(f"module 'confide' has no attribute {name!r}")

@@ -351,15 +351,15 @@ class Client:
 
 
 #: names of the SDK before 0.2 (``protos.sdk``), kept one release for old code
-_DEPRECATED = {"ConfideClient": "AsyncClient", "SyncConfideClient": "Client"}
+DEPRECATED_NAMES = {"ConfideClient": "AsyncClient", "SyncConfideClient": "Client"}
 
 
 def __getattr__(name: str) -> Any:
     """``SyncConfideClient``/``ConfideClient`` still work, with a DeprecationWarning."""
-    if name in _DEPRECATED:
+    if name in DEPRECATED_NAMES:
         import warnings
 
-        new = _DEPRECATED[name]
+        new = DEPRECATED_NAMES[name]
         warnings.warn(f"{name} is deprecated: use confide.{new}", DeprecationWarning,
                       stacklevel=2)
         return globals()[new]
