@@ -1,24 +1,37 @@
-"""Linkable ring signatures (LSAG with a scoped key image) over the ed25519 group.
+"""Linkable ring signatures (LSAG with a scoped key image) over the ristretto255 group.
 
 A signer proves "one of the keys in this ring signed this message" without revealing which,
 and attaches a *key image* (link tag) that is the same every time one key signs in the same
 *scope* and unrelated across scopes. Confide scopes the tag to (job, round): a second update
-from one ring member in a round is visible, who sent it is not.
+from one ring member in a round is visible, who sent it is not, and the tag does not depend on
+the ring, so two updates of one key over two different rings (anonymity sets) of one round
+still link.
 
 The scheme is the linkable spontaneous anonymous group signature of Liu, Wei and Wong (2004)
 with the CryptoNote-style key image ``I = x * Hp(scope)``. Every group and scalar operation is
-libsodium's, through PyNaCl's ``nacl.bindings``; nothing here does field or curve arithmetic.
+libsodium's ristretto255 (RFC 9496), through the ``rbcl`` binding; nothing here does field or
+curve arithmetic.
 
-Notation: ``G`` the ed25519 base point, ``L`` the order of its subgroup, ``H_s`` a hash to a
-scalar (SHA-512, reduced mod L by ``crypto_core_ed25519_scalar_reduce``), ``Hp`` a hash to the
-prime-order subgroup (SHA-512 split in two halves, each mapped by
-``crypto_core_ed25519_from_uniform`` (Elligator 2, cofactor cleared) and the two points added, as
-in RFC 9380's random-oracle construction). Every hash starts with its own domain string
+Why ristretto255 (format v2; v1 used the ed25519 group through PyNaCl): ristretto255 is a
+prime-order group, so every element a decoder accepts is usable as is: there is no cofactor,
+no small-order point, no "on the curve but outside the subgroup". libsodium's ed25519
+``scalarmult_noclamp`` re-checked subgroup membership on every call (a second scalar
+multiplication, half the time of v1); here a point is checked when it is decoded (canonical
+encoding, not the identity) once per ring, and each multiplication is only that. The
+security argument is unchanged: LSAG needs a prime-order group where discrete log and DDH are
+hard and a hash onto the group with unknown discrete logs, which ristretto255 and its
+``from_hash`` map (RFC 9496's one-way map, two Elligator evaluations added) give directly.
+
+Notation: ``G`` the ristretto255 generator, ``L`` the group order, ``H_s`` a hash to a scalar
+(SHA-512 reduced mod L), ``Hp`` a hash to the group (SHA-512, then
+``crypto_core_ristretto255_from_hash``). Every hash starts with its own domain string
 (``_DOMAIN_*`` below); every variable-length field is preceded by its length.
 
 Keygen
     ``x = H_s(KEYGEN || seed)`` for a 32-byte seed (``RingKeyPair.from_seed``; ``generate``
-    draws the seed from ``os.urandom``), ``P = x * G``. ``P`` (32 bytes) is the public key.
+    draws the seed from ``os.urandom``), ``P = x * G``. ``P`` (32 bytes, the ristretto255
+    encoding) is the public key. The scalar of a seed is the one v1 derived: a node keeps
+    its seed file, only the encoding of its public key changed.
 
 Sign ``(m, ring = [P_0 .. P_{n-1}], x with P_pi = x*G, scope)``
     ``H = Hp(scope)``, ``I = x * H``.
@@ -30,23 +43,23 @@ Sign ``(m, ring = [P_0 .. P_{n-1}], x with P_pi = x*G, scope)``
     Random scalars are 64 bytes of ``os.urandom`` reduced mod L.
 
 Verify
-    Every ring key and ``I`` must be a valid point (``crypto_core_ed25519_is_valid_point``:
-    canonical encoding, on the curve, in the prime-order subgroup, not of small order), the
-    ring free of duplicates, every scalar canonical (< L). Recompute
+    Every ring key and ``I`` must be a canonical ristretto255 encoding other than the
+    identity, the ring free of duplicates, every scalar canonical (< L). Recompute
     ``c_{i+1} = H_s(prefix || s_i*G + c_i*P_i || s_i*H + c_i*I)`` for ``i = 0 .. n-1`` and
-    accept iff ``c_n == c_0``. Anything malformed gives ``False``, never an exception.
-    Checking ``I`` matters: ``I`` plus a small-order point would otherwise be a second link tag
-    for the same key in the same scope (the 2017 CryptoNote key-image bug).
+    accept iff ``c_n == c_0``: one fixed-base and three variable-base multiplications per
+    ring member, so the cost is linear in the ring and nothing else. Anything malformed gives
+    ``False``, never an exception. A ring checked once (:class:`ValidatedRing`) is not checked
+    again by each signature verified against it.
 
 Link
     Two valid signatures in the same scope come from the same key iff their key images are
-    equal (:func:`link`).
+    equal (:func:`link`), whatever rings they were made over.
 
 Encoding
     ``c_0 (32) || s_0 (32) || .. || s_{n-1} (32) || I (32)``: ``32 * (n + 2)`` bytes, scalars
-    and the point in libsodium's little-endian encodings. The ring size is not in the bytes:
-    the verifier knows its ring (``RingSignature.decode(data, ring_size)``). Scalars must be
-    canonical and ``I`` a valid point, so one signature has exactly one encoding.
+    little-endian, ``I`` a ristretto255 encoding. The ring size is not in the bytes: the
+    verifier knows its ring (``RingSignature.decode(data, ring_size)``). Scalars must be
+    canonical and ``I`` a canonical encoding, so one signature has exactly one encoding.
 
 What it hides: which member of the ring signed (signer ambiguity: computational, under DDH in
 the random-oracle model), and whether signatures in *different* scopes came from one key.
@@ -68,13 +81,13 @@ ambiguous and unlinkable across scopes under DDH.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from nacl import bindings as sodium
-from nacl.exceptions import CryptoError
+import rbcl
 
 __all__ = [
     "POINT_BYTES",
@@ -82,7 +95,9 @@ __all__ = [
     "RingKeyPair",
     "RingSignature",
     "RingSignatureError",
+    "ValidatedRing",
     "encoded_size",
+    "is_valid_public_key",
     "link",
     "sign",
     "verify",
@@ -91,9 +106,18 @@ __all__ = [
 POINT_BYTES = 32
 SCALAR_BYTES = 32
 
-_DOMAIN_KEYGEN = b"confide/ringsig/v1/keygen\x00"
-_DOMAIN_HASH_TO_POINT = b"confide/ringsig/v1/hash-to-point\x00"
-_DOMAIN_CHALLENGE = b"confide/ringsig/v1/challenge\x00"
+_DOMAIN_KEYGEN = b"confide/ringsig/v1/keygen\x00"  # unchanged in v2: a seed keeps its scalar
+_DOMAIN_HASH_TO_POINT = b"confide/ringsig/v2/hash-to-point\x00"
+_DOMAIN_CHALLENGE = b"confide/ringsig/v2/challenge\x00"
+_IDENTITY = bytes(POINT_BYTES)  # the ristretto255 encoding of the neutral element
+
+# libsodium through rbcl, under short names (and one place to count group operations)
+_reduce = rbcl.crypto_core_ristretto255_scalar_reduce
+_scalar_mul = rbcl.crypto_core_ristretto255_scalar_mul
+_scalar_sub = rbcl.crypto_core_ristretto255_scalar_sub
+_add = rbcl.crypto_core_ristretto255_add
+_mul = rbcl.crypto_scalarmult_ristretto255
+_mul_base = rbcl.crypto_scalarmult_ristretto255_base
 
 
 class RingSignatureError(ValueError):
@@ -113,46 +137,62 @@ def _prefixed(data: bytes) -> bytes:
 
 
 def _hash_to_scalar(*parts: bytes) -> bytes:
-    return sodium.crypto_core_ed25519_scalar_reduce(hashlib.sha512(b"".join(parts)).digest())
+    return _reduce(hashlib.sha512(b"".join(parts)).digest())
 
 
 def _random_scalar() -> bytes:
-    return sodium.crypto_core_ed25519_scalar_reduce(os.urandom(64))
+    return _reduce(os.urandom(64))
 
 
 def _is_canonical_scalar(s: object) -> bool:
     """``s < L``: reducing it (padded to 64 bytes) changes nothing. Stops ``s + L`` malleability."""
     return (isinstance(s, bytes) and len(s) == SCALAR_BYTES
-            and sodium.crypto_core_ed25519_scalar_reduce(s + bytes(32)) == s)
+            and _reduce(s + bytes(32)) == s)
 
 
-def _is_valid_point(p: object) -> bool:
-    """Canonical, on the curve, in the prime-order subgroup, not of small order."""
-    return (isinstance(p, bytes) and len(p) == POINT_BYTES
-            and bool(sodium.crypto_core_ed25519_is_valid_point(p)))
+def is_valid_public_key(p: object) -> bool:
+    """A canonical ristretto255 encoding of an element other than the identity: what a ring
+    key and a key image must be (ristretto255 has prime order: nothing else to check)."""
+    return (isinstance(p, bytes) and len(p) == POINT_BYTES and p != _IDENTITY
+            and bool(rbcl.crypto_core_ristretto255_is_valid_point(p)))
 
 
+@functools.lru_cache(maxsize=256)
 def _hash_to_point(scope: bytes) -> bytes:
-    """``Hp(scope)``: a point nobody knows the discrete log of, one per scope."""
-    digest = hashlib.sha512(_DOMAIN_HASH_TO_POINT + _prefixed(scope)).digest()
-    point = sodium.crypto_core_ed25519_add(sodium.crypto_core_ed25519_from_uniform(digest[:32]),
-                                           sodium.crypto_core_ed25519_from_uniform(digest[32:]))
-    if not _is_valid_point(point):  # only if the two halves map to opposite points
-        raise RingSignatureError("scope hashes to a degenerate point; use another scope")
+    """``Hp(scope)``: an element nobody knows the discrete log of, one per scope (cached: a
+    coordinator verifies a whole round's updates under one scope)."""
+    point = rbcl.crypto_core_ristretto255_from_hash(
+        hashlib.sha512(_DOMAIN_HASH_TO_POINT + _prefixed(scope)).digest())
+    if point == _IDENTITY:  # probability ~2^-252
+        raise RingSignatureError("scope hashes to the identity; use another scope")
     return point
 
 
-def _check_ring(ring: Sequence[bytes]) -> list[bytes]:
-    keys = list(ring)
-    if not keys:
-        raise RingSignatureError("the ring is empty")
-    for index, key in enumerate(keys):
-        if not _is_valid_point(key):
-            raise RingSignatureError(f"ring key {index} is not a valid ed25519 point of the "
-                                     "prime-order subgroup")
-    if len(set(keys)) != len(keys):
-        raise RingSignatureError("the ring holds a key twice")
-    return keys
+class ValidatedRing:
+    """A ring whose keys were checked once (valid, distinct): sign and verify take it as
+    is, so a verifier that checks many signatures against one ring (a coordinator and a
+    round's anonymity sets) validates each key once, not once per signature."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self, ring: Sequence[bytes]) -> None:
+        keys = tuple(ring)
+        if not keys:
+            raise RingSignatureError("the ring is empty")
+        for index, key in enumerate(keys):
+            if not is_valid_public_key(key):
+                raise RingSignatureError(f"ring key {index} is not a valid ristretto255 "
+                                         "element (canonical, not the identity)")
+        if len(set(keys)) != len(keys):
+            raise RingSignatureError("the ring holds a key twice")
+        self.keys: tuple[bytes, ...] = keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _validated(ring: Sequence[bytes] | ValidatedRing) -> ValidatedRing:
+    return ring if isinstance(ring, ValidatedRing) else ValidatedRing(ring)
 
 
 def _check_bytes(name: str, value: object) -> bytes:
@@ -161,7 +201,7 @@ def _check_bytes(name: str, value: object) -> bytes:
     return bytes(value)
 
 
-def _challenge_state(ring: list[bytes], scope: bytes, image: bytes,
+def _challenge_state(ring: Sequence[bytes], scope: bytes, image: bytes,
                      message: bytes) -> hashlib._Hash:
     """SHA-512 over everything the challenges share; each step copies it and adds (L_i, R_i),
     so a ring of n keys is hashed once rather than n times."""
@@ -179,14 +219,20 @@ def _next_challenge(state: hashlib._Hash, left: bytes, right: bytes) -> bytes:
     step = state.copy()
     step.update(left)
     step.update(right)
-    return sodium.crypto_core_ed25519_scalar_reduce(step.digest())
+    return _reduce(step.digest())
+
+
+def _commitments(s: bytes, c: bytes, public: bytes, h: bytes, image: bytes) -> tuple[bytes, bytes]:
+    """``(s*G + c*P, s*H + c*I)``: one fixed-base and three variable-base multiplications.
+    libsodium raises on a zero scalar or an identity result, which no honest signature has."""
+    return (_add(_mul_base(s), _mul(c, public)), _add(_mul(s, h), _mul(c, image)))
 
 
 # ---------------------------------------------------------------- keys and signatures
 
 
 class RingKeyPair:
-    """A ring member's key: secret scalar ``x`` and public point ``x * G``.
+    """A ring member's key: secret scalar ``x`` and public element ``x * G``.
 
     Prefer :meth:`from_seed` (what a node stores is its 32-byte seed) or :meth:`generate`.
     """
@@ -197,7 +243,7 @@ class RingKeyPair:
         if not _is_canonical_scalar(secret) or secret == bytes(SCALAR_BYTES):
             raise RingSignatureError("a ring secret key is a nonzero canonical scalar (< L)")
         self._secret = secret
-        self.public: bytes = sodium.crypto_scalarmult_ed25519_base_noclamp(secret)
+        self.public: bytes = _mul_base(secret)
 
     @classmethod
     def from_seed(cls, seed: bytes) -> RingKeyPair:
@@ -212,8 +258,7 @@ class RingKeyPair:
 
     def key_image(self, scope: bytes) -> bytes:
         """The link tag this key gives every signature in ``scope``."""
-        point = _hash_to_point(_check_bytes("scope", scope))
-        return sodium.crypto_scalarmult_ed25519_noclamp(self._secret, point)
+        return _mul(self._secret, _hash_to_point(_check_bytes("scope", scope)))
 
     def __repr__(self) -> str:
         return f"RingKeyPair(public={self.public.hex()})"
@@ -255,18 +300,19 @@ class RingSignature:
                 name = "c_0" if index == 0 else f"s_{index - 1}"
                 raise RingSignatureError(f"scalar {name} is not canonical (>= L)")
         image = data[-POINT_BYTES:]
-        if not _is_valid_point(image):
-            raise RingSignatureError("the key image is not a valid point of the prime-order "
-                                     "subgroup")
+        if not is_valid_public_key(image):
+            raise RingSignatureError("the key image is not a valid ristretto255 element "
+                                     "(canonical, not the identity)")
         return cls(scalars[0], tuple(scalars[1:]), image)
 
 
-def sign(message: bytes, ring: Sequence[bytes], key: RingKeyPair, scope: bytes) -> RingSignature:
+def sign(message: bytes, ring: Sequence[bytes] | ValidatedRing, key: RingKeyPair,
+         scope: bytes) -> RingSignature:
     """Ring-sign ``message`` as one of ``ring`` (order matters: the verifier must use the same
     list), with the link tag of ``scope``. Raises :class:`RingSignatureError` if the ring is
     empty, has an invalid or repeated key, or does not contain ``key.public``."""
     message, scope = _check_bytes("message", message), _check_bytes("scope", scope)
-    keys = _check_ring(ring)
+    keys = _validated(ring).keys
     try:
         signer = keys.index(key.public)
     except ValueError:
@@ -274,56 +320,48 @@ def sign(message: bytes, ring: Sequence[bytes], key: RingKeyPair, scope: bytes) 
     n = len(keys)
     x = key._secret
     h = _hash_to_point(scope)
-    image = sodium.crypto_scalarmult_ed25519_noclamp(x, h)
+    image = _mul(x, h)
     state = _challenge_state(keys, scope, image, message)
 
     c: list[bytes] = [b""] * n
     s: list[bytes] = [b""] * n
     alpha = _random_scalar()
-    c[(signer + 1) % n] = _next_challenge(state,
-                                          sodium.crypto_scalarmult_ed25519_base_noclamp(alpha),
-                                          sodium.crypto_scalarmult_ed25519_noclamp(alpha, h))
+    c[(signer + 1) % n] = _next_challenge(state, _mul_base(alpha), _mul(alpha, h))
     for step in range(1, n):
         i = (signer + step) % n
         s[i] = _random_scalar()
         c[(i + 1) % n] = _next_challenge(state, *_commitments(s[i], c[i], keys[i], h, image))
-    s[signer] = sodium.crypto_core_ed25519_scalar_sub(
-        alpha, sodium.crypto_core_ed25519_scalar_mul(c[signer], x))
+    s[signer] = _scalar_sub(alpha, _scalar_mul(c[signer], x))
     return RingSignature(c[0], tuple(s), image)
 
 
-def _commitments(s: bytes, c: bytes, public: bytes, h: bytes, image: bytes) -> tuple[bytes, bytes]:
-    """``(s*G + c*P, s*H + c*I)``; libsodium raises on a zero scalar or an identity result."""
-    left = sodium.crypto_core_ed25519_add(sodium.crypto_scalarmult_ed25519_base_noclamp(s),
-                                          sodium.crypto_scalarmult_ed25519_noclamp(c, public))
-    right = sodium.crypto_core_ed25519_add(sodium.crypto_scalarmult_ed25519_noclamp(s, h),
-                                           sodium.crypto_scalarmult_ed25519_noclamp(c, image))
-    return left, right
-
-
-def verify(message: bytes, ring: Sequence[bytes], signature: RingSignature, scope: bytes) -> bool:
+def verify(message: bytes, ring: Sequence[bytes] | ValidatedRing, signature: RingSignature,
+           scope: bytes) -> bool:
     """Whether ``signature`` was made over ``message`` and ``scope`` by a key of ``ring`` (in
     this order). False for anything malformed (bad points, scalars, sizes, ring): a verifier
-    facing untrusted input only needs the boolean."""
+    facing untrusted input only needs the boolean. Pass a :class:`ValidatedRing` to skip
+    re-checking its keys."""
     if not isinstance(signature, RingSignature):
         raise TypeError(f"expected a RingSignature, got {type(signature).__name__}")
     message, scope = _check_bytes("message", message), _check_bytes("scope", scope)
     try:
-        keys = _check_ring(ring)
+        keys = _validated(ring).keys
         if not isinstance(signature.s, tuple | list) or len(signature.s) != len(keys):
             return False
         if not all(_is_canonical_scalar(x) for x in (signature.c0, *signature.s)):
             return False
-        if not _is_valid_point(signature.key_image):
+        if not is_valid_public_key(signature.key_image):
             return False
         h = _hash_to_point(scope)
         state = _challenge_state(keys, scope, signature.key_image, message)
         c = signature.c0
         for s_i, public in zip(signature.s, keys, strict=True):
             c = _next_challenge(state, *_commitments(s_i, c, public, h, signature.key_image))
-    except (RingSignatureError, CryptoError):
-        # CryptoError: libsodium refused a zero scalar or an identity result, which an
-        # honest signature never produces
+    except RingSignatureError:
+        return False
+    except RuntimeError:
+        # libsodium refused a zero scalar or an identity result, which an honest signature
+        # never produces
         return False
     return c == signature.c0
 

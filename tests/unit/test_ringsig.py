@@ -7,14 +7,15 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+import rbcl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nacl import bindings as sodium
 
 from confide.privacy.ringsig import (
     RingKeyPair,
     RingSignature,
     RingSignatureError,
+    ValidatedRing,
     encoded_size,
     link,
     sign,
@@ -22,10 +23,12 @@ from confide.privacy.ringsig import (
 )
 
 L = 2**252 + 27742317777372353535851937790883648493
-"""Order of the ed25519 prime-order subgroup (RFC 8032)."""
+"""Order of ristretto255 (RFC 9496), the order of ed25519's prime-order subgroup."""
 
-IDENTITY = bytes([1]) + bytes(31)
-ORDER_2 = (2**255 - 19 - 1).to_bytes(32, "little")  # (0, -1), a small-order point
+IDENTITY = bytes(32)  # ristretto255's encoding of the neutral element
+P = 2**255 - 19
+
+NON_CANONICAL = (P + 2).to_bytes(32, "little")  # a field element >= p: never canonical
 MESSAGE = b"update digest"
 SCOPE = b"job-1/3"
 
@@ -54,15 +57,15 @@ def test_from_seed_is_deterministic_and_pinned():
     a, b = RingKeyPair.from_seed(seed), RingKeyPair.from_seed(seed)
     assert a.public == b.public
     # pinned: a node re-derives its registered ring key from its seed file after an upgrade
-    assert a.public.hex() == "44d8d0fe7329306c087fc0381195364b45ee7ba1e5cc270bf1958bab21ca1046"
+    assert a.public.hex() == "7410a4df908fb178665a426b7471205573687cd4908bf7bc3ac9973dc9794c2c"
     assert a.key_image(b"job/1").hex() == (
-        "7c27da32057a1c9b35424f77c6d72ae7407ffe5264a10f82efc893624ecfb9e3")
+        "7c19db4277bafd4ade83b4f6aea971aed91855c449eb52af495192b28bfe657e")
     assert RingKeyPair.from_seed(bytes(31) + b"\x01").public != a.public
 
 
 def test_public_keys_are_valid_distinct_points():
     keys = [RingKeyPair.generate() for _ in range(20)] + KEYS[:5]
-    assert all(len(k.public) == 32 and sodium.crypto_core_ed25519_is_valid_point(k.public)
+    assert all(len(k.public) == 32 and rbcl.crypto_core_ristretto255_is_valid_point(k.public)
                for k in keys)
     assert len({k.public for k in keys}) == len(keys)
     assert "public=" in repr(keys[0]) and keys[0]._secret.hex() not in repr(keys[0])
@@ -174,15 +177,20 @@ def test_another_members_tag_cannot_be_substituted(signed):
         assert not verify(MESSAGE, ring, framed, SCOPE)
 
 
-def test_a_tag_plus_a_small_order_point_is_refused(signed):
-    """The CryptoNote key-image bug: I + T (T of small order) must not be a second valid tag."""
+def test_a_second_encoding_of_the_tag_is_refused(signed):
+    """The CryptoNote key-image bug (v1 guarded it with a subgroup check): a tag must have
+    exactly one accepted encoding. ristretto255 has no small-order points and one canonical
+    encoding per element: the "negative" twin of an encoding (odd low bit) and encodings >= p
+    are refused."""
     ring, data = signed
     signature = RingSignature.decode(data, 5)
-    shifted = sodium.crypto_core_ed25519_add(signature.key_image, ORDER_2)
-    assert shifted != signature.key_image
-    with pytest.raises(RingSignatureError):
-        RingSignature.decode(data[:-32] + shifted, 5)
-    assert not verify(MESSAGE, ring, RingSignature(signature.c0, signature.s, shifted), SCOPE)
+    for twin in (bytes([signature.key_image[0] ^ 1]) + signature.key_image[1:],
+                 (int.from_bytes(signature.key_image, "little") + P).to_bytes(33, "little")[:32]):
+        if twin == signature.key_image:
+            continue
+        with pytest.raises(RingSignatureError):
+            RingSignature.decode(data[:-32] + twin, 5)
+        assert not verify(MESSAGE, ring, RingSignature(signature.c0, signature.s, twin), SCOPE)
 
 
 def test_scalar_plus_l_is_refused(signed):
@@ -222,8 +230,8 @@ def test_a_key_outside_the_ring_cannot_sign():
     [],
     [RING[0], RING[1], RING[0]],
     [RING[0], IDENTITY],
-    [RING[0], bytes(32)],
-    [RING[0], ORDER_2],
+    [RING[0], NON_CANONICAL],
+    [RING[0], b"\xff" * 32],
     [RING[0], RING[1][:31]],
     [RING[0], "not bytes"],
 ])
@@ -295,8 +303,8 @@ def test_decode_rejects_non_bytes():
         RingSignature.decode("a" * 96, 1)
 
 
-@pytest.mark.parametrize("image", [IDENTITY, bytes(32), ORDER_2, b"\xff" * 32,
-                                   (2**255 - 19).to_bytes(32, "little")])
+@pytest.mark.parametrize("image", [IDENTITY, NON_CANONICAL, b"\xff" * 32,
+                                   P.to_bytes(32, "little")])
 def test_decode_rejects_invalid_key_images(image):
     data = sign(MESSAGE, RING[:2], KEYS[1], SCOPE).encode()
     with pytest.raises(RingSignatureError, match="key image"):
@@ -342,11 +350,11 @@ def test_decode_of_arbitrary_bytes_raises_cleanly_or_never_verifies(data, size):
        point_seed=st.binary(min_size=32, max_size=32))
 def test_well_formed_random_signatures_decode_but_do_not_verify(seeds, point_seed):
     """Canonical scalars and a valid point get past decode: only verify can say no."""
-    scalars = [sodium.crypto_core_ed25519_scalar_reduce(s) for s in seeds]
-    image = sodium.crypto_core_ed25519_from_uniform(point_seed)
+    scalars = [rbcl.crypto_core_ristretto255_scalar_reduce(s) for s in seeds]
+    image = rbcl.crypto_core_ristretto255_from_hash(point_seed * 2)
     size = len(scalars) - 1
     data = b"".join(scalars) + image
-    if not sodium.crypto_core_ed25519_is_valid_point(image):
+    if image == IDENTITY:
         with pytest.raises(RingSignatureError):
             RingSignature.decode(data, size)
         return
@@ -384,20 +392,18 @@ def _documented_verify(message: bytes, ring: list[bytes], data: bytes, scope: by
     hash layout (domains, length prefixes, what goes in the challenge) and the encoding."""
     n = len(ring)
     c0, s, image = data[:32], [data[32 * (i + 1):32 * (i + 2)] for i in range(n)], data[-32:]
-    digest = hashlib.sha512(b"confide/ringsig/v1/hash-to-point\x00"
-                                          + len(scope).to_bytes(8, "big") + scope).digest()
-    h = sodium.crypto_core_ed25519_add(sodium.crypto_core_ed25519_from_uniform(digest[:32]),
-                                       sodium.crypto_core_ed25519_from_uniform(digest[32:]))
-    prefix = (b"confide/ringsig/v1/challenge\x00" + n.to_bytes(4, "big") + b"".join(ring)
+    h = rbcl.crypto_core_ristretto255_from_hash(hashlib.sha512(
+        b"confide/ringsig/v2/hash-to-point\x00" + len(scope).to_bytes(8, "big") + scope).digest())
+    prefix = (b"confide/ringsig/v2/challenge\x00" + n.to_bytes(4, "big") + b"".join(ring)
               + len(scope).to_bytes(8, "big") + scope + image
               + len(message).to_bytes(8, "big") + message)
     c = c0
     for s_i, public in zip(s, ring, strict=True):
-        left = sodium.crypto_core_ed25519_add(sodium.crypto_scalarmult_ed25519_base_noclamp(s_i),
-                                              sodium.crypto_scalarmult_ed25519_noclamp(c, public))
-        right = sodium.crypto_core_ed25519_add(sodium.crypto_scalarmult_ed25519_noclamp(s_i, h),
-                                               sodium.crypto_scalarmult_ed25519_noclamp(c, image))
-        c = sodium.crypto_core_ed25519_scalar_reduce(
+        left = rbcl.crypto_core_ristretto255_add(rbcl.crypto_scalarmult_ristretto255_base(s_i),
+                                                 rbcl.crypto_scalarmult_ristretto255(c, public))
+        right = rbcl.crypto_core_ristretto255_add(rbcl.crypto_scalarmult_ristretto255(s_i, h),
+                                                  rbcl.crypto_scalarmult_ristretto255(c, image))
+        c = rbcl.crypto_core_ristretto255_scalar_reduce(
             hashlib.sha512(prefix + left + right).digest())
     return c == c0
 
@@ -414,9 +420,41 @@ def test_signature_bytes_are_pinned(monkeypatch):
     (nodes and coordinators of different versions would stop understanding each other)."""
     counter = iter(range(1, 100))
     monkeypatch.setattr("confide.privacy.ringsig._random_scalar",
-                        lambda: sodium.crypto_core_ed25519_scalar_reduce(
+                        lambda: rbcl.crypto_core_ristretto255_scalar_reduce(
                             bytes([next(counter)]) * 64))
     data = sign(MESSAGE, RING[:3], KEYS[1], SCOPE).encode()
     assert verify(MESSAGE, RING[:3], RingSignature.decode(data, 3), SCOPE)
     assert hashlib.sha256(data).hexdigest() == (
-        "46f274d2373c6438a7e0eff18bdee64f3b26266d5a701645f247a19fd5e80edb")
+        "ea69903e868626ec3fec7a2e7f8c50a3723ae85b276ce1ab1f6eacd9311c2111")
+
+
+# ---------------------------------------------------------------- validated rings, v1 keys
+
+
+def test_a_validated_ring_signs_and_verifies_like_a_list():
+    ring = ValidatedRing(RING[:6])
+    signature = sign(MESSAGE, ring, KEYS[4], SCOPE)
+    assert verify(MESSAGE, ring, signature, SCOPE) and verify(MESSAGE, RING[:6], signature, SCOPE)
+    assert not verify(MESSAGE, ValidatedRing(RING[1:7]), signature, SCOPE)
+    with pytest.raises(RingSignatureError, match="twice"):
+        ValidatedRing([RING[0], RING[0]])
+
+
+def test_a_validated_ring_is_not_checked_again_per_signature(monkeypatch):
+    ring = ValidatedRing(RING[:4])
+    signature = sign(MESSAGE, ring, KEYS[0], SCOPE)
+    checks = []
+    real = rbcl.crypto_core_ristretto255_is_valid_point
+    monkeypatch.setattr(rbcl, "crypto_core_ristretto255_is_valid_point",
+                        lambda p: checks.append(p) or real(p))
+    assert verify(MESSAGE, ring, signature, SCOPE)
+    assert checks == [signature.key_image]  # the image only, no ring key
+
+
+def test_v1_ring_keys_are_not_v2_keys():
+    """A seed keeps its scalar, but its v1 public key (an ed25519 encoding) is a different
+    byte string from its v2 key, and v1 signatures do not verify: a ring may not mix them
+    (the coordinator keeps nodes that did not announce v2 keys out of anonymous rings)."""
+    v1_public = bytes.fromhex("44d8d0fe7329306c087fc0381195364b45ee7ba1e5cc270bf1958bab21ca1046")
+    key = RingKeyPair.from_seed(bytes(range(32)))
+    assert key.public != v1_public
