@@ -2,12 +2,15 @@
 and that no ring member sent two updates in one round, but not which member it was.
 
 A node fetches a fresh single-use challenge, ring-signs (challenge, job, round, ring epoch,
-example count, payload hash) with a linkable ring signature whose link tag is scoped to
-(job, round), and streams the header and its update on a call of its own, outside its
-identified session. The coordinator checks the signature against the round's ring (the ring
-keys of the nodes selected for the round), the nonce
-(fresh, unused, unexpired) and the link tag (first use in this round), then files the update
-under its link tag.
+set index, example count, payload hash) with a linkable ring signature whose link tag is scoped
+to (job, round), and streams the header and its update on a call of its own, outside its
+identified session. The signature is over the node's anonymity set: one of the sets of at
+least k keys that the round's ring (the ring keys of the nodes selected for the round) is
+partitioned into (``protos.anonymity_sets``), so checking it costs O(k), not O(n). The
+coordinator checks the signature against the set the header names, the nonce (fresh, unused,
+unexpired) and the link tag (first use in this round: the tag depends on the key and the
+round, not on the set, so a second update signed over another set links too), then files the
+update under its link tag.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from confide.privacy.ringsig import RingSignature, RingSignatureError, verify
+from confide.privacy.ringsig import RingSignature, RingSignatureError, ValidatedRing, verify
+from confide.protos.anonymity_sets import DEFAULT_ANONYMITY_SET, anonymity_sets
 from confide.protos.identity import anonymous_scope, anonymous_update_message, ring_epoch_id
 from confide.v1 import coordinator_pb2 as pb
 
@@ -96,6 +100,10 @@ class AnonymousInbox:
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
     #: (job, round) -> how many uploads it takes: the round being collected, nothing else
     _open: dict[tuple[str, int], int] = field(default_factory=dict)
+    #: (job, round) -> (ring epoch, k, its anonymity sets, the sets checked so far): a
+    #: round's partition is computed once and each set's keys are validated once
+    _sets: dict[tuple[str, int], tuple[str, int, list[list[int]], dict[int, ValidatedRing]]] = (
+        field(default_factory=dict))
 
     def open_round(self, job_id: str, round_number: int, limit: int) -> None:
         """Accept uploads for this round of the job, at most ``limit`` (the nodes selected):
@@ -110,6 +118,35 @@ class AnonymousInbox:
             del self._open[key]
         for key in [k for k in self._updates if k[0] == job_id]:
             del self._updates[key]
+        for key in [k for k in self._sets if k[0] == job_id]:
+            del self._sets[key]
+
+    def signing_set(self, job_id: str, round_number: int, ring: list[bytes], set_size: int,
+                    index: int) -> ValidatedRing:
+        """Anonymity set ``index`` of the round, as a ring whose keys are checked once: the
+        partition is computed once per round, each set's keys validated on its first use."""
+        key, epoch = (job_id, round_number), ring_epoch_id(ring)
+        cached = self._sets.get(key)
+        if cached is None or cached[:2] != (epoch, set_size):
+            try:
+                members = anonymity_sets(ring, set_size, job_id, round_number)
+            except ValueError as exc:
+                raise AnonymousRejected(f"round {round_number}'s ring cannot be used: {exc}",
+                                        "FAILED_PRECONDITION") from None
+            for old in [k for k in self._sets if k[0] == job_id]:
+                del self._sets[old]  # one round of a job at a time
+            cached = self._sets[key] = (epoch, set_size, members, {})
+        _, _, members, checked = cached
+        if index >= len(members):
+            raise AnonymousRejected(f"set_index {index}: round {round_number} has "
+                                    f"{len(members)} anonymity set(s)", "INVALID_ARGUMENT")
+        if index not in checked:
+            try:
+                checked[index] = ValidatedRing([ring[i] for i in members[index]])
+            except RingSignatureError as exc:
+                raise AnonymousRejected(f"anonymity set {index} cannot be used: {exc}",
+                                        "FAILED_PRECONDITION") from None
+        return checked[index]
 
     async def wait_for(self, job_id: str, round_number: int, count: int,
                        timeout: float) -> int:
@@ -128,8 +165,10 @@ class AnonymousInbox:
 
     def verify_and_file(self, header: pb.AnonymousUpdateHeader, payload: bytes,
                         ring: list[bytes], challenges: ChallengeBook,
-                        wire_bytes: int = 0) -> bytes:
-        """Check everything about one submission; file it; return its link tag."""
+                        wire_bytes: int = 0, set_size: int = DEFAULT_ANONYMITY_SET) -> bytes:
+        """Check everything about one submission; file it; return its link tag. ``ring`` is
+        the round's ring, ``set_size`` the job's k: the signature is checked against the one
+        anonymity set the header names, O(k) whatever the ring's size."""
         if not ring:
             raise AnonymousRejected(f"job {header.job_id} has no ring for round "
                                     f"{header.round} (not anonymous, or not that round)",
@@ -146,17 +185,20 @@ class AnonymousInbox:
         if hashlib.sha256(payload).digest() != header.payload_sha256:
             raise AnonymousRejected("payload does not match the signed hash",
                                     "INVALID_ARGUMENT")
+        signers = self.signing_set(header.job_id, header.round, ring, set_size,
+                                   header.set_index)
         challenges.spend(header.nonce)
         try:
-            signature = RingSignature.decode(header.signature, len(ring))
+            signature = RingSignature.decode(header.signature, len(signers))
         except RingSignatureError as exc:
             raise AnonymousRejected(f"malformed ring signature: {exc}") from None
         message = anonymous_update_message(header.nonce, header.job_id, header.round,
-                                           header.epoch_id, header.num_examples,
-                                           header.payload_sha256)
+                                           header.epoch_id, header.set_index,
+                                           header.num_examples, header.payload_sha256)
         scope = anonymous_scope(header.job_id, header.round)
-        if not verify(message, ring, signature, scope):
-            raise AnonymousRejected("ring signature does not verify against the round's ring")
+        if not verify(message, signers, signature, scope):
+            raise AnonymousRejected(f"ring signature does not verify against anonymity set "
+                                    f"{header.set_index} of the round's ring")
         filed = self._updates[(header.job_id, header.round)]
         if signature.key_image in filed:
             raise AnonymousRejected("this ring member already submitted an update in this "
@@ -169,6 +211,7 @@ class AnonymousInbox:
     def take(self, job_id: str, round_number: int) -> list[AnonymousUpdate]:
         """The round's updates; the round is closed to further uploads."""
         self._open.pop((job_id, round_number), None)
+        self._sets.pop((job_id, round_number), None)
         return list(self._updates.pop((job_id, round_number), {}).values())
 
     def count(self, job_id: str, round_number: int) -> int:

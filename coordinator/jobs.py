@@ -11,6 +11,12 @@ import math
 import re
 
 from confide.node.methods import get_method, method_params
+from confide.protos.anonymity_sets import (
+    DEFAULT_ANONYMITY_SET,
+    MAX_ANONYMITY_SET,
+    MIN_ANONYMITY_SET,
+    set_size,
+)
 from confide.v1 import coordinator_pb2 as pb
 
 TASKS = ("sequence-classification", "causal-lm")
@@ -59,6 +65,8 @@ def normalize_spec(spec: pb.JobSpec) -> pb.JobSpec:
     t.learning_rate = t.learning_rate or d["learning_rate"]
     t.dataset = t.dataset or d["dataset"]
 
+    if s.anonymous:
+        s.anonymity_set = set_size(s.anonymity_set)
     checks = [
         (len(s.name) <= 128, "name: at most 128 characters"),
         (1 <= s.rounds <= 100_000, f"rounds: must be 1..100000, got {s.rounds}"),
@@ -72,6 +80,16 @@ def normalize_spec(spec: pb.JobSpec) -> pb.JobSpec:
             not s.anonymous or s.nodes_per_round != 1,
             "nodes_per_round: an anonymous job signs each round's updates over the ring of the "
             "round's selected nodes, so it needs at least 2 per round (0: all)",
+        ),
+        (
+            s.anonymous or s.anonymity_set == 0,
+            "anonymity_set: only an anonymous job signs over anonymity sets (set anonymous)",
+        ),
+        (
+            not s.anonymous or MIN_ANONYMITY_SET <= s.anonymity_set <= MAX_ANONYMITY_SET,
+            f"anonymity_set: must be {MIN_ANONYMITY_SET}..{MAX_ANONYMITY_SET} (the fewest "
+            f"nodes an update is signed over; 0: {DEFAULT_ANONYMITY_SET}), got "
+            f"{s.anonymity_set}",
         ),
         (s.round_timeout_s > 0, "round_timeout_s: must be positive"),
         (s.wait_for_nodes_s > 0, "wait_for_nodes_s: must be positive"),

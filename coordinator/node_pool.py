@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from confide.coordinator.incentives import Bid, proportional_share
 from confide.coordinator.job import JobFailed, RunningJob
 from confide.coordinator.sessions import NodeSession
+from confide.protos.anonymity_sets import anonymity_sets, set_size
+from confide.protos.identity import ring_key_of
 from confide.v1 import coordinator_pb2 as pb
 
 
@@ -39,7 +41,7 @@ class NodePool:
         return [s for s in self.job.sessions.online()
                 if not s.busy and has_role(infos.get(s.node_id), "trainer")
                 and (ring is None or (s.node_id in infos
-                                      and infos[s.node_id].ring_public_key in ring))]
+                                      and ring_key_of(infos[s.node_id]) in ring))]
 
     async def wait_for_trainers(self, count: int) -> list[NodeSession]:
         """Idle online nodes with the trainer role, at least ``count`` of them; for an
@@ -174,12 +176,12 @@ class NodePool:
     # ------------------------------------------------------------------ rings
 
     def fix_ring(self) -> None:
-        """The ring is every registered node's ring key when the job starts (sorted)."""
+        """The ring is every registered node's ring key when the job starts (sorted); a node
+        of an older version (a v1 ed25519 ring key) is not in it (``ring_key_of``)."""
         store, job_id = self.job.store, self.job.job_id
         if store.ring(job_id):
             return
-        keys = sorted({n.info.ring_public_key for n in store.nodes()
-                       if len(n.info.ring_public_key) == 32})
+        keys = sorted({key for n in store.nodes() if (key := ring_key_of(n.info)) is not None})
         if len(keys) < max(2, self.spec.min_nodes):
             raise JobFailed(f"an anonymous job needs a ring of at least "
                             f"{max(2, self.spec.min_nodes)} registered nodes with ring keys; "
@@ -192,13 +194,17 @@ class NodePool:
         """An update of this round is signed over the ring keys of the nodes selected for it:
         a member that was not asked cannot file one in a selected node's place, and the
         anonymity set loses nothing by it (who was asked is no secret)."""
-        keys = sorted({infos[s.node_id].ring_public_key for s in selected
-                       if s.node_id in infos and len(infos[s.node_id].ring_public_key) == 32})
+        keys = sorted({key for s in selected
+                       if s.node_id in infos and (key := ring_key_of(infos[s.node_id]))})
         if len(keys) < 2:
             raise JobFailed(f"round {round_number}: {len(keys)} selected node(s) with a ring "
                             "key; an anonymous round needs at least 2 (a ring of one hides "
                             "nobody)")
         self.job.store.save_round_ring(self.job.job_id, round_number, keys)
+        k = set_size(self.spec.anonymity_set)
+        sets = anonymity_sets(keys, k, self.job.job_id, round_number)
         self.job.events.emit(self.job.job_id, "round.ring", round_number=round_number,
-                             message=f"updates of this round are signed over a ring of "
-                                     f"{len(keys)} keys (the selected nodes')")
+                             message=f"updates of this round are signed over {len(sets)} "
+                                     f"anonymity set(s) of {min(len(s) for s in sets)}.."
+                                     f"{max(len(s) for s in sets)} of the {len(keys)} selected "
+                                     f"nodes' keys (k = {k})")

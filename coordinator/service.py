@@ -23,6 +23,7 @@ from confide.coordinator.protocols import ProtocolRegistry, RegistryFull
 from confide.coordinator.runner import JobRunner
 from confide.coordinator.sessions import NodeSession, SessionRegistry
 from confide.coordinator.store import TERMINAL_STATES, Store
+from confide.protos.anonymity_sets import anonymity_sets, set_size
 from confide.protos.chunking import ChunkAssembler, ChunkError, split_payload, wire_bytes
 from confide.protos.codec import tensor_map_to_bytes
 from confide.protos.identity import (
@@ -31,6 +32,7 @@ from confide.protos.identity import (
     node_id_for,
     register_message,
     ring_epoch_id,
+    ring_key_of,
     session_message,
 )
 from confide.v1 import coordinator_pb2 as pb
@@ -275,8 +277,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     @unary
     async def GetRing(self, request: pb.GetRingRequest, context) -> pb.Ring:
         if not request.job_id:  # the registry ring: anonymous agent messages
-            keys = sorted({n.info.ring_public_key for n in self.store.nodes()
-                           if len(n.info.ring_public_key) == 32})
+            keys = sorted({key for n in self.store.nodes()
+                           if (key := ring_key_of(n.info)) is not None})
             if len(keys) < 2:
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
                              f"the registry ring has {len(keys)} key(s); anonymity needs "
@@ -292,8 +294,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
                          f"job {request.job_id} has not fixed {what} yet (it is fixed when "
                          "the round starts); retry shortly")
-        return pb.Ring(job_id=request.job_id, epoch_id=ring_epoch_id(keys), public_keys=keys,
+        ring = pb.Ring(job_id=request.job_id, epoch_id=ring_epoch_id(keys), public_keys=keys,
                        round=request.round)
+        if request.round:  # a round's updates are signed over its anonymity sets
+            ring.anonymity_set = set_size(status.spec.anonymity_set)
+            for members in anonymity_sets(keys, ring.anonymity_set, request.job_id,
+                                          request.round):
+                ring.sets.add(members=members)
+        return ring
 
     @unary
     async def GetChallenge(self, request: pb.GetChallengeRequest, context) -> pb.Challenge:
@@ -347,7 +355,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             key_image = self.inbox.verify_and_file(header, payload,
                                                    self.store.ring(header.job_id,
                                                                    header.round),
-                                                   self.challenges, size)
+                                                   self.challenges, size,
+                                                   set_size=set_size(
+                                                       status.spec.anonymity_set))
         except AnonymousRejected as exc:
             raise _Abort(getattr(grpc.StatusCode, exc.code), str(exc)) from None
         return pb.AnonymousAck(key_image=key_image)

@@ -1,10 +1,13 @@
 """The node's side of anonymous actions: update submission, and agent messages.
 
 The update leaves on a call of its own, on a fresh channel, carrying no node id: only a
-linkable ring signature over the round's ring (the ring keys of the nodes selected for the
-round). The node checks the ring it is shown contains
-its own key (else it would be signing into a ring the coordinator made up) and that it is
-not trivially small, then signs the exact bytes of ``protos.identity``.
+linkable ring signature over the node's anonymity set, one of the sets of at least k keys the
+round's ring (the ring keys of the nodes selected for the round) is partitioned into. The node
+checks the ring it is shown contains its own key (else it would be signing into a ring the
+coordinator made up), that the published sets follow the public rule
+(``protos.anonymity_sets``: the coordinator cannot hand it a smaller or hand-picked set) and
+that its set is not trivially small, then signs the exact bytes of ``protos.identity`` over
+its set.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from confide.privacy.ringsig import RingKeyPair, RingSignature, RingSignatureError, sign, verify
+from confide.protos.anonymity_sets import anonymity_sets, set_of, set_size
 from confide.protos.chunking import split_payload
 from confide.protos.identity import (
     agent_message_bytes,
@@ -55,10 +60,21 @@ def load_or_create_ring_key(path: Path) -> RingKeyPair:
     return RingKeyPair.from_seed(seed)
 
 
-def check_ring(ring: pb.Ring, key: RingKeyPair) -> list[bytes]:
-    """The ring's keys, once it is sure to hide this node: it holds the node's key (else it
-    would be signing into a ring the coordinator made up), at least two keys, and its epoch
-    id matches them."""
+@dataclass(frozen=True)
+class SigningSet:
+    """The anonymity set a node signs over: its index in the round and its keys (ring order)."""
+
+    index: int
+    keys: list[bytes]
+
+
+def check_ring(ring: pb.Ring, key: RingKeyPair, anonymity_set: int | None = None,
+               job_id: str | None = None, round_number: int | None = None) -> SigningSet:
+    """This node's anonymity set, once the round's ring is sure to hide it: the ring holds the
+    node's key (else it would be signing into a ring the coordinator made up), its epoch id
+    matches its keys, it is the ring of this job and round, its k is the job's
+    (``anonymity_set``, the task's spec value) and its published sets are exactly the public
+    rule's, and the node's set has at least two keys."""
     keys = list(ring.public_keys)
     if key.public not in keys:
         raise AnonymityError("the ring does not contain this node's ring key")
@@ -66,7 +82,25 @@ def check_ring(ring: pb.Ring, key: RingKeyPair) -> list[bytes]:
         raise AnonymityError(f"a ring of {len(keys)} key(s) hides nobody")
     if ring.epoch_id != ring_epoch_id(keys):
         raise AnonymityError("the ring's epoch id does not match its keys")
-    return keys
+    if (job_id, round_number) != (None, None) and (ring.job_id, ring.round) != (job_id,
+                                                                              round_number):
+        raise AnonymityError(f"the coordinator sent the ring of {ring.job_id} round "
+                             f"{ring.round}, not of this task ({job_id} round {round_number})")
+    if anonymity_set is not None and ring.anonymity_set != set_size(anonymity_set):
+        raise AnonymityError(f"the ring's anonymity sets are for k = {ring.anonymity_set}, "
+                             f"the job asks k = {set_size(anonymity_set)}")
+    try:
+        expected = anonymity_sets(keys, ring.anonymity_set, ring.job_id, ring.round)
+    except ValueError as exc:
+        raise AnonymityError(f"the ring's anonymity sets: {exc}") from None
+    if [list(s.members) for s in ring.sets] != expected:
+        raise AnonymityError("the coordinator's anonymity sets do not follow the public rule "
+                             "(protos.anonymity_sets): refusing to sign over a set it chose")
+    index = set_of(expected, keys.index(key.public))
+    members = [keys[i] for i in expected[index]]
+    if len(members) < MIN_RING_SIZE:
+        raise AnonymityError(f"an anonymity set of {len(members)} key(s) hides nobody")
+    return SigningSet(index, members)
 
 
 def _anonymous_tls(tls: TLSChoice, dedicated_port: bool):
@@ -81,16 +115,17 @@ def _anonymous_tls(tls: TLSChoice, dedicated_port: bool):
 
 async def fetch_ring(coordinator: str, key: RingKeyPair, job_id: str, round_number: int,
                      channel_options: list | None = None, *, tls: TLSChoice = TLS_PROCESS,
-                     dedicated_port: bool = False) -> pb.Ring:
-    """The round's ring, checked (``check_ring``): a node looks before it says "done", so a
-    node outside the ring fails its task at once instead of leaving the round waiting."""
+                     dedicated_port: bool = False, anonymity_set: int | None = None) -> pb.Ring:
+    """The round's ring, checked (``check_ring``, with the job's ``anonymity_set`` when
+    given): a node looks before it says "done", so a node outside the ring, or shown sets
+    that break the rule, fails its task at once instead of leaving the round waiting."""
     config = _anonymous_tls(tls, dedicated_port)
     async with aio_channel(coordinator, channel_options, tls=config,
                            client_cert=False) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         ring = await stub.GetRing(pb.GetRingRequest(job_id=job_id, round=round_number),
                                   timeout=30)
-    check_ring(ring, key)
+    check_ring(ring, key, anonymity_set, job_id, round_number)
     return ring
 
 
@@ -112,25 +147,34 @@ async def submit_anonymously(coordinator: str, key: RingKeyPair, task: pb.Task,
         if ring is None:
             ring = await stub.GetRing(pb.GetRingRequest(job_id=task.job_id, round=task.round),
                                       timeout=30)
-        keys = check_ring(ring, key)
+        signers = check_ring(ring, key, task.spec.anonymity_set, task.job_id, task.round)
         challenge = await stub.GetChallenge(pb.GetChallengeRequest(), timeout=30)
-        digest = hashlib.sha256(payload).digest()
-        message = anonymous_update_message(challenge.nonce, task.job_id, task.round,
-                                           ring.epoch_id, num_examples, digest)
-        signature = sign(message, keys, key, anonymous_scope(task.job_id, task.round))
-        header = pb.AnonymousUpdateHeader(
-            job_id=task.job_id, round=task.round, epoch_id=ring.epoch_id,
-            nonce=challenge.nonce, num_examples=num_examples, payload_sha256=digest,
-            signature=signature.encode())
+        header = signed_update_header(key, task.job_id, task.round, ring, signers,
+                                      challenge.nonce, payload, num_examples)
 
         async def messages() -> AsyncIterator[pb.AnonymousUpdateMessage]:
             yield pb.AnonymousUpdateMessage(header=header)
             # a random transfer id: the task id would tell the coordinator who this is
-            for chunk in split_payload(payload, digest.hex()[:32]):
+            for chunk in split_payload(payload, header.payload_sha256.hex()[:32]):
                 yield pb.AnonymousUpdateMessage(chunk=chunk)
 
         ack = await stub.SubmitAnonymousUpdate(messages(), timeout=max(task.deadline_s, 30))
         return ack.key_image
+
+
+def signed_update_header(key: RingKeyPair, job_id: str, round_number: int, ring: pb.Ring,
+                         signers: SigningSet, nonce: bytes, payload: bytes,
+                         num_examples: int) -> pb.AnonymousUpdateHeader:
+    """The header of an anonymous update: the exact bytes of ``protos.identity`` ring-signed
+    over the node's anonymity set (``signers``, from :func:`check_ring`)."""
+    digest = hashlib.sha256(payload).digest()
+    message = anonymous_update_message(nonce, job_id, round_number, ring.epoch_id,
+                                       signers.index, num_examples, digest)
+    signature = sign(message, signers.keys, key, anonymous_scope(job_id, round_number))
+    return pb.AnonymousUpdateHeader(
+        job_id=job_id, round=round_number, epoch_id=ring.epoch_id, nonce=nonce,
+        num_examples=num_examples, payload_sha256=digest, signature=signature.encode(),
+        set_index=signers.index)
 
 
 # ------------------------------------------------------------------ anonymous agent messages

@@ -22,7 +22,7 @@ from confide.node.session import CoordinatorLink
 from confide.node.split.transport import SplitServer
 from confide.node.store import ModelStore
 from confide.node.worker import TaskWorker
-from confide.protos.identity import NodeKey
+from confide.protos.identity import RING_KEY_FEATURE, NodeKey
 from confide.protos.interceptors import MalformedRequestInterceptor
 from confide.protos.state import STATE_DIGEST_FEATURE
 from confide.protos.tls import add_port as tls_add_port
@@ -98,7 +98,7 @@ class NodeDaemon:
             version=VERSION,
             ring_public_key=self.ring_key.public,
             cost=self.config.cost,
-            features=[STATE_DIGEST_FEATURE],
+            features=[STATE_DIGEST_FEATURE, RING_KEY_FEATURE],
         )
         if self.peer_port:
             host = self.config.listen.rsplit(":", 1)[0]

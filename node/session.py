@@ -329,7 +329,8 @@ class _TaskRunner:
         options = dict(tls=self.link.tls, dedicated_port=bool(self.link.anonymous_coordinator))
         try:
             ring = await fetch_ring(coordinator, self.link.ring_key, task.job_id, task.round,
-                                    CHANNEL_OPTIONS, **options)
+                                    CHANNEL_OPTIONS, anonymity_set=task.spec.anonymity_set,
+                                    **options)
         except (grpc.aio.AioRpcError, AnonymityError) as exc:
             reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
             self.fail(task.task_id, f"cannot submit anonymously: {reason}")

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 REGISTER_DOMAIN = b"confide/v1/register\x00"
 SESSION_DOMAIN = b"confide/v1/session\x00"
-ANONYMOUS_UPDATE_DOMAIN = b"confide/v1/anonymous-update\x00"
+ANONYMOUS_UPDATE_DOMAIN = b"confide/v2/anonymous-update\x00"  # v2: signed over a set
 AGENT_MESSAGE_DOMAIN = b"confide/v1/agent-message\x00"
 
 
@@ -42,10 +42,12 @@ def _prefixed(text: str) -> bytes:
 
 
 def anonymous_update_message(nonce: bytes, job_id: str, round_number: int, epoch_id: str,
-                             num_examples: int, payload_sha256: bytes) -> bytes:
-    """The bytes a node ring-signs to submit an update anonymously (see coordinator.proto)."""
+                             set_index: int, num_examples: int, payload_sha256: bytes) -> bytes:
+    """The bytes a node ring-signs to submit an update anonymously (see coordinator.proto):
+    over the keys of anonymity set ``set_index`` of the round ring ``epoch_id``."""
     return (ANONYMOUS_UPDATE_DOMAIN + nonce + _prefixed(job_id)
             + int(round_number).to_bytes(4, "big") + _prefixed(epoch_id)
+            + int(set_index).to_bytes(4, "big")
             + int(num_examples).to_bytes(8, "big") + payload_sha256)
 
 
@@ -69,6 +71,20 @@ def agent_message_scope(nonce: bytes) -> bytes:
 
 def ring_epoch_id(public_keys: list[bytes]) -> str:
     return hashlib.sha256(b"".join(public_keys)).hexdigest()
+
+
+#: NodeInfo.features entry of a node whose ring key is a ristretto255 element (ring
+#: signature format v2); a key registered without it is a v1 ed25519 key
+RING_KEY_FEATURE = "ring-ristretto255"
+
+
+def ring_key_of(info) -> bytes | None:
+    """The ring key a node registered (``NodeInfo``), if it can sign in a v2 ring: 32 bytes and
+    announced with :data:`RING_KEY_FEATURE`. A node of an older version (an ed25519 key) gets
+    None: it is left out of anonymous rings until it is upgraded (its seed file is kept, and
+    the same seed gives its v2 key)."""
+    key = bytes(info.ring_public_key)
+    return key if len(key) == 32 and RING_KEY_FEATURE in info.features else None
 
 
 class NodeKey:

@@ -155,7 +155,7 @@ class TrainSpec(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., dataset: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "method", "model", "train", "rounds", "min_nodes", "nodes_per_round", "round_timeout_s", "wait_for_nodes_s", "method_params", "seed", "anonymous", "budget")
+    __slots__ = ("name", "method", "model", "train", "rounds", "min_nodes", "nodes_per_round", "round_timeout_s", "wait_for_nodes_s", "method_params", "seed", "anonymous", "budget", "anonymity_set")
     NAME_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,7 @@ class JobSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     ANONYMOUS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    ANONYMITY_SET_FIELD_NUMBER: _ClassVar[int]
     name: str
     method: str
     model: ModelSpec
@@ -182,7 +183,8 @@ class JobSpec(_message.Message):
     seed: int
     anonymous: bool
     budget: float
-    def __init__(self, name: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., rounds: _Optional[int] = ..., min_nodes: _Optional[int] = ..., nodes_per_round: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., wait_for_nodes_s: _Optional[float] = ..., method_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., seed: _Optional[int] = ..., anonymous: _Optional[bool] = ..., budget: _Optional[float] = ...) -> None: ...
+    anonymity_set: int
+    def __init__(self, name: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., rounds: _Optional[int] = ..., min_nodes: _Optional[int] = ..., nodes_per_round: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., wait_for_nodes_s: _Optional[float] = ..., method_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., seed: _Optional[int] = ..., anonymous: _Optional[bool] = ..., budget: _Optional[float] = ..., anonymity_set: _Optional[int] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
     __slots__ = ("round", "state", "selected", "participants", "dropped", "bytes", "seconds", "metrics")
@@ -277,16 +279,26 @@ class GetRingRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class Ring(_message.Message):
-    __slots__ = ("job_id", "epoch_id", "public_keys", "round")
+    __slots__ = ("job_id", "epoch_id", "public_keys", "round", "anonymity_set", "sets")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_ID_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    ANONYMITY_SET_FIELD_NUMBER: _ClassVar[int]
+    SETS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     epoch_id: str
     public_keys: _containers.RepeatedScalarFieldContainer[bytes]
     round: int
-    def __init__(self, job_id: _Optional[str] = ..., epoch_id: _Optional[str] = ..., public_keys: _Optional[_Iterable[bytes]] = ..., round: _Optional[int] = ...) -> None: ...
+    anonymity_set: int
+    sets: _containers.RepeatedCompositeFieldContainer[AnonymitySet]
+    def __init__(self, job_id: _Optional[str] = ..., epoch_id: _Optional[str] = ..., public_keys: _Optional[_Iterable[bytes]] = ..., round: _Optional[int] = ..., anonymity_set: _Optional[int] = ..., sets: _Optional[_Iterable[_Union[AnonymitySet, _Mapping]]] = ...) -> None: ...
+
+class AnonymitySet(_message.Message):
+    __slots__ = ("members",)
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    members: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, members: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetChallengeRequest(_message.Message):
     __slots__ = ()
@@ -301,7 +313,7 @@ class Challenge(_message.Message):
     def __init__(self, nonce: _Optional[bytes] = ..., expires_ms: _Optional[int] = ...) -> None: ...
 
 class AnonymousUpdateHeader(_message.Message):
-    __slots__ = ("job_id", "round", "epoch_id", "nonce", "num_examples", "payload_sha256", "signature")
+    __slots__ = ("job_id", "round", "epoch_id", "nonce", "num_examples", "payload_sha256", "signature", "set_index")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     EPOCH_ID_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +321,7 @@ class AnonymousUpdateHeader(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SET_INDEX_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     epoch_id: str
@@ -316,7 +329,8 @@ class AnonymousUpdateHeader(_message.Message):
     num_examples: int
     payload_sha256: bytes
     signature: bytes
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch_id: _Optional[str] = ..., nonce: _Optional[bytes] = ..., num_examples: _Optional[int] = ..., payload_sha256: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    set_index: int
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch_id: _Optional[str] = ..., nonce: _Optional[bytes] = ..., num_examples: _Optional[int] = ..., payload_sha256: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., set_index: _Optional[int] = ...) -> None: ...
 
 class AnonymousUpdateMessage(_message.Message):
     __slots__ = ("header", "chunk")
