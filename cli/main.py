@@ -125,6 +125,7 @@ def _spec_from_args(args: argparse.Namespace):
         seed=args.seed,
         params=params,
         anonymous=args.anonymous,
+        anonymity_set=args.anonymity_set,
         budget=args.budget,
     )
 
@@ -548,6 +549,11 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--anonymous", action="store_true",
                    help="nodes submit updates ring-signed, outside their sessions: the "
                         "coordinator cannot tell which update came from which node")
+    g.add_argument("--anonymity-set", type=int, default=0, metavar="K",
+                   help="with --anonymous: each update is signed over a set of at least K of "
+                        "the round's nodes (the whole round when it has fewer than 2K), so "
+                        "the coordinator's check costs O(K), not O(nodes); smaller K hides "
+                        "each node among fewer others (0: the default, 32)")
     g.add_argument("--budget", type=float, default=0.0,
                    help="per-round payment budget: select nodes by a truthful auction over "
                         "their reported costs (0 = no incentives)")

@@ -164,8 +164,13 @@ class FederatedRounds:
                 record.dropped[outcome.node_id] = outcome.reason
         remaining = self.spec.round_timeout_s - (time.monotonic() - started)
         await self.inbox.wait_for(self.job.job_id, round_number, len(delivered), remaining)
-        outcomes = [self._anonymous_outcome(u)
-                    for u in self.inbox.take(self.job.job_id, round_number)]
+        updates = self.inbox.take(self.job.job_id, round_number)
+        self.job.events.emit(self.job.job_id, "round.anonymous", round_number=round_number,
+                             message=f"{len(updates)} anonymous update(s) verified",
+                             metrics={"updates": len(updates),
+                                      "verify_s": sum(u.verify_s for u in updates),
+                                      "verify_cpu_s": sum(u.verify_cpu_s for u in updates)})
+        outcomes = [self._anonymous_outcome(u) for u in updates]
         for outcome in outcomes:
             record.bytes_up += outcome.bytes_up
         return outcomes, delivered

@@ -29,6 +29,7 @@ update whose content links it to earlier ones (see the README's anonymous-update
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 
@@ -49,6 +50,13 @@ def anonymity_sets(keys: Sequence[bytes], k: int, job_id: str,
                    round_number: int) -> list[list[int]]:
     """The partition of a round ring (``keys``, in ring order) into sets of at least ``k``
     keys, as lists of indices into ``keys``."""
+    return [list(s) for s in _partition(tuple(keys), int(k), job_id, int(round_number))]
+
+
+@functools.lru_cache(maxsize=64)
+def _partition(keys: tuple[bytes, ...], k: int, job_id: str,
+               round_number: int) -> tuple[tuple[int, ...], ...]:
+    """Cached: a coordinator answers every node's GetRing for a round with the same sets."""
     if not MIN_ANONYMITY_SET <= k <= MAX_ANONYMITY_SET:
         raise ValueError(f"an anonymity set has {MIN_ANONYMITY_SET}..{MAX_ANONYMITY_SET} "
                          f"members, got {k}")
@@ -65,9 +73,9 @@ def anonymity_sets(keys: Sequence[bytes], k: int, job_id: str,
     sets, start = [], 0
     for j in range(count):
         size = small + (1 if j < bigger else 0)
-        sets.append(sorted(order[start:start + size]))
+        sets.append(tuple(sorted(order[start:start + size])))
         start += size
-    return sets
+    return tuple(sets)
 
 
 def set_of(sets: Sequence[Sequence[int]], index: int) -> int:

@@ -78,6 +78,7 @@ def job_spec(
     seed: int = 0,
     params: Mapping[str, Any] | None = None,
     anonymous: bool = False,
+    anonymity_set: int = 0,
     budget: float = 0.0,
 ) -> pb.JobSpec:
     """Build a JobSpec with readable keyword arguments (0 means "coordinator default")."""
@@ -91,6 +92,7 @@ def job_spec(
         wait_for_nodes_s=wait_for_nodes_s,
         seed=seed,
         anonymous=anonymous,
+        anonymity_set=anonymity_set,
         budget=budget,
         model=pb.ModelSpec(
             task=task,

@@ -12,7 +12,12 @@ from confide.node.anonymous import load_or_create_ring_key
 from confide.privacy.ringsig import RingKeyPair, sign
 from confide.protos.chunking import split_payload
 from confide.protos.codec import tensor_map_to_bytes
-from confide.protos.identity import NodeKey, anonymous_scope, anonymous_update_message
+from confide.protos.identity import (
+    RING_KEY_FEATURE,
+    NodeKey,
+    anonymous_scope,
+    anonymous_update_message,
+)
 from confide.sdk.client import Client
 from confide.v1 import coordinator_pb2 as pb
 from confide.v1 import coordinator_pb2_grpc as pb_grpc
@@ -44,12 +49,15 @@ def test_anonymous_job_files_updates_under_link_tags_not_node_ids(tmp_path, shar
     assert trained
 
 
-def _register(stub, name: str) -> tuple[NodeKey, RingKeyPair]:
+def _register(stub, name: str, v2: bool = True) -> tuple[NodeKey, RingKeyPair]:
+    """A registration without a session; ``v2=False`` is how a node of an older version
+    registers (its ring key without the ristretto255 feature)."""
     key, ring_key = NodeKey.generate(), RingKeyPair.generate()
     ts, sig = key.sign_registration()
+    info = pb.NodeInfo(name=name, ring_public_key=ring_key.public,
+                       features=[RING_KEY_FEATURE] if v2 else [])
     stub.Register(pb.RegisterRequest(public_key=key.public_bytes, timestamp_ms=ts, signature=sig,
-                                     info=pb.NodeInfo(name=name,
-                                                      ring_public_key=ring_key.public)))
+                                     info=info))
     return key, ring_key
 
 
@@ -60,12 +68,13 @@ def _submit(stub, ring_key, job_id, round_number, payload, *, nonce=None, tamper
     if nonce is None:
         nonce = stub.GetChallenge(pb.GetChallengeRequest()).nonce
     digest = hashlib.sha256(payload).digest()
-    message = anonymous_update_message(nonce, job_id, round_number, ring.epoch_id, 5, digest)
+    # a round this small is one anonymity set, the whole ring (set 0)
+    message = anonymous_update_message(nonce, job_id, round_number, ring.epoch_id, 0, 5, digest)
     signature = sign(message, list(ring.public_keys), ring_key,
                      anonymous_scope(job_id, round_number))
     header = pb.AnonymousUpdateHeader(job_id=job_id, round=round_number, epoch_id=ring.epoch_id,
                                       nonce=nonce, num_examples=5, payload_sha256=digest,
-                                      signature=signature.encode())
+                                      signature=signature.encode(), set_index=0)
     sent = payload + b"x" if tamper else payload
     messages = [pb.AnonymousUpdateMessage(header=header)] + [
         pb.AnonymousUpdateMessage(chunk=c) for c in split_payload(sent, "t")]
@@ -85,6 +94,8 @@ def test_anonymous_submissions_reject_replays_doubles_outsiders_and_tampering(tm
                      for d in cluster.node_data_dirs]
             # two more members of the job that are never selected (registered, no session)
             members = [_register(stub, f"member{i}") for i in range(2)]
+            # and a node of an older version (a v1 ed25519 ring key): in no ring
+            _register(stub, "old-node", v2=False)
             # the real nodes train long enough for the round to stay open meanwhile
             job = client.submit_job(tiny_spec(rounds=1, min_nodes=2, anonymous=True,
                                               max_steps=5000, round_timeout_s=300))
@@ -95,6 +106,9 @@ def test_anonymous_submissions_reject_replays_doubles_outsiders_and_tampering(tm
             assert len(job_ring.public_keys) == 4
             ring = stub.GetRing(pb.GetRingRequest(job_id=job.job_id, round=1))
             assert sorted(ring.public_keys) == sorted(k.public for k in nodes)
+            # k = 32 by default: two nodes are one anonymity set, published with the ring
+            assert ring.anonymity_set == 32
+            assert [list(s.members) for s in ring.sets] == [[0, 1]]
             assert ring.epoch_id != job_ring.epoch_id
             payload = tensor_map_to_bytes({"w": torch.zeros(4)})
             ack, nonce = _submit(stub, nodes[0], job.job_id, 1, payload)
