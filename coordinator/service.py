@@ -23,11 +23,13 @@ from confide.coordinator.protocols import ProtocolRegistry, RegistryFull
 from confide.coordinator.runner import JobRunner
 from confide.coordinator.sessions import NodeSession, SessionRegistry
 from confide.coordinator.store import TERMINAL_STATES, Store
+from confide.privacy.ringsig import is_valid_public_key
 from confide.protos.anonymity_sets import anonymity_sets, set_size
 from confide.protos.chunking import ChunkAssembler, ChunkError, split_payload, wire_bytes
 from confide.protos.codec import tensor_map_to_bytes
 from confide.protos.identity import (
     REGISTER_DOMAIN,
+    RING_KEY_FEATURE,
     SESSION_DOMAIN,
     node_id_for,
     register_message,
@@ -144,6 +146,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                          "peer_address <= 256 chars")
         if len(info.datasets) > 256:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "at most 256 datasets per node")
+        if RING_KEY_FEATURE in info.features and not is_valid_public_key(info.ring_public_key):
+            # checked here, once: a bad key in a round's ring would stop its whole set
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         "ring_public_key is not a valid ristretto255 element (32 bytes, "
+                         "canonical, not the identity) although the node announces "
+                         f"{RING_KEY_FEATURE!r}")
         node_id = node_id_for(request.public_key)
         self.store.upsert_node(node_id, request.public_key, info)
         log.info("registered node %s (%s)", node_id, info.name)

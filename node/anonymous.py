@@ -20,7 +20,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from confide.privacy.ringsig import RingKeyPair, RingSignature, RingSignatureError, sign, verify
+from confide.privacy.ringsig import (
+    RingKeyPair,
+    RingSignature,
+    RingSignatureError,
+    ValidatedRing,
+    sign,
+    verify,
+)
 from confide.protos.anonymity_sets import anonymity_sets, set_of, set_size
 from confide.protos.chunking import split_payload
 from confide.protos.identity import (
@@ -100,6 +107,10 @@ def check_ring(ring: pb.Ring, key: RingKeyPair, anonymity_set: int | None = None
     members = [keys[i] for i in expected[index]]
     if len(members) < MIN_RING_SIZE:
         raise AnonymityError(f"an anonymity set of {len(members)} key(s) hides nobody")
+    try:
+        ValidatedRing(members)
+    except RingSignatureError as exc:
+        raise AnonymityError(f"this node's anonymity set cannot be signed over: {exc}") from None
     return SigningSet(index, members)
 
 

@@ -96,6 +96,15 @@ def test_anonymous_submissions_reject_replays_doubles_outsiders_and_tampering(tm
             members = [_register(stub, f"member{i}") for i in range(2)]
             # and a node of an older version (a v1 ed25519 ring key): in no ring
             _register(stub, "old-node", v2=False)
+            # a v2 registration with a key that is no ristretto255 element is refused
+            key = NodeKey.generate()
+            ts, sig = key.sign_registration()
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Register(pb.RegisterRequest(
+                    public_key=key.public_bytes, timestamp_ms=ts, signature=sig,
+                    info=pb.NodeInfo(name="bad", ring_public_key=b"\xff" * 32,
+                                     features=[RING_KEY_FEATURE])))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             # the real nodes train long enough for the round to stay open meanwhile
             job = client.submit_job(tiny_spec(rounds=1, min_nodes=2, anonymous=True,
                                               max_steps=5000, round_timeout_s=300))

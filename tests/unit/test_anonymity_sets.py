@@ -230,3 +230,15 @@ def test_the_coordinator_refuses_a_wrong_set_index_or_a_signature_over_another_s
     header.set_index = (header.set_index + 1) % len(ring.sets)  # a set it did not sign over
     with pytest.raises(AnonymousRejected, match="does not verify"):
         inbox.verify_and_file(header, payload, list(ring.public_keys), book, set_size=k)
+
+
+def test_a_node_refuses_a_set_holding_an_invalid_key():
+    """An invalid key in the node's set (a coordinator that skipped the registration check)
+    is an AnonymityError the session reports, not a crash in the signing code."""
+    members = sorted(k.public for k in KEYS[:3])
+    bad = sorted([*members, b"\xff" * 32])
+    ring = pb.Ring(job_id=JOB, round=1, epoch_id=ring_epoch_id(bad), public_keys=bad,
+                   anonymity_set=32)
+    ring.sets.add(members=anonymity_sets(bad, 32, JOB, 1)[0])
+    with pytest.raises(AnonymityError, match="cannot be signed over"):
+        check_ring(ring, KEYS[0], 32, JOB, 1)
