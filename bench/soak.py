@@ -82,7 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "a client certificate)")
     p.add_argument("--workdir", default="runs/bench-soak")
     p.add_argument("--out", default="bench/results",
-                   help="where soak.json and soak.png go; the previous JSON there is compared "
+                   help="where soak.json and soak.png go (soak-anonymous.* with --anonymous); "
+                        "the previous JSON there is compared "
                         "with this run (default: %(default)s)")
 
 
@@ -553,16 +554,17 @@ def run_benchmark(args: argparse.Namespace) -> int:
           "generator on the same machine (loopback)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _compare_with_previous(out / "soak.json", result)
+    name = "soak-anonymous" if args.anonymous else "soak"
+    _compare_with_previous(out / f"{name}.json", result)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     report = {"benchmark": "soak", "time": stamp, "hardware": info,
               "workload": {k: v for k, v in vars(args).items() if k != "func"},
               "result": result}
     if goal is not None:
         report["goal"] = goal
-    (out / "soak.json").write_text(json.dumps(report, indent=2))
-    _plot(result, out / "soak.png", args)
-    print(f"wrote {out / 'soak.json'} and {out / 'soak.png'}")
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    _plot(result, out / f"{name}.png", args)
+    print(f"wrote {out / f'{name}.json'} and {out / f'{name}.png'}")
     ok = (result["job_state"] == "COMPLETED"
           and result["sessions_held"] == result["sessions_requested"])
     return 0 if ok else 1
@@ -649,8 +651,21 @@ def _plot(result: dict, path: Path, args: argparse.Namespace) -> None:
         twin.set_ylabel("coordinator RSS (MB)", color="tab:red")
     left.set_title(f"{args.sessions} sessions requested")
     completed = [r for r in result["rounds"] if r["state"] == "completed"]
-    right.bar([r["round"] for r in completed], [r["seconds"] for r in completed])
+    numbers = [r["round"] for r in completed]
+    if result.get("anonymous"):
+        right.bar([n - 0.2 for n in numbers], [r["seconds"] for r in completed], width=0.4,
+                  label="round latency")
+        right.bar([n + 0.2 for n in numbers], [r.get("verify_s", 0) for r in completed],
+                  width=0.4, label="coordinator verifying the uploads")
+        right.axhline(GOAL_VERIFY_S, color="red", linestyle=":",
+                      label=f"goal: verified in under {GOAL_VERIFY_S:.0f} s")
+        right.legend(fontsize="small")
+        right.set_ylabel("seconds")
+        right.set_title(f"anonymous FedAvg rounds over {result['sessions_held']} sessions, "
+                        f"k = {result['anonymity_set']}")
+    else:
+        right.bar(numbers, [r["seconds"] for r in completed])
+        right.set_ylabel("round latency (s)")
+        right.set_title(f"FedAvg rounds over {result['sessions_held']} sessions")
     right.set_xlabel("round")
-    right.set_ylabel("round latency (s)")
-    right.set_title(f"FedAvg rounds over {result['sessions_held']} sessions")
     save_figure(fig, path)
