@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from confide.coordinator.jobs import normalize_spec
+from confide.coordinator import secure_rounds
 from confide.coordinator.secure_rounds import _PhaseInbox
 from confide.coordinator.sessions import NodeSession
 from confide.coordinator.store import RoundRecord
@@ -44,6 +45,12 @@ def random_deltas(name: str, examples: int = 10):
         return Reply(update={k: torch.randn(v.shape, generator=g) * 0.1 for k, v in
                              state.items()}, num_examples=examples, metrics={"loss": 1.0})
     return behave
+
+
+@pytest.fixture
+def quick_phases(monkeypatch):
+    """Phases 1, 2 and 4 close after 0.5 s instead of 5 s (nodes here answer at once)."""
+    monkeypatch.setattr(secure_rounds, "phase_timeout", lambda round_timeout_s: 0.5)
 
 
 def run(tmp_path, nodes, **spec):
@@ -82,7 +89,7 @@ def test_the_secure_sum_is_the_plain_aggregation(tmp_path):
     assert secure.events_of("round.secure_aggregation")
 
 
-def test_a_node_that_drops_after_its_masked_input_is_still_summed(tmp_path):
+def test_a_node_that_drops_after_its_masked_input_is_still_summed(tmp_path, quick_phases):
     nodes = [SecureFakeNode("a", random_deltas("a")), SecureFakeNode("b", random_deltas("b")),
              SecureFakeNode("c", random_deltas("c"), drop_after="masked")]
     secure, status = run(tmp_path / "s", nodes, rounds=1, secure_aggregation=True)
@@ -94,11 +101,11 @@ def test_a_node_that_drops_after_its_masked_input_is_still_summed(tmp_path):
         assert torch.allclose(value, final_state(secure)[name], atol=1e-5)
 
 
-def test_a_node_that_drops_after_sharing_keys_is_left_out_exactly(tmp_path):
+def test_a_node_that_drops_after_sharing_keys_is_left_out_exactly(tmp_path, quick_phases):
     nodes = [SecureFakeNode("a", random_deltas("a")), SecureFakeNode("b", random_deltas("b")),
              SecureFakeNode("c", random_deltas("c"), drop_after="share")]
     secure, status = run(tmp_path / "s", nodes, rounds=1, secure_aggregation=True,
-                         round_timeout_s=3.0)
+                         round_timeout_s=1.5)
     assert status.state == pb.COMPLETED, status.reason
     record = secure.rounds()[0]
     assert record.secagg_survivors == 2 and nodes[2].node_id in record.dropped
@@ -107,12 +114,12 @@ def test_a_node_that_drops_after_sharing_keys_is_left_out_exactly(tmp_path):
         assert torch.allclose(value, final_state(secure)[name], atol=1e-5)
 
 
-def test_too_few_survivors_fail_the_round_with_nothing_unmasked(tmp_path):
+def test_too_few_survivors_fail_the_round_with_nothing_unmasked(tmp_path, quick_phases):
     nodes = [SecureFakeNode("a", random_deltas("a")),
              SecureFakeNode("b", random_deltas("b"), drop_after="advertise"),
              SecureFakeNode("c", random_deltas("c"), drop_after="share")]
     secure, status = run(tmp_path, nodes, rounds=1, secure_aggregation=True,
-                         round_timeout_s=3.0)
+                         round_timeout_s=1.5)
     assert status.state == pb.FAILED
     assert "secure aggregation aborted" in status.reason and "threshold is 2" in status.reason
     record = secure.rounds()[0]
@@ -287,3 +294,29 @@ def test_a_session_without_a_round_ignores_secagg_messages():
     session = NodeSession("n")
     assert session.handle(pb.NodeMessage(secagg=pb.SecAggMessage(payload=b"x"))) is None
 
+
+
+def test_what_the_coordinator_receives_is_independent_of_the_update(tmp_path):
+    """The masked vector a node uploads (what crossed its session) against its true update:
+    correlation ~0, and two different updates give vectors with the same distribution
+    (uniform on the ring)."""
+    big = {"w": torch.zeros(4096)}
+
+    def behave(task, state):
+        if task.kind == pb.INIT:
+            return Reply(update=big)
+        return Reply(update={"w": torch.linspace(-1, 1, 4096) * (1 + task.round)})
+
+    nodes = [SecureFakeNode(n, behave) for n in "abc"]
+    _, status = run(tmp_path, nodes, rounds=2, secure_aggregation=True)
+    assert status.state == pb.COMPLETED, status.reason
+    from confide.privacy.secagg.messages import MaskedInput
+
+    true = torch.linspace(-1, 1, 4096).numpy()
+    for upload in nodes[0].uploads:
+        ring = np.frombuffer(MaskedInput.from_bytes(upload).vector, dtype="<u4")[:-1]
+        values = ring.astype(np.float64)
+        assert abs(np.corrcoef(values, true)[0, 1]) < 0.1
+        # uniform on Z_2^32: mean ~2^31, each quarter of the ring holds ~1/4 of the entries
+        quarters = np.bincount((ring >> 30).astype(np.int64), minlength=4) / ring.size
+        assert np.all(np.abs(quarters - 0.25) < 0.05)
