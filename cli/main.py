@@ -535,6 +535,8 @@ BENCHMARKS = {
                "and remote tokens",
     "agora": "Agora agents: routines, negotiated protocols and natural language vs an "
              "all-natural-language baseline: model tokens and bytes",
+    "secagg": "secure aggregation (SecAgg+) vs the plain round: bytes and seconds per phase at "
+              "3-100 nodes with dropouts, and plain vs secure fedavg-lora through real daemons",
     "soak": "one coordinator under many simulated node sessions (1,000 by default): sessions "
             "held, round latency, heartbeat RTT, coordinator memory",
 }
