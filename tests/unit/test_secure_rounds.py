@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from confide.coordinator.jobs import normalize_spec
 from confide.coordinator import secure_rounds
+from confide.coordinator.jobs import normalize_spec
 from confide.coordinator.secure_rounds import _PhaseInbox
 from confide.coordinator.sessions import NodeSession
 from confide.coordinator.store import RoundRecord
