@@ -209,11 +209,16 @@ def _goals(rows: list[dict], real: list[dict]) -> list[dict]:
         "secure phases' critical path / plain aggregation path at 10 nodes, in process, "
         "training excluded (the real-process ratio with training is recorded separately)"))
     if len(real) == 2:
-        ratio = real[1]["seconds_per_round"] / real[0]["seconds_per_round"]
+        # rounds after the first: the plain job runs first and its round 1 also builds the
+        # nodes' models, which the secure job then reuses
+        later = [[r["seconds"] for r in run["rounds"][1:]] or [run["seconds_per_round"]]
+                 for run in real]
+        ratio = (sum(later[1]) / len(later[1])) / (sum(later[0]) / len(later[0]))
         goals.append(goal_record(
             "seconds_real_3_nodes", 1.3, ratio, ratio <= 1.3,
             "secure / plain seconds per round through real daemons (MiniLM, 3 nodes, training "
-            "included): the 10-node goal's measure at the scale the machine can run"))
+            "included, rounds after the first: round 1 of the plain job also builds the models)"
+            ": the 10-node goal's measure at the scale the machine can run"))
         acc_plain, acc_secure = real[0]["accuracy"], real[1]["accuracy"]
         same = acc_plain is not None and acc_secure is not None
         goals.append(goal_record(
