@@ -79,8 +79,10 @@ def job_spec(
     params: Mapping[str, Any] | None = None,
     anonymous: bool = False,
     budget: float = 0.0,
+    secure_aggregation: bool = False,
 ) -> pb.JobSpec:
-    """Build a JobSpec with readable keyword arguments (0 means "coordinator default")."""
+    """Build a JobSpec with readable keyword arguments (0 means "coordinator default").
+    ``secure_aggregation``: the coordinator learns only each round's sum (SecAgg+)."""
     spec = pb.JobSpec(
         name=name,
         method=method,
@@ -92,6 +94,7 @@ def job_spec(
         seed=seed,
         anonymous=anonymous,
         budget=budget,
+        secure_aggregation=secure_aggregation,
         model=pb.ModelSpec(
             task=task,
             base=base,
