@@ -127,6 +127,7 @@ def _spec_from_args(args: argparse.Namespace):
         anonymous=args.anonymous,
         anonymity_set=args.anonymity_set,
         budget=args.budget,
+        secure_aggregation=args.secure_aggregation,
     )
 
 
@@ -221,6 +222,28 @@ def cmd_job_show(args: argparse.Namespace) -> int:
 
     with _client(args) as client:
         print(json_format.MessageToJson(client.get_job(args.job_id)))
+    return 0
+
+
+@_sdk_errors
+def cmd_job_status(args: argparse.Namespace) -> int:
+    from confide.v1 import coordinator_pb2 as pb
+
+    with _client(args) as client:
+        job = client.get_job(args.job_id)
+    secure = " (secure aggregation)" if job.spec.secure_aggregation else ""
+    print(f"job {job.job_id} {job.spec.method}{secure}: {pb.JobState.Name(job.state)}, "
+          f"{job.rounds_completed}/{job.spec.rounds} rounds" + (f"; {job.reason}" if job.reason
+                                                                else ""))
+    print(f"{'ROUND':>5}  {'STATE':<10}{'NODES':>6}{'DROPPED':>8}  {'SECURE SUM':<22}"
+          f"{'UP (KB)':>10}{'SECONDS':>9}")
+    for r in job.rounds:
+        sum_of = (f"yes: {r.secagg_survivors} survivors, t={r.secagg_threshold}"
+                  if r.secure_aggregation else "no")
+        print(f"{r.round:>5}  {r.state:<10}{len(r.participants):>6}{len(r.dropped):>8}  "
+              f"{sum_of:<22}{r.bytes.up / 1e3:>10.1f}{r.seconds:>9.1f}")
+        for node, reason in r.dropped.items():
+            print(f"{'':>7}dropped {node[:16]}: {reason}")
     return 0
 
 
@@ -513,6 +536,8 @@ BENCHMARKS = {
                "and remote tokens",
     "agora": "Agora agents: routines, negotiated protocols and natural language vs an "
              "all-natural-language baseline: model tokens and bytes",
+    "secagg": "secure aggregation (SecAgg+) vs the plain round: bytes and seconds per phase at "
+              "3-100 nodes with dropouts, and plain vs secure fedavg-lora through real daemons",
     "soak": "one coordinator under many simulated node sessions (1,000 by default): sessions "
             "held, round latency, heartbeat RTT, coordinator memory",
 }
@@ -557,6 +582,10 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", type=float, default=0.0,
                    help="per-round payment budget: select nodes by a truthful auction over "
                         "their reported costs (0 = no incentives)")
+    g.add_argument("--secure-aggregation", action="store_true",
+                   help="SecAgg+: nodes upload masked vectors and the coordinator learns only "
+                        "the sum of each round's surviving updates (fedavg-lora, fedavg-full, "
+                        "sfprompt, ferret, dp-lora mode local; README 'Secure aggregation')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -629,12 +658,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("watch", cmd_job_watch, "follow a job's events until it ends"),
         ("list", cmd_job_list, "list jobs"),
         ("show", cmd_job_show, "a job's full status as JSON"),
+        ("status", cmd_job_status, "a job's rounds: nodes, dropouts, secure aggregation"),
         ("cancel", cmd_job_cancel, "cancel a running job"),
         ("fetch", cmd_job_fetch, "download a job's global model as safetensors"),
     ]:
         p = job_sub.add_parser(name, help=helptext)
         p.add_argument("--coordinator", default="127.0.0.1:50051", help="coordinator HOST:PORT")
-        if name in ("watch", "show", "cancel", "fetch"):
+        if name in ("watch", "show", "status", "cancel", "fetch"):
             p.add_argument("job_id")
         if name == "fetch":
             p.add_argument("--out", required=True, help="output .safetensors file")

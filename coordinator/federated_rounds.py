@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from confide.coordinator.anonymous import AnonymousInbox, AnonymousUpdate
 from confide.coordinator.job import JobFailed, JobStopped, RunningJob, weighted_metrics
 from confide.coordinator.node_pool import NodePool
+from confide.coordinator.secure_rounds import SecureRound
 from confide.coordinator.sessions import NodeSession, TaskOutcome
 from confide.coordinator.store import RoundRecord
 from confide.node.methods import ClientUpdate, FederatedMethod
@@ -120,17 +121,21 @@ class FederatedRounds:
         job.events.emit(job.job_id, "round.started", round_number=round_number,
                         message=f"{len(selected)} node(s): " + ", ".join(record.selected))
         digest = state_digest(state)
-        outcomes, delivered = await self.gather_updates(record, state, digest, selected,
-                                                        infos, started)
-        updates, accepted = self.validate(record, state, outcomes, infos)
+        if self.spec.secure_aggregation:  # the masked inputs' sum replaces gather + validate
+            updates, accepted, delivered = await SecureRound(self).run(
+                record, state, digest, selected, infos, started)
+        else:
+            outcomes, delivered = await self.gather_updates(record, state, digest, selected,
+                                                            infos, started)
+            updates, accepted = self.validate(record, state, outcomes, infos)
+            record.participants = [u.node_id for u in updates]
         if payments:  # pay the winners whose work was used, at their critical values
-            self.pool.pay(round_number, payments, delivered, {u.node_id for u in updates})
-        record.participants = [u.node_id for u in updates]
+            self.pool.pay(round_number, payments, delivered, set(record.participants))
         record.metrics = weighted_metrics(accepted)
         record.seconds = time.monotonic() - started
-        if len(updates) < self.spec.min_nodes:
-            job.fail_round(record, f"{len(updates)} of {len(selected)} node(s) returned a "
-                                   "valid update")
+        if len(record.participants) < self.spec.min_nodes:
+            job.fail_round(record, f"{len(record.participants)} of {len(selected)} node(s) "
+                                   "returned a valid update")
         return self.commit(record, state, digest, updates, population, len(selected))
 
     async def gather_updates(
@@ -209,7 +214,9 @@ class FederatedRounds:
             job.job_id,
             "round.completed",
             round_number=round_number,
-            message=f"{len(updates)} update(s) aggregated in {record.seconds:.1f}s",
+            message=f"{len(record.participants)} update(s) aggregated"
+                    + (" securely" if record.secure_aggregation else "")
+                    + f" in {record.seconds:.1f}s",
             metrics=record.metrics,
             bytes_up=record.bytes_up,
             bytes_down=record.bytes_down,

@@ -11,6 +11,7 @@ import math
 import re
 
 from confide.node.methods import get_method, method_params
+from confide.node.methods.secure_layout import secure_refusal
 from confide.protos.anonymity_sets import (
     DEFAULT_ANONYMITY_SET,
     MAX_ANONYMITY_SET,
@@ -114,5 +115,15 @@ def normalize_spec(spec: pb.JobSpec) -> pb.JobSpec:
         if not ok:
             raise ValueError(message)
     method = get_method(s.method)  # ValueError lists the known methods
-    method.parse_config(method_params(s))
+    config = method.parse_config(method_params(s))
+    if s.secure_aggregation:
+        refusal = secure_refusal(method, config, anonymous=s.anonymous)
+        if refusal:
+            raise ValueError(f"secure_aggregation: {refusal}")
+        if spec.min_nodes == 0:  # the sum of one node is its update
+            s.min_nodes = 2
+        if s.min_nodes < 2 or s.nodes_per_round == 1:
+            raise ValueError("secure_aggregation: a round needs at least 2 nodes (min_nodes "
+                             ">= 2, nodes_per_round 0 or >= 2): the sum of one node is its "
+                             "update")
     return s

@@ -91,6 +91,9 @@ class NodeSession:
         #: from (it keeps that state): the base a compact broadcast can build on
         self.held_states: dict[str, bytes] = {}
         self._cost_queries: dict[str, asyncio.Future] = {}
+        #: the secure-aggregation round in progress with this node (coordinator.secure_rounds)
+        #: gets its messages: (node id, message, wire bytes)
+        self.on_secagg: Callable[[str, pb.SecAggMessage, int], None] | None = None
 
     # ------------------------------------------------------------- sending
 
@@ -191,6 +194,9 @@ class NodeSession:
             future = self._cost_queries.get(message.cost_report.query_id)
             if future is not None and not future.done():
                 future.set_result(message.cost_report.cost)
+        elif kind == "secagg":
+            if self.on_secagg is not None:
+                self.on_secagg(self.node_id, message.secagg, wire_bytes(message))
         elif kind == "progress":
             p = message.progress
             pending = self._pending.get(p.task_id)

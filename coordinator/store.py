@@ -52,6 +52,13 @@ CREATE TABLE IF NOT EXISTS rounds (
     metrics TEXT NOT NULL,
     PRIMARY KEY (job_id, round)
 );
+CREATE TABLE IF NOT EXISTS secure_rounds (
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    survivors INTEGER NOT NULL,
+    threshold INTEGER NOT NULL,
+    PRIMARY KEY (job_id, round)
+);
 CREATE TABLE IF NOT EXISTS rings (
     job_id TEXT PRIMARY KEY,
     public_keys BLOB NOT NULL
@@ -105,6 +112,10 @@ class RoundRecord:
     bytes_down: int = 0
     seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
+    #: securely aggregated (coordinator.secure_rounds): survivors summed, threshold t
+    secure_aggregation: bool = False
+    secagg_survivors: int = 0
+    secagg_threshold: int = 0
 
     def to_proto(self) -> pb.RoundSummary:
         summary = pb.RoundSummary(
@@ -113,6 +124,9 @@ class RoundRecord:
             selected=self.selected,
             participants=self.participants,
             seconds=self.seconds,
+            secure_aggregation=self.secure_aggregation,
+            secagg_survivors=self.secagg_survivors,
+            secagg_threshold=self.secagg_threshold,
         )
         summary.dropped.update(self.dropped)
         summary.metrics.update(self.metrics)
@@ -214,8 +228,9 @@ class Store:
 
     def rounds(self, job_id: str) -> list[RoundRecord]:
         rows = self._execute(
-            "SELECT round, state, selected, participants, dropped, bytes_up, bytes_down, "
-            "seconds, metrics FROM rounds WHERE job_id = ? ORDER BY round",
+            "SELECT r.round, state, selected, participants, dropped, bytes_up, bytes_down, "
+            "seconds, metrics, s.survivors, s.threshold FROM rounds r LEFT JOIN secure_rounds s "
+            "ON s.job_id = r.job_id AND s.round = r.round WHERE r.job_id = ? ORDER BY r.round",
             (job_id,),
         )
         return [
@@ -229,8 +244,12 @@ class Store:
                 bytes_down=down,
                 seconds=seconds,
                 metrics=json.loads(metrics),
+                secure_aggregation=survivors is not None,
+                secagg_survivors=survivors or 0,
+                secagg_threshold=threshold or 0,
             )
-            for r, state, selected, participants, dropped, up, down, seconds, metrics in rows
+            for (r, state, selected, participants, dropped, up, down, seconds, metrics,
+                 survivors, threshold) in rows
         ]
 
     def save_round(self, job_id: str, record: RoundRecord) -> None:
@@ -253,6 +272,12 @@ class Store:
                         json.dumps(record.metrics),
                     ),
                 )
+                if record.secure_aggregation:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO secure_rounds VALUES (?, ?, ?, ?)",
+                        (job_id, record.round, record.secagg_survivors,
+                         record.secagg_threshold),
+                    )
                 if record.state == "completed":
                     self._db.execute(
                         "UPDATE jobs SET rounds_completed = MAX(rounds_completed, ?), "

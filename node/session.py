@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from confide.node.anonymous import AnonymityError, fetch_ring, submit_anonymously
+from confide.node.secagg import NodeSecureAggregation
 from confide.node.worker import NeedsFullState, TaskCancelled, TaskWorker
 from confide.privacy.ringsig import RingKeyPair
 from confide.protos.chunking import ChunkAssembler, ChunkError, split_payload
@@ -204,6 +205,8 @@ class _TaskRunner:
         self.assembler: ChunkAssembler | None = None
         self.cancelled = threading.Event()
         self.job: asyncio.Task | None = None
+        #: secure aggregation's protocol state for the rounds this node is in (node/secagg.py)
+        self.secagg = NodeSecureAggregation(link.key.node_id, link.key.sign, self.send)
 
     def send(self, message: pb.NodeMessage) -> None:
         self.outbox.put_nowait(message)
@@ -240,6 +243,8 @@ class _TaskRunner:
             if payload is not None:
                 self.assembler = None
                 self._start(payload)
+        elif kind == "secagg":
+            self.secagg.handle(message.secagg)
         elif kind == "cost_query":
             self.send(pb.NodeMessage(cost_report=pb.CostReport(
                 query_id=message.cost_query.query_id, cost=self.link.cost)))
@@ -263,8 +268,8 @@ class _TaskRunner:
         last_report = [0.0]
 
         def progress(step: int, total: int, loss: float) -> None:
-            if task.anonymous:  # steps and totals would tell the node's data size apart
-                return
+            if task.anonymous or task.spec.secure_aggregation:
+                return  # steps and totals would tell the node's data size apart
             now = time.monotonic()
             if now - last_report[0] >= 1.0 or step == total:
                 last_report[0] = now
@@ -279,6 +284,9 @@ class _TaskRunner:
             elif task.kind == pb.TRAIN:
                 update, num_examples, metrics = await asyncio.to_thread(
                     self.link.worker.train, task, payload or b"", progress, self.cancelled)
+                if task.spec.secure_aggregation:  # the masked input replaces the update
+                    update, num_examples, metrics = await self._masked(task, update,
+                                                                       num_examples)
             elif task.kind == pb.MERGE:
                 update, num_examples, metrics = await asyncio.to_thread(
                     self.link.worker.merge, task, progress, self.cancelled)
@@ -316,6 +324,20 @@ class _TaskRunner:
         self.link.state.tasks_done += 1
         log.info("task %s (%s, round %d) done in %.1fs", task.task_id[:8],
                  pb.TaskKind.Name(task.kind), task.round, metrics["seconds"])
+
+    async def _masked(self, task: pb.Task, update: bytes,
+                      num_examples: int) -> tuple[bytes, int, dict[str, float]]:
+        """Secure aggregation: the MaskedInput instead of the update; the example count is
+        inside it (weight), so none is reported, and no training metrics either."""
+        global_state = self.link.worker.models.load(task.job_id, "global")
+        if global_state is None:
+            raise ValueError("the round's global state was not kept")
+        masked, clipped = await self.secagg.masked_input(
+            task, update, num_examples, global_state, timeout=max(task.deadline_s, 1.0))
+        if clipped:
+            log.warning("task %s: %d update entries clipped to secure aggregation's bound",
+                        task.task_id[:8], clipped)
+        return masked, 0, {}
 
     async def _submit_anonymously(self, task: pb.Task, update: bytes, num_examples: int,
                                   started: float) -> None:

@@ -80,8 +80,10 @@ def job_spec(
     anonymous: bool = False,
     anonymity_set: int = 0,
     budget: float = 0.0,
+    secure_aggregation: bool = False,
 ) -> pb.JobSpec:
-    """Build a JobSpec with readable keyword arguments (0 means "coordinator default")."""
+    """Build a JobSpec with readable keyword arguments (0 means "coordinator default").
+    ``secure_aggregation``: the coordinator learns only each round's sum (SecAgg+)."""
     spec = pb.JobSpec(
         name=name,
         method=method,
@@ -94,6 +96,7 @@ def job_spec(
         anonymous=anonymous,
         anonymity_set=anonymity_set,
         budget=budget,
+        secure_aggregation=secure_aggregation,
         model=pb.ModelSpec(
             task=task,
             base=base,

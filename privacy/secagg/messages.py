@@ -1,8 +1,9 @@
 """The messages of secure aggregation, with a strict, length-checked binary encoding.
 
-Until the protobuf wiring exists (the next step: these become ``confide.v1`` messages relayed on
-the node's session stream), each message has ``to_bytes`` / ``from_bytes`` of its own: never
-pickle. Layout: ``b"CSA" || version (1) || type (1)`` then the fields in order, big-endian:
+The node's session stream relays these bytes inside ``confide.v1.SecAggMessage`` (the
+MaskedInput as the TRAIN task's upload); each message has ``to_bytes`` / ``from_bytes`` of its
+own: never pickle. Layout: ``b"CSA" || version (1) || type (1)`` then the fields in order,
+big-endian:
 
 * integers: fixed width (``u8``/``u16``/``u32``/``u64``); a float is an IEEE-754 double;
 * a string: ``u16`` length + UTF-8 (non-empty, at most :data:`MAX_ID_BYTES` bytes, strict);

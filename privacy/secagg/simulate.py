@@ -4,7 +4,7 @@
 message going through ``to_bytes`` / ``from_bytes`` (so the byte counts are the wire sizes of
 this encoding; protobuf framing will add a few bytes per message), drops a fraction of the nodes
 after a chosen phase, and checks the result against the plain sum. ``confide bench secagg``
-(next step) calls it for 3/10/50/100 nodes and 0/10/30% dropout and prints the table.
+(``bench/secagg.py``) calls it for 3/10/50/100 nodes and 0/10/30% dropout and prints the table.
 """
 
 from __future__ import annotations

@@ -116,3 +116,86 @@ class FakeNode:
                 task_id=task.task_id, chunk=chunk)))
         self.session.handle(pb.NodeMessage(result=pb.TaskResult(
             task_id=task.task_id, num_examples=reply.num_examples, metrics=reply.metrics)))
+
+
+class SecureFakeNode(FakeNode):
+    """A fake node that also speaks secure aggregation with the real node-side code
+    (``node/secagg.py``) and a real Ed25519 key (its id is the key's hash, as registered).
+    ``drop_after``: "" (honest), "advertise" (answers the Setup, then goes silent), "share"
+    (shares keys, never uploads) or "masked" (uploads its masked input, then goes silent)."""
+
+    def __init__(self, name: str, behaviour: Behaviour, *, drop_after: str = "",
+                 examples: int = 100) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from confide.node.secagg import NodeSecureAggregation
+        from confide.protos.identity import node_id_for
+
+        self.key = Ed25519PrivateKey.generate()
+        self.public_key = self.key.public_key().public_bytes_raw()
+        super().__init__(node_id_for(self.public_key), behaviour, examples=examples)
+        self.name = name
+        self.drop_after = drop_after
+        self.secagg = NodeSecureAggregation(self.node_id, self.key.sign, self._send_secagg)
+        self.sent: list[pb.NodeMessage] = []
+        self.uploads: list[bytes] = []
+        self._stage = 0
+        self._background: set[asyncio.Task] = set()
+
+    def _send_secagg(self, message: pb.NodeMessage) -> None:
+        self.sent.append(message)
+        self.session.handle(message)
+
+    def join(self, store: Store, sessions: SessionRegistry) -> FakeNode:
+        info = pb.NodeInfo(name=self.name)
+        info.datasets["train"] = self.examples
+        store.upsert_node(self.node_id, self.public_key, info)
+        sessions.add(self.session)
+        self._serving = asyncio.get_running_loop().create_task(self._serve())
+        return self
+
+    async def _serve(self) -> None:
+        assemblers: dict[str, ChunkAssembler] = {}
+        while (message := await self.session.outbox.get()) is not None:
+            kind = message.WhichOneof("body")
+            if kind == "secagg":
+                stage = {"advertise": 1, "share": 2, "masked": 3}.get(self.drop_after, 99)
+                if self._stage >= stage:
+                    continue  # gone
+                self.secagg.handle(message.secagg)
+                self._stage += 1 if self._stage < 2 else 0
+            elif kind == "task":
+                task = message.task
+                self.tasks.append(task)
+                if task.has_global:
+                    assemblers[task.task_id] = ChunkAssembler(transfer_id=task.task_id)
+                else:
+                    self._spawn(task, None)
+            elif kind == "global_chunk":
+                chunk = message.global_chunk
+                payload = assemblers[chunk.task_id].add(chunk.chunk)
+                if payload is not None:
+                    task = next(t for t in self.tasks if t.task_id == chunk.task_id)
+                    self._spawn(task, dict(tensor_map_from_bytes(payload)))
+
+    def _spawn(self, task: pb.Task, state: dict[str, torch.Tensor] | None) -> None:
+        job = asyncio.get_running_loop().create_task(self._answer_secure(task, state))
+        self._background.add(job)
+        job.add_done_callback(self._background.discard)
+
+    async def _answer_secure(self, task: pb.Task, state: dict[str, torch.Tensor] | None) -> None:
+        if task.kind != pb.TRAIN or not task.spec.secure_aggregation:
+            self._answer(task, state)
+            return
+        if self.drop_after in ("advertise", "share"):
+            return  # never uploads
+        reply = self.behaviour(task, state)
+        assert state is not None and reply.update is not None
+        masked, _clipped = await self.secagg.masked_input(
+            task, tensor_map_to_bytes(reply.update), reply.num_examples, state, timeout=5.0)
+        self.uploads.append(masked)
+        for chunk in split_payload(masked, task.task_id):
+            self.session.handle(pb.NodeMessage(update_chunk=pb.TaskChunk(
+                task_id=task.task_id, chunk=chunk)))
+        self.session.handle(pb.NodeMessage(result=pb.TaskResult(task_id=task.task_id)))
+        self._stage = 3

@@ -155,7 +155,7 @@ class TrainSpec(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., dataset: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "method", "model", "train", "rounds", "min_nodes", "nodes_per_round", "round_timeout_s", "wait_for_nodes_s", "method_params", "seed", "anonymous", "budget", "anonymity_set")
+    __slots__ = ("name", "method", "model", "train", "rounds", "min_nodes", "nodes_per_round", "round_timeout_s", "wait_for_nodes_s", "method_params", "seed", "anonymous", "budget", "secure_aggregation", "anonymity_set")
     NAME_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,7 @@ class JobSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     ANONYMOUS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     ANONYMITY_SET_FIELD_NUMBER: _ClassVar[int]
     name: str
     method: str
@@ -183,11 +184,12 @@ class JobSpec(_message.Message):
     seed: int
     anonymous: bool
     budget: float
+    secure_aggregation: bool
     anonymity_set: int
-    def __init__(self, name: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., rounds: _Optional[int] = ..., min_nodes: _Optional[int] = ..., nodes_per_round: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., wait_for_nodes_s: _Optional[float] = ..., method_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., seed: _Optional[int] = ..., anonymous: _Optional[bool] = ..., budget: _Optional[float] = ..., anonymity_set: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., rounds: _Optional[int] = ..., min_nodes: _Optional[int] = ..., nodes_per_round: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., wait_for_nodes_s: _Optional[float] = ..., method_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., seed: _Optional[int] = ..., anonymous: _Optional[bool] = ..., budget: _Optional[float] = ..., secure_aggregation: _Optional[bool] = ..., anonymity_set: _Optional[int] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "state", "selected", "participants", "dropped", "bytes", "seconds", "metrics")
+    __slots__ = ("round", "state", "selected", "participants", "dropped", "bytes", "seconds", "metrics", "secure_aggregation", "secagg_survivors", "secagg_threshold")
     class DroppedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +212,9 @@ class RoundSummary(_message.Message):
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     round: int
     state: str
     selected: _containers.RepeatedScalarFieldContainer[str]
@@ -218,7 +223,10 @@ class RoundSummary(_message.Message):
     bytes: _common_pb2.ByteCount
     seconds: float
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., selected: _Optional[_Iterable[str]] = ..., participants: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Mapping[str, str]] = ..., bytes: _Optional[_Union[_common_pb2.ByteCount, _Mapping]] = ..., seconds: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    secure_aggregation: bool
+    secagg_survivors: int
+    secagg_threshold: int
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., selected: _Optional[_Iterable[str]] = ..., participants: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Mapping[str, str]] = ..., bytes: _Optional[_Union[_common_pb2.ByteCount, _Mapping]] = ..., seconds: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., secure_aggregation: _Optional[bool] = ..., secagg_survivors: _Optional[int] = ..., secagg_threshold: _Optional[int] = ...) -> None: ...
 
 class JobStatus(_message.Message):
     __slots__ = ("job_id", "spec", "state", "rounds_completed", "reason", "created_ms", "updated_ms", "rounds")
@@ -579,8 +587,27 @@ class CancelTask(_message.Message):
     reason: str
     def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class SecAggMessage(_message.Message):
+    __slots__ = ("job_id", "round", "payload", "node_keys")
+    class NodeKeysEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    NODE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    payload: bytes
+    node_keys: _containers.ScalarMap[str, bytes]
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., payload: _Optional[bytes] = ..., node_keys: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
 class NodeMessage(_message.Message):
-    __slots__ = ("hello", "proof", "heartbeat", "update_chunk", "result", "failure", "progress", "cost_report")
+    __slots__ = ("hello", "proof", "heartbeat", "update_chunk", "result", "failure", "progress", "cost_report", "secagg")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     PROOF_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
@@ -589,6 +616,7 @@ class NodeMessage(_message.Message):
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     COST_REPORT_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     hello: SessionHello
     proof: SessionProof
     heartbeat: Heartbeat
@@ -597,10 +625,11 @@ class NodeMessage(_message.Message):
     failure: TaskFailure
     progress: TaskProgress
     cost_report: CostReport
-    def __init__(self, hello: _Optional[_Union[SessionHello, _Mapping]] = ..., proof: _Optional[_Union[SessionProof, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., update_chunk: _Optional[_Union[TaskChunk, _Mapping]] = ..., result: _Optional[_Union[TaskResult, _Mapping]] = ..., failure: _Optional[_Union[TaskFailure, _Mapping]] = ..., progress: _Optional[_Union[TaskProgress, _Mapping]] = ..., cost_report: _Optional[_Union[CostReport, _Mapping]] = ...) -> None: ...
+    secagg: SecAggMessage
+    def __init__(self, hello: _Optional[_Union[SessionHello, _Mapping]] = ..., proof: _Optional[_Union[SessionProof, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., update_chunk: _Optional[_Union[TaskChunk, _Mapping]] = ..., result: _Optional[_Union[TaskResult, _Mapping]] = ..., failure: _Optional[_Union[TaskFailure, _Mapping]] = ..., progress: _Optional[_Union[TaskProgress, _Mapping]] = ..., cost_report: _Optional[_Union[CostReport, _Mapping]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("challenge", "welcome", "heartbeat_ack", "task", "global_chunk", "cancel", "cost_query")
+    __slots__ = ("challenge", "welcome", "heartbeat_ack", "task", "global_chunk", "cancel", "cost_query", "secagg")
     CHALLENGE_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_ACK_FIELD_NUMBER: _ClassVar[int]
@@ -608,6 +637,7 @@ class CoordinatorMessage(_message.Message):
     GLOBAL_CHUNK_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     COST_QUERY_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     challenge: SessionChallenge
     welcome: SessionWelcome
     heartbeat_ack: HeartbeatAck
@@ -615,7 +645,8 @@ class CoordinatorMessage(_message.Message):
     global_chunk: TaskChunk
     cancel: CancelTask
     cost_query: CostQuery
-    def __init__(self, challenge: _Optional[_Union[SessionChallenge, _Mapping]] = ..., welcome: _Optional[_Union[SessionWelcome, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., global_chunk: _Optional[_Union[TaskChunk, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., cost_query: _Optional[_Union[CostQuery, _Mapping]] = ...) -> None: ...
+    secagg: SecAggMessage
+    def __init__(self, challenge: _Optional[_Union[SessionChallenge, _Mapping]] = ..., welcome: _Optional[_Union[SessionWelcome, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., global_chunk: _Optional[_Union[TaskChunk, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., cost_query: _Optional[_Union[CostQuery, _Mapping]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ...) -> None: ...
 
 class ProtocolDocument(_message.Message):
     __slots__ = ("hash", "name", "description", "task_kind", "multiround", "rules", "request_schema", "response_schema", "uses")

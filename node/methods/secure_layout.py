@@ -1,0 +1,191 @@
+"""How a method's update becomes one vector for secure aggregation, and the sum comes back.
+
+Secure aggregation (``privacy.secagg``) sums fixed-length float vectors with integer weights;
+the coordinator learns ``sum w_i x_i`` and ``sum w_i`` only. This module is the one place
+where node and coordinator agree on that vector, as pure functions of the method, its config
+and the round's global state (both sides hold the same, digest-checked state):
+
+* ``secure_refusal``: why a job cannot be securely aggregated (checked at submission), or None;
+* ``layout_for``: the entries in a fixed order, the per-entry bound ``clip`` and the weighting;
+* ``flatten_update`` (node): the method's update as that vector, clipped to ``clip``;
+* ``mean_update`` (coordinator): the weighted mean as one ``ClientUpdate`` that the method's
+  own ``aggregate_compact`` turns into the next global state, exactly as it would the plain
+  updates (each method below aggregates by a weighted mean, so one update carrying the mean
+  with the total weight gives the same result).
+
+Methods:
+
+* ``fedavg-lora``, ``fedavg-full``, ``sfprompt`` (prompts and tail): the dense delta of every
+  tensor of the state, sorted by name, weighted by the node's example count (at most the
+  round's ``max_weight``, the largest dataset size the selected nodes registered).
+* ``dp-lora``, ``mode = "local"``: the same vector (clipped to L2 norm C and noised at the node
+  already), weight 1 (DP-LoRA's unweighted mean). ``mode = "central"`` is refused: there the
+  coordinator adds the noise to the sum, so it would see the un-noised sum; distributed noise
+  (Skellam) is not implemented.
+* ``ferret``: each parameter group's projection scalars, padded with zeros to the group's
+  most directions (the plain aggregation averages missing coefficients as zeros too), weighted
+  by example count; the round tag is rebuilt from the state's digest.
+* ``cellm`` (each node's own top-k positions: a masked sum cannot carry them) and ``dimat``
+  (peer to peer: no coordinator sum) are refused, as are anonymous jobs (secure aggregation
+  names its participants and relays their signed keys; an anonymous upload has no session).
+
+Per-entry bounds (the codec refuses, never clips, so the node clips here and counts it):
+deltas of one round's training are far below :data:`DELTA_CLIP`; DP-LoRA's noised entries are
+bounded by ``C + 8 sigma C`` (clipping DP output is post-processing); Ferret's scalars by
+:data:`FERRET_CLIP`. The check the coordinator can still make is on the mean (``check_update``:
+names, shapes, finite values): secure aggregation hides each input, so it cannot validate one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from confide.node.methods.base import ClientUpdate, Method, MethodConfig, State, UpdateError
+from confide.protos.codec import SeedProjectedTensor, WireTensor, to_dense
+
+__all__ = [
+    "DELTA_CLIP",
+    "FERRET_CLIP",
+    "SecureLayout",
+    "flatten_update",
+    "layout_for",
+    "mean_update",
+    "secure_refusal",
+]
+
+DELTA_CLIP = 4.0
+"""|entry| bound of a dense delta (one round of LoRA or full fine-tuning moves entries by
+~1e-2 at the learning rates used here); larger entries are clipped at the node."""
+FERRET_CLIP = 1000.0
+"""|scalar| bound of a Ferret projection coefficient."""
+DP_TAIL_SIGMAS = 8.0
+"""DP-LoRA local mode: entries are bounded by C (clipping) + this many noise std's."""
+
+
+@dataclass(frozen=True)
+class SecureLayout:
+    """The vector of one method's update: ``(name, size)`` segments in order, the per-entry
+    bound, and whether nodes weight by example count (else weight 1)."""
+
+    kind: str  # "dense" or "ferret"
+    segments: tuple[tuple[str, int], ...]
+    clip: float
+    weighted: bool
+
+    @property
+    def dim(self) -> int:
+        return sum(size for _, size in self.segments)
+
+
+def secure_refusal(method: Method, config: MethodConfig, *, anonymous: bool = False) -> str | None:
+    """Why this job cannot be securely aggregated (a sentence for the user), or None."""
+    name = method.name
+    if anonymous:
+        return ("secure aggregation does not compose with anonymous: it names the round's "
+                "participants and relays their signed keys over their sessions, while an "
+                "anonymous upload comes from an unnamed ring member; choose one")
+    if method.decentralized:
+        return (f"{name} is peer to peer: models travel between nodes and the coordinator "
+                "computes no sum, so there is nothing to aggregate securely")
+    if name == "cellm":
+        return ("cellm sends each node's own top-k positions, which a masked sum cannot "
+                "carry (secure aggregation needs positions every node shares); not supported")
+    if name == "dp-lora" and getattr(config, "mode", "local") != "local":
+        return ("dp-lora mode 'central' adds the noise at the coordinator, which would then see "
+                "the un-noised sum; with secure aggregation use mode 'local' (each node noises "
+                "its own update before masking). Distributed noise split among nodes (Skellam) "
+                "is not implemented")
+    if name not in ("fedavg-lora", "fedavg-full", "sfprompt", "dp-lora", "ferret"):
+        return f"{name} has no secure-aggregation layout"
+    return None
+
+
+def layout_for(method: Method, config: MethodConfig, global_state: State) -> SecureLayout:
+    """The agreed vector for this method and round (node and coordinator call it alike)."""
+    reason = secure_refusal(method, config)
+    if reason:
+        raise UpdateError(reason)
+    if method.name == "ferret":
+        from confide.node.methods.ferret import group_parameters
+
+        segments = tuple((g.key, g.directions(config.k))  # type: ignore[attr-defined]
+                         for g in group_parameters(global_state))
+        return SecureLayout("ferret", segments, FERRET_CLIP, weighted=True)
+    segments = tuple((name, int(global_state[name].numel())) for name in sorted(global_state))
+    if method.name == "dp-lora":
+        sigma = method.noise_multiplier(config)  # type: ignore[attr-defined]
+        clip = float(config.clip_norm) * (1.0 + DP_TAIL_SIGMAS * sigma)  # type: ignore[attr-defined]
+        return SecureLayout("dense", segments, clip, weighted=False)
+    return SecureLayout("dense", segments, DELTA_CLIP, weighted=True)
+
+
+def flatten_update(layout: SecureLayout,
+                   payload: Mapping[str, WireTensor]) -> tuple[np.ndarray, int]:
+    """Node side: the update as the layout's float64 vector, clipped to ``layout.clip``, and
+    how many entries the clip changed (reported, never silent)."""
+    parts = []
+    for name, size in layout.segments:
+        value = payload.get(name)
+        if value is None:
+            raise UpdateError(f"the update has no {name!r}, which the layout needs")
+        if layout.kind == "ferret":
+            if not isinstance(value, SeedProjectedTensor):
+                raise UpdateError(f"{name} must be seed-projected")
+            coefficients = np.zeros(size, dtype=np.float64)
+            given = np.asarray(value.coefficients, dtype=np.float64)
+            if given.size > size:
+                raise UpdateError(f"{name} carries {given.size} coefficients, at most {size}")
+            coefficients[:given.size] = given
+            parts.append(coefficients)
+        else:
+            dense = to_dense(value).detach().to(torch.float64).reshape(-1).numpy()
+            if dense.size != size:
+                raise UpdateError(f"{name} has {dense.size} entries, the layout {size}")
+            parts.append(dense)
+    vector = np.concatenate(parts) if parts else np.zeros(0)
+    if not np.all(np.isfinite(vector)):
+        raise UpdateError("the update holds NaN or infinity")
+    clipped = int(np.count_nonzero(np.abs(vector) > layout.clip))
+    return np.clip(vector, -layout.clip, layout.clip), clipped
+
+
+def mean_update(method: Method, config: MethodConfig, layout: SecureLayout, global_state: State,
+                mean: np.ndarray, weight_total: int,
+                name: str = "secure-aggregate") -> ClientUpdate:
+    """Coordinator side: the weighted mean as one update the method aggregates as usual."""
+    if mean.shape != (layout.dim,):
+        raise UpdateError(f"the mean has {mean.size} entries, the layout {layout.dim}")
+    payload: dict[str, WireTensor] = {}
+    offset = 0
+    if layout.kind == "ferret":
+        from confide.node.methods.ferret import GENERATOR, ROUND_KEY, round_tag, state_digest
+
+        sizes = {g.key: g.size for g in _ferret_groups(global_state)}
+        payload[ROUND_KEY] = round_tag(state_digest(global_state))
+        for key, count in layout.segments:
+            payload[key] = SeedProjectedTensor(
+                shape=(sizes[key],), dtype=torch.float32, seeds=tuple(range(count)),
+                coefficients=tuple(float(c) for c in mean[offset:offset + count]),
+                generator=GENERATOR)
+            offset += count
+    else:
+        for key, size in layout.segments:
+            reference = global_state[key]
+            payload[key] = torch.from_numpy(mean[offset:offset + size].copy()).reshape(
+                reference.shape).to(reference.dtype)
+            offset += size
+    method_check = getattr(method, "check_update", None)
+    if method_check is not None:
+        method_check(config, global_state, payload)
+    # weight 1 per node (dp-lora) or the total examples: either way one update with the mean
+    return ClientUpdate(name, payload, max(int(weight_total), 1))
+
+
+def _ferret_groups(global_state: State) -> list:
+    from confide.node.methods.ferret import group_parameters
+
+    return group_parameters(global_state)
