@@ -285,6 +285,12 @@ class FederatedRounds:
         whole average."""
         dataset = self.spec.train.dataset
         caps = {node_id: int(info.datasets.get(dataset, 0)) for node_id, info in infos.items()}
+        # a node whose policy hides its datasets registered no size: its cap is the largest
+        # any visible node registered, or 1 (equal weights) when none did
+        largest = max(caps.values(), default=0) or 1
+        for node_id, info in infos.items():
+            if info.dataset_disclosure == "hidden":
+                caps[node_id] = largest
         if self.spec.anonymous:
             ring = set(self.job.store.ring(self.job.job_id, round_number))
             caps[""] = max((int(i.datasets.get(dataset, 0)) for i in infos.values()
@@ -312,7 +318,7 @@ class FederatedRounds:
                 reason = f"invalid update: {exc}"
         if update is None:
             self.job.drop(record, outcome.node_id, reason, bytes_up=outcome.bytes_up,
-                          bytes_down=outcome.bytes_down)
+                          bytes_down=outcome.bytes_down, refused=outcome.refused)
             return None
         self.job.events.emit(
             self.job.job_id,
