@@ -826,6 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anonymous", action="store_true",
                    help="an anonymous question: citations default to none")
     p.add_argument("--json", action="store_true", help="print every event as a JSON line")
+    _add_token_options(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("status", help="nodes and jobs at a glance")
