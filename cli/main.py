@@ -107,6 +107,18 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         return 2
 
 
+#: the node policy's caps as `confide node serve` flags: flag, cap, type, metavar, meaning
+CAP_FLAGS = [
+    ("--max-local-steps", "local_steps_per_round", int, "N", "local steps per round"),
+    ("--max-rounds", "rounds_per_job", int, "N", "rounds per job"),
+    ("--max-examples", "examples_per_round", int, "N", "examples per round"),
+    ("--max-task-seconds", "seconds_per_task", float, "S",
+     "seconds per task; a longer task is stopped"),
+    ("--max-payload-mb", "payload_bytes", float, "MB", "MiB a task may bring in"),
+    ("--max-concurrent-jobs", "concurrent_jobs", int, "N", "jobs worked for at once"),
+]
+
+
 def _policy_from_args(args: argparse.Namespace):
     """The node's effective policy: its file (``--policy``, default ``<data>/policy.toml``)
     with the command-line flags applied."""
@@ -115,11 +127,9 @@ def _policy_from_args(args: argparse.Namespace):
     def listed(value: str | None) -> list[str] | None:
         return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
-    caps = {"local_steps_per_round": args.max_local_steps, "rounds_per_job": args.max_rounds,
-            "examples_per_round": args.max_examples, "seconds_per_task": args.max_task_seconds,
-            "payload_bytes": (None if args.max_payload_mb is None
-                              else int(args.max_payload_mb * 1024 * 1024)),
-            "concurrent_jobs": args.max_concurrent_jobs}
+    caps = {cap: getattr(args, flag[2:].replace("-", "_")) for flag, cap, *_ in CAP_FLAGS}
+    if caps["payload_bytes"] is not None:
+        caps["payload_bytes"] = int(caps["payload_bytes"] * (1 << 20))
     return load_policy(args.data, args.policy or None).with_overrides(
         allow_models=[os.path.abspath(os.path.expanduser(d)) for d in args.allow_model or ()],
         methods=listed(args.methods), roles=listed(args.roles),
@@ -162,18 +172,13 @@ def _add_policy_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reveal", default=None, choices=["exact", "coarse", "hidden"],
                    help="what registration reveals of the datasets: names and sizes, sizes "
                         "rounded up to a power of two, or nothing (default: exact)")
-    g.add_argument("--max-local-steps", type=int, default=None, metavar="N",
-                   help="cap: local steps per round (default 1000)")
-    g.add_argument("--max-rounds", type=int, default=None, metavar="N",
-                   help="cap: rounds per job (default 200)")
-    g.add_argument("--max-examples", type=int, default=None, metavar="N",
-                   help="cap: examples per round (default 100000)")
-    g.add_argument("--max-task-seconds", type=float, default=None, metavar="S",
-                   help="cap: seconds per task; a longer task is stopped (default 3600)")
-    g.add_argument("--max-payload-mb", type=float, default=None, metavar="MB",
-                   help="cap: MiB a task may bring in (default 1024)")
-    g.add_argument("--max-concurrent-jobs", type=int, default=None, metavar="N",
-                   help="cap: jobs worked for at once (default 4)")
+    from confide.node.policy import Caps
+
+    defaults = Caps()
+    for flag, cap, kind, metavar, what in CAP_FLAGS:
+        default = getattr(defaults, cap) / (1 << 20 if cap == "payload_bytes" else 1)
+        g.add_argument(flag, type=kind, default=None, metavar=metavar,
+                       help=f"cap: {what} (default {default:g}; caps.{cap})")
 
 
 def _spec_from_args(args: argparse.Namespace):
