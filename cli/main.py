@@ -167,8 +167,10 @@ def _add_policy_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--roles", default=None, metavar="R1,R2",
                    help="what it takes part in: trainer, split-server, peer-merging, "
                         "private-inference, minions (default: all)")
-    g.add_argument("--private-dataset", action="append", metavar="NAME",
-                   help="a dataset only differentially private methods may use, repeatable")
+    if "--private-dataset" not in p._option_string_actions:  # the DP budget's flag is this one
+        g.add_argument("--private-dataset", action="append", metavar="NAME",
+                       help="a dataset only differentially private methods may use, "
+                            "repeatable")
     g.add_argument("--reveal", default=None, choices=["exact", "coarse", "hidden"],
                    help="what registration reveals of the datasets: names and sizes, sizes "
                         "rounded up to a power of two, or nothing (default: exact)")
