@@ -74,8 +74,11 @@ class FederatedRounds:
         """Ask one node to build the model from the spec and upload its initial trainable
         state (as Flower does), so the coordinator never needs the model itself."""
         reasons = []
+        refused: set[str] = set()  # a node whose owner refused is not asked again
         for _attempt in range(3):
-            (session,) = random.sample(await self.pool.wait_for_trainers(1), 1)
+            trainers = await self.pool.wait_for_trainers(1)
+            (session,) = random.sample([s for s in trainers if s.node_id not in refused]
+                                       or trainers, 1)
             task = self.job.new_task(pb.INIT, 0, has_global=False)
             outcome = await session.run_task(task, None, self.spec.round_timeout_s)
             if outcome.ok:
@@ -96,6 +99,8 @@ class FederatedRounds:
                 )
                 return state
             reasons.append(f"{outcome.node_id}: {outcome.reason}")
+            if outcome.refused:
+                refused.add(outcome.node_id)
         raise JobFailed("could not initialize the model: " + "; ".join(reasons))
 
     # ------------------------------------------------------------------ one round
