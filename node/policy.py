@@ -46,8 +46,9 @@ DP_METHODS = frozenset({"dp-lora"})
 #: what registration reveals of the datasets: as they are, sizes rounded up to a power of
 #: two, or nothing (no names, no sizes)
 REVEAL = ("exact", "coarse", "hidden")
-#: a job counts towards ``concurrent_jobs`` until no task of it came for this long
-JOB_IDLE_S = 900.0
+#: a job counts towards ``concurrent_jobs`` until the node finished its last round's task, or
+#: no task of it came for this long (the node is not told when a job fails or is cancelled)
+JOB_IDLE_S = 600.0
 
 
 class Refused(Exception):
@@ -73,7 +74,7 @@ class Caps:
     seconds_per_task: float = 3600.0
     #: bytes a task may bring in (the global state, Minions instructions)
     payload_bytes: int = 1 << 30
-    #: distinct jobs the node works for at once (see JOB_IDLE_S)
+    #: distinct jobs the node works for at once (until their last round, see JOB_IDLE_S)
     concurrent_jobs: int = 4
 
     def check(self) -> None:

@@ -281,6 +281,14 @@ class _TaskRunner:
             log.warning("task %s cancelled: %s", message.cancel.task_id, message.cancel.reason)
             self.cancelled.set()
 
+    def _job_over(self, task: pb.Task) -> None:
+        """The node's part in the job ends with its last round's TRAIN (federated) or MERGE
+        (decentralized) task: it no longer counts towards the concurrent-jobs cap."""
+        if task.round < task.spec.rounds or task.kind not in (pb.TRAIN, pb.MERGE):
+            return
+        if task.kind == pb.MERGE or task_role(task) == "trainer":
+            self.link.gate.finished(task.job_id)
+
     def _start(self, payload: bytes | None) -> None:
         assert self.task is not None
         self.job = asyncio.create_task(self._execute(self.task, payload))
@@ -347,6 +355,7 @@ class _TaskRunner:
             return
         finally:
             timer.cancel()
+            self._job_over(task)
         self._finish()
         if overtime.is_set():
             self.refuse(task.task_id, f"the task ran past this node's cap of {cap_s:g}s per "

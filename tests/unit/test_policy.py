@@ -308,3 +308,24 @@ def test_admission_never_crashes(tmp_path_factory, s, size, payload, role):
                                                 dataset_size=size, payload_bytes=payload))
     except Refused as exc:
         assert str(exc)
+
+
+class _FastWorker(_SlowWorker):
+    def train(self, task, payload, progress, cancelled):
+        return b"", 16, {}
+
+
+def test_a_job_stops_counting_after_its_last_round():
+    async def run(rounds: int) -> AdmissionGate:
+        gate = AdmissionGate(NodePolicy(caps=Caps(concurrent_jobs=1)))
+        link = SimpleNamespace(worker=_FastWorker(), state=LinkState(), cost=0.0,
+                               _busy=False, gate=gate)
+        runner = _TaskRunner(link, asyncio.Queue())
+        runner.handle(pb.CoordinatorMessage(task=pb.Task(
+            task_id="t1", job_id="j", kind=pb.TRAIN, spec=spec(rounds=rounds), round=1)))
+        await asyncio.wait_for(runner.job, 5)
+        return gate
+
+    with pytest.raises(Refused, match="concurrent_jobs"):  # round 1 of 2: still running
+        asyncio.run(run(2)).admit(trainer(spec(), job_id="other"))
+    asyncio.run(run(1)).admit(trainer(spec(), job_id="other"))  # its last round: done
