@@ -59,6 +59,8 @@ def cmd_coordinator_serve(args: argparse.Namespace) -> int:
     config.tls_dir = getattr(args, "tls", "")
     config.tls_name = getattr(args, "tls_name", "")
     config.anonymous_listen = args.anonymous_listen
+    config.token = args.token
+    config.open_reads = args.open_reads
     if config.tls_dir:
         from confide.protos.tls import TLSError, load
 
@@ -91,11 +93,94 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
     config.tls_dir = getattr(args, "tls", "")
     config.tls_name = getattr(args, "tls_name", "")
     config.anonymous_coordinator = args.anonymous_coordinator
+    from confide.node.policy import PolicyError
+
+    try:
+        config.policy = _policy_from_args(args)
+    except PolicyError as exc:
+        print(f"error: policy: {exc}", file=sys.stderr)
+        return 2
     try:
         return _run_until_signal(serve(config))
     except ValueError as exc:  # e.g. --device cuda on a machine without CUDA
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+#: the node policy's caps as `confide node serve` flags: flag, cap, type, metavar, meaning
+CAP_FLAGS = [
+    ("--max-local-steps", "local_steps_per_round", int, "N", "local steps per round"),
+    ("--max-rounds", "rounds_per_job", int, "N", "rounds per job"),
+    ("--max-examples", "examples_per_round", int, "N", "examples per round"),
+    ("--max-task-seconds", "seconds_per_task", float, "S",
+     "seconds per task; a longer task is stopped"),
+    ("--max-payload-mb", "payload_bytes", float, "MB", "MiB a task may bring in"),
+    ("--max-concurrent-jobs", "concurrent_jobs", int, "N", "jobs worked for at once"),
+]
+
+
+def _policy_from_args(args: argparse.Namespace):
+    """The node's effective policy: its file (``--policy``, default ``<data>/policy.toml``)
+    with the command-line flags applied."""
+    from confide.node.policy import load_policy
+
+    def listed(value: str | None) -> list[str] | None:
+        return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+    caps = {cap: getattr(args, flag[2:].replace("-", "_")) for flag, cap, *_ in CAP_FLAGS}
+    if caps["payload_bytes"] is not None:
+        caps["payload_bytes"] = int(caps["payload_bytes"] * (1 << 20))
+    return load_policy(args.data, args.policy or None).with_overrides(
+        allow_models=[os.path.abspath(os.path.expanduser(d)) for d in args.allow_model or ()],
+        methods=listed(args.methods), roles=listed(args.roles),
+        private_datasets=args.private_dataset or (), reveal=args.reveal, caps=caps)
+
+
+def cmd_node_policy_show(args: argparse.Namespace) -> int:
+    import json
+
+    from confide.node.policy import PolicyError, to_toml
+
+    try:
+        policy = _policy_from_args(args)
+    except PolicyError as exc:
+        print(f"error: policy: {exc}", file=sys.stderr)
+        return 2
+    data = policy.to_mapping()
+    print(json.dumps(data, indent=2) if args.json else to_toml(data), end="" if not args.json
+          else "\n")
+    return 0
+
+
+def _add_policy_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "policy", "what this node agrees to run (node/policy.py); flags override the policy "
+        "file; `confide node policy show` prints the result")
+    g.add_argument("--policy", default="", metavar="FILE",
+                   help="the policy file (default: <data>/policy.toml; the safe defaults when "
+                        "it does not exist)")
+    g.add_argument("--allow-model", action="append", metavar="DIR",
+                   help="a local model folder jobs may name as model.base (and folders inside "
+                        "it; symlinks are resolved first), repeatable")
+    g.add_argument("--methods", default=None, metavar="M1,M2",
+                   help="the only methods this node runs (default: every shipped method)")
+    g.add_argument("--roles", default=None, metavar="R1,R2",
+                   help="what it takes part in: trainer, split-server, peer-merging, "
+                        "private-inference, minions (default: all)")
+    if "--private-dataset" not in p._option_string_actions:  # the DP budget's flag is this one
+        g.add_argument("--private-dataset", action="append", metavar="NAME",
+                       help="a dataset only differentially private methods may use, "
+                            "repeatable")
+    g.add_argument("--reveal", default=None, choices=["exact", "coarse", "hidden"],
+                   help="what registration reveals of the datasets: names and sizes, sizes "
+                        "rounded up to a power of two, or nothing (default: exact)")
+    from confide.node.policy import Caps
+
+    defaults = Caps()
+    for flag, cap, kind, metavar, what in CAP_FLAGS:
+        default = getattr(defaults, cap) / (1 << 20 if cap == "payload_bytes" else 1)
+        g.add_argument(flag, type=kind, default=None, metavar=metavar,
+                       help=f"cap: {what} (default {default:g}; caps.{cap})")
 
 
 def _spec_from_args(args: argparse.Namespace):
@@ -161,7 +246,20 @@ def _human(n: float) -> str:
 def _client(args: argparse.Namespace):
     from confide.sdk.client import Client
 
-    return Client(args.coordinator, tls=_client_tls(args))
+    return Client(args.coordinator, tls=_client_tls(args), token=_client_token(args))
+
+
+#: where `confide coordinator serve` keeps its state (and client token) by default
+DEFAULT_COORDINATOR_DATA = "runs/coordinator"
+
+
+def _client_token(args: argparse.Namespace) -> str:
+    """--token, else $CONFIDE_TOKEN, else the token in the coordinator's --data folder (by
+    default runs/coordinator, where a coordinator started here keeps it)."""
+    from confide.sdk.client import resolve_token
+
+    return resolve_token(getattr(args, "token", "") or None,
+                         getattr(args, "data", "") or DEFAULT_COORDINATOR_DATA)
 
 
 def _client_tls(args: argparse.Namespace):
@@ -217,33 +315,40 @@ def cmd_job_list(args: argparse.Namespace) -> int:
 
 
 @_sdk_errors
+def cmd_job_status(args: argparse.Namespace) -> int:
+    """A job's state and each round's outcome, with every dropped or refused node's
+    reason."""
+    from confide.v1 import coordinator_pb2 as pb
+
+    with _client(args) as client:
+        status = client.get_job(args.job_id)
+    spec = status.spec
+    print(f"job {status.job_id} ({spec.name or spec.method}): {pb.JobState.Name(status.state)}, "
+          f"{status.rounds_completed}/{spec.rounds} rounds")
+    print(f"  method {spec.method}, base {spec.model.base}, dataset {spec.train.dataset}, "
+          f"min_nodes {spec.min_nodes}, round timeout {spec.round_timeout_s:g}s")
+    if status.reason:
+        print(f"  reason: {status.reason}")
+    if spec.secure_aggregation:
+        print("  secure aggregation: the coordinator saw masked updates and each round's sum")
+    print(f"  {'ROUND':>5}  {'STATE':<10}{'NODES':>6}{'DROPPED':>8}  {'SECURE SUM':<22}"
+          f"{'UP (KB)':>10}{'SECONDS':>9}")
+    for r in status.rounds:
+        sum_of = (f"yes: {r.secagg_survivors} survivors, t={r.secagg_threshold}"
+                  if r.secure_aggregation else "no")
+        print(f"  {r.round:>5}  {r.state:<10}{len(r.participants):>6}{len(r.dropped):>8}  "
+              f"{sum_of:<22}{r.bytes.up / 1e3:>10.1f}{r.seconds:>9.1f}")
+        for node, reason in r.dropped.items():
+            print(f"{'':>9}{node[:16]}: {reason}")
+    return 0
+
+
+@_sdk_errors
 def cmd_job_show(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
     with _client(args) as client:
         print(json_format.MessageToJson(client.get_job(args.job_id)))
-    return 0
-
-
-@_sdk_errors
-def cmd_job_status(args: argparse.Namespace) -> int:
-    from confide.v1 import coordinator_pb2 as pb
-
-    with _client(args) as client:
-        job = client.get_job(args.job_id)
-    secure = " (secure aggregation)" if job.spec.secure_aggregation else ""
-    print(f"job {job.job_id} {job.spec.method}{secure}: {pb.JobState.Name(job.state)}, "
-          f"{job.rounds_completed}/{job.spec.rounds} rounds" + (f"; {job.reason}" if job.reason
-                                                                else ""))
-    print(f"{'ROUND':>5}  {'STATE':<10}{'NODES':>6}{'DROPPED':>8}  {'SECURE SUM':<22}"
-          f"{'UP (KB)':>10}{'SECONDS':>9}")
-    for r in job.rounds:
-        sum_of = (f"yes: {r.secagg_survivors} survivors, t={r.secagg_threshold}"
-                  if r.secure_aggregation else "no")
-        print(f"{r.round:>5}  {r.state:<10}{len(r.participants):>6}{len(r.dropped):>8}  "
-              f"{sum_of:<22}{r.bytes.up / 1e3:>10.1f}{r.seconds:>9.1f}")
-        for node, reason in r.dropped.items():
-            print(f"{'':>7}dropped {node[:16]}: {reason}")
     return 0
 
 
@@ -543,6 +648,15 @@ BENCHMARKS = {
 }
 
 
+def _add_token_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", default="",
+                   help="the coordinator's client token (default: $CONFIDE_TOKEN, else the one "
+                        "in the coordinator's --data folder on this machine)")
+    p.add_argument("--data", default="", metavar="DIR",
+                   help="the coordinator's data folder, to read its client token from "
+                        "(default: runs/coordinator)")
+
+
 def _add_job_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("job")
     g.add_argument("--method", default="fedavg-lora", help="learning method (default: %(default)s)")
@@ -616,6 +730,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minions-max-tokens", type=int, default=0,
                    help="cap every generation of a question, remote and local, at N tokens "
                         "(0 = the protocol's defaults)")
+    p.add_argument("--token", default=os.environ.get("CONFIDE_TOKEN", ""),
+                   help="the client token to accept (default: $CONFIDE_TOKEN, else the one "
+                        "generated at first start in <data>/client_token, mode 0600); required "
+                        "on job submission when --listen is beyond loopback without --tls")
+    p.add_argument("--open-reads", action="store_true",
+                   help="let status, watch and model downloads through without the token "
+                        "(submission and cancel still need it)")
     p.add_argument("--anonymous-listen", default="",
                    help="a second port serving only anonymous (ring-signed) submissions, with "
                         "TLS but no client certificate under --tls (nodes: "
@@ -649,7 +770,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anonymous-coordinator", default="",
                    help="the coordinator's --anonymous-listen HOST:PORT, for ring-signed "
                         "uploads without this node's certificate (needed under --tls)")
+    _add_policy_options(p)
     p.set_defaults(func=cmd_node_serve)
+    policy = node_sub.add_parser("policy", help="what this node agrees to run")
+    policy_sub = policy.add_subparsers(dest="policy_action", required=True)
+    p = policy_sub.add_parser("show", help="print the effective policy (file + flags)",
+                              description="Print the policy a node started with these "
+                              "options would enforce, as TOML (or --json).")
+    p.add_argument("--data", default=".", help="the node's folder (holds policy.toml)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of TOML")
+    _add_policy_options(p)
+    p.set_defaults(func=cmd_node_policy_show)
 
     job = sub.add_parser("job", help="submit, watch and inspect jobs")
     job_sub = job.add_subparsers(dest="action", required=True)
@@ -657,14 +788,16 @@ def build_parser() -> argparse.ArgumentParser:
         ("submit", cmd_job_submit, "submit a job"),
         ("watch", cmd_job_watch, "follow a job's events until it ends"),
         ("list", cmd_job_list, "list jobs"),
+        ("status", cmd_job_status, "a job's state and rounds: nodes, every node's refusal or "
+                                   "drop reason, secure aggregation"),
         ("show", cmd_job_show, "a job's full status as JSON"),
-        ("status", cmd_job_status, "a job's rounds: nodes, dropouts, secure aggregation"),
         ("cancel", cmd_job_cancel, "cancel a running job"),
         ("fetch", cmd_job_fetch, "download a job's global model as safetensors"),
     ]:
         p = job_sub.add_parser(name, help=helptext)
         p.add_argument("--coordinator", default="127.0.0.1:50051", help="coordinator HOST:PORT")
-        if name in ("watch", "show", "status", "cancel", "fetch"):
+        _add_token_options(p)
+        if name in ("watch", "status", "show", "cancel", "fetch"):
             p.add_argument("job_id")
         if name == "fetch":
             p.add_argument("--out", required=True, help="output .safetensors file")
@@ -719,10 +852,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anonymous", action="store_true",
                    help="an anonymous question: citations default to none")
     p.add_argument("--json", action="store_true", help="print every event as a JSON line")
+    _add_token_options(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("status", help="nodes and jobs at a glance")
     p.add_argument("--coordinator", default="127.0.0.1:50051", help="coordinator HOST:PORT")
+    _add_token_options(p)
     p.set_defaults(func=cmd_status)
 
     protocols = sub.add_parser("protocols", help="the Agora protocol registry",

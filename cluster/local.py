@@ -34,6 +34,7 @@ class LocalCluster:
         coordinator_args: tuple[str, ...] = (),
         split_server: bool = False,
         tls_dir: Path | None = None,
+        listen_host: str = "127.0.0.1",
     ) -> None:
         self.root = Path(root)
         self.node_data_dirs = [Path(d) for d in node_data_dirs]
@@ -51,6 +52,9 @@ class LocalCluster:
         self.anonymous_port = free_port() if tls_dir is not None else 0
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        #: where the coordinator listens ("0.0.0.0": beyond loopback, so it requires its
+        #: client token; everything still dials 127.0.0.1)
+        self.listen = f"{listen_host}:{self.port}"
         self.mqtt_port = free_port() if mqtt else 0
         self.coordinator: subprocess.Popen | None = None
         self.nodes: dict[int, subprocess.Popen] = {}
@@ -77,7 +81,7 @@ class LocalCluster:
     def start_coordinator(self, timeout: float = 60.0) -> str:
         ready = self.root / "coordinator.ready"
         ready.unlink(missing_ok=True)
-        args = ["coordinator", "serve", "--listen", self.address,
+        args = ["coordinator", "serve", "--listen", self.listen,
                 "--data", str(self.root / "coordinator"), "--ready-file", str(ready),
                 "--heartbeat", str(self.heartbeat_interval_s)]
         args += ["--mqtt-listen", f"127.0.0.1:{self.mqtt_port}"] if self.mqtt else ["--mqtt",

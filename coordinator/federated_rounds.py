@@ -75,8 +75,11 @@ class FederatedRounds:
         """Ask one node to build the model from the spec and upload its initial trainable
         state (as Flower does), so the coordinator never needs the model itself."""
         reasons = []
+        refused: set[str] = set()  # a node whose owner refused is not asked again
         for _attempt in range(3):
-            (session,) = random.sample(await self.pool.wait_for_trainers(1), 1)
+            trainers = await self.pool.wait_for_trainers(1)
+            (session,) = random.sample([s for s in trainers if s.node_id not in refused]
+                                       or trainers, 1)
             task = self.job.new_task(pb.INIT, 0, has_global=False)
             outcome = await session.run_task(task, None, self.spec.round_timeout_s)
             if outcome.ok:
@@ -97,6 +100,8 @@ class FederatedRounds:
                 )
                 return state
             reasons.append(f"{outcome.node_id}: {outcome.reason}")
+            if outcome.refused:
+                refused.add(outcome.node_id)
         raise JobFailed("could not initialize the model: " + "; ".join(reasons))
 
     # ------------------------------------------------------------------ one round
@@ -297,6 +302,12 @@ class FederatedRounds:
         whole average."""
         dataset = self.spec.train.dataset
         caps = {node_id: int(info.datasets.get(dataset, 0)) for node_id, info in infos.items()}
+        # a node whose policy hides its datasets registered no size: its cap is the largest
+        # any visible node registered, or 1 (equal weights) when none did
+        largest = max(caps.values(), default=0) or 1
+        for node_id, info in infos.items():
+            if info.dataset_disclosure == "hidden":
+                caps[node_id] = largest
         if self.spec.anonymous:
             ring = set(self.job.store.ring(self.job.job_id, round_number))
             caps[""] = max((int(i.datasets.get(dataset, 0)) for i in infos.values()
@@ -324,7 +335,7 @@ class FederatedRounds:
                 reason = f"invalid update: {exc}"
         if update is None:
             self.job.drop(record, outcome.node_id, reason, bytes_up=outcome.bytes_up,
-                          bytes_down=outcome.bytes_down)
+                          bytes_down=outcome.bytes_down, refused=outcome.refused)
             return None
         self.job.events.emit(
             self.job.job_id,

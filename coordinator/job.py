@@ -69,10 +69,12 @@ class RunningJob:
         )
 
     def drop(self, record: RoundRecord, node_id: str, reason: str, *, bytes_up: int = 0,
-             bytes_down: int = 0) -> None:
-        """A node's work does not count this round: the record and the event log say why."""
+             bytes_down: int = 0, refused: bool = False) -> None:
+        """A node's work does not count this round: the record and the event log say why
+        (a "node.refused" event when the node's owner refused the task)."""
         record.dropped[node_id] = reason
-        self.events.emit(self.job_id, "node.dropped", round_number=record.round,
+        self.events.emit(self.job_id, "node.refused" if refused else "node.dropped",
+                         round_number=record.round,
                          node_id=node_id, message=reason, bytes_up=bytes_up,
                          bytes_down=bytes_down)
 

@@ -18,11 +18,14 @@ from confide.protos.anonymity_sets import (
     MIN_ANONYMITY_SET,
     set_size,
 )
+from confide.protos.bases import base_problem
 from confide.v1 import coordinator_pb2 as pb
 
 TASKS = ("sequence-classification", "causal-lm")
 JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{12}$")
 DATASET_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: the longest a round may wait for its results or its nodes (a week)
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 DEFAULTS = {
     "method": "fedavg-lora",
@@ -92,8 +95,13 @@ def normalize_spec(spec: pb.JobSpec) -> pb.JobSpec:
             f"nodes an update is signed over; 0: {DEFAULT_ANONYMITY_SET}), got "
             f"{s.anonymity_set}",
         ),
-        (s.round_timeout_s > 0, "round_timeout_s: must be positive"),
-        (s.wait_for_nodes_s > 0, "wait_for_nodes_s: must be positive"),
+        (s.nodes_per_round <= 10_000, f"nodes_per_round: at most 10000, got {s.nodes_per_round}"),
+        (0 < s.round_timeout_s <= MAX_TIMEOUT_S,
+         f"round_timeout_s: must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {s.round_timeout_s}"),
+        (0 < s.wait_for_nodes_s <= MAX_TIMEOUT_S,
+         f"wait_for_nodes_s: must be in (0, {MAX_TIMEOUT_S:g}] seconds, got "
+         f"{s.wait_for_nodes_s}"),
+        (not base_problem(m.base), f"model.base: {base_problem(m.base)}"),
         (m.task in TASKS, f"model.task: must be one of {', '.join(TASKS)}, got {m.task!r}"),
         (
             m.task != "sequence-classification" or 2 <= m.num_labels <= 100_000,
@@ -101,11 +109,17 @@ def normalize_spec(spec: pb.JobSpec) -> pb.JobSpec:
         ),
         (1 <= m.max_length <= 65_536, f"model.max_length: must be 1..65536, got {m.max_length}"),
         (1 <= m.lora.r <= 4096, f"model.lora.r: must be 1..4096, got {m.lora.r}"),
+        (0 < m.lora.alpha <= 1e6, f"model.lora.alpha: must be in (0, 1e6], got {m.lora.alpha}"),
+        (len(m.lora.target_modules) <= 64
+         and all(0 < len(name) <= 128 for name in m.lora.target_modules),
+         "model.lora.target_modules: at most 64 names of 1..128 characters"),
         (0 <= m.lora.dropout < 1, f"model.lora.dropout: must be in [0, 1), got {m.lora.dropout}"),
         (1 <= t.batch_size <= 65_536, f"train.batch_size: must be 1..65536, got {t.batch_size}"),
         (0 < t.learning_rate < 10, f"train.learning_rate: must be in (0, 10), got "
                                    f"{t.learning_rate}"),
         (t.local_epochs <= 10_000, f"train.local_epochs: at most 10000, got {t.local_epochs}"),
+        (t.max_steps <= 1_000_000, f"train.max_steps: at most 1000000 (0: no cap), got "
+                                   f"{t.max_steps}"),
         (math.isfinite(s.budget) and s.budget >= 0,
          f"budget: must be a finite number >= 0, got {s.budget}"),
         (bool(DATASET_PATTERN.match(t.dataset)),
@@ -115,7 +129,10 @@ def normalize_spec(spec: pb.JobSpec) -> pb.JobSpec:
         if not ok:
             raise ValueError(message)
     method = get_method(s.method)  # ValueError lists the known methods
-    config = method.parse_config(method_params(s))
+    try:
+        config = method.parse_config(method_params(s))
+    except (TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
+        raise ValueError(f"method_params: {type(exc).__name__}: {exc}") from None
     if s.secure_aggregation:
         refusal = secure_refusal(method, config, anonymous=s.anonymous)
         if refusal:

@@ -86,7 +86,7 @@ class PeerRounds:
             record.bytes_up += outcome.bytes_up
             record.bytes_down += outcome.bytes_down
             if not outcome.ok:
-                job.drop(record, outcome.node_id, outcome.reason)
+                job.drop(record, outcome.node_id, outcome.reason, refused=outcome.refused)
         accepted = [o for o in trained if o.ok]
         for outcome in accepted:
             job.events.emit(job.job_id, "node.done", round_number=round_number,

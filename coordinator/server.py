@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from confide.coordinator.auth import TokenAuth, is_loopback, load_or_create_token
 from confide.coordinator.broker import EmbeddedBroker
 from confide.coordinator.events import EventLog
 from confide.coordinator.service import CoordinatorService
@@ -65,6 +66,10 @@ class CoordinatorConfig:
     #: a second port serving only the anonymous RPCs, with server-only TLS when tls_dir is
     #: set: an anonymous upload must not present the node's certificate ("" = none)
     anonymous_listen: str = ""
+    #: coordinator/auth.py: beyond loopback without TLS, the user RPCs need the client token
+    #: (<data>/client_token, or this one); open_reads lets status and watch through without
+    token: str = ""
+    open_reads: bool = False
 
 
 class CoordinatorServer:
@@ -80,6 +85,9 @@ class CoordinatorServer:
         self.tls: TLSConfig | None = None
         self.anonymous_server: grpc.aio.Server | None = None
         self.anonymous_port = 0
+        #: the client token this coordinator accepts, and whether it requires it
+        self.token = ""
+        self.requires_token = False
 
     @property
     def address(self) -> str:
@@ -99,8 +107,14 @@ class CoordinatorServer:
         )
         self.service.remote_model = cfg.remote_model
         self.service.minions_max_tokens = cfg.minions_max_tokens
-        self.server = grpc.aio.server(options=grpc_server_options(),
-                                      interceptors=[MalformedRequestInterceptor()])
+        self.token = cfg.token or load_or_create_token(cfg.data_dir)
+        # mutual TLS already asks every client for a certificate of the CA; a loopback-only
+        # coordinator is reachable only from this machine (the demo runs open)
+        self.requires_token = self.tls is None and not is_loopback(cfg.listen)
+        interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
+        if self.requires_token:
+            interceptors.insert(0, TokenAuth(self.token, open_reads=cfg.open_reads))
+        self.server = grpc.aio.server(options=grpc_server_options(), interceptors=interceptors)
         pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
@@ -117,7 +131,10 @@ class CoordinatorServer:
             log.info("resuming job(s): %s", ", ".join(resumed))
         self._expiry = asyncio.create_task(self._expire_sessions(sessions))
         log.info("coordinator listening on %s (data in %s)%s", self.address, cfg.data_dir,
-                 f", mutual TLS ({self.tls.folder})" if self.tls else "")
+                 f", mutual TLS ({self.tls.folder})" if self.tls else
+                 (f", job submission{'' if cfg.open_reads else ' and reads'} need the client "
+                  f"token ({cfg.data_dir}/client_token)" if self.requires_token
+                  else ", open to this machine (loopback)"))
 
     async def _start_anonymous_port(self, cfg: CoordinatorConfig, health_servicer) -> None:
         """The anonymous RPCs on a port of their own, TLS without client certificates: with

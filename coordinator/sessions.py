@@ -42,6 +42,8 @@ class TaskOutcome:
     seconds: float = 0.0
     #: the node could not rebuild the global state from a compact broadcast
     needs_full_state: bool = False
+    #: the node's owner refused the task (its policy or privacy budget); reason says why
+    refused: bool = False
 
 
 @dataclass
@@ -183,10 +185,11 @@ class NodeSession:
             pending = self._pending.get(message.failure.task_id)
             if pending is not None:
                 reason = message.failure.reason[:2000] or "node reported a failure"
+                refused = message.failure.refused
                 pending.bytes_up += wire_bytes(message)
                 pending.settle(pending.outcome(
-                    self.node_id, False, f"node failed: {reason}",
-                    needs_full_state=message.failure.needs_full_state))
+                    self.node_id, False, f"node {'refused' if refused else 'failed'}: {reason}",
+                    needs_full_state=message.failure.needs_full_state, refused=refused))
                 # only the failure of a task we were waiting for frees the node (a refusal
                 # "busy with another task" does not)
                 self.busy = bool(self._pending_unsettled())

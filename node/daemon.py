@@ -17,6 +17,7 @@ from confide.node.anonymous import load_or_create_ring_key
 from confide.node.data import LocalData
 from confide.node.device import select_device
 from confide.node.peer import NodePeerService
+from confide.node.policy import AdmissionGate, NodePolicy, load_policy
 from confide.node.private_inference import PrivateInference
 from confide.node.session import CoordinatorLink
 from confide.node.split.transport import SplitServer
@@ -64,6 +65,8 @@ class NodeConfig:
     tls_name: str = ""
     #: the coordinator's anonymous port (server-only TLS); "" = the coordinator address
     anonymous_coordinator: str = ""
+    #: what the node agrees to (node/policy.py); None: <data>/policy.toml, or the defaults
+    policy: NodePolicy | None = None
 
 
 class NodeDaemon:
@@ -74,6 +77,9 @@ class NodeDaemon:
         self.ring_key = load_or_create_ring_key(self.data_dir / "ring_key.seed")
         self.tls = tls_load(config.tls_dir, config.tls_name)
         self.data = LocalData(self.data_dir)
+        self.policy = config.policy or load_policy(self.data_dir)
+        #: the one admission check every entry point calls before it starts work
+        self.gate = AdmissionGate(self.policy)
         self.models = ModelStore(self.data_dir / "models")
         self.device = select_device(config.device)
         self.server: grpc.aio.Server | None = None
@@ -100,10 +106,11 @@ class NodeDaemon:
             cost=self.config.cost,
             features=[STATE_DIGEST_FEATURE, RING_KEY_FEATURE],
         )
+        datasets, info.dataset_disclosure = self.policy.disclose(self.data.datasets())
         if self.peer_port:
             host = self.config.listen.rsplit(":", 1)[0]
             info.peer_address = self.config.advertise or f"{host}:{self.peer_port}"
-        info.datasets.update(self.data.datasets())
+        info.datasets.update(datasets)
         return info
 
     async def start(self) -> None:
@@ -118,11 +125,11 @@ class NodeDaemon:
                 raise OSError(f"cannot listen on {self.config.listen}")
         info = self.info()
         if self.server is not None:
-            split_server = (SplitServer(self.device) if "split-server" in self.config.roles
-                            else None)
+            split_server = (SplitServer(self.device, gate=self.gate)
+                            if "split-server" in self.config.roles else None)
             self.private = PrivateInference(
                 self.data_dir / "private", bind_host=self.config.listen.rsplit(":", 1)[0],
-                advertise_host=info.peer_address.rsplit(":", 1)[0])
+                advertise_host=info.peer_address.rsplit(":", 1)[0], gate=self.gate)
             if self.config.agent:
                 # no capability yet: publishing them needs the coordinator, which may be
                 # down; they are added in the background below
@@ -131,7 +138,8 @@ class NodeDaemon:
                     model=self.config.local_model, device=str(self.device), capabilities=[])
                 self._agent_setup = asyncio.create_task(self._publish_agent_routines())
             node_grpc.add_NodePeerServicer_to_server(
-                NodePeerService(info, self.models, split_server, self.private, self.agent),
+                NodePeerService(info, self.models, split_server, self.private, self.agent,
+                                gate=self.gate),
                 self.server)
             health_servicer = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
@@ -142,12 +150,13 @@ class NodeDaemon:
                             local_model=self.config.local_model)
         self.link = CoordinatorLink(self.config.coordinator, self.key, info, worker,
                                     mqtt_override=self.config.mqtt, ring_key=self.ring_key,
-                                    cost=self.config.cost)
+                                    cost=self.config.cost, gate=self.gate)
         self.link.tls = self.tls
         self.link.anonymous_coordinator = self.config.anonymous_coordinator
         self._link_task = asyncio.create_task(self.link.run(), name="coordinator-link")
-        log.info("node %s (%s) on %s, %d dataset(s): %s; peer service %s", self.node_id,
-                 info.name, self.device, len(info.datasets),
+        log.info("node %s (%s) on %s, %d dataset(s) revealed (%s): %s; peer service %s",
+                 self.node_id, info.name, self.device, len(info.datasets),
+                 info.dataset_disclosure,
                  ", ".join(f"{k}={v}" for k, v in info.datasets.items()) or "none",
                  info.peer_address or "off")
 

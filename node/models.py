@@ -53,6 +53,7 @@ from transformers import (
 )
 
 from confide.node.methods import get_method
+from confide.protos.bases import PACKAGED_BASES
 from confide.v1 import coordinator_pb2 as pb
 
 __all__ = [
@@ -75,7 +76,7 @@ __all__ = [
 ]
 
 TASKS = ("sequence-classification", "causal-lm")
-BASES = ("minilm", "smollm2", "tiny-bert", "tiny-llama")
+BASES = PACKAGED_BASES
 ADAPTERS = ("lora", "none")
 
 # A federated method's ``trainable`` ("lora" or "full") -> the ModelConfig.adapter that trains it.

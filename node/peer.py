@@ -10,6 +10,7 @@ import asyncio
 import grpc
 
 from confide.node.agent_service import NodeAgentService
+from confide.node.policy import AdmissionGate, NodePolicy, Refused, TaskRequest
 from confide.node.private_inference import PrivateInference, PrivateInferenceError
 from confide.node.split.transport import SplitServer
 from confide.node.store import ModelStore
@@ -24,8 +25,10 @@ class NodePeerService(node_grpc.NodePeerServicer):
     def __init__(self, info: pb.NodeInfo, models: ModelStore,
                  split_server: SplitServer | None = None,
                  private: PrivateInference | None = None,
-                 agent: NodeAgentService | None = None) -> None:
+                 agent: NodeAgentService | None = None,
+                 gate: AdmissionGate | None = None) -> None:
         self.info = info
+        self.gate = gate or AdmissionGate(NodePolicy())
         self.models = models
         self.split_server = split_server
         self.private = private
@@ -43,6 +46,11 @@ class NodePeerService(node_grpc.NodePeerServicer):
         if which not in ("global", "shared"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"which={which!r}: this node serves 'global' and 'shared' models")
+        try:  # a "shared" model is DIMAT's: whole weights handed to the node's neighbours
+            self.gate.policy.admit(TaskRequest(
+                role="peer-merging" if which == "shared" else "trainer", dataset=""))
+        except Refused as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         try:
             metadata = self.models.metadata(request.job_id, which)
         except ValueError as exc:

@@ -62,6 +62,7 @@ from typing import Any
 import grpc
 from safetensors import safe_open
 
+from confide.node.policy import AdmissionGate, NodePolicy, Refused, TaskRequest
 from confide.v1 import node_pb2
 
 log = logging.getLogger(__name__)
@@ -338,8 +339,11 @@ class PrivateInference:
     def __init__(self, folder: Path | str, *, bind_host: str = "127.0.0.1",
                  advertise_host: str = "", max_sessions: int = MAX_SESSIONS,
                  default_timeout_s: float = DEFAULT_TIMEOUT_S,
-                 max_session_s: float = MAX_SESSION_S, audit: bool | None = None) -> None:
+                 max_session_s: float = MAX_SESSION_S, audit: bool | None = None,
+                 gate: AdmissionGate | None = None) -> None:
         self.registry = PrivateModelRegistry(folder)
+        #: the node owner's policy (role "private-inference")
+        self.gate = gate or AdmissionGate(NodePolicy())
         self.sessions_dir = Path(folder) / "sessions"
         self.bind_host = bind_host or "0.0.0.0"
         self.advertise_host = advertise_host or self.bind_host
@@ -361,6 +365,10 @@ class PrivateInference:
             for m in self.registry.list()])
 
     def open(self, request: node_pb2.PrivateInferenceRequest) -> node_pb2.PrivateInferenceSession:
+        try:
+            self.gate.admit(TaskRequest(role="private-inference"))
+        except Refused as exc:
+            raise PrivateInferenceError(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
         provider = request.provider or "TFP"
         if provider not in PROVIDERS:
             raise PrivateInferenceError(grpc.StatusCode.INVALID_ARGUMENT,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from confide.node.anonymous import AnonymityError, fetch_ring, submit_anonymously
+from confide.node.policy import AdmissionGate, NodePolicy, Refused, TaskRequest, task_role
 from confide.node.secagg import NodeSecureAggregation
 from confide.node.worker import NeedsFullState, TaskCancelled, TaskWorker
 from confide.privacy.ringsig import RingKeyPair
@@ -69,6 +70,7 @@ class CoordinatorLink:
         max_backoff_s: float = 30.0,
         ring_key: RingKeyPair | None = None,
         cost: float = 0.0,
+        gate: AdmissionGate | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.key = key
@@ -78,6 +80,8 @@ class CoordinatorLink:
         self.max_backoff_s = max_backoff_s
         self.ring_key = ring_key
         self.cost = cost
+        #: the node owner's policy, checked before any task starts (node/policy.py)
+        self.gate = gate or AdmissionGate(NodePolicy())
         self.state = LinkState()
         self.publisher: EventPublisher | None = None
         self._busy = False
@@ -211,10 +215,27 @@ class _TaskRunner:
     def send(self, message: pb.NodeMessage) -> None:
         self.outbox.put_nowait(message)
 
-    def fail(self, task_id: str, reason: str, needs_full_state: bool = False) -> None:
+    def fail(self, task_id: str, reason: str, needs_full_state: bool = False,
+             refused: bool = False) -> None:
         self.link.state.tasks_failed += 1
         self.send(pb.NodeMessage(failure=pb.TaskFailure(
-            task_id=task_id, reason=reason, needs_full_state=needs_full_state)))
+            task_id=task_id, reason=reason, needs_full_state=needs_full_state,
+            refused=refused)))
+
+    def refuse(self, task_id: str, reason: str) -> None:
+        """The node's policy refuses the task: the reason goes back to the submitter."""
+        log.warning("task %s refused: %s", task_id[:8], reason)
+        self.fail(task_id, reason, refused=True)
+
+    def _admit(self, task: pb.Task) -> None:
+        """The node's policy on a task from the coordinator (Refused says why not)."""
+        worker = self.link.worker
+        dataset = worker.data.datasets().get(task.spec.train.dataset or "train", 0)
+        self.link.gate.admit(TaskRequest(
+            role=task_role(task), spec=task.spec, job_id=task.job_id,
+            dataset="docs" if task.kind == pb.MINION else None,
+            dataset_size=dataset if task.kind == pb.TRAIN else None,
+            payload_bytes=len(task.instructions)))
 
     def handle(self, message: pb.CoordinatorMessage) -> None:
         kind = message.WhichOneof("body")
@@ -222,6 +243,11 @@ class _TaskRunner:
             task = message.task
             if self.task is not None:
                 self.fail(task.task_id, "node is busy with another task")
+                return
+            try:
+                self._admit(task)
+            except Refused as exc:
+                self.refuse(task.task_id, str(exc))
                 return
             self.task = task
             self.cancelled.clear()
@@ -233,6 +259,13 @@ class _TaskRunner:
         elif kind == "global_chunk":
             chunk = message.global_chunk
             if self.task is None or self.assembler is None or chunk.task_id != self.task.task_id:
+                return
+            cap = self.link.gate.policy.caps.payload_bytes
+            if chunk.chunk.total_bytes > cap:
+                self._finish()
+                self.refuse(chunk.task_id, f"the global state is {chunk.chunk.total_bytes} "
+                                           f"bytes, over this node's cap of {cap} "
+                                           "(caps.payload_bytes)")
                 return
             try:
                 payload = self.assembler.add(chunk.chunk)
@@ -253,6 +286,14 @@ class _TaskRunner:
             log.warning("task %s cancelled: %s", message.cancel.task_id, message.cancel.reason)
             self.cancelled.set()
 
+    def _job_over(self, task: pb.Task) -> None:
+        """The node's part in the job ends with its last round's TRAIN (federated) or MERGE
+        (decentralized) task: it no longer counts towards the concurrent-jobs cap."""
+        if task.round < task.spec.rounds or task.kind not in (pb.TRAIN, pb.MERGE):
+            return
+        if task.kind == pb.MERGE or task_role(task) == "trainer":
+            self.link.gate.finished(task.job_id)
+
     def _start(self, payload: bytes | None) -> None:
         assert self.task is not None
         self.job = asyncio.create_task(self._execute(self.task, payload))
@@ -266,6 +307,15 @@ class _TaskRunner:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         last_report = [0.0]
+        # the policy's cap on seconds per task: past it the task is stopped and refused
+        cap_s = self.link.gate.policy.caps.seconds_per_task
+        overtime = threading.Event()
+
+        def stop_overtime() -> None:
+            overtime.set()
+            self.cancelled.set()
+
+        timer = loop.call_later(cap_s, stop_overtime)
 
         def progress(step: int, total: int, loss: float) -> None:
             if task.anonymous or task.spec.secure_aggregation:
@@ -297,6 +347,9 @@ class _TaskRunner:
                 raise ValueError(f"unknown task kind {task.kind}")
         except TaskCancelled:
             self._finish()
+            if overtime.is_set():
+                self.refuse(task.task_id, f"the task ran past this node's cap of {cap_s:g}s "
+                                          "per task (caps.seconds_per_task) and was stopped")
             return
         except NeedsFullState as exc:  # the coordinator resends the whole state
             log.info("task %s: %s; asking for the whole global state", task.task_id[:8], exc)
@@ -308,7 +361,14 @@ class _TaskRunner:
             self._finish()
             self.fail(task.task_id, f"{type(exc).__name__}: {exc}")
             return
+        finally:
+            timer.cancel()
+            self._job_over(task)
         self._finish()
+        if overtime.is_set():
+            self.refuse(task.task_id, f"the task ran past this node's cap of {cap_s:g}s per "
+                                      "task (caps.seconds_per_task) and was stopped")
+            return
         if self.cancelled.is_set():
             return
         if task.anonymous:

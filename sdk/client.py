@@ -17,6 +17,7 @@ coordinator arrive as ``ConfideError`` with the gRPC status code and its message
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -38,6 +39,26 @@ from confide.v1 import coordinator_pb2_grpc as pb_grpc
 T = TypeVar("T")
 
 TERMINAL_STATES = (pb.COMPLETED, pb.FAILED, pb.CANCELLED)
+#: the environment variable a client token is read from when none is given
+TOKEN_ENV = "CONFIDE_TOKEN"
+#: where a coordinator keeps its client token (coordinator/auth.py)
+TOKEN_FILE = "client_token"
+
+
+def resolve_token(token: str | None = None,
+                  coordinator_data: str | Path | None = None) -> str:
+    """The client token to send: ``token`` if given, else $CONFIDE_TOKEN, else the one the
+    coordinator keeps in ``coordinator_data`` (its --data folder, on this machine), else ""."""
+    if token:
+        return token
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV].strip()
+    if coordinator_data:
+        try:
+            return (Path(coordinator_data) / TOKEN_FILE).read_text(encoding="utf-8").strip()
+        except OSError:
+            return ""
+    return ""
 
 
 class ConfideError(Exception):
@@ -47,6 +68,16 @@ class ConfideError(Exception):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.details = message
+
+
+def refusals(status: pb.JobStatus) -> dict[tuple[int, str], str]:
+    """Every refusal of a job's tasks by a node's owner: (round, node id) -> the node's
+    reason (its policy or privacy budget). A job every node refused fails, and its
+    ``reason`` carries them all too."""
+    prefix = "node refused: "
+    return {(summary.round, node): reason.removeprefix(prefix)
+            for summary in status.rounds for node, reason in summary.dropped.items()
+            if reason.startswith(prefix)}
 
 
 def _wrap(exc: grpc.aio.AioRpcError) -> ConfideError:
@@ -122,13 +153,19 @@ class AsyncClient:
     def __init__(self, address: str, *, timeout: float = 30.0,
                  credentials: grpc.ChannelCredentials | None = None,
                  tls: TLSConfig | str | Path | EllipsisType | None = TLS_PROCESS,
-                 tls_name: str = "") -> None:
+                 tls_name: str = "", token: str | None = None,
+                 coordinator_data: str | Path | None = None) -> None:
         """``tls``: a ``protos.tls.TLSConfig`` or a ``--tls`` folder (``ca.pem`` and, for
         a coordinator that requires client certificates, ``NAME.pem``/``NAME.key``); None is
         plaintext; by default the process's ``protos.tls.configure`` (plaintext if unset).
-        ``credentials`` (raw gRPC channel credentials) wins over ``tls``."""
+        ``credentials`` (raw gRPC channel credentials) wins over ``tls``.
+        ``token``: the coordinator's client token, needed to submit (and, unless it runs
+        with --open-reads, to read) when it listens beyond loopback without TLS; by default
+        $CONFIDE_TOKEN, or the file in ``coordinator_data`` (the coordinator's --data)."""
         self.address = address
         self.timeout = timeout
+        token = resolve_token(token, coordinator_data)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         options = [("grpc.max_receive_message_length", 8 * 1024 * 1024)]
         if isinstance(tls, str | Path):
             tls = TLSConfig.from_folder(tls, tls_name)
@@ -149,7 +186,7 @@ class AsyncClient:
 
     async def _call(self, method: Callable, request) -> Any:
         try:
-            return await method(request, timeout=self.timeout)
+            return await method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise _wrap(exc) from None
 
@@ -206,7 +243,8 @@ class AsyncClient:
 
     async def watch_job(self, job_id: str, after_seq: int = 0) -> AsyncIterator[pb.Event]:
         """Past events, then live ones, until the job ends."""
-        call = self._stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after_seq=after_seq))
+        call = self._stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after_seq=after_seq),
+                                   metadata=self._metadata)
         try:
             async for event in call:
                 yield event
@@ -227,8 +265,8 @@ class AsyncClient:
                                  ) -> dict[str, torch.Tensor]:
         """The global state after ``round_number`` (0: initial; None: the latest)."""
         request = pb.FetchGlobalModelRequest(job_id=job_id, round=round_number)
-        call = self._stub.FetchGlobalModel(request,
-                                           timeout=max(self.timeout, 300))
+        call = self._stub.FetchGlobalModel(request, timeout=max(self.timeout, 300),
+                                           metadata=self._metadata)
         try:
             payload = await assemble_async(call)
         except grpc.aio.AioRpcError as exc:
@@ -246,7 +284,7 @@ class AsyncClient:
         request = pb.AskRequest(question=question, mode=mode, node_ids=list(node_ids),
                                 max_rounds=max_rounds, citations=citations,
                                 anonymous=anonymous)
-        call = self._stub.Ask(request, timeout=timeout)
+        call = self._stub.Ask(request, timeout=timeout, metadata=self._metadata)
         try:
             async for event in call:
                 yield event

@@ -44,6 +44,7 @@ import torch
 from confide.node.methods import get_method, method_params
 from confide.node.methods.sfprompt import SFPromptConfig
 from confide.node.models import model_config
+from confide.node.policy import AdmissionGate, NodePolicy, Refused, TaskRequest
 from confide.node.split.body import LocalBody
 from confide.node.split.model import SplitConfig, build_split
 from confide.protos.chunking import ChunkAssembler, ChunkError, split_payload, wire_bytes
@@ -207,8 +208,11 @@ class SplitServer:
     (seeded, so it matches what the devices cut away), keeps the last ``max_bodies`` built,
     and runs each stream's steps through its own ``LocalBody``."""
 
-    def __init__(self, device: torch.device, cache_dir: Any = None, max_bodies: int = 2) -> None:
+    def __init__(self, device: torch.device, cache_dir: Any = None, max_bodies: int = 2,
+                 gate: AdmissionGate | None = None) -> None:
         self.device = device
+        #: the node owner's policy: a session it refuses is PERMISSION_DENIED with the reason
+        self.gate = gate or AdmissionGate(NodePolicy())
         self.cache_dir = cache_dir
         self.max_bodies = max_bodies
         self._bodies: OrderedDict[bytes, _ServedBody] = OrderedDict()
@@ -263,6 +267,12 @@ class SplitServer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "a split session starts with `open` (job and spec)")
         self.bytes_received += wire_bytes(first)
+        try:
+            self.gate.admit(TaskRequest(role="split-server", spec=first.open.spec,
+                                        job_id=first.open.job_id, dataset=""))
+        except Refused as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"the split-server's policy refuses the session: {exc}")
         try:
             served, config = await self._body(first.open)
         except SplitRequestError as exc:

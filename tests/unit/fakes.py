@@ -33,6 +33,8 @@ class Reply:
     metrics: dict[str, float] = field(default_factory=dict)
     failure: str = ""
     silent: bool = False
+    #: the failure is the node owner's refusal (TaskFailure.refused)
+    refused: bool = False
 
 
 #: (task, the global state it came with or None) -> the node's reply
@@ -108,7 +110,7 @@ class FakeNode:
             return
         if reply.failure:
             self.session.handle(pb.NodeMessage(failure=pb.TaskFailure(
-                task_id=task.task_id, reason=reply.failure)))
+                task_id=task.task_id, reason=reply.failure, refused=reply.refused)))
             return
         payload = reply.raw if reply.raw is not None else tensor_map_to_bytes(reply.update or {})
         for chunk in split_payload(payload, task.task_id):

@@ -215,3 +215,22 @@ def test_a_restarted_job_resumes_at_the_first_uncommitted_round(tmp_path):
         assert trained(node) == [2, 3]
     _, state = store.latest_global(JOB)
     assert torch.equal(state["w"], torch.full((4,), 3.0))
+
+
+def test_a_refusal_is_a_node_refused_event_and_a_refusing_node_is_not_asked_to_init_again(
+        tmp_path):
+    def refuses(task, state):
+        return Reply(failure="this node does not run method 'fedavg-lora'", refused=True)
+
+    coordinator = Coordinator(tmp_path)
+    coordinator.submit(rounds=1, min_nodes=1)
+    nodes = [FakeNode("a", refuses), FakeNode("b", honest())]
+    status = coordinator.run(nodes)
+    assert status.state == pb.COMPLETED, status.reason
+    assert sum(t.kind == pb.INIT for t in nodes[0].tasks) <= 1  # asked at most once
+    (record,) = coordinator.rounds()
+    assert record.participants == ["b"]
+    assert record.dropped == {"a": "node refused: this node does not run method 'fedavg-lora'"}
+    (refused,) = coordinator.events_of("node.refused")
+    assert refused.node_id == "a" and "does not run method" in refused.message
+    assert not coordinator.events_of("node.dropped")

@@ -38,7 +38,7 @@ MERGE: TaskKind
 MINION: TaskKind
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "roles", "peer_address", "device", "datasets", "version", "ring_public_key", "cost", "features")
+    __slots__ = ("name", "roles", "peer_address", "device", "datasets", "version", "ring_public_key", "cost", "features", "dataset_disclosure")
     class DatasetsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class NodeInfo(_message.Message):
     RING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    DATASET_DISCLOSURE_FIELD_NUMBER: _ClassVar[int]
     name: str
     roles: _containers.RepeatedScalarFieldContainer[str]
     peer_address: str
@@ -64,7 +65,8 @@ class NodeInfo(_message.Message):
     ring_public_key: bytes
     cost: float
     features: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., peer_address: _Optional[str] = ..., device: _Optional[str] = ..., datasets: _Optional[_Mapping[str, int]] = ..., version: _Optional[str] = ..., ring_public_key: _Optional[bytes] = ..., cost: _Optional[float] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
+    dataset_disclosure: str
+    def __init__(self, name: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., peer_address: _Optional[str] = ..., device: _Optional[str] = ..., datasets: _Optional[_Mapping[str, int]] = ..., version: _Optional[str] = ..., ring_public_key: _Optional[bytes] = ..., cost: _Optional[float] = ..., features: _Optional[_Iterable[str]] = ..., dataset_disclosure: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("public_key", "info", "timestamp_ms", "signature")
@@ -552,14 +554,16 @@ class TaskResult(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class TaskFailure(_message.Message):
-    __slots__ = ("task_id", "reason", "needs_full_state")
+    __slots__ = ("task_id", "reason", "needs_full_state", "refused")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     NEEDS_FULL_STATE_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     reason: str
     needs_full_state: bool
-    def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ..., needs_full_state: _Optional[bool] = ...) -> None: ...
+    refused: bool
+    def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ..., needs_full_state: _Optional[bool] = ..., refused: _Optional[bool] = ...) -> None: ...
 
 class CostQuery(_message.Message):
     __slots__ = ("query_id", "job_id", "round")
