@@ -87,6 +87,7 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         cost=args.cost,
         local_model=args.local_model,
         agent=not args.no_agent,
+        trust_split_server=args.trust_split_server or [],
     )
     config.tls_dir = getattr(args, "tls", "")
     config.tls_name = getattr(args, "tls_name", "")
@@ -614,6 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anonymous-coordinator", default="",
                    help="the coordinator's --anonymous-listen HOST:PORT, for ring-signed "
                         "uploads without this node's certificate (needed under --tls)")
+    p.add_argument("--trust-split-server", action="append", metavar="NAME",
+                   help="take part in SFPrompt (split learning) jobs whose split-server is NAME "
+                        "(its --name or node id), repeatable. The split-server can read this "
+                        "node's text from the activations it receives (README: split-learning "
+                        "threat model); without this flag SFPrompt tasks are refused")
     p.set_defaults(func=cmd_node_serve)
 
     job = sub.add_parser("job", help="submit, watch and inspect jobs")
