@@ -201,3 +201,19 @@ def test_two_devices_train_the_servers_body_in_turns(tmp_path, shards):
         final = client.wait_job(client.submit_job(spec).job_id)
     assert final.state == pb.COMPLETED, final.reason
     assert len(final.rounds[0].participants) == 2
+
+
+def test_a_device_that_does_not_trust_the_split_server_refuses_the_task(tmp_path, shards):
+    """The split-server reads the devices' text: a device takes part only if its owner named
+    it (--trust-split-server); otherwise it refuses, saying why, and its daemon lives on."""
+    with LocalCluster(tmp_path / "cluster", shards(2, per_node=32), mqtt=False,
+                      split_server=True, trust_split_server="") as cluster, \
+            Client(cluster.address) as client:
+        wait_for_nodes(client, 3)
+        job = client.submit_job(_spec(rounds=1, max_steps=4, round_timeout_s=60))
+        events: list[pb.Event] = []
+        final = client.wait_job(job.job_id, on_event=events.append)
+        assert all(cluster.nodes[i].poll() is None for i in (0, 1))
+    assert final.state == pb.FAILED
+    reasons = final.reason + " ".join(e.message for e in events)
+    assert "--trust-split-server split-server" in reasons, reasons
