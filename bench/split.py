@@ -55,6 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="runs/bench-split")
     p.add_argument("--out", default="bench/results",
                    help="where split.json and split.png go (default: %(default)s)")
+    p.add_argument("--attack", action="store_true",
+                   help="instead: the attack suite (what the split-server reads of the "
+                        "devices' text) and the defences' recovery-vs-accuracy curve, in "
+                        "process; writes split_attack.json and split_attack.png")
+    from confide.bench.split_attack import add_arguments as attack_arguments
+
+    attack_arguments(p.add_argument_group("--attack options"))
 
 
 def _costs(args: argparse.Namespace, params: dict, num_labels: int) -> dict:
@@ -75,6 +82,10 @@ def _costs(args: argparse.Namespace, params: dict, num_labels: int) -> dict:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
+    if getattr(args, "attack", False):
+        from confide.bench.split_attack import run_attack_benchmark
+
+        return run_attack_benchmark(args)
     from confide.bench.federated import parse_methods
     from confide.cluster.experiment import run_experiment, shard_dirs
     from confide.cluster.local import LocalCluster

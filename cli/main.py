@@ -89,6 +89,7 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         cost=args.cost,
         local_model=args.local_model,
         agent=not args.no_agent,
+        trust_split_server=args.trust_split_server or [],
     )
     config.tls_dir = getattr(args, "tls", "")
     config.tls_name = getattr(args, "tls_name", "")
@@ -771,6 +772,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the coordinator's --anonymous-listen HOST:PORT, for ring-signed "
                         "uploads without this node's certificate (needed under --tls)")
     _add_policy_options(p)
+    p.add_argument("--trust-split-server", action="append", metavar="NAME",
+                   help="take part in SFPrompt (split learning) jobs whose split-server is NAME "
+                        "(its --name or node id), repeatable. The split-server can read this "
+                        "node's text from the activations it receives (README: split-learning "
+                        "threat model); without this flag SFPrompt tasks are refused")
     p.set_defaults(func=cmd_node_serve)
     policy = node_sub.add_parser("policy", help="what this node agrees to run")
     policy_sub = policy.add_subparsers(dest="policy_action", required=True)

@@ -35,6 +35,7 @@ class LocalCluster:
         split_server: bool = False,
         tls_dir: Path | None = None,
         listen_host: str = "127.0.0.1",
+        trust_split_server: str = "split-server",
     ) -> None:
         self.root = Path(root)
         self.node_data_dirs = [Path(d) for d in node_data_dirs]
@@ -45,6 +46,10 @@ class LocalCluster:
         self.coordinator_args = tuple(coordinator_args)
         #: also start a node with the "split-server" role (no data) for split learning
         self.split_server = split_server
+        #: the split-server every device of this cluster trusts with its text (SFPrompt's
+        #: opt-in, ``--trust-split-server``); "" trusts none. The default names the cluster's
+        #: own split-server: one user runs every process of a local cluster.
+        self.trust_split_server = trust_split_server
         #: mutual TLS: a folder where the cluster keeps a development CA (tls_dir/ca) and one
         #: --tls folder per process (tls_dir/<name>), created when missing; every process gets
         #: --tls, the coordinator a server-only-TLS anonymous port
@@ -105,6 +110,8 @@ class LocalCluster:
         args = ["node", "serve", "--coordinator", coordinator or self.address,
                 "--data", str(self.node_data_dirs[index]), "--name", f"node{index}",
                 "--threads", str(self.threads_per_node), *self._tls_args(f"node{index}"),
+                *(["--trust-split-server", self.trust_split_server]
+                  if self.trust_split_server else []),
                 *extra]
         process = self._spawn(f"node{index}", args, threads=self.threads_per_node)
         self.nodes[index] = process

@@ -93,7 +93,7 @@ class NodePool:
             if not servers:
                 return None
             return pb.Peer(node_id=servers[0], address=infos[servers[0]].peer_address,
-                           role="split-server")
+                           role="split-server", name=infos[servers[0]].name)
 
         server = await self.job.sessions.wait_until(first_server, self.spec.wait_for_nodes_s)
         if server is None:

@@ -67,6 +67,9 @@ class NodeConfig:
     anonymous_coordinator: str = ""
     #: what the node agrees to (node/policy.py); None: <data>/policy.toml, or the defaults
     policy: NodePolicy | None = None
+    #: split-servers (names or node ids) the owner trusts with this node's text: SFPrompt
+    #: tasks with any other split-server are refused (``node.split.trust``)
+    trust_split_server: list[str] = field(default_factory=list)
 
 
 class NodeDaemon:
@@ -147,7 +150,8 @@ class NodeDaemon:
             for name in ("", "confide.v1.NodePeer"):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         worker = TaskWorker(self.data, self.models, self.device,
-                            local_model=self.config.local_model)
+                            local_model=self.config.local_model,
+                            trusted_split_servers=self.config.trust_split_server)
         self.link = CoordinatorLink(self.config.coordinator, self.key, info, worker,
                                     mqtt_override=self.config.mqtt, ring_key=self.ring_key,
                                     cost=self.config.cost, gate=self.gate)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from confide.node.methods import UpdateError, get_method, method_params
 from confide.node.methods.base import Method, MethodConfig
 from confide.node.minion_worker import MinionCancelled, MinionWorker
 from confide.node.models import job_model_config
+from confide.node.split.trust import require_trusted_split_server
 from confide.node.store import ModelStore
 from confide.node.training.registry import trainer_kind
 from confide.node.training.task import ProgressFn, TaskTrainer
@@ -42,8 +44,11 @@ class NeedsFullState(Exception):
 
 class TaskWorker:
     def __init__(self, data: LocalData, models: ModelStore, device: torch.device,
-                 max_cached_models: int = 1, local_model: str = "smollm2") -> None:
+                 max_cached_models: int = 1, local_model: str = "smollm2",
+                 trusted_split_servers: Collection[str] = ()) -> None:
         self.data = data
+        #: split-servers (names or node ids) this node's owner trusts with its text (SFPrompt)
+        self.trusted_split_servers = frozenset(trusted_split_servers)
         #: Minions: the local model spec (agents.backends) and its worker, made on first use
         self.local_model = local_model
         self._minions: MinionWorker | None = None
@@ -137,6 +142,8 @@ class TaskWorker:
         config = method.parse_config(method_params(spec))
         if method.decentralized:
             return self._train_own(task, progress, cancelled)
+        if method.needs_split_server:
+            require_trusted_split_server(task, self.trusted_split_servers)
         global_state = self._received_global(task, method, config, global_payload)
         examples = self.data.load(spec.train.dataset)
         trainer = self._trainer(spec)

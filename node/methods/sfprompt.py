@@ -122,6 +122,17 @@ class SFPromptConfig(MethodConfig):
     tail trains with the prompts. ``train_lm_head``: so does a causal LM's vocabulary projection
     (large; off by default). ``activation_dtype``: what crosses the wire ("float32",
     "float16", "bfloat16"). ``body_lr``: the server's learning rate for the body (0: frozen).
+
+    Defences of the text against the split-server (``node.split.defences``; measured by
+    ``confide bench split --attack``): ``activation_noise`` sigma >= 0, Gaussian noise on
+    every hidden state sent, about sigma times the token's own norm, from the device's own
+    secret seed (no formal guarantee); ``private_head_lora`` rank >= 0, a LoRA adapter on the
+    head's layers that the device trains and never sends; ``nopeek_weight`` >= 0, the weight
+    of the distance correlation between token embeddings and the hidden states sent, added to
+    the device's loss (needs ``private_head_lora``: the frozen public head cannot learn it).
+    None of them keeps the text from the split-server at an accuracy worth having (README,
+    "Split learning"): a device joins an SFPrompt job only if its owner trusts the
+    split-server (``confide node serve --trust-split-server NAME``).
     """
 
     head_layers: int = 1
@@ -135,17 +146,21 @@ class SFPromptConfig(MethodConfig):
     train_lm_head: bool = False
     activation_dtype: str = "float32"
     body_lr: float = 0.0
+    activation_noise: float = 0.0
+    private_head_lora: int = 0
+    nopeek_weight: float = 0.0
 
     def validate(self) -> None:
         """Raise ValueError, saying what to change, for values that make no sense."""
         lows = {"head_layers": 1, "tail_layers": 0, "num_prompts": 0,
-                "local_loss_steps": 0, "split_steps": 0}
+                "local_loss_steps": 0, "split_steps": 0, "private_head_lora": 0}
         for name, low in lows.items():
             value = getattr(self, name)
             if not _is_int(value) or value < low:
                 hint = (
-                    " (the device must run at least one layer: plain token embeddings sent to "
-                    "the server give the text away)" if name == "head_layers" else ""
+                    " (the device must run at least one layer; even then the hidden states give "
+                    "the text away: see the README's split-learning threat model)"
+                    if name == "head_layers" else ""
                 )
                 raise ValueError(f"sfprompt: {name} must be an integer >= {low}, got "
                                  f"{value!r}{hint}")
@@ -173,6 +188,16 @@ class SFPromptConfig(MethodConfig):
             raise ValueError(
                 f"sfprompt: body_lr must be a finite number >= 0 (0 keeps the server's body "
                 f"frozen), got {self.body_lr!r}"
+            )
+        for name in ("activation_noise", "nopeek_weight"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                raise ValueError(f"sfprompt: {name} must be a finite number >= 0 (0: off), "
+                                 f"got {value!r}")
+        if self.nopeek_weight > 0 and self.private_head_lora == 0:
+            raise ValueError(
+                "sfprompt: nopeek_weight needs private_head_lora >= 1 (the public head is "
+                "frozen: only a device-private adapter can learn to hide the tokens)"
             )
 
 

@@ -30,6 +30,7 @@ class SplitJobTrainer:
     def __init__(self, trainer: SplitTrainer, config: SFPromptConfig) -> None:
         self.trainer = trainer
         self.config = config
+        self._job_id: str | None = None
 
     @classmethod
     def build(cls, model_cfg: ModelConfig, method_cfg: MethodConfig,
@@ -51,6 +52,9 @@ class SplitJobTrainer:
         ``scratch``), then split steps through the job's split-server and local-loss steps on
         the device. Counts the examples that survived pruning."""
         spec, config = task.spec, self.config
+        if task.job_id != self._job_id:  # the private head adapter belongs to one job
+            self.trainer.reset_private_state()
+            self._job_id = task.job_id
         kept = scratch.get("pruned")
         if kept is None:
             kept = self.trainer.prune(examples, config.prune_gamma,

@@ -88,9 +88,10 @@ ROLES = ("all", "device", "server")
 class SplitConfig:
     """Where to cut and what the device trains.
 
-    ``head_layers``: transformer layers on the device before the body (>= 1: with none, the
-    server would receive plain token embeddings, which a nearest-neighbour lookup turns back
-    into the text). ``tail_layers``: layers on the device after the body (0: the tail is only
+    ``head_layers``: transformer layers on the device before the body (>= 1). Neither one nor
+    four layers hide the text: a nearest-neighbour lookup in the public embedding table turns
+    the hidden states back into the tokens (``node.split.attacks``, ``confide bench split
+    --attack``). ``tail_layers``: layers on the device after the body (0: the tail is only
     the final norm / pooler and the output head). ``num_prompts``: soft prompt vectors, drawn
     from the vocabulary embeddings with ``prompt_seed`` (the job's seed: the same on every
     device). ``train_tail``: train the tail's parameters as well as the prompts.
@@ -112,8 +113,8 @@ class SplitConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 hint = (
-                    " (the device must run at least one layer: plain token embeddings sent to "
-                    "the server give the text away)" if name == "head_layers" else ""
+                    " (the device must run at least one layer; even then the hidden states give "
+                    "the text away: see node.split.attacks)" if name == "head_layers" else ""
                 )
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}{hint}")
         for name in ("train_tail", "train_lm_head"):

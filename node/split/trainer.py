@@ -19,6 +19,13 @@ from confide.node.device import bf16_autocast, seeded_rng
 from confide.node.methods.sfprompt import ACTIVATION_DTYPES, SFPromptConfig
 from confide.node.models import ModelConfig
 from confide.node.split.body import Body, is_int, is_number, nbytes
+from confide.node.split.defences import (
+    ActivationNoise,
+    add_private_lora,
+    distance_correlation,
+    private_lora_parameters,
+    reset_private_lora,
+)
 from confide.node.split.model import SplitConfig, build_split
 from confide.node.split.pruning import el2n, kept_examples
 from confide.node.training.batching import Batcher
@@ -36,6 +43,13 @@ class SplitTrainer:
     ``build_split_trainer`` for a job); ``tokenizer`` pads on the right. Batches are made as
     every node trainer makes them (``node.training.batching``). ``device`` is a resolved
     ``torch.device`` (or its name).
+
+    Defences (``node.split.defences``), all on the device: ``activation_noise`` (sigma of the
+    per-token Gaussian noise on every hidden state sent to a body; the local path is not
+    noised), ``private_head_lora`` (rank of a LoRA adapter on the head's layers that trains
+    with the prompts but is not part of ``trainable_state``: it never leaves the device) and
+    ``nopeek_weight`` (weight of the distance correlation between the token embeddings and the
+    hidden states, added to the loss of every step).
     """
 
     def __init__(
@@ -47,6 +61,9 @@ class SplitTrainer:
         max_length: int = 128,
         activation_dtype: str = "float32",
         device: torch.device | str = "cpu",
+        activation_noise: float = 0.0,
+        private_head_lora: int = 0,
+        nopeek_weight: float = 0.0,
     ) -> None:
         if activation_dtype not in ACTIVATION_DTYPES:
             raise ValueError(
@@ -77,6 +94,16 @@ class SplitTrainer:
         if not self._params:
             raise ValueError("nothing trains: no prompts and a frozen tail")
         self._keys = sorted(self._params)
+        self.noise = ActivationNoise(activation_noise)
+        if private_head_lora:
+            add_private_lora(head.stack, private_head_lora)
+            head.stack.to(self.device)
+        self._private = private_lora_parameters(head.stack)
+        if not is_number(nopeek_weight) or nopeek_weight < 0:
+            raise ValueError(f"nopeek_weight must be a finite number >= 0, got {nopeek_weight!r}")
+        if nopeek_weight > 0 and not self._private:
+            raise ValueError("nopeek_weight needs private_head_lora >= 1")
+        self.nopeek_weight = float(nopeek_weight)
         self._shapes = {name: tuple(self._params[name].shape) for name in self._keys}
         self._next_step = 0
         self._batcher = Batcher(tokenizer, task=self.task, num_labels=self.num_labels,
@@ -93,11 +120,15 @@ class SplitTrainer:
         check_state(state, self._shapes, "this split (head/tail layers, prompts, train_tail)")
         copy_into(self._params, state)
 
+    def reset_private_state(self) -> None:
+        """A new job: the private head adapter starts again as the public head."""
+        reset_private_lora(self.head.stack)
+
     # ---------------------------------------------------------------- the seam
 
     def _body_forward(self, body: Body, step: int, hidden: torch.Tensor, mask: torch.Tensor,
                       train: bool, traffic: dict[str, int]) -> torch.Tensor:
-        wire = hidden.detach().to(self.wire_dtype)
+        wire = self.noise(hidden.detach()).to(self.wire_dtype)
         wire_mask = mask.to(torch.bool)
         traffic["up"] += nbytes(wire) + nbytes(wire_mask)
         traffic["mask"] += nbytes(wire_mask)
@@ -148,8 +179,24 @@ class SplitTrainer:
         grad = received.grad if received.grad is not None else torch.zeros_like(received)
         back = self._body_backward(body, step, grad, hidden.shape, traffic)
         if hidden.requires_grad:
-            hidden.backward(back.to(hidden.dtype))
+            leak = self._nopeek(batch, hidden)
+            if leak is None:
+                hidden.backward(back.to(hidden.dtype))
+            else:
+                torch.autograd.backward([hidden, leak], [back.to(hidden.dtype), None])
         return loss
+
+    def _nopeek(self, batch: dict[str, torch.Tensor], hidden: torch.Tensor
+                ) -> torch.Tensor | None:
+        """NoPeek's leakage term: weight x dCor(token embeddings, hidden states sent) over the
+        batch's real tokens (None when off)."""
+        if self.nopeek_weight == 0:
+            return None
+        real = batch["attention_mask"].bool()
+        with torch.no_grad():
+            words = self.head.word_embeddings()(batch["input_ids"])[real]
+        sent = hidden[:, self.num_prompts:][real]
+        return self.nopeek_weight * distance_correlation(words.float(), sent.float())
 
     def _local_loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One local-loss step: the head's output straight into the tail, no server."""
@@ -157,7 +204,8 @@ class SplitTrainer:
         with bf16_autocast(self.device):
             hidden = self.head(batch["input_ids"], batch["attention_mask"])
             loss, _ = self.tail(hidden, mask, batch["labels"])
-        loss.backward()
+        leak = self._nopeek(batch, hidden)
+        (loss if leak is None else loss + leak).backward()
         return loss
 
     # ---------------------------------------------------------------- pruning
@@ -244,7 +292,7 @@ class SplitTrainer:
 
         encoded = self._batcher.encode(examples)
         batches = self._batcher.shuffled(examples, encoded, batch_size, random.Random(seed))
-        params = [self._params[name] for name in self._keys]
+        params = [self._params[name] for name in self._keys] + self._private
         optimizer = torch.optim.AdamW(params, lr=lr)
         total = steps + local_loss_steps
         split_losses: list[float] = []
@@ -351,4 +399,7 @@ def build_split_trainer(
         max_length=model_cfg.max_length,
         activation_dtype=method_cfg.activation_dtype,
         device=device,
+        activation_noise=method_cfg.activation_noise,
+        private_head_lora=method_cfg.private_head_lora,
+        nopeek_weight=method_cfg.nopeek_weight,
     )

@@ -473,16 +473,18 @@ class HeartbeatAck(_message.Message):
     def __init__(self, seq: _Optional[int] = ...) -> None: ...
 
 class Peer(_message.Message):
-    __slots__ = ("node_id", "address", "role", "weight")
+    __slots__ = ("node_id", "address", "role", "weight", "name")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     role: str
     weight: float
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+    name: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., weight: _Optional[float] = ..., name: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("task_id", "job_id", "round", "kind", "spec", "has_global", "deadline_s", "anonymous", "peers", "self_weight", "instructions", "global_base_digest", "global_digest", "global_from_seed")
