@@ -91,8 +91,16 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
     config.tls_dir = getattr(args, "tls", "")
     config.tls_name = getattr(args, "tls_name", "")
     config.anonymous_coordinator = args.anonymous_coordinator
+    config.privacy_budget = args.privacy_budget
+    config.privacy_delta = args.delta
+    config.private_datasets = args.private_dataset or []
+    from confide.privacy.budget import LedgerError
+
     try:
         return _run_until_signal(serve(config))
+    except LedgerError as exc:  # never start from an empty budget
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:  # e.g. --device cuda on a machine without CUDA
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -259,6 +267,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         paid = ledger.totals.get(node.node_id, 0.0)
         print(f"{node.node_id:<34}{node.info.name[:11]:<12}{state:<9}{node.info.device:<8}"
               f"{','.join(node.info.roles)[:15]:<16}{paid:>8.3f}  {datasets}")
+    budgets = [(node, row) for node in nodes for row in node.info.privacy]
+    if budgets:
+        print()
+        print(f"{'NODE':<12}{'DATASET':<16}{'EPSILON SPENT':>14}{'BUDGET':>9}{'DELTA':>9}"
+              f"{'JOBS':>6}  PRIVATE")
+        for node, row in budgets:
+            budget = f"{row.epsilon_budget:g}" if row.epsilon_budget else "none"
+            print(f"{node.info.name[:11]:<12}{row.dataset[:15]:<16}{row.epsilon_spent:>14.3f}"
+                  f"{budget:>9}{row.delta:>9.0e}{row.charges:>6}  "
+                  f"{'yes' if row.private else 'no'}")
     if jobs:
         print()
         print(f"{'JOB':<14}{'METHOD':<14}{'STATE':<11}ROUNDS")
@@ -614,6 +632,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anonymous-coordinator", default="",
                    help="the coordinator's --anonymous-listen HOST:PORT, for ring-signed "
                         "uploads without this node's certificate (needed under --tls)")
+    p.add_argument("--privacy-budget", type=float, default=None, metavar="EPS",
+                   help="the epsilon each of this node's datasets may spend over all DP jobs "
+                        "(composed; kept in <data>/privacy-ledger.json across restarts): a "
+                        "task that would exceed it is refused (default: uncapped, spending is "
+                        "still recorded)")
+    p.add_argument("--delta", type=float, default=1e-5,
+                   help="the delta the budget is accounted at (default: %(default)s)")
+    p.add_argument("--private-dataset", action="append", metavar="NAME",
+                   help="a dataset only differentially private tasks may use (example-level "
+                        "dp-lora); repeatable")
     p.set_defaults(func=cmd_node_serve)
 
     job = sub.add_parser("job", help="submit, watch and inspect jobs")

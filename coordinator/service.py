@@ -140,7 +140,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                          "node info too large: name <= 128 chars, <= 16 roles, "
                          "peer_address <= 256 chars")
-        if len(info.datasets) > 256:
+        if len(info.datasets) > 256 or len(info.privacy) > 256:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "at most 256 datasets per node")
         node_id = node_id_for(request.public_key)
         self.store.upsert_node(node_id, request.public_key, info)

@@ -180,9 +180,10 @@ class NodeSession:
             pending = self._pending.get(message.failure.task_id)
             if pending is not None:
                 reason = message.failure.reason[:2000] or "node reported a failure"
+                what = "node refused" if message.failure.refused else "node failed"
                 pending.bytes_up += wire_bytes(message)
                 pending.settle(pending.outcome(
-                    self.node_id, False, f"node failed: {reason}",
+                    self.node_id, False, f"{what}: {reason}",
                     needs_full_state=message.failure.needs_full_state))
                 # only the failure of a task we were waiting for frees the node (a refusal
                 # "busy with another task" does not)

@@ -17,6 +17,7 @@ from confide.node.anonymous import load_or_create_ring_key
 from confide.node.data import LocalData
 from confide.node.device import select_device
 from confide.node.peer import NodePeerService
+from confide.node.privacy_guard import PrivacyGuard, PrivacySettings
 from confide.node.private_inference import PrivateInference
 from confide.node.session import CoordinatorLink
 from confide.node.split.transport import SplitServer
@@ -64,6 +65,11 @@ class NodeConfig:
     tls_name: str = ""
     #: the coordinator's anonymous port (server-only TLS); "" = the coordinator address
     anonymous_coordinator: str = ""
+    #: the owner's privacy budget per dataset (None: uncapped), its delta, and the datasets
+    #: only DP tasks may use (node/privacy_guard.py)
+    privacy_budget: float | None = None
+    privacy_delta: float = 1e-5
+    private_datasets: list[str] = field(default_factory=list)
 
 
 class NodeDaemon:
@@ -74,6 +80,12 @@ class NodeDaemon:
         self.ring_key = load_or_create_ring_key(self.data_dir / "ring_key.seed")
         self.tls = tls_load(config.tls_dir, config.tls_name)
         self.data = LocalData(self.data_dir)
+        # before anything else runs: a corrupt ledger (LedgerError) stops the node
+        self.privacy = PrivacyGuard.open(
+            self.data_dir,
+            PrivacySettings(config.privacy_budget, config.privacy_delta,
+                            list(config.private_datasets)),
+            list(self.data.datasets()))
         self.models = ModelStore(self.data_dir / "models")
         self.device = select_device(config.device)
         self.server: grpc.aio.Server | None = None
@@ -139,7 +151,7 @@ class NodeDaemon:
             for name in ("", "confide.v1.NodePeer"):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         worker = TaskWorker(self.data, self.models, self.device,
-                            local_model=self.config.local_model)
+                            local_model=self.config.local_model, guard=self.privacy)
         self.link = CoordinatorLink(self.config.coordinator, self.key, info, worker,
                                     mqtt_override=self.config.mqtt, ring_key=self.ring_key,
                                     cost=self.config.cost)

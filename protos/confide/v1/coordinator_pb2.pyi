@@ -38,7 +38,7 @@ MERGE: TaskKind
 MINION: TaskKind
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "roles", "peer_address", "device", "datasets", "version", "ring_public_key", "cost", "features")
+    __slots__ = ("name", "roles", "peer_address", "device", "datasets", "version", "ring_public_key", "cost", "features", "privacy")
     class DatasetsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class NodeInfo(_message.Message):
     RING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     name: str
     roles: _containers.RepeatedScalarFieldContainer[str]
     peer_address: str
@@ -64,7 +65,24 @@ class NodeInfo(_message.Message):
     ring_public_key: bytes
     cost: float
     features: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., peer_address: _Optional[str] = ..., device: _Optional[str] = ..., datasets: _Optional[_Mapping[str, int]] = ..., version: _Optional[str] = ..., ring_public_key: _Optional[bytes] = ..., cost: _Optional[float] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
+    privacy: _containers.RepeatedCompositeFieldContainer[DatasetPrivacy]
+    def __init__(self, name: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., peer_address: _Optional[str] = ..., device: _Optional[str] = ..., datasets: _Optional[_Mapping[str, int]] = ..., version: _Optional[str] = ..., ring_public_key: _Optional[bytes] = ..., cost: _Optional[float] = ..., features: _Optional[_Iterable[str]] = ..., privacy: _Optional[_Iterable[_Union[DatasetPrivacy, _Mapping]]] = ...) -> None: ...
+
+class DatasetPrivacy(_message.Message):
+    __slots__ = ("dataset", "epsilon_budget", "delta", "epsilon_spent", "private", "charges")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_FIELD_NUMBER: _ClassVar[int]
+    CHARGES_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    epsilon_budget: float
+    delta: float
+    epsilon_spent: float
+    private: bool
+    charges: int
+    def __init__(self, dataset: _Optional[str] = ..., epsilon_budget: _Optional[float] = ..., delta: _Optional[float] = ..., epsilon_spent: _Optional[float] = ..., private: _Optional[bool] = ..., charges: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("public_key", "info", "timestamp_ms", "signature")
@@ -530,14 +548,16 @@ class TaskResult(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class TaskFailure(_message.Message):
-    __slots__ = ("task_id", "reason", "needs_full_state")
+    __slots__ = ("task_id", "reason", "needs_full_state", "refused")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     NEEDS_FULL_STATE_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     reason: str
     needs_full_state: bool
-    def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ..., needs_full_state: _Optional[bool] = ...) -> None: ...
+    refused: bool
+    def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ..., needs_full_state: _Optional[bool] = ..., refused: _Optional[bool] = ...) -> None: ...
 
 class CostQuery(_message.Message):
     __slots__ = ("query_id", "job_id", "round")
