@@ -308,6 +308,23 @@ class LoraTrainer:
         return token.sum(dim=1) / counted
 
     @torch.no_grad()
+    def example_losses(self, examples: Sequence[Example], *,
+                       batch_size: int = 32) -> list[float]:
+        """Each example's own loss under the current state (eval mode): what a membership
+        inference audit scores (``privacy.audit``)."""
+        self._batcher.check(examples)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            encoded = self._batcher.encode(examples)
+            losses: list[float] = []
+            for batch in self._batcher.in_order(examples, encoded, batch_size):
+                losses.extend(self._per_example_loss(batch).tolist())
+        finally:
+            self.model.train(was_training)
+        return losses
+
+    @torch.no_grad()
     def evaluate(self, examples: Sequence[Example], *, batch_size: int = 32) -> dict[str, float]:
         """Loss and accuracy (classification) or loss and perplexity (causal LM).
 
