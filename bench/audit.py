@@ -128,9 +128,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
             spec = job_spec(method, name=f"audit-{method}", rounds=args.rounds,
                             min_nodes=args.nodes, base="minilm", num_labels=len(labels),
                             max_length=args.max_length, learning_rate=args.lr, seed=args.seed,
-                            epochs=1 if private else args.overfit_epochs, params=params)
+                            epochs=1 if private else args.overfit_epochs, params=params,
+                            wait_for_nodes_s=600)  # nodes load MiniLM slowly on a busy box
             result = run_experiment(cluster, spec, test, label=f"{label(method, params)} ",
                                     evaluate_before=False)
+            if not result.ok:
+                print(f"{label(method, params)}: {result.state}: {result.reason}")
+                continue
             with Client(cluster.address) as client:
                 state = client.fetch_global_model(result.job_id)
             specs.append(spec)
@@ -141,6 +145,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
                          "global_state": state})
     finally:
         cluster.stop()
+    if not rows:
+        print("no job completed: nothing to audit")
+        return 1
     refs = reference_losses(specs[0], reference_pool, members + nonmembers, args.references,
                             args.reference_size, args.rounds * args.overfit_epochs, args.lr,
                             args.seed) if args.references else []
@@ -159,7 +166,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     (out / "audit.json").write_text(json.dumps(report, indent=2))
     _plot(rows, out / "audit.png")
     print(f"wrote {out / 'audit.json'} and {out / 'audit.png'}")
-    return 0 if all(r["state"] == "COMPLETED" for r in rows) else 1
+    return 0 if len(rows) == len(jobs) else 1
 
 
 def _print(rows: list[dict], args: argparse.Namespace) -> None:
