@@ -137,7 +137,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
                 continue
             with Client(cluster.address) as client:
                 state = client.fetch_global_model(result.job_id)
-            specs.append(spec)
+                # the spec as the coordinator completed it (defaults filled in)
+                specs.append(client.get_job(result.job_id).spec)
             last = result.rounds[-1]["metrics"] if result.rounds else {}
             rows.append({"job": label(method, params), "state": result.state,
                          "accuracy": result.after.get("accuracy"),
