@@ -34,6 +34,21 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def dp_lora_defaults(params: dict | None, rounds: int) -> dict:
+    """The demo's example-level DP-LoRA unless told otherwise: epsilon 8 (delta 1e-5) over the
+    demo's rounds, Poisson batches of 64 expected examples, 15 DP-SGD steps per round."""
+    params = dict(params or {})
+    if params.get("unit", "example") != "example":
+        return params
+    if not (params.get("target_epsilon") or params.get("noise_multiplier")
+            or params.get("no_noise")):
+        params["target_epsilon"] = 8.0
+    params.setdefault("rounds", rounds)
+    params.setdefault("local_steps", 15)
+    params.setdefault("expected_batch_size", 64)
+    return params
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from confide.cluster.experiment import run_experiment, shard_dirs
     from confide.cluster.local import ClusterError, LocalCluster
@@ -44,6 +59,9 @@ def run_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:  # a typo in the method or its parameters fails here, before anything starts
         params = json.loads(args.params) if args.params else None
+        if args.method == "dp-lora":
+            params = dp_lora_defaults(params, args.rounds)
+            print(f"dp-lora parameters: {json.dumps(params)}")
         get_method(args.method).parse_config(params)
     except ValueError as exc:  # json.JSONDecodeError included
         print(f"error: {exc}")
@@ -104,8 +122,10 @@ def run_demo(args: argparse.Namespace) -> int:
     for r in result.rounds:
         loss = r["metrics"].get("loss_last", float("nan"))
         acc = r["eval"].get("accuracy", float("nan"))
+        epsilon = r["metrics"].get("epsilon")
         print(f"{r['round']:>5} {r['participants']:>5} {loss:>10.4f} {acc:>9.3f} "
-              f"{r['bytes_up'] / 1e3:>10.1f} {r['bytes_down'] / 1e3:>10.1f} {r['seconds']:>8.1f}")
+              f"{r['bytes_up'] / 1e3:>10.1f} {r['bytes_down'] / 1e3:>10.1f} {r['seconds']:>8.1f}"
+              + (f"  epsilon {epsilon:.2f}" if epsilon is not None else ""))
     if result.before:
         after = result.after.get("accuracy", float("nan"))
         print(f"held-out accuracy ({len(test)} articles): before "
