@@ -271,15 +271,15 @@ class DPLoRA(FederatedMethod):
             raise ValueError(
                 f"dp-lora: unit must be one of {', '.join(UNITS)}, got {config.unit!r}"
             )
-        if config.unit == "example":
-            self._validate_example(config)
-            return
         for field in ("clip_norm", "noise_multiplier", "target_epsilon", "delta"):
             value = getattr(config, field)
             if not _is_number(value):
                 raise ValueError(f"dp-lora: {field} must be a finite number, got {value!r}")
         if config.clip_norm <= 0:
             raise ValueError(f"dp-lora: clip_norm (C) must be > 0, got {config.clip_norm}")
+        if config.unit == "example":
+            self._validate_example(config)
+            return
         if config.noise_multiplier < 0:
             raise ValueError(
                 f"dp-lora: noise_multiplier (sigma) must be >= 0, got {config.noise_multiplier}"
@@ -318,12 +318,6 @@ class DPLoRA(FederatedMethod):
             )
 
     def _validate_example(self, config: DPLoRAConfig) -> None:
-        for field in ("clip_norm", "noise_multiplier", "target_epsilon", "delta"):
-            value = getattr(config, field)
-            if not _is_number(value):
-                raise ValueError(f"dp-lora: {field} must be a finite number, got {value!r}")
-        if config.clip_norm <= 0:
-            raise ValueError(f"dp-lora: clip_norm (C) must be > 0, got {config.clip_norm}")
         if config.noise_multiplier < 0 or config.target_epsilon < 0:
             raise ValueError("dp-lora: noise_multiplier and target_epsilon must be >= 0")
         if not 0 < config.delta < 1:

@@ -94,3 +94,33 @@ def test_train_only_moves_only_what_it_names(train_only, moved, kept):
     assert all(p.requires_grad for n, p in trainer.model.named_parameters()
                if "lora_" in n or "classifier.modules_to_save" in n)
     assert not hasattr(trainer.model, "_forward_counter")
+
+
+def test_example_level_sends_the_plain_delta_and_checks_its_parameters():
+    method = get_method("dp-lora")
+    config = method.parse_config(PARAMS)
+    global_state = {"w": torch.zeros(4)}
+    local_state = {"w": torch.full((4,), 3.0)}  # norm 6, far above C = 1: not clipped here
+    update = method.client_update(config, global_state, local_state, {})
+    assert torch.equal(update["w"], local_state["w"])
+    for bad, message in [({**PARAMS, "rounds": 0}, "rounds"),
+                         ({**PARAMS, "train_only": "lora-a"}, "train_only"),
+                         ({**PARAMS, "no_noise": True}, "no_noise"),
+                         ({**PARAMS, "noise_multiplier": 1.0}, "not both"),
+                         ({"rounds": 2}, "noise level is required"),
+                         ({**PARAMS, "unit": "person"}, "unit")]:
+        with pytest.raises(ValueError, match=message):
+            method.parse_config(bad)
+    assert method.before_round(config, 3, 3, 3) is not None  # past the charged rounds
+
+
+def test_the_rounds_epsilon_is_the_largest_nodes():
+    from confide.coordinator.job import weighted_metrics
+    from confide.coordinator.sessions import TaskOutcome
+
+    outcomes = [TaskOutcome("a", "t1", True, num_examples=100, metrics={"epsilon": 2.0,
+                                                                        "loss_last": 1.0}),
+                TaskOutcome("b", "t2", True, num_examples=300, metrics={"epsilon": 5.0,
+                                                                        "loss_last": 3.0})]
+    metrics = weighted_metrics(outcomes)
+    assert metrics["epsilon"] == 5.0 and metrics["loss_last"] == 2.5
