@@ -5,7 +5,9 @@ cross a node's budget is refused with the reason, and the spending survives a no
 
 from __future__ import annotations
 
+import contextlib
 import stat
+from collections.abc import Iterator
 
 import pytest
 
@@ -21,6 +23,21 @@ PARAMS = {"noise_multiplier": SIGMA, "rounds": ROUNDS, "local_steps": STEPS,
           "expected_batch_size": BATCH}
 
 
+@contextlib.contextmanager
+def _cluster(tmp_path, dirs, *flags: str) -> Iterator[tuple[LocalCluster, Client]]:
+    """A coordinator and one node per folder, every node started with ``flags``."""
+    cluster = LocalCluster(tmp_path / "cluster", dirs, mqtt=False)
+    try:
+        cluster.start_coordinator()
+        for i in range(len(dirs)):
+            cluster.start_node(i, *flags)
+        with Client(cluster.address) as client:
+            wait_for_nodes(client, len(dirs))
+            yield cluster, client
+    finally:
+        cluster.stop()
+
+
 def _spec(name: str) -> pb.JobSpec:
     return tiny_spec(method="dp-lora", name=name, rounds=ROUNDS, min_nodes=2, params=PARAMS)
 
@@ -34,14 +51,7 @@ def test_a_node_refuses_the_job_that_would_cross_its_budget_even_after_a_restart
     budget = (one_job + two_jobs) / 2  # room for one job, not for two
     flags = ("--privacy-budget", f"{budget}", "--delta", f"{DELTA}")
     dirs = shards(2, per_node=PER_NODE)
-    with (
-        LocalCluster(tmp_path / "cluster", dirs, mqtt=False) as cluster,
-        Client(cluster.address) as client,
-    ):
-        cluster.start_coordinator()
-        for i in range(2):
-            cluster.start_node(i, *flags)
-        wait_for_nodes(client, 2)
+    with _cluster(tmp_path, dirs, *flags) as (cluster, client):
         first = client.submit_job(_spec("first"))
         events: list[pb.Event] = []
         final = client.wait_job(first.job_id, on_event=events.append)
@@ -78,14 +88,7 @@ def test_a_node_refuses_the_job_that_would_cross_its_budget_even_after_a_restart
 
 
 def test_a_private_dataset_refuses_a_non_private_task(tmp_path, shards):
-    with (
-        LocalCluster(tmp_path / "cluster", shards(2), mqtt=False) as cluster,
-        Client(cluster.address) as client,
-    ):
-        cluster.start_coordinator()
-        for i in range(2):
-            cluster.start_node(i, "--private-dataset", "train")
-        wait_for_nodes(client, 2)
+    with _cluster(tmp_path, shards(2), "--private-dataset", "train") as (_, client):
         job = client.submit_job(tiny_spec(method="fedavg-lora", rounds=1, min_nodes=2))
         final = client.wait_job(job.job_id)
         assert final.state == pb.FAILED
