@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--test-size", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--round-timeout", type=float, default=600.0,
+                   help="seconds a round may take before its nodes are dropped; DP-SGD rows "
+                        "on a busy CPU need more (default: %(default)s)")
     p.add_argument("--workdir", default="runs/bench-federated")
     p.add_argument("--out", default="bench/results",
                    help="where federated.json and federated.png go; the previous JSON there is "
@@ -134,7 +137,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
             spec = job_spec(method, name=f"bench-{method}", rounds=args.rounds,
                             min_nodes=args.nodes, base=args.base, num_labels=len(labels),
                             max_length=args.max_length, learning_rate=args.lr, seed=args.seed,
-                            params=params, wait_for_nodes_s=600)
+                            params=params, wait_for_nodes_s=600,
+                            round_timeout_s=args.round_timeout)
             names.append(label(method, params))
             results.append(run_experiment(cluster, spec, test, label=f"{names[-1]} ",
                                           evaluate_before=index == 0, evaluate_rounds=True))
