@@ -36,6 +36,21 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="SecAgg+: the coordinator sees only masked vectors and each round's sum")
 
 
+def dp_lora_defaults(params: dict | None, rounds: int) -> dict:
+    """The demo's example-level DP-LoRA unless told otherwise: epsilon 8 (delta 1e-5) over the
+    demo's rounds, Poisson batches of 64 expected examples, 15 DP-SGD steps per round."""
+    params = dict(params or {})
+    if params.get("unit", "example") != "example":
+        return params
+    if not (params.get("target_epsilon") or params.get("noise_multiplier")
+            or params.get("no_noise")):
+        params["target_epsilon"] = 8.0
+    params.setdefault("rounds", rounds)
+    params.setdefault("local_steps", 15)
+    params.setdefault("expected_batch_size", 64)
+    return params
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from confide.cluster.experiment import run_experiment, shard_dirs
     from confide.cluster.local import ClusterError, LocalCluster
@@ -47,6 +62,9 @@ def run_demo(args: argparse.Namespace) -> int:
     secure = bool(getattr(args, "secure_aggregation", False))
     try:  # a typo in the method or its parameters fails here, before anything starts
         params = json.loads(args.params) if args.params else None
+        if args.method == "dp-lora":
+            params = dp_lora_defaults(params, args.rounds)
+            print(f"dp-lora parameters: {json.dumps(params)}")
         get_method(args.method).parse_config(params)
     except ValueError as exc:  # json.JSONDecodeError included
         print(f"error: {exc}")
@@ -109,8 +127,10 @@ def run_demo(args: argparse.Namespace) -> int:
     for r in result.rounds:
         loss = r["metrics"].get("loss_last", float("nan"))  # none under secure aggregation
         acc = r["eval"].get("accuracy", float("nan"))
+        epsilon = r["metrics"].get("epsilon")
         print(f"{r['round']:>5} {r['participants']:>5} {loss:>10.4f} {acc:>9.3f} "
-              f"{r['bytes_up'] / 1e3:>10.1f} {r['bytes_down'] / 1e3:>10.1f} {r['seconds']:>8.1f}")
+              f"{r['bytes_up'] / 1e3:>10.1f} {r['bytes_down'] / 1e3:>10.1f} {r['seconds']:>8.1f}"
+              + (f"  epsilon {epsilon:.2f}" if epsilon is not None else ""))
     if secure:
         print("securely aggregated: the coordinator saw masked vectors and each round's sum "
               "only (no per-node loss); `confide job status` lists the survivors per round")

@@ -101,8 +101,16 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(f"error: policy: {exc}", file=sys.stderr)
         return 2
+    config.privacy_budget = args.privacy_budget
+    config.privacy_delta = args.delta
+    config.private_datasets = args.private_dataset or []
+    from confide.privacy.budget import LedgerError
+
     try:
         return _run_until_signal(serve(config))
+    except LedgerError as exc:  # never start from an empty budget
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:  # e.g. --device cuda on a machine without CUDA
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -373,6 +381,44 @@ def cmd_job_fetch(args: argparse.Namespace) -> int:
 
 
 @_sdk_errors
+def cmd_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from confide.bench.audit import audit_global_model, reference_losses
+    from confide.node.data import load_jsonl
+
+    members = load_jsonl(Path(args.members))
+    nonmembers = load_jsonl(Path(args.non_members))
+    if not members or not nonmembers:
+        print("error: --members and --non-members must each hold at least one example",
+              file=sys.stderr)
+        return 2
+    with _client(args) as client:
+        status = client.get_job(args.job_id)
+        state = client.fetch_global_model(args.job_id)
+    spec = status.spec
+    refs = []
+    if args.reference_data and args.references:
+        refs = reference_losses(spec, load_jsonl(Path(args.reference_data)),
+                                members + nonmembers, args.references, args.reference_size,
+                                args.reference_epochs, spec.train.learning_rate or 2e-3, 0)
+    results = audit_global_model(spec, state, members, nonmembers, refs, args.delta)
+    epsilon = status.rounds[-1].metrics.get("epsilon") if status.rounds else None
+    if args.json:
+        print(json.dumps({"job": args.job_id, "accounted_epsilon": epsilon, "delta": args.delta,
+                          "attacks": results}, indent=2))
+        return 0
+    print(f"job {args.job_id} ({spec.method}): accounted epsilon "
+          f"{f'{epsilon:.3g}' if epsilon is not None else 'none (not private)'} at delta "
+          f"{args.delta:g}; {len(members)} members, {len(nonmembers)} non-members")
+    print(f"{'attack':<16}{'AUC':>7}{'TPR@1%FPR':>11}{'TPR@0.1%FPR':>13}{'eps lower bound':>17}")
+    for r in results:
+        print(f"{r['attack']:<16}{r['auc']:>7.3f}{r['tpr_at_1pct_fpr']:>11.3f}"
+              f"{r['tpr_at_0_1pct_fpr']:>13.3f}{r['epsilon_lower_bound']:>17.3f}")
+    return 0
+
+
+@_sdk_errors
 def cmd_status(args: argparse.Namespace) -> int:
     from confide.v1 import coordinator_pb2 as pb
 
@@ -389,6 +435,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         paid = ledger.totals.get(node.node_id, 0.0)
         print(f"{node.node_id:<34}{node.info.name[:11]:<12}{state:<9}{node.info.device:<8}"
               f"{','.join(node.info.roles)[:15]:<16}{paid:>8.3f}  {datasets}")
+    budgets = [(node, row) for node in nodes for row in node.info.privacy]
+    if budgets:
+        print()
+        print(f"{'NODE':<12}{'DATASET':<16}{'EPSILON SPENT':>14}{'BUDGET':>9}{'DELTA':>9}"
+              f"{'JOBS':>6}  PRIVATE")
+        for node, row in budgets:
+            budget = f"{row.epsilon_budget:g}" if row.epsilon_budget else "none"
+            print(f"{node.info.name[:11]:<12}{row.dataset[:15]:<16}{row.epsilon_spent:>14.3f}"
+                  f"{budget:>9}{row.delta:>9.0e}{row.charges:>6}  "
+                  f"{'yes' if row.private else 'no'}")
     if jobs:
         print()
         print(f"{'JOB':<14}{'METHOD':<14}{'STATE':<11}ROUNDS")
@@ -644,6 +700,8 @@ BENCHMARKS = {
              "all-natural-language baseline: model tokens and bytes",
     "secagg": "secure aggregation (SecAgg+) vs the plain round: bytes and seconds per phase at "
               "3-100 nodes with dropouts, and plain vs secure fedavg-lora through real daemons",
+    "audit": "membership inference (loss threshold, offline LiRA) against non-private and "
+             "example-level DP-LoRA global models: AUC, TPR at low FPR, empirical epsilon",
     "soak": "one coordinator under many simulated node sessions (1,000 by default): sessions "
             "held, round latency, heartbeat RTT, coordinator memory",
 }
@@ -771,6 +829,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anonymous-coordinator", default="",
                    help="the coordinator's --anonymous-listen HOST:PORT, for ring-signed "
                         "uploads without this node's certificate (needed under --tls)")
+    p.add_argument("--privacy-budget", type=float, default=None, metavar="EPS",
+                   help="the epsilon each of this node's datasets may spend over all DP jobs "
+                        "(composed; kept in <data>/privacy-ledger.json across restarts): a "
+                        "task that would exceed it is refused (default: uncapped, spending is "
+                        "still recorded)")
+    p.add_argument("--delta", type=float, default=1e-5,
+                   help="the delta the budget is accounted at (default: %(default)s)")
+    p.add_argument("--private-dataset", action="append", metavar="NAME",
+                   help="a dataset only differentially private tasks may use (example-level "
+                        "dp-lora); repeatable")
     _add_policy_options(p)
     p.add_argument("--trust-split-server", action="append", metavar="NAME",
                    help="take part in SFPrompt (split learning) jobs whose split-server is NAME "
@@ -860,6 +928,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print every event as a JSON line")
     _add_token_options(p)
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("audit", help="membership inference against a finished job's model",
+                       description="Can the job's global model tell your training examples "
+                       "(--members) from held-out ones of the same distribution "
+                       "(--non-members)? A loss-threshold attack and, with --reference-data, "
+                       "an offline LiRA calibrated by reference models trained here on "
+                       "examples that are neither. Prints AUC, TPR at 1%% and 0.1%% FPR and "
+                       "the empirical epsilon lower bound (95%%) beside the accounted epsilon. "
+                       "Run it where the data is: only its owner has the members.")
+    p.add_argument("job_id")
+    p.add_argument("--coordinator", default="127.0.0.1:50051", help="coordinator HOST:PORT")
+    p.add_argument("--members", required=True, help="JSONL of examples the job trained on")
+    p.add_argument("--non-members", required=True,
+                   help="JSONL of held-out examples of the same distribution")
+    p.add_argument("--reference-data", default="",
+                   help="JSONL to train reference models on (neither members nor non-members)")
+    p.add_argument("--references", type=int, default=2)
+    p.add_argument("--reference-size", type=int, default=240)
+    p.add_argument("--reference-epochs", type=int, default=3)
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("status", help="nodes and jobs at a glance")
     p.add_argument("--coordinator", default="127.0.0.1:50051", help="coordinator HOST:PORT")

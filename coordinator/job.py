@@ -24,16 +24,26 @@ class JobStopped(Exception):
     """The method ended the job cleanly before a round (e.g. its privacy budget is spent)."""
 
 
+MAX_OVER_NODES = ("epsilon", "epsilon_node_budget_spent")
+"""Metrics whose round value is the largest node's, not a mean: example-level DP spends each
+node's epsilon on its own examples (parallel composition), so the job's epsilon is the max."""
+
+
 def weighted_metrics(outcomes: Sequence[TaskOutcome]) -> dict[str, float]:
-    """Example-weighted means of the nodes' metrics (each node reports its own)."""
+    """Example-weighted means of the nodes' metrics (each node reports its own); the privacy
+    figures in ``MAX_OVER_NODES`` are the maximum instead."""
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
+    largest: dict[str, float] = {}
     for outcome in outcomes:
         w = float(max(outcome.num_examples, 1))
         for key, value in outcome.metrics.items():
+            if key in MAX_OVER_NODES:
+                largest[key] = max(largest.get(key, value), value)
+                continue
             totals[key] = totals.get(key, 0.0) + w * value
             weights[key] = weights.get(key, 0.0) + w
-    return {key: totals[key] / weights[key] for key in totals}
+    return {**{key: totals[key] / weights[key] for key in totals}, **largest}
 
 
 @dataclass

@@ -144,7 +144,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                          "node info too large: name <= 128 chars, <= 16 roles, "
                          "peer_address <= 256 chars")
-        if len(info.datasets) > 256:
+        if len(info.datasets) > 256 or len(info.privacy) > 256:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "at most 256 datasets per node")
         if RING_KEY_FEATURE in info.features and not is_valid_public_key(info.ring_public_key):
             # checked here, once: a bad key in a round's ring would stop its whole set

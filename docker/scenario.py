@@ -109,7 +109,7 @@ def step_dp_lora(client, args, devices, servers) -> dict:
                     min_nodes=len(devices), base=args.base, num_labels=args.num_labels,
                     max_length=args.max_length, max_steps=args.max_steps,
                     learning_rate=2e-3, round_timeout_s=args.timeout, wait_for_nodes_s=120,
-                    params={"noise_multiplier": args.noise_multiplier,
+                    params={"unit": "node", "noise_multiplier": args.noise_multiplier,
                             "clip_norm": args.clip_norm, "mode": "local"})
     job_id, final = _run_job(client, spec)
     epsilons = [r.metrics["epsilon"] for r in final.rounds if r.state == "completed"]

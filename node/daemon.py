@@ -18,6 +18,7 @@ from confide.node.data import LocalData
 from confide.node.device import select_device
 from confide.node.peer import NodePeerService
 from confide.node.policy import AdmissionGate, NodePolicy, load_policy
+from confide.node.privacy_guard import PrivacyGuard, PrivacySettings
 from confide.node.private_inference import PrivateInference
 from confide.node.session import CoordinatorLink
 from confide.node.split.transport import SplitServer
@@ -70,6 +71,11 @@ class NodeConfig:
     #: split-servers (names or node ids) the owner trusts with this node's text: SFPrompt
     #: tasks with any other split-server are refused (``node.split.trust``)
     trust_split_server: list[str] = field(default_factory=list)
+    #: the owner's privacy budget per dataset (None: uncapped), its delta, and the datasets
+    #: only DP tasks may use (node/privacy_guard.py)
+    privacy_budget: float | None = None
+    privacy_delta: float = 1e-5
+    private_datasets: list[str] = field(default_factory=list)
 
 
 class NodeDaemon:
@@ -83,6 +89,12 @@ class NodeDaemon:
         self.policy = config.policy or load_policy(self.data_dir)
         #: the one admission check every entry point calls before it starts work
         self.gate = AdmissionGate(self.policy)
+        # before anything else runs: a corrupt ledger (LedgerError) stops the node
+        self.privacy = PrivacyGuard.open(
+            self.data_dir,
+            PrivacySettings(config.privacy_budget, config.privacy_delta,
+                            list(config.private_datasets)),
+            list(self.data.datasets()))
         self.models = ModelStore(self.data_dir / "models")
         self.device = select_device(config.device)
         self.server: grpc.aio.Server | None = None
@@ -151,7 +163,8 @@ class NodeDaemon:
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         worker = TaskWorker(self.data, self.models, self.device,
                             local_model=self.config.local_model,
-                            trusted_split_servers=self.config.trust_split_server)
+                            trusted_split_servers=self.config.trust_split_server,
+                            guard=self.privacy)
         self.link = CoordinatorLink(self.config.coordinator, self.key, info, worker,
                                     mqtt_override=self.config.mqtt, ring_key=self.ring_key,
                                     cost=self.config.cost, gate=self.gate)

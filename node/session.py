@@ -20,6 +20,7 @@ import grpc
 
 from confide.node.anonymous import AnonymityError, fetch_ring, submit_anonymously
 from confide.node.policy import AdmissionGate, NodePolicy, Refused, TaskRequest, task_role
+from confide.node.privacy_guard import TaskRefused
 from confide.node.secagg import NodeSecureAggregation
 from confide.node.worker import NeedsFullState, TaskCancelled, TaskWorker
 from confide.privacy.ringsig import RingKeyPair
@@ -89,6 +90,9 @@ class CoordinatorLink:
         #: anonymous port for ring-signed uploads ("" = the coordinator address)
         self.tls = TLS_PROCESS
         self.anonymous_coordinator = ""
+        self._stub: pb_grpc.CoordinatorStub | None = None
+        self._refresh: asyncio.Task | None = None
+        self.refresh_privacy(register=False)
 
     async def run(self) -> None:
         """Stay connected forever (until cancelled)."""
@@ -116,6 +120,23 @@ class CoordinatorLink:
                         self.state.last_error, wait)
             await asyncio.sleep(wait)
             delay = min(delay * 2, self.max_backoff_s)
+
+    def refresh_privacy(self, register: bool = True) -> None:
+        """Put the ledger's figures in this node's info and, in a session, register again so
+        the coordinator (``confide status``, the SDK) shows what this node has spent."""
+        guard = self.worker.guard
+        if guard is None:
+            return
+        del self.info.privacy[:]
+        self.info.privacy.extend(guard.report())
+        if register and self._stub is not None:
+            self._refresh = asyncio.create_task(self._quiet_register(self._stub))
+
+    async def _quiet_register(self, stub: pb_grpc.CoordinatorStub) -> None:
+        try:
+            await self._register(stub)
+        except grpc.aio.AioRpcError as exc:  # the next session registers again anyway
+            log.warning("could not report the privacy ledger: %s", exc.details())
 
     async def _register(self, stub: pb_grpc.CoordinatorStub) -> pb.RegisterResponse:
         timestamp, signature = self.key.sign_registration()
@@ -148,6 +169,7 @@ class CoordinatorLink:
     async def _session(self, channel: grpc.aio.Channel) -> None:
         stub = pb_grpc.CoordinatorStub(channel)
         registration = await self._register(stub)
+        self._stub = stub
         self._start_events(registration.mqtt_url)
         outbox: asyncio.Queue[pb.NodeMessage | None] = asyncio.Queue()
 
@@ -182,6 +204,7 @@ class CoordinatorLink:
                 runner.handle(message)
         finally:
             beat.cancel()
+            self._stub = None
             runner.abandon()
             outbox.put_nowait(None)
             call.cancel()
@@ -351,6 +374,12 @@ class _TaskRunner:
                 self.refuse(task.task_id, f"the task ran past this node's cap of {cap_s:g}s "
                                           "per task (caps.seconds_per_task) and was stopped")
             return
+        except TaskRefused as exc:  # the owner's budget or policy says no
+            log.warning("task %s refused: %s", task.task_id[:8], exc)
+            self._finish()
+            self.fail(task.task_id, str(exc), refused=True)
+            self.link.refresh_privacy()
+            return
         except NeedsFullState as exc:  # the coordinator resends the whole state
             log.info("task %s: %s; asking for the whole global state", task.task_id[:8], exc)
             self._finish()
@@ -382,6 +411,8 @@ class _TaskRunner:
         self.send(pb.NodeMessage(result=pb.TaskResult(
             task_id=task.task_id, num_examples=num_examples, metrics=metrics)))
         self.link.state.tasks_done += 1
+        if task.kind == pb.TRAIN:
+            self.link.refresh_privacy()
         log.info("task %s (%s, round %d) done in %.1fs", task.task_id[:8],
                  pb.TaskKind.Name(task.kind), task.round, metrics["seconds"])
 

@@ -20,8 +20,10 @@ from confide.node.data import LocalData
 from confide.node.merging.merge import merge_round
 from confide.node.methods import UpdateError, get_method, method_params
 from confide.node.methods.base import Method, MethodConfig
+from confide.node.methods.dp_lora import ExamplePlan
 from confide.node.minion_worker import MinionCancelled, MinionWorker
 from confide.node.models import job_model_config
+from confide.node.privacy_guard import PrivacyGuard
 from confide.node.split.trust import require_trusted_split_server
 from confide.node.store import ModelStore
 from confide.node.training.registry import trainer_kind
@@ -45,10 +47,13 @@ class NeedsFullState(Exception):
 class TaskWorker:
     def __init__(self, data: LocalData, models: ModelStore, device: torch.device,
                  max_cached_models: int = 1, local_model: str = "smollm2",
-                 trusted_split_servers: Collection[str] = ()) -> None:
+                 trusted_split_servers: Collection[str] = (),
+                 guard: PrivacyGuard | None = None) -> None:
         self.data = data
         #: split-servers (names or node ids) this node's owner trusts with its text (SFPrompt)
         self.trusted_split_servers = frozenset(trusted_split_servers)
+        #: the owner's privacy budget (None: nothing enforced nor recorded; tests only)
+        self.guard = guard
         #: Minions: the local model spec (agents.backends) and its worker, made on first use
         self.local_model = local_model
         self._minions: MinionWorker | None = None
@@ -146,11 +151,18 @@ class TaskWorker:
             require_trusted_split_server(task, self.trusted_split_servers)
         global_state = self._received_global(task, method, config, global_payload)
         examples = self.data.load(spec.train.dataset)
+        plan = self._admit(task, method, config, len(examples))
+        global_state = self._received_global(task, method, config, global_payload)
         trainer = self._trainer(spec)
         trainer.load_trainable_state(global_state)
         self.models.save(task.job_id, "global", global_state, {"round": str(task.round)})
 
-        num_examples, metrics = self._train_task(task, trainer, examples, progress, cancelled)
+        if plan is None:
+            num_examples, metrics = self._train_task(task, trainer, examples, progress,
+                                                     cancelled)
+        else:
+            num_examples, metrics = self._train_private(task, trainer, examples, plan,
+                                                        progress, cancelled)
         local_state = trainer.trainable_state()
         self.models.save(task.job_id, "local", local_state, {"round": str(task.round)})
         stored = self.models.load(task.job_id, "memory")
@@ -159,6 +171,43 @@ class TaskWorker:
         if memory or stored:  # also when the method emptied it: no stale state next round
             self.models.save(task.job_id, "memory", memory)
         return tensor_map_to_bytes(update), num_examples, metrics
+
+    def _admit(self, task: pb.Task, method: Method, config: MethodConfig,
+               n_examples: int) -> ExamplePlan | None:
+        """The owner's say before any data is touched: ``PrivacyGuard.admit`` refuses the task
+        (``TaskRefused``) or charges it; the DP-SGD plan, if the task is example-level DP."""
+        if self.guard is not None:
+            return self.guard.admit(task, method, config, n_examples)
+        if getattr(config, "unit", "") == "example":  # no ledger (tests): plan, no charge
+            return method.example_plan(config, n_examples)  # type: ignore[attr-defined]
+        return None
+
+    def _train_private(self, task: pb.Task, trainer: TaskTrainer, examples: list,
+                       plan: ExamplePlan, progress: ProgressFn,
+                       cancelled: threading.Event) -> tuple[int, dict[str, float]]:
+        """Example-level DP-SGD for this round: ``plan.local_steps`` Poisson-sampled, clipped,
+        noised steps; the metrics carry this node's epsilon so far, sigma and q."""
+        train_private = getattr(trainer, "train_private", None)
+        if train_private is None:
+            raise ValueError("this method's trainer has no example-level DP-SGD path")
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            if cancelled.is_set():
+                raise TaskCancelled("task cancelled")
+            progress(step, total, loss)
+
+        metrics = train_private(
+            examples, steps=plan.local_steps, sample_rate=plan.sample_rate,
+            noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
+            learning_rate=task.spec.train.learning_rate, train_only=plan.train_only,
+            progress=on_step)
+        metrics.update(noise_multiplier=plan.noise_multiplier, sampling_rate=plan.sample_rate)
+        if plan.event is not None:  # the no-noise control spends no finite epsilon
+            metrics["epsilon"] = plan.epsilon_after(task.round)
+        if self.guard is not None:
+            metrics["epsilon_node_budget_spent"] = self.guard.ledger.spent(
+                task.spec.train.dataset)
+        return len(examples), metrics
 
     def _received_global(self, task: pb.Task, method: Method, config: MethodConfig,
                          payload: bytes) -> dict[str, torch.Tensor]:
@@ -196,6 +245,8 @@ class TaskWorker:
         goes to the coordinator but metrics."""
         spec = task.spec
         examples = self.data.load(spec.train.dataset)
+        method = get_method(spec.method)
+        self._admit(task, method, method.parse_config(method_params(spec)), len(examples))
         trainer = self._trainer(spec)
         trainer.load_trainable_state(self._own_state(task))
         num_examples, metrics = self._train_task(task, trainer, examples, progress, cancelled)

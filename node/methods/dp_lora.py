@@ -1,4 +1,24 @@
-"""DP-LoRA: differentially private federated LoRA.
+"""DP-LoRA: differentially private federated LoRA, protecting one example or one node.
+
+``unit`` says what one neighbouring dataset differs by:
+
+* ``unit: "example"`` (the default): example-level DP-SGD at every node (Abadi et al. 2016).
+  Node i with N_i examples trains with Poisson batches at q_i = min(1, B / N_i) (B =
+  ``expected_batch_size``), per-example clipping to C and Gaussian noise sigma_i * C on the
+  sum, for ``local_steps`` steps per round and ``rounds`` rounds; sigma_i is calibrated by the
+  node from ``target_epsilon`` for its own q_i over all ``rounds * local_steps`` steps (or is
+  the given ``noise_multiplier``). Each example lives on one node, so the nodes compose in
+  parallel: the job's epsilon is the largest node's. The trained delta is sent as is
+  (post-processing) and the coordinator averages it. The node, not the coordinator, enforces
+  the budget: it charges the whole planned job to its privacy ledger before its first step and
+  refuses a task that would cross its budget (``node/privacy_guard.py``). Options that spend
+  the noise on fewer coordinates: ``train_only: "lora-b"`` (FFA-LoRA: A frozen at its random
+  init, B and the head trained), ``"head"`` (the classifier only), and a smaller LoRA rank
+  (the job's model spec). ``no_noise: true`` is the control (sampling and clipping, sigma 0):
+  not private, so a node treats it as a non-private task.
+* ``unit: "node"``: DP-FedAvg, as below (for many-node deployments).
+
+The rest of this docstring is the node-level form.
 
 Liu et al., "Differentially Private Low-Rank Adaptation of Large Language Model Using Federated
 Learning" (arXiv 2312.17493), in the DP-FedAvg form of McMahan et al., "Learning Differentially
@@ -126,6 +146,7 @@ from confide.node.methods.base import (
 )
 from confide.privacy.dp import (
     RdpAccountant,
+    SampledGaussian,
     clip_by_global_norm,
     gaussian_noise_like,
     secure_generator,
@@ -133,6 +154,8 @@ from confide.privacy.dp import (
 from confide.protos.codec import WireTensor, to_dense
 
 MODES = ("local", "central")
+UNITS = ("example", "node")
+TRAIN_ONLY = ("all", "lora-b", "head")
 
 _ACCOUNTANT = RdpAccountant()
 
@@ -150,6 +173,7 @@ class DPLoRAConfig(MethodConfig):
     ``noise_seed``: -1 for unpredictable noise; >= 0 replays the noise (tests only, no privacy).
     """
 
+    unit: str = "example"
     clip_norm: float = 1.0
     noise_multiplier: float = 0.0
     target_epsilon: float = 0.0
@@ -157,11 +181,49 @@ class DPLoRAConfig(MethodConfig):
     mode: str = "local"
     rounds: int = 0
     noise_seed: int = -1
+    expected_batch_size: int = 64
+    local_steps: int = 10
+    train_only: str = "all"
+    no_noise: bool = False
+
+
+@dataclass(frozen=True)
+class ExamplePlan:
+    """What one node runs for an example-level job: its q, its sigma and the whole job's
+    accounting event (``rounds * local_steps`` Poisson-sampled Gaussian steps)."""
+
+    sample_rate: float
+    noise_multiplier: float
+    local_steps: int
+    rounds: int
+    clip_norm: float
+    train_only: str
+    delta: float
+
+    @property
+    def event(self) -> SampledGaussian | None:
+        """The ledger's charge for the whole job; None for the no-noise control (not DP)."""
+        if self.noise_multiplier <= 0:
+            return None
+        return SampledGaussian(self.noise_multiplier, self.sample_rate,
+                               self.rounds * self.local_steps)
+
+    def epsilon_after(self, round_number: int) -> float:
+        """epsilon this node has spent on the job after ``round_number`` rounds."""
+        if self.noise_multiplier <= 0:
+            return math.inf
+        return _ACCOUNTANT.epsilon(self.noise_multiplier, self.sample_rate,
+                                   round_number * self.local_steps, self.delta)
 
 
 @functools.lru_cache(maxsize=64)
 def _calibrated(target_epsilon: float, delta: float, rounds: int) -> float:
     return _ACCOUNTANT.noise_multiplier_for(target_epsilon, delta, sampling_rate=1.0, steps=rounds)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated_example(target_epsilon: float, delta: float, q: float, steps: int) -> float:
+    return _ACCOUNTANT.noise_multiplier_for(target_epsilon, delta, sampling_rate=q, steps=steps)
 
 
 def _is_number(value: object) -> bool:
@@ -205,12 +267,19 @@ class DPLoRA(FederatedMethod):
 
     def validate_config(self, config: MethodConfig) -> None:
         assert isinstance(config, DPLoRAConfig)
+        if config.unit not in UNITS:
+            raise ValueError(
+                f"dp-lora: unit must be one of {', '.join(UNITS)}, got {config.unit!r}"
+            )
         for field in ("clip_norm", "noise_multiplier", "target_epsilon", "delta"):
             value = getattr(config, field)
             if not _is_number(value):
                 raise ValueError(f"dp-lora: {field} must be a finite number, got {value!r}")
         if config.clip_norm <= 0:
             raise ValueError(f"dp-lora: clip_norm (C) must be > 0, got {config.clip_norm}")
+        if config.unit == "example":
+            self._validate_example(config)
+            return
         if config.noise_multiplier < 0:
             raise ValueError(
                 f"dp-lora: noise_multiplier (sigma) must be >= 0, got {config.noise_multiplier}"
@@ -248,6 +317,59 @@ class DPLoRA(FederatedMethod):
                 "noise_multiplier given it has no effect, leave it 0"
             )
 
+    def _validate_example(self, config: DPLoRAConfig) -> None:
+        if config.noise_multiplier < 0 or config.target_epsilon < 0:
+            raise ValueError("dp-lora: noise_multiplier and target_epsilon must be >= 0")
+        if not 0 < config.delta < 1:
+            raise ValueError(f"dp-lora: delta must be in (0, 1), got {config.delta}")
+        for field in ("rounds", "expected_batch_size", "local_steps"):
+            value = getattr(config, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"dp-lora: {field} must be an integer >= 1 with unit 'example' (the node "
+                    f"charges the whole planned job to its budget up front), got {value!r}"
+                )
+        if config.train_only not in TRAIN_ONLY:
+            raise ValueError(
+                f"dp-lora: train_only must be one of {', '.join(TRAIN_ONLY)}, "
+                f"got {config.train_only!r}"
+            )
+        if not isinstance(config.no_noise, bool):
+            raise ValueError(f"dp-lora: no_noise must be true or false, got {config.no_noise!r}")
+        noise_given = config.noise_multiplier > 0 or config.target_epsilon > 0
+        if config.no_noise and noise_given:
+            raise ValueError("dp-lora: no_noise (the control) takes no noise_multiplier or "
+                             "target_epsilon")
+        if not config.no_noise and not noise_given:
+            raise ValueError(
+                "dp-lora: a noise level is required: target_epsilon (each node calibrates its "
+                "sigma for its own sampling rate) or noise_multiplier; no_noise: true is the "
+                "non-private control"
+            )
+        if config.noise_multiplier > 0 and config.target_epsilon > 0:
+            raise ValueError("dp-lora: give target_epsilon or noise_multiplier, not both")
+        if config.target_epsilon > 0:
+            # the strictest node (q = 1) must be able to reach the target
+            _calibrated_example(float(config.target_epsilon), float(config.delta), 1.0,
+                                config.rounds * config.local_steps)
+
+    def example_plan(self, config: DPLoRAConfig, n_examples: int) -> ExamplePlan:
+        """A node's plan for an example-level job over its ``n_examples`` examples:
+        q = min(1, B / N), sigma calibrated for that q over the whole job (or the given one)."""
+        if n_examples < 1:
+            raise ValueError("dp-lora: this node has no example to train on")
+        q = min(1.0, config.expected_batch_size / n_examples)
+        steps = config.rounds * config.local_steps
+        if config.no_noise:
+            sigma = 0.0
+        elif config.noise_multiplier > 0:
+            sigma = float(config.noise_multiplier)
+        else:
+            sigma = _calibrated_example(float(config.target_epsilon), float(config.delta), q,
+                                        steps)
+        return ExamplePlan(q, sigma, config.local_steps, config.rounds, float(config.clip_norm),
+                           config.train_only, float(config.delta))
+
     def noise_multiplier(self, config: DPLoRAConfig) -> float:
         """sigma: the configured one, or the smallest that keeps epsilon <= target_epsilon
         over ``rounds`` rounds at q = 1 (see the module docstring)."""
@@ -273,6 +395,8 @@ class DPLoRA(FederatedMethod):
             )
             for name in global_state
         }
+        if config.unit == "example":
+            return delta  # DP-SGD made the training private: the delta is post-processing
         # 2. clip to L2 norm C (in the wire dtype, so rounding cannot lift the norm above C)
         clipped, _norm = clip_by_global_norm(delta, config.clip_norm)
         if config.mode == "central":
@@ -355,6 +479,11 @@ class DPLoRA(FederatedMethod):
         self, config: MethodConfig, round_number: int, population: int, selected: int
     ) -> str | None:
         assert isinstance(config, DPLoRAConfig)
+        if config.unit == "example":
+            if round_number > config.rounds:  # the nodes charged exactly `rounds` rounds
+                return (f"the nodes' privacy budgets were charged for {config.rounds} rounds "
+                        f"(dp-lora rounds); round {round_number} would exceed them")
+            return None
         if config.target_epsilon <= 0:
             return None
         after = self.epsilon(config, round_number, population, selected)
@@ -371,6 +500,10 @@ class DPLoRA(FederatedMethod):
         self, config: MethodConfig, round_number: int, population: int, selected: int
     ) -> dict[str, float]:
         assert isinstance(config, DPLoRAConfig)
+        if config.unit == "example":
+            # each node reports its own epsilon, sigma and q with its update; the round's
+            # epsilon is their maximum (parallel composition: coordinator/job.py)
+            return {"delta": float(config.delta), "clip_norm": float(config.clip_norm)}
         sigma = self.noise_multiplier(config)
         metrics = {
             "epsilon": self.epsilon(config, round_number, population, selected),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from confide.node.data import Example
@@ -33,9 +34,15 @@ from confide.node.training.state import (
     save_state_file,
 )
 from confide.node.training.task import ProgressFn, round_seed
+from confide.privacy.dp import secure_generator
+from confide.privacy.dpsgd import DPSGD
 from confide.v1 import coordinator_pb2 as pb
 
-__all__ = ["LoraTrainer"]
+__all__ = ["TRAIN_ONLY", "LoraTrainer"]
+
+TRAIN_ONLY = ("all", "lora-b", "head")
+"""Which trainable tensors DP-SGD moves (the others stay as received): every one, LoRA B and
+the head with A frozen (FFA-LoRA), or the head only. Fewer coordinates, less total noise."""
 
 
 class LoraTrainer:
@@ -192,7 +199,7 @@ class LoraTrainer:
     def _step(self, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
               scaler: torch.amp.GradScaler) -> float:
         """One optimizer step on one batch; the loss. (Example-level DP-SGD replaces this
-        step: per-example gradients, clipped and noised, instead of the batch gradient.)"""
+        step and the batches: ``train_private``.)"""
         with autocast(self.device):
             loss = self.model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
@@ -200,6 +207,122 @@ class LoraTrainer:
         scaler.step(optimizer)
         scaler.update()
         return float(loss.detach())
+
+    # ---------------------------------------------------------------- example-level DP-SGD
+
+    def train_private(
+        self,
+        examples: Sequence[Example],
+        *,
+        steps: int,
+        sample_rate: float,
+        noise_multiplier: float,
+        clip_norm: float,
+        learning_rate: float,
+        train_only: str = "all",
+        generator: torch.Generator | None = None,
+        progress: ProgressFn | None = None,
+    ) -> dict[str, float]:
+        """``steps`` DP-SGD steps (``privacy.dpsgd.DPSGD``) on ``examples``, AdamW on the noised
+        gradients (post-processing).
+
+        Instead of shuffled epochs: Poisson batches at rate ``sample_rate``; instead of the
+        batch gradient: each example's gradient clipped to ``clip_norm``, summed, plus
+        N(0, (noise_multiplier * clip_norm)^2), divided by the expected batch size. Full
+        precision (no autocast or loss scaling: they would rescale per-example gradients), the
+        model in train() mode (Opacus' hooks record nothing in eval()). The noise and the
+        batches come from ``generator`` (default: ``secure_generator()``, unpredictable).
+        """
+        self._batcher.check(examples)
+        if train_only not in TRAIN_ONLY:
+            raise ValueError(f"train_only must be one of {', '.join(TRAIN_ONLY)}, "
+                             f"got {train_only!r}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        encoded = self._batcher.encode(examples)
+        frozen = self._freeze_for(train_only)
+        dp: DPSGD | None = None
+        losses: list[float] = []
+        clipped: list[float] = []
+        self.model.train()
+        try:
+            dp = DPSGD(self.model, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+                       sample_rate=sample_rate, n_examples=len(examples),
+                       generator=generator or secure_generator())
+            optimizer = torch.optim.AdamW(list(dp.params.values()), lr=learning_rate)
+
+            def per_example_loss(indices: Sequence[int]) -> torch.Tensor:
+                batch = self._batcher.collate([encoded[i] for i in indices],
+                                              [examples[i].label for i in indices])
+                return self._per_example_loss(batch)
+
+            for indices in dp.sample_batches(steps):
+                stats = dp.private_step(indices, per_example_loss, optimizer)
+                if stats.batch_size:
+                    losses.append(stats.loss)
+                    clipped.append(stats.clipped_fraction)
+                if progress is not None:
+                    progress(dp.steps_taken, steps, stats.loss if stats.batch_size else 0.0)
+        finally:
+            if dp is not None:
+                dp.close()
+            for param in frozen:
+                param.requires_grad_(True)
+            self.model.zero_grad(set_to_none=True)
+        nan = float("nan")
+        return {
+            "loss_first": losses[0] if losses else nan,
+            "loss_last": losses[-1] if losses else nan,
+            "loss_mean": sum(losses) / len(losses) if losses else nan,
+            "clipped_fraction": sum(clipped) / len(clipped) if clipped else nan,
+            "steps": steps,
+            "num_examples": len(examples),
+        }
+
+    def _freeze_for(self, train_only: str) -> list[torch.nn.Parameter]:
+        """Freeze what ``train_only`` leaves out; the parameters frozen here (to unfreeze)."""
+        if train_only == "all":
+            return []
+        frozen = []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            is_lora = "lora_" in name
+            if (train_only == "head" and is_lora) or (train_only == "lora-b"
+                                                      and "lora_A" in name):
+                param.requires_grad_(False)
+                frozen.append(param)
+        return frozen
+
+    def _per_example_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One loss per example (shape [B]): cross-entropy of each example's label, or the
+        mean next-token loss of each sequence (causal LM)."""
+        labels = batch.pop("labels")
+        logits = self.model(**batch).logits
+        if self._classification:
+            return F.cross_entropy(logits.float(), labels, reduction="none")
+        shifted, targets = logits[:, :-1].float(), labels[:, 1:]
+        token = F.cross_entropy(shifted.transpose(1, 2), targets, reduction="none",
+                                ignore_index=-100)
+        counted = (targets != -100).sum(dim=1).clamp(min=1)
+        return token.sum(dim=1) / counted
+
+    @torch.no_grad()
+    def example_losses(self, examples: Sequence[Example], *,
+                       batch_size: int = 32) -> list[float]:
+        """Each example's own loss under the current state (eval mode): what a membership
+        inference audit scores (``privacy.audit``)."""
+        self._batcher.check(examples)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            encoded = self._batcher.encode(examples)
+            losses: list[float] = []
+            for batch in self._batcher.in_order(examples, encoded, batch_size):
+                losses.extend(self._per_example_loss(batch).tolist())
+        finally:
+            self.model.train(was_training)
+        return losses
 
     @torch.no_grad()
     def evaluate(self, examples: Sequence[Example], *, batch_size: int = 32) -> dict[str, float]:

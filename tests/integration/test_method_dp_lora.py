@@ -1,5 +1,6 @@
 """End to end: real coordinator and node processes run DP-LoRA, report the privacy spent in
-every round and stop the job cleanly when its budget would be exceeded."""
+every round and stop the job cleanly when its budget would be exceeded (node level, DP-FedAvg;
+example level: test_privacy_budget.py)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_dp_job_reports_increasing_epsilon_every_round(tmp_path, shards, mode):
         rounds=3,
         min_nodes=2,
         max_steps=3,
-        params={"noise_multiplier": SIGMA, "clip_norm": 1.0, "mode": mode},
+        params={"unit": "node", "noise_multiplier": SIGMA, "clip_norm": 1.0, "mode": mode},
     )
     final, events, initial, trained = _run(tmp_path, shards, spec)
 
@@ -75,7 +76,7 @@ def test_job_stops_cleanly_when_the_budget_would_be_exceeded(tmp_path, shards):
         rounds=5,
         min_nodes=2,
         max_steps=2,
-        params={"noise_multiplier": SIGMA, "target_epsilon": target},
+        params={"unit": "node", "noise_multiplier": SIGMA, "target_epsilon": target},
     )
     final, events, _initial, _trained = _run(tmp_path, shards, spec)
 

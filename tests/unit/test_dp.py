@@ -234,6 +234,10 @@ def test_noise_is_reproducible_from_a_seed_and_unpredictable_from_urandom():
 # --------------------------------------------------------------------------- DP-LoRA
 
 
+NODE_LEVEL = {"unit": "node"}
+"""These tests are of node-level DP-FedAvg (``unit: "node"``); example level is the default."""
+
+
 def _method():
     return get_method("dp-lora")
 
@@ -261,7 +265,7 @@ def _delta(global_state, local_state):
 def test_registered_under_its_job_name_with_a_frozen_config():
     method = _method()
     assert method.name == "dp-lora" and method.trainable == "lora"
-    config = method.parse_config({"noise_multiplier": 1.0})
+    config = method.parse_config({**NODE_LEVEL, "noise_multiplier": 1.0})
     assert isinstance(config, DPLoRAConfig)
     assert (config.clip_norm, config.delta, config.mode, config.noise_seed) == (
         1.0,
@@ -273,7 +277,9 @@ def test_registered_under_its_job_name_with_a_frozen_config():
 
 def test_central_mode_sends_the_clipped_delta_and_nothing_else():
     method = _method()
-    config = method.parse_config({"noise_multiplier": 1.0, "clip_norm": 0.5, "mode": "central"})
+    config = method.parse_config(
+        {**NODE_LEVEL, "noise_multiplier": 1.0, "clip_norm": 0.5, "mode": "central"}
+    )
     global_state, local_state = _states()
     memory: dict = {}
     payload = method.client_update(config, global_state, local_state, memory)
@@ -289,7 +295,9 @@ def test_central_mode_sends_the_clipped_delta_and_nothing_else():
 def test_local_mode_never_sends_the_unnoised_delta_and_its_noise_is_sigma_c():
     method = _method()
     sigma, clip = 2.0, 0.25
-    config = method.parse_config({"noise_multiplier": sigma, "clip_norm": clip, "noise_seed": 11})
+    config = method.parse_config(
+        {**NODE_LEVEL, "noise_multiplier": sigma, "clip_norm": clip, "noise_seed": 11}
+    )
     global_state = {"w": torch.zeros(SAMPLES)}
     local_state = {"w": torch.linspace(-1, 1, SAMPLES)}
     payload = method.client_update(config, global_state, local_state, {})
@@ -299,7 +307,7 @@ def test_local_mode_never_sends_the_unnoised_delta_and_its_noise_is_sigma_c():
     # replayable with a noise_seed (tests only), fresh without one
     again = method.client_update(config, global_state, local_state, {})
     assert torch.equal(payload["w"], again["w"])
-    secure = method.parse_config({"noise_multiplier": sigma, "clip_norm": clip})
+    secure = method.parse_config({**NODE_LEVEL, "noise_multiplier": sigma, "clip_norm": clip})
     first = method.client_update(secure, global_state, local_state, {})
     second = method.client_update(secure, global_state, local_state, {})
     assert not torch.equal(first["w"], second["w"])
@@ -309,7 +317,13 @@ def test_central_mode_adds_noise_of_std_sigma_c_once_to_the_sum():
     method = _method()
     sigma, clip, n = 1.5, 0.4, 4
     config = method.parse_config(
-        {"noise_multiplier": sigma, "clip_norm": clip, "mode": "central", "noise_seed": 3}
+        {
+            **NODE_LEVEL,
+            "noise_multiplier": sigma,
+            "clip_norm": clip,
+            "mode": "central",
+            "noise_seed": 3,
+        }
     )
     global_state = {"w": torch.full((SAMPLES,), 0.5, dtype=torch.float64)}
     zero = {"w": torch.zeros(SAMPLES, dtype=torch.float64)}
@@ -324,7 +338,7 @@ def test_central_mode_adds_noise_of_std_sigma_c_once_to_the_sum():
 
 def test_local_mode_aggregate_is_the_plain_mean_and_adds_no_noise():
     method = _method()
-    config = method.parse_config({"noise_multiplier": 1.0})
+    config = method.parse_config({**NODE_LEVEL, "noise_multiplier": 1.0})
     global_state = {"w": torch.ones(3), "h": torch.zeros(2, dtype=torch.float64)}
     updates = [
         ClientUpdate(
@@ -346,7 +360,13 @@ def test_local_mode_aggregate_is_the_plain_mean_and_adds_no_noise():
 def test_central_mode_enforces_the_bound_on_an_unclipped_update():
     method = _method()
     config = method.parse_config(
-        {"noise_multiplier": 1e-12, "clip_norm": 1.0, "mode": "central", "noise_seed": 0}
+        {
+            **NODE_LEVEL,
+            "noise_multiplier": 1e-12,
+            "clip_norm": 1.0,
+            "mode": "central",
+            "noise_seed": 0,
+        }
     )
     global_state = {"w": torch.zeros(4)}
     updates = [ClientUpdate("greedy", {"w": torch.full((4,), 100.0)}, 5)]
@@ -375,12 +395,12 @@ def test_central_mode_enforces_the_bound_on_an_unclipped_update():
 )
 def test_config_validation_rejects_nonsense(params, message):
     with pytest.raises(ValueError, match=message):
-        _method().parse_config(params)
+        _method().parse_config({**NODE_LEVEL, **params})
 
 
 def test_both_zero_names_both_ways_to_set_the_noise():
     with pytest.raises(ValueError) as info:
-        _method().parse_config({"noise_multiplier": 0.0, "target_epsilon": 0.0})
+        _method().parse_config({**NODE_LEVEL, "noise_multiplier": 0.0, "target_epsilon": 0.0})
     assert "noise_multiplier" in str(info.value) and "target_epsilon" in str(info.value)
     assert "required" in str(info.value)
 
@@ -401,14 +421,16 @@ def test_before_round_stops_exactly_when_the_budget_would_be_exceeded(population
     q = min(1.0, selected / population)
     eps = [accountant.epsilon(1.0, q, r, 1e-5) for r in range(1, 7)]
     # a budget equal to epsilon after round 3 allows exactly rounds 1..3
-    exact = method.parse_config({"noise_multiplier": 1.0, "target_epsilon": eps[2]})
+    exact = method.parse_config({**NODE_LEVEL, "noise_multiplier": 1.0, "target_epsilon": eps[2]})
     assert _run_rounds(exact, 6, population, selected) == 3
     # between rounds 3 and 4: still 3; a hair below round 3's: 2
     between = method.parse_config(
-        {"noise_multiplier": 1.0, "target_epsilon": (eps[2] + eps[3]) / 2}
+        {**NODE_LEVEL, "noise_multiplier": 1.0, "target_epsilon": (eps[2] + eps[3]) / 2}
     )
     assert _run_rounds(between, 6, population, selected) == 3
-    below = method.parse_config({"noise_multiplier": 1.0, "target_epsilon": eps[2] * (1 - 1e-9)})
+    below = method.parse_config(
+        {**NODE_LEVEL, "noise_multiplier": 1.0, "target_epsilon": eps[2] * (1 - 1e-9)}
+    )
     assert _run_rounds(below, 6, population, selected) == 2
     reason = method.before_round(exact, 4, population, selected)
     assert reason.startswith(
@@ -419,7 +441,9 @@ def test_before_round_stops_exactly_when_the_budget_would_be_exceeded(population
 
 def test_a_target_with_rounds_calibrates_sigma_to_spend_it_in_those_rounds():
     method = _method()
-    config = method.parse_config({"target_epsilon": 5.0, "rounds": 4, "mode": "central"})
+    config = method.parse_config(
+        {**NODE_LEVEL, "target_epsilon": 5.0, "rounds": 4, "mode": "central"}
+    )
     sigma = method.noise_multiplier(config)
     assert sigma == RdpAccountant().noise_multiplier_for(5.0, 1e-5, 1.0, 4)
     assert _run_rounds(config, 10, 3, 3) == 4
@@ -431,7 +455,9 @@ def test_a_target_with_rounds_calibrates_sigma_to_spend_it_in_those_rounds():
 
 def test_round_metrics_report_epsilon_spent_so_far():
     method = _method()
-    config = method.parse_config({"noise_multiplier": 1.2, "clip_norm": 0.8, "delta": 1e-6})
+    config = method.parse_config(
+        {**NODE_LEVEL, "noise_multiplier": 1.2, "clip_norm": 0.8, "delta": 1e-6}
+    )
     series = [method.round_metrics(config, r, 5, 5) for r in range(1, 5)]
     epsilons = [m["epsilon"] for m in series]
     assert epsilons == sorted(epsilons) and len(set(epsilons)) == 4
@@ -440,7 +466,7 @@ def test_round_metrics_report_epsilon_spent_so_far():
         assert metrics["noise_multiplier"] == 1.2 and metrics["clip_norm"] == 0.8
         assert metrics["delta"] == 1e-6 and metrics["sampling_rate"] == 1.0
         assert metrics["epsilon_local"] == RdpAccountant().local_epsilon(1.2, r, 1e-6)
-    central = method.parse_config({"noise_multiplier": 1.2, "mode": "central"})
+    central = method.parse_config({**NODE_LEVEL, "noise_multiplier": 1.2, "mode": "central"})
     assert "epsilon_local" not in method.round_metrics(central, 1, 5, 5)
     # q = selected / population, clamped to (0, 1]
     assert method.round_metrics(config, 1, 10, 4)["sampling_rate"] == 0.4
@@ -448,6 +474,6 @@ def test_round_metrics_report_epsilon_spent_so_far():
 
 
 def test_no_budget_means_no_stop():
-    config = _method().parse_config({"noise_multiplier": 0.5})
+    config = _method().parse_config({**NODE_LEVEL, "noise_multiplier": 0.5})
     assert _run_rounds(config, 50, 2, 2) == 50
     assert np.isfinite(_method().round_metrics(config, 50, 2, 2)["epsilon"])

@@ -38,7 +38,7 @@ MERGE: TaskKind
 MINION: TaskKind
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "roles", "peer_address", "device", "datasets", "version", "ring_public_key", "cost", "features", "dataset_disclosure")
+    __slots__ = ("name", "roles", "peer_address", "device", "datasets", "version", "ring_public_key", "cost", "features", "dataset_disclosure", "privacy")
     class DatasetsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class NodeInfo(_message.Message):
     COST_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     DATASET_DISCLOSURE_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     name: str
     roles: _containers.RepeatedScalarFieldContainer[str]
     peer_address: str
@@ -66,7 +67,24 @@ class NodeInfo(_message.Message):
     cost: float
     features: _containers.RepeatedScalarFieldContainer[str]
     dataset_disclosure: str
-    def __init__(self, name: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., peer_address: _Optional[str] = ..., device: _Optional[str] = ..., datasets: _Optional[_Mapping[str, int]] = ..., version: _Optional[str] = ..., ring_public_key: _Optional[bytes] = ..., cost: _Optional[float] = ..., features: _Optional[_Iterable[str]] = ..., dataset_disclosure: _Optional[str] = ...) -> None: ...
+    privacy: _containers.RepeatedCompositeFieldContainer[DatasetPrivacy]
+    def __init__(self, name: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., peer_address: _Optional[str] = ..., device: _Optional[str] = ..., datasets: _Optional[_Mapping[str, int]] = ..., version: _Optional[str] = ..., ring_public_key: _Optional[bytes] = ..., cost: _Optional[float] = ..., features: _Optional[_Iterable[str]] = ..., dataset_disclosure: _Optional[str] = ..., privacy: _Optional[_Iterable[_Union[DatasetPrivacy, _Mapping]]] = ...) -> None: ...
+
+class DatasetPrivacy(_message.Message):
+    __slots__ = ("dataset", "epsilon_budget", "delta", "epsilon_spent", "private", "charges")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_FIELD_NUMBER: _ClassVar[int]
+    CHARGES_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    epsilon_budget: float
+    delta: float
+    epsilon_spent: float
+    private: bool
+    charges: int
+    def __init__(self, dataset: _Optional[str] = ..., epsilon_budget: _Optional[float] = ..., delta: _Optional[float] = ..., epsilon_spent: _Optional[float] = ..., private: _Optional[bool] = ..., charges: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("public_key", "info", "timestamp_ms", "signature")
