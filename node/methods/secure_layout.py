@@ -116,6 +116,10 @@ def layout_for(method: Method, config: MethodConfig, global_state: State) -> Sec
                          for g in group_parameters(global_state))
         return SecureLayout("ferret", segments, FERRET_CLIP, weighted=True)
     segments = tuple((name, int(global_state[name].numel())) for name in sorted(global_state))
+    if method.name == "dp-lora" and getattr(config, "unit", "node") == "example":
+        # example-level DP-SGD made the training private: the node sends its plain delta,
+        # averaged unweighted as dp-lora's aggregate does
+        return SecureLayout("dense", segments, DELTA_CLIP, weighted=False)
     if method.name == "dp-lora":
         sigma = method.noise_multiplier(config)  # type: ignore[attr-defined]
         clip = float(config.clip_norm) * (1.0 + DP_TAIL_SIGMAS * sigma)  # type: ignore[attr-defined]

@@ -131,7 +131,8 @@ def test_too_few_survivors_fail_the_round_with_nothing_unmasked(tmp_path, quick_
     (dict(method="dimat"), "peer to peer"),
     (dict(method="cellm"), "top-k positions"),
     (dict(anonymous=True, min_nodes=2), "anonymous"),
-    (dict(method="dp-lora", params={"mode": "central", "noise_multiplier": 1.0}), "central"),
+    (dict(method="dp-lora", params={"unit": "node", "mode": "central",
+                                     "noise_multiplier": 1.0}), "central"),
     (dict(min_nodes=1), "at least 2 nodes"),
 ])
 def test_jobs_that_cannot_be_securely_aggregated_are_refused_at_submission(spec, words):
@@ -141,7 +142,9 @@ def test_jobs_that_cannot_be_securely_aggregated_are_refused_at_submission(spec,
 
 def test_composing_methods_are_accepted_and_default_to_two_nodes():
     for method, params in [("fedavg-lora", None), ("fedavg-full", None), ("ferret", None),
-                           ("sfprompt", None), ("dp-lora", {"noise_multiplier": 1.0})]:
+                           ("sfprompt", None),
+                           ("dp-lora", {"unit": "node", "noise_multiplier": 1.0}),
+                           ("dp-lora", {"unit": "example", "noise_multiplier": 1.0, "rounds": 3})]:
         spec = job_spec(method, secure_aggregation=True, min_nodes=0, params=params)
         assert normalize_spec(spec).min_nodes == 2
 
