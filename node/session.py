@@ -255,7 +255,9 @@ class _TaskRunner:
         worker = self.link.worker
         dataset = worker.data.datasets().get(task.spec.train.dataset or "train", 0)
         self.link.gate.admit(TaskRequest(
-            role=task_role(task), spec=task.spec, job_id=task.job_id,
+            role=task_role(task), job_id=task.job_id,
+            # a Minions question is no training job: its role and payload are what to check
+            spec=None if task.kind == pb.MINION else task.spec,
             dataset="docs" if task.kind == pb.MINION else None,
             dataset_size=dataset if task.kind == pb.TRAIN else None,
             payload_bytes=len(task.instructions)))
