@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import fnmatch
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -50,6 +51,15 @@ APP = "/app"  # where the image keeps the checkout (docker/Dockerfile WORKDIR)
 IMAGE_ENV = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 #: always: the embedded broker stands in for Mosquitto
+_VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def interpolate(value: str) -> str:
+    """Compose's ``${VAR}`` / ``${VAR:-default}`` in an environment value, from this shell's
+    environment, as ``docker compose`` does."""
+    return _VARIABLE.sub(lambda m: os.environ.get(m[1]) or (m[2] or ""), value)
+
+
 NO_MOSQUITTO = {"coordinator": {"CONFIDE_MQTT": "", "CONFIDE_MQTT_LISTEN": "coordinator:1883"}}
 
 #: --quick: tiny models, few steps (service name patterns -> variables)
@@ -155,7 +165,7 @@ class NetnsCluster:
                                           ip=f"{self.prefix}.{index + 2}")
         overrides = {**NO_MOSQUITTO, **(overrides or {})}
         for service in self.services.values():
-            env = {k: "" if v is None else str(v)
+            env = {k: "" if v is None else interpolate(str(v))
                    for k, v in (service.spec.get("environment") or {}).items()}
             for pattern, values in overrides.items():
                 if fnmatch.fnmatch(service.name, pattern):
@@ -168,6 +178,12 @@ class NetnsCluster:
     def say(self, message: str) -> None:
         if self.verbose:
             print(f"netns: {message}", flush=True)
+
+    @property
+    def token(self) -> str | None:
+        """The coordinator's client token (CONFIDE_TOKEN), which SDK calls from here need:
+        the coordinator listens beyond loopback."""
+        return self.services["coordinator"].environment.get("CONFIDE_TOKEN") or None
 
     def address(self, name: str, port: int) -> str:
         """How this (root-namespace) process reaches a service's port: over the bridge."""

@@ -79,7 +79,7 @@ def test_the_demo_scenario_runs_across_namespaces(cluster):
     print(f"\nnetns: services healthy in {cluster.started_s:.1f}s; scenario "
           + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in steps.items()))
 
-    with Client(cluster.coordinator) as client:
+    with Client(cluster.coordinator, token=cluster.token) as client:
         online = _online(client)
         jobs = client.list_jobs()
     # each node announced the name its peers dial (the compose service name), from its own
@@ -98,7 +98,7 @@ def test_a_partitioned_node_is_dropped_mid_round_and_rejoins(cluster):
     limit (4 x 1 s), the round completes with the other two; the link comes back and node2
     reconnects by itself, then trains in the next job."""
     figures = {}
-    with Client(cluster.coordinator) as client:
+    with Client(cluster.coordinator, token=cluster.token) as client:
         online = _online(client)
         assert set(DEVICES) <= set(online)
         victim = online["node2"].node_id
