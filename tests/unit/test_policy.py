@@ -172,6 +172,8 @@ def test_concurrent_jobs_cap_frees_a_slot_when_a_job_goes_quiet():
 
 #: the node key the task runner's secure-aggregation state needs (unused by these tasks)
 _KEY = SimpleNamespace(node_id="0" * 32, sign=lambda message: b"")
+#: what the task runner tells the link after a task (the privacy ledger report): nothing here
+_NO_REPORT = lambda: None  # noqa: E731
 
 
 class _SlowWorker:
@@ -193,7 +195,8 @@ class _SlowWorker:
 
 def test_a_task_over_the_seconds_cap_is_stopped_and_refused():
     async def run() -> list[pb.NodeMessage]:
-        link = SimpleNamespace(key=_KEY, worker=_SlowWorker(), state=LinkState(), cost=0.0,
+        link = SimpleNamespace(key=_KEY, refresh_privacy=_NO_REPORT, worker=_SlowWorker(),
+                               state=LinkState(), cost=0.0,
                                _busy=False,
                                gate=AdmissionGate(NodePolicy(caps=Caps(seconds_per_task=0.2))))
         outbox: asyncio.Queue = asyncio.Queue()
@@ -213,7 +216,8 @@ def test_a_task_over_the_seconds_cap_is_stopped_and_refused():
 
 def test_a_refused_task_is_answered_at_once_and_never_started():
     async def run() -> list[pb.NodeMessage]:
-        link = SimpleNamespace(key=_KEY, worker=_SlowWorker(), state=LinkState(), cost=0.0,
+        link = SimpleNamespace(key=_KEY, refresh_privacy=_NO_REPORT, worker=_SlowWorker(),
+                               state=LinkState(), cost=0.0,
                                _busy=False,
                                gate=AdmissionGate(NodePolicy(methods=("dp-lora",))))
         outbox: asyncio.Queue = asyncio.Queue()
@@ -324,7 +328,8 @@ class _FastWorker(_SlowWorker):
 def test_a_job_stops_counting_after_its_last_round():
     async def run(rounds: int) -> AdmissionGate:
         gate = AdmissionGate(NodePolicy(caps=Caps(concurrent_jobs=1)))
-        link = SimpleNamespace(key=_KEY, worker=_FastWorker(), state=LinkState(), cost=0.0,
+        link = SimpleNamespace(key=_KEY, refresh_privacy=_NO_REPORT, worker=_FastWorker(),
+                               state=LinkState(), cost=0.0,
                                _busy=False, gate=gate)
         runner = _TaskRunner(link, asyncio.Queue())
         runner.handle(pb.CoordinatorMessage(task=pb.Task(
