@@ -11,6 +11,7 @@ are safetensors, never pickles.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -43,6 +44,22 @@ __all__ = ["TRAIN_ONLY", "LoraTrainer"]
 TRAIN_ONLY = ("all", "lora-b", "head")
 """Which trainable tensors DP-SGD moves (the others stay as received): every one, LoRA B and
 the head with A frozen (FFA-LoRA), or the head only. Fewer coordinates, less total noise."""
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Poisson batches have a new shape every step, and glibc keeps the freed blocks of each: a
+    MiniLM node's RSS grew from 3 GB to 7.4 GB over some 20 DP-SGD steps (B = 64) and was
+    OOM-killed with three nodes on a 23 GB machine. After a trim it stays at one step's peak."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not Linux/glibc
+    _LIBC = None
 
 
 class LoraTrainer:
@@ -258,6 +275,7 @@ class LoraTrainer:
 
             for indices in dp.sample_batches(steps):
                 stats = dp.private_step(indices, per_example_loss, optimizer)
+                _return_freed_memory()
                 if stats.batch_size:
                     losses.append(stats.loss)
                     clipped.append(stats.clipped_fraction)
