@@ -368,20 +368,14 @@ class Client:
         return self._run(self._client.wait_job(job_id, on_event))
 
     def watch_job(self, job_id: str, after_seq: int = 0) -> Iterator[pb.Event]:
-        iterator = self._client.watch_job(job_id, after_seq)
-        try:
-            while True:
-                try:
-                    yield self._run(anext(iterator))
-                except StopAsyncIteration:
-                    return
-        finally:
-            if self._loop.is_running():
-                self._run(iterator.aclose())
+        return self._blocking(self._client.watch_job(job_id, after_seq))
 
     def ask(self, question: str, **kwargs: Any) -> Iterator[pb.AskEvent]:
         """``AsyncClient.ask``, blocking: iterate to follow the question to its answer."""
-        iterator = self._client.ask(question, **kwargs)
+        return self._blocking(self._client.ask(question, **kwargs))
+
+    def _blocking(self, iterator: AsyncIterator[T]) -> Iterator[T]:
+        """An async stream of the private loop, iterated here; closed when left early."""
         try:
             while True:
                 try:
