@@ -52,6 +52,7 @@ class JobRunner:
                 await self.task
         self.inbox.forget(self.job_id)
         self._end(pb.CANCELLED, "job.cancelled", reason)
+        self._tell_nodes(pb.CANCELLED)
 
     async def run(self) -> None:
         job = self.job
@@ -88,6 +89,19 @@ class JobRunner:
         finally:  # the sessions need not remember the states of a job that is over
             for session in job.sessions.online():
                 session.held_states.pop(self.job_id, None)
+            status = job.store.job(self.job_id)
+            if status is not None and status.state in (pb.COMPLETED, pb.FAILED):
+                self._tell_nodes(status.state)
+
+    def _tell_nodes(self, state: int) -> None:
+        """Every node that had a task of this job hears that it ended (their policy stops
+        counting it as running)."""
+        message = pb.CoordinatorMessage(job_ended=pb.JobEnded(job_id=self.job_id, state=state))
+        for session in self.job.sessions.online():
+            if self.job_id in session.jobs_taken_part:
+                session.jobs_taken_part.discard(self.job_id)
+                with contextlib.suppress(ConnectionError):
+                    session.send(message)
 
     def _end(self, state: int, kind: str, reason: str) -> None:
         self.job.store.set_job_state(self.job_id, state, reason)

@@ -92,6 +92,9 @@ class NodeSession:
         #: job id -> digest of the global state this node took its last task of the job
         #: from (it keeps that state): the base a compact broadcast can build on
         self.held_states: dict[str, bytes] = {}
+        #: jobs this node was given a task of (told when each ends: node/policy.py's
+        #: concurrent-jobs cap counts a job until then)
+        self.jobs_taken_part: set[str] = set()
         self._cost_queries: dict[str, asyncio.Future] = {}
         #: the secure-aggregation round in progress with this node (coordinator.secure_rounds)
         #: gets its messages: (node id, message, wire bytes)
@@ -124,6 +127,7 @@ class NodeSession:
         try:
             try:
                 pending.bytes_down += self.send(pb.CoordinatorMessage(task=task))
+                self.jobs_taken_part.add(task.job_id)
                 self.busy = True  # until its answer (or a heartbeat) says otherwise
                 if global_payload is not None:
                     for chunk in split_payload(global_payload, task.task_id):

@@ -74,7 +74,8 @@ class Caps:
     seconds_per_task: float = 3600.0
     #: bytes a task may bring in (the global state, Minions instructions)
     payload_bytes: int = 1 << 30
-    #: distinct jobs the node works for at once (until their last round, see JOB_IDLE_S)
+    #: distinct jobs the node works for at once (from its first task of a job until the
+    #: coordinator says the job ended, or JOB_IDLE_S without a task of it)
     concurrent_jobs: int = 4
 
     def check(self) -> None:

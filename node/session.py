@@ -303,6 +303,8 @@ class _TaskRunner:
                 self._start(payload)
         elif kind == "secagg":
             self.secagg.handle(message.secagg)
+        elif kind == "job_ended":  # it no longer counts towards caps.concurrent_jobs
+            self.link.gate.finished(message.job_ended.job_id)
         elif kind == "cost_query":
             self.send(pb.NodeMessage(cost_report=pb.CostReport(
                 query_id=message.cost_query.query_id, cost=self.link.cost)))

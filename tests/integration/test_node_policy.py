@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -16,7 +17,7 @@ from confide.cluster.local import LocalCluster
 from confide.protos.identity import NodeKey
 from confide.sdk.client import Client, ConfideError, refusals
 from confide.v1 import coordinator_pb2 as pb
-from tests.integration.helpers import tiny_spec, wait_for_nodes
+from tests.integration.helpers import events_until, tiny_spec, wait_for_nodes
 from tests.unit.test_submission_auth import job_specs
 
 
@@ -141,3 +142,72 @@ def test_generated_specs_never_crash_a_real_coordinator(open_port_coordinator, s
                 assert exc.code == grpc.StatusCode.FAILED_PRECONDITION, exc
         assert client.list_nodes() is not None  # still serving
     assert cluster.coordinator is not None and cluster.coordinator.poll() is None
+
+
+def _only_online(client: Client, name: str, timeout: float = 90.0) -> None:
+    """Wait until ``name`` is the one node online (a replaced node has said goodbye)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        online = [n.info.name for n in client.list_nodes() if n.online]
+        if online == [name]:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{name} was not the only node online within {timeout}s")
+
+
+def test_every_resource_cap_is_enforced_by_the_node(tmp_path, shards):
+    """The caps the first test does not reach, each on a node started with only that cap: a
+    task over it is refused (never truncated), and the submitter reads which cap through the
+    SDK."""
+    cluster = LocalCluster(tmp_path / "cluster", shards(3, per_node=64), mqtt=False)
+    results: dict[str, pb.JobStatus] = {}
+    try:
+        cluster.start_coordinator()
+        with Client(cluster.address) as client:
+
+            def run(**overrides) -> pb.JobStatus:
+                spec = tiny_spec(min_nodes=1, rounds=overrides.pop("rounds", 1),
+                                 max_steps=overrides.pop("max_steps", 1), **overrides)
+                return client.wait_job(client.submit_job(spec).job_id)
+
+            def replace_node(index: int, *flags: str) -> None:
+                for running in list(cluster.nodes):
+                    cluster.nodes[running].terminate()
+                    cluster.nodes.pop(running).wait(30)
+                cluster.start_node(index, *flags)
+                _only_online(client, f"node{index}")
+
+            # examples: 2 steps x 16 per batch = 32 examples, over a cap of 20
+            replace_node(0, "--max-examples", "20")
+            results["examples"] = run(max_steps=2)
+            results["examples_ok"] = run(max_steps=1)  # 16 examples: within the cap
+            # payload: round 2 brings the aggregated state (kilobytes), over a cap of ~100 bytes
+            replace_node(1, "--max-payload-mb", "0.0001")
+            results["payload"] = run(rounds=2)  # round 1 builds its state from a seed
+            # seconds: a task may run 0.05 s here; initialising or training takes longer
+            replace_node(2, "--max-task-seconds", "0.05")
+            results["seconds"] = run(max_steps=200)
+            # concurrent jobs: the node works for a job that waits for a second node (its
+            # initial state came from this node); a second job is refused; once the first is
+            # cancelled, the coordinator tells the node it ended and a third job runs
+            replace_node(0, "--max-concurrent-jobs", "1")
+            first = client.submit_job(tiny_spec(min_nodes=2, rounds=1, max_steps=1,
+                                                wait_for_nodes_s=120))
+            events_until(client, first.job_id, "job.initialized")
+            results["concurrent"] = run(wait_for_nodes_s=5)
+            client.cancel_job(first.job_id)
+            results["after_cancel"] = run()
+            still_serving = [n.info.name for n in client.list_nodes() if n.online]
+    finally:
+        cluster.stop()
+
+    for name, cap in [("examples", "examples_per_round"), ("payload", "payload_bytes"),
+                      ("seconds", "seconds_per_task"), ("concurrent", "concurrent_jobs")]:
+        status = results[name]
+        assert status.state == pb.FAILED, (name, status)
+        assert f"caps.{cap}" in status.reason, (name, status.reason)
+        if name != "concurrent":  # that one refused the initial state, before any round
+            assert any(f"caps.{cap}" in why for why in refusals(status).values()), name
+    assert results["examples_ok"].state == pb.COMPLETED, results["examples_ok"].reason
+    assert results["after_cancel"].state == pb.COMPLETED, results["after_cancel"].reason
+    assert still_serving == ["node0"]  # refusing never took a daemon down

@@ -611,6 +611,14 @@ class CancelTask(_message.Message):
     reason: str
     def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class JobEnded(_message.Message):
+    __slots__ = ("job_id", "state")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    state: JobState
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ...) -> None: ...
+
 class SecAggMessage(_message.Message):
     __slots__ = ("job_id", "round", "payload", "node_keys")
     class NodeKeysEntry(_message.Message):
@@ -653,7 +661,7 @@ class NodeMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[SessionHello, _Mapping]] = ..., proof: _Optional[_Union[SessionProof, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., update_chunk: _Optional[_Union[TaskChunk, _Mapping]] = ..., result: _Optional[_Union[TaskResult, _Mapping]] = ..., failure: _Optional[_Union[TaskFailure, _Mapping]] = ..., progress: _Optional[_Union[TaskProgress, _Mapping]] = ..., cost_report: _Optional[_Union[CostReport, _Mapping]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("challenge", "welcome", "heartbeat_ack", "task", "global_chunk", "cancel", "cost_query", "secagg")
+    __slots__ = ("challenge", "welcome", "heartbeat_ack", "task", "global_chunk", "cancel", "cost_query", "secagg", "job_ended")
     CHALLENGE_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_ACK_FIELD_NUMBER: _ClassVar[int]
@@ -662,6 +670,7 @@ class CoordinatorMessage(_message.Message):
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     COST_QUERY_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
+    JOB_ENDED_FIELD_NUMBER: _ClassVar[int]
     challenge: SessionChallenge
     welcome: SessionWelcome
     heartbeat_ack: HeartbeatAck
@@ -670,7 +679,8 @@ class CoordinatorMessage(_message.Message):
     cancel: CancelTask
     cost_query: CostQuery
     secagg: SecAggMessage
-    def __init__(self, challenge: _Optional[_Union[SessionChallenge, _Mapping]] = ..., welcome: _Optional[_Union[SessionWelcome, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., global_chunk: _Optional[_Union[TaskChunk, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., cost_query: _Optional[_Union[CostQuery, _Mapping]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ...) -> None: ...
+    job_ended: JobEnded
+    def __init__(self, challenge: _Optional[_Union[SessionChallenge, _Mapping]] = ..., welcome: _Optional[_Union[SessionWelcome, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., task: _Optional[_Union[Task, _Mapping]] = ..., global_chunk: _Optional[_Union[TaskChunk, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., cost_query: _Optional[_Union[CostQuery, _Mapping]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ..., job_ended: _Optional[_Union[JobEnded, _Mapping]] = ...) -> None: ...
 
 class ProtocolDocument(_message.Message):
     __slots__ = ("hash", "name", "description", "task_kind", "multiround", "rules", "request_schema", "response_schema", "uses")
