@@ -133,6 +133,10 @@ def normalize_spec(spec: pb.JobSpec) -> pb.JobSpec:
         config = method.parse_config(method_params(s))
     except (TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
         raise ValueError(f"method_params: {type(exc).__name__}: {exc}") from None
+    if (getattr(config, "mode", "") == "distributed" and getattr(config, "unit", "") == "node"
+            and not s.secure_aggregation):
+        raise ValueError("dp-lora mode 'distributed' splits the noise among the nodes inside "
+                         "secure aggregation: set secure_aggregation (--secure-aggregation)")
     if s.secure_aggregation:
         refusal = secure_refusal(method, config, anonymous=s.anonymous)
         if refusal:

@@ -33,6 +33,7 @@ from confide.node.methods import get_method, method_params
 from confide.node.methods.base import State
 from confide.node.methods.secure_layout import flatten_update, layout_for
 from confide.privacy.secagg import SecAggClient, SecAggError
+from confide.privacy.secagg.distributed_dp import DistributedGaussian
 from confide.privacy.secagg.messages import (
     ForwardedShares,
     KeyBundle,
@@ -175,7 +176,14 @@ class NodeSecureAggregation:
         clipped += int(np.count_nonzero(np.abs(vector) > bound))
         vector = np.clip(vector, -bound, bound)
         weight = min(int(num_examples), state.setup.max_weight) if layout.weighted else 1
+        noise = None
+        if layout.distributed_noise is not None:  # this node's share of the sum's noise
+            sigma, clip_norm = layout.distributed_noise
+            norm = float(np.linalg.norm(vector))
+            if norm > clip_norm:  # the node's own bound, in float64 (its sensitivity)
+                vector = vector * (clip_norm / norm)
+            noise = DistributedGaussian(sigma, clip_norm, state.setup.threshold)
         assert state.forwarded is not None
         masked = await asyncio.to_thread(state.client.handle_forwarded_shares, state.forwarded,
-                                         vector, weight)
+                                         vector, weight, noise)
         return masked.to_bytes(), clipped

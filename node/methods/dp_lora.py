@@ -25,7 +25,8 @@ Learning" (arXiv 2312.17493), in the DP-FedAvg form of McMahan et al., "Learning
 Private Recurrent Language Models" (ICLR 2018), as this module runs it:
 
     Job parameters: C = clip_norm, sigma = noise_multiplier (or target_epsilon + rounds, from
-    which sigma is derived), delta, mode ("local" or "central"), noise_seed (tests only).
+    which sigma is derived), delta, mode ("local", "central" or "distributed"), noise_seed
+    (tests only).
     Trainable state w: the LoRA A and B matrices and the task head (``trainable = "lora"``).
 
     Coordinator, before round r (before_round):
@@ -42,6 +43,9 @@ Private Recurrent Language Models" (ICLR 2018), as this module runs it:
     Coordinator (aggregate), over the n valid updates of the round:
         4. central mode: S = sum_i clip_C(Delta_i) + N(0, sigma^2 C^2 I)
                          (re-clipping is a no-op for honest nodes and enforces the bound)
+           distributed:  S = the securely aggregated sum of the nodes' Delta_i, each rounded
+                         and noised in the ring with N_Z(0, sigma^2 D^2 / t) at its node
+                         (privacy.secagg.distributed_dp; the coordinator adds nothing)
            local mode:   S = sum_i Delta_i                     (each already carries noise)
         5. w_r = w_{r-1} + S / n                                         (unweighted mean)
 
@@ -153,7 +157,7 @@ from confide.privacy.dp import (
 )
 from confide.protos.codec import WireTensor, to_dense
 
-MODES = ("local", "central")
+MODES = ("local", "central", "distributed")
 UNITS = ("example", "node")
 TRAIN_ONLY = ("all", "lora-b", "head")
 
@@ -168,8 +172,10 @@ class DPLoRAConfig(MethodConfig):
     ``noise_multiplier`` sigma: noise std is sigma * C; 0 means derive it from
     ``target_epsilon`` and ``rounds``. ``target_epsilon``: the budget; 0 means no budget (then
     sigma is required). ``delta``: the delta epsilon is reported at. ``mode``: "local" (each node
-    noises its own update) or "central" (the coordinator noises the sum once: the form secure
-    aggregation needs). ``rounds``: the rounds a target is calibrated for (only with sigma = 0).
+    noises its own update), "central" (the coordinator noises the sum once) or "distributed"
+    (each node adds its share of the sum's noise inside secure aggregation: the coordinator
+    sees only the noised sum; needs ``secure_aggregation``). ``rounds``: the rounds a target is
+    calibrated for (only with sigma = 0).
     ``noise_seed``: -1 for unpredictable noise; >= 0 replays the noise (tests only, no privacy).
     """
 
@@ -399,8 +405,10 @@ class DPLoRA(FederatedMethod):
             return delta  # DP-SGD made the training private: the delta is post-processing
         # 2. clip to L2 norm C (in the wire dtype, so rounding cannot lift the norm above C)
         clipped, _norm = clip_by_global_norm(delta, config.clip_norm)
-        if config.mode == "central":
-            return clipped  # 3. central: the coordinator adds the noise, once, to the sum
+        if config.mode in ("central", "distributed"):
+            # 3. central: the coordinator adds the noise, once, to the sum; distributed: the
+            # node adds its share in the ring while masking (node/secagg.py), never unmasked
+            return clipped
         # 3. local: the node adds N(0, sigma^2 C^2) itself and never sends the clean update
         std = self.noise_multiplier(config) * config.clip_norm
         noise = gaussian_noise_like(clipped, std, self._node_generator(config, clipped))
@@ -434,6 +442,9 @@ class DPLoRA(FederatedMethod):
         total = {
             name: torch.zeros(v.shape, dtype=torch.float64) for name, v in global_state.items()
         }
+        if config.mode == "distributed" and len(updates) != 1:
+            raise UpdateError("dp-lora mode 'distributed' is aggregated securely: one update "
+                              "with the noised mean, never the nodes' own")
         for update in updates:
             delta = {
                 name: to_dense(update.payload[name]).to(torch.float64) for name in global_state

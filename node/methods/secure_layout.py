@@ -18,10 +18,13 @@ Methods:
 * ``fedavg-lora``, ``fedavg-full``, ``sfprompt`` (prompts and tail): the dense delta of every
   tensor of the state, sorted by name, weighted by the node's example count (at most the
   round's ``max_weight``, the largest dataset size the selected nodes registered).
-* ``dp-lora``, ``mode = "local"``: the same vector (clipped to L2 norm C and noised at the node
-  already), weight 1 (DP-LoRA's unweighted mean). ``mode = "central"`` is refused: there the
-  coordinator adds the noise to the sum, so it would see the un-noised sum; distributed noise
-  (Skellam) is not implemented.
+* ``dp-lora`` (node unit), ``mode = "local"``: the same vector (clipped to L2 norm C and
+  noised at the node already), weight 1 (DP-LoRA's unweighted mean). ``mode = "distributed"``:
+  the clipped vector, which the node rounds and noises in the ring with its share of the noise
+  (``privacy.secagg.distributed_dp``: the distributed discrete Gaussian, calibrated for the
+  round's threshold), so the coordinator unmasks a sum that is already noised and adds none.
+  ``mode = "central"`` is refused: there the coordinator adds the noise, so it would see the
+  un-noised sum. Example-level dp-lora sends its plain delta (DP-SGD made it private).
 * ``ferret``: each parameter group's projection scalars, padded with zeros to the group's
   most directions (the plain aggregation averages missing coefficients as zeros too), weighted
   by example count; the round tag is rebuilt from the state's digest.
@@ -75,6 +78,9 @@ class SecureLayout:
     segments: tuple[tuple[str, int], ...]
     clip: float
     weighted: bool
+    #: dp-lora mode "distributed": (noise multiplier z, L2 clip C); each node adds its share
+    #: of the noise in the ring (privacy.secagg.distributed_dp), weight 1
+    distributed_noise: tuple[float, float] | None = None
 
     @property
     def dim(self) -> int:
@@ -94,11 +100,12 @@ def secure_refusal(method: Method, config: MethodConfig, *, anonymous: bool = Fa
     if name == "cellm":
         return ("cellm sends each node's own top-k positions, which a masked sum cannot "
                 "carry (secure aggregation needs positions every node shares); not supported")
-    if name == "dp-lora" and getattr(config, "mode", "local") != "local":
+    if (name == "dp-lora" and getattr(config, "unit", "node") == "node"
+            and getattr(config, "mode", "local") == "central"):
         return ("dp-lora mode 'central' adds the noise at the coordinator, which would then see "
-                "the un-noised sum; with secure aggregation use mode 'local' (each node noises "
-                "its own update before masking). Distributed noise split among nodes (Skellam) "
-                "is not implemented")
+                "the un-noised sum; with secure aggregation use mode 'distributed' (the nodes "
+                "split the noise among them: the distributed discrete Gaussian) or 'local' "
+                "(each node adds all of it)")
     if name not in ("fedavg-lora", "fedavg-full", "sfprompt", "dp-lora", "ferret"):
         return f"{name} has no secure-aggregation layout"
     return None
@@ -122,7 +129,11 @@ def layout_for(method: Method, config: MethodConfig, global_state: State) -> Sec
         return SecureLayout("dense", segments, DELTA_CLIP, weighted=False)
     if method.name == "dp-lora":
         sigma = method.noise_multiplier(config)  # type: ignore[attr-defined]
-        clip = float(config.clip_norm) * (1.0 + DP_TAIL_SIGMAS * sigma)  # type: ignore[attr-defined]
+        clip_norm = float(config.clip_norm)  # type: ignore[attr-defined]
+        clip = clip_norm * (1.0 + DP_TAIL_SIGMAS * sigma)
+        if getattr(config, "mode", "local") == "distributed":
+            return SecureLayout("dense", segments, clip, weighted=False,
+                                distributed_noise=(sigma, clip_norm))
         return SecureLayout("dense", segments, clip, weighted=False)
     return SecureLayout("dense", segments, DELTA_CLIP, weighted=True)
 

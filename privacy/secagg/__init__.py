@@ -57,36 +57,20 @@ Not protected: the sum, the set of participants and the timing and sizes of mess
 integrity of the result (a node can submit garbage inside its mask: secure aggregation hides
 inputs, it does not validate them; norm bounds need a zero-knowledge proof or DP's clipping).
 
-Distributed DP for node-level DP-LoRA under secure aggregation (plan, not code yet)
------------------------------------------------------------------------------------
-Today ``dp-lora`` in ``central`` mode adds Gaussian noise once to the sum, which needs a trusted
-aggregator; under secure aggregation no party sees an un-noised update if each node adds its
-share of the noise *in the integer ring*, before masking:
-
-1. Each node clips its whole LoRA delta to L2 norm ``C`` (as now), applies a random rotation
-   shared per round (a randomized Hadamard transform from a public seed, so the clipped vector's
-   mass spreads evenly across coordinates and stochastic rounding does not blow up the norm),
-   scales by ``2^f`` and rounds stochastically to integers (conditional rounding: resample until
-   the rounded norm stays under the bound, Kairouz et al.).
-2. It adds integer noise: the distributed discrete Gaussian (Kairouz, Liu, Steinke, ICML 2021)
-   or, preferred, Skellam noise (Agarwal, Kairouz, Liu, NeurIPS 2021): ``Sk(mu / t)`` per
-   coordinate, i.e. the difference of two Poisson(mu / (2t)) draws, from a CSPRNG. Skellam is
-   closed under summation, so the sum over ``m`` survivors carries exactly ``Sk(m mu / t)``, whose
-   RDP has a closed form (Agarwal et al., Thm. 3.5); the discrete Gaussian sum is only close to
-   a discrete Gaussian and needs their bound. The weights are all 1 (an unweighted mean, as
-   DP-LoRA already does: example-count weights would break the sensitivity bound).
-3. The ring must hold clip, scale, survivors and the noise's tail: ``bits = 64`` or a modular
-   clipping argument (the papers' modular arithmetic analysis); the codec's overflow check gains a
-   noise term (e.g. 12 standard deviations).
-4. Accounting with dp-accounting's RDP accountant (a custom event with Skellam's RDP curve) per
-   round, sampling rate as today, reported each round.
-
-Dropouts: each node adds noise for ``t`` survivors, so any round that completes (``>= t``
-survivors by construction) has at least the target noise; with more survivors the noise is larger
-than needed (utility cost ``m / t``); fewer than ``t`` cannot happen because the round aborts.
-Noise from nodes that dropped after masking is never added (their inputs are not in the sum),
-which is why the calibration uses ``t`` and not ``n``. Colluding nodes can subtract their own
-noise: calibrate for ``t - c`` honest nodes if ``c`` corruptions are assumed.
+Distributed DP for node-level DP-LoRA under secure aggregation (``distributed_dp.py``)
+-------------------------------------------------------------------------------------
+``dp-lora`` with ``mode = "distributed"``: each node clips its delta to L2 norm ``C``, rounds
+``x / gamma`` to the ring's grid at random (unbiased; no rotation is needed: the grid is so fine
+that rounding adds at most ``sqrt(d)`` to a norm of ``C / gamma ~ 10^6 .. 10^18`` units) and adds
+its share of the noise as a discrete Gaussian ``N_Z(0, (sigma D)^2 / t)``, ``D = C / gamma +
+sqrt(d)``, before masking. The distributed discrete Gaussian (Kairouz, Liu, Steinke, ICML 2021)
+was chosen over Skellam (Agarwal et al. 2021) because its bound needs nothing beyond ``tau``,
+which underflows on this grid, so the accounting is the Gaussian mechanism's (the project's
+RDP accountant, unchanged). Weights are all 1; the codec's bound holds the clip plus 8 standard
+deviations (noise beyond is redrawn). Dropouts: noise is calibrated for ``t`` summands; any
+unmasked sum has at least ``t`` (inputs of nodes that dropped after masking are in it); more
+survivors only add noise. Colluding nodes can subtract their own noise: the guarantee assumes
+at least ``t`` honest summands, the same assumption as the threshold itself.
 """
 
 from __future__ import annotations

@@ -156,9 +156,28 @@ class FixedPointCodec:
             raise MaskingError(f"an entry exceeds the codec's clip {self.clip}; clip the update "
                                "first (the overflow bound depends on it)")
         scaled = np.rint(x * (int(weight) * 2.0**self.frac_bits)).astype(np.int64)
-        out = np.empty(x.size + 1, dtype=self.dtype)
+        return self._ring_vector(scaled, int(weight))
+
+    @property
+    def bound_units(self) -> int:
+        """The largest ``|entry|`` of a weight-1 input in ring units (``clip * 2^f``)."""
+        return math.floor(self.clip * 2.0**self.frac_bits)
+
+    def encode_units(self, units: np.ndarray) -> np.ndarray:
+        """A weight-1 input already in ring units (int64: e.g. rounded and noised by the node,
+        ``distributed_dp``), each within :attr:`bound_units` so the overflow bound holds."""
+        u = np.asarray(units).reshape(-1)
+        if u.dtype != np.int64:
+            raise MaskingError("ring units are int64")
+        if u.size and int(np.max(np.abs(u))) > self.bound_units:
+            raise MaskingError(f"an entry exceeds the codec's bound of {self.bound_units} "
+                               "units (the overflow bound depends on it)")
+        return self._ring_vector(u, 1)
+
+    def _ring_vector(self, scaled: np.ndarray, weight: int) -> np.ndarray:
+        out = np.empty(scaled.size + 1, dtype=self.dtype)
         out[:-1] = scaled.astype(self.dtype)  # two's complement: wraps negatives into the ring
-        out[-1] = int(weight)
+        out[-1] = weight
         return out
 
     def decode_sum(self, ring_sum: np.ndarray) -> tuple[np.ndarray, int]:

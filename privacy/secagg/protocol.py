@@ -72,6 +72,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from confide.privacy.secagg import shamir
+from confide.privacy.secagg.distributed_dp import DistributedGaussian
 from confide.privacy.secagg.errors import SecAggAbort, SecAggProtocolError, SecAggRefused
 from confide.privacy.secagg.masking import (
     FixedPointCodec,
@@ -393,14 +394,24 @@ class SecAggClient:
 
     # -- phase 3
     def handle_forwarded_shares(self, forwarded: ForwardedShares, values: np.ndarray,
-                                weight: int = 1) -> MaskedInput:
+                                weight: int = 1,
+                                noise: DistributedGaussian | None = None) -> MaskedInput:
         """Open the shares received (their senders are still in), then mask the input.
 
         ``values`` is the flat float update (entries within the setup's clip) and ``weight``
-        the node's integer weight (its example count, or 1 for an unweighted mean)."""
+        the node's integer weight (its example count, or 1 for an unweighted mean). With
+        ``noise`` (distributed DP, weight 1) the node rounds and noises its input in the ring
+        first, with the Setup's threshold as the fewest summands."""
         start = time.perf_counter()
         setup = self._expect("shared", forwarded.job_id, forwarded.round, forwarded.receiver)
-        encoded = self._codec.encode(values, weight)  # raises MaskingError before any state change
+        if noise is not None:  # raises before any state change
+            if weight != 1 or noise.min_summands != setup.threshold:
+                raise MaskingError("distributed noise takes weight 1 and the round's threshold")
+            units = noise.noised_input(values, self._codec.step, self._codec.bound_units,
+                                       np.random.default_rng())
+            encoded = self._codec.encode_units(units)
+        else:
+            encoded = self._codec.encode(values, weight)  # raises before any state change
         if encoded.size != setup.dim + 1:
             raise MaskingError(f"the update has {encoded.size - 1} entries, the round "
                                f"{setup.dim}")

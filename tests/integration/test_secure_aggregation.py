@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from confide.cluster.local import LocalCluster
@@ -66,3 +67,29 @@ def test_a_node_killed_after_its_masked_input_leaves_the_round_to_the_survivors(
     assert victim in first.participants
     assert victim not in final.rounds[1].selected
     assert final.rounds[1].secagg_survivors == 2
+
+
+def test_distributed_dp_noises_the_sum_at_the_nodes(tmp_path, shards):
+    """dp-lora at node level under secure aggregation: the nodes split the noise (the
+    distributed discrete Gaussian), the coordinator adds none and sees only the noised sum;
+    the global model moves by the calibrated noise: sigma C sqrt(n / t) / n per entry."""
+    sigma, n = 0.5, 3
+    spec = tiny_spec(method="dp-lora", rounds=1, min_nodes=n, max_steps=2,
+                     secure_aggregation=True,
+                     params={"unit": "node", "mode": "distributed", "noise_multiplier": sigma,
+                             "clip_norm": 1.0})
+    with LocalCluster(tmp_path / "cluster", shards(n, per_node=64), mqtt=False) as cluster, \
+            Client(cluster.address) as client:
+        wait_for_nodes(client, n)
+        job = client.submit_job(spec)
+        final = client.wait_job(job.job_id)
+        assert final.state == pb.COMPLETED, final.reason
+        state, initial = (client.fetch_global_model(job.job_id),
+                          client.fetch_global_model(job.job_id, 0))
+    (summary,) = final.rounds
+    assert summary.secure_aggregation and summary.secagg_survivors == n
+    t = summary.secagg_threshold
+    assert summary.metrics["noise_multiplier"] == sigma and summary.metrics["epsilon"] > 0
+    moved = torch.cat([(state[k] - initial[k]).flatten() for k in initial])
+    expected = sigma * 1.0 * (n / t) ** 0.5 / n  # the update itself has L2 norm <= 1
+    assert moved.std().item() == pytest.approx(expected, rel=0.15)

@@ -71,7 +71,7 @@ class Round:
 
 
 def run(nodes: Nodes, values, weights, *, drop: dict[str, set[str]] | None = None,
-        round_: int = 1, **kw):
+        round_: int = 1, noise=None, **kw):
     """A whole round over the wire encoding; ``drop[phase]`` nodes stop after that phase."""
     drop = {"advertise": set(), "share_keys": set(), "masked_input": set(), **(drop or {})}
     server = nodes.server(round_, **kw)
@@ -89,7 +89,7 @@ def run(nodes: Nodes, values, weights, *, drop: dict[str, set[str]] | None = Non
     for i, message in state.forwarded.items():
         if i not in drop["share_keys"]:
             masked = clients[i].handle_forwarded_shares(
-                ForwardedShares.from_bytes(message.to_bytes()), values[i], weights[i])
+                ForwardedShares.from_bytes(message.to_bytes()), values[i], weights[i], noise)
             server.receive_masked_input(MaskedInput.from_bytes(masked.to_bytes()))
     state.request = server.close_masking()
     for i in state.request.survivors:
