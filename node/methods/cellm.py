@@ -93,10 +93,14 @@ from confide.node.methods.base import (
     weighted_mean_of_deltas,
 )
 from confide.protos.codec import SparseTensor, WireTensor, to_dense, wire_size
+from confide.protos.state import state_digest
 
 log = logging.getLogger(__name__)
 
 SCOPES = ("global", "tensor")
+#: "topk": each node its own largest entries; "shared-random": the same random positions at
+#: every node, drawn from the round's global state (what secure aggregation can sum)
+SELECTIONS = ("topk", "shared-random")
 
 RESIDUAL_PREFIX = "residual/"
 """Memory key prefix of the error-feedback residual of one tensor (node side only)."""
@@ -117,12 +121,17 @@ class CELLMConfig(MethodConfig):
     ``error_feedback``: keep what was not sent at the node and add it to the next delta.
     ``value_dtype``: "float32" (exact), "float16" or "bfloat16": the sent values are rounded to
     it and the rounding error stays in the residual (with error feedback it is sent later).
+    ``selection``: "topk" (each node its own largest entries: the thesis's method) or
+    "shared-random" (random-k with memory: every node keeps the same positions, drawn from the
+    digest of the round's global state; they reveal nothing about any node's data, and a
+    masked sum can carry them, so this is the form secure aggregation takes).
     """
 
     density: float = 0.1
     scope: str = "global"
     error_feedback: bool = True
     value_dtype: str = "float32"
+    selection: str = "topk"
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -153,6 +162,29 @@ def _rounded(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return narrow if bool(torch.isfinite(narrow).all()) else values
 
 
+def shared_positions(config: CELLMConfig, global_state: State) -> dict[str, torch.Tensor]:
+    """``selection = "shared-random"``: per tensor, ascending flat positions drawn uniformly
+    without replacement from the digest of the round's global state (node and coordinator
+    hold the same, digest-checked state): as many as top-k would keep, in the same scope."""
+    names = sorted(global_state)
+    seed = int.from_bytes(state_digest(global_state, person=b"confide-cellm")[:8], "little")
+    generator = torch.Generator().manual_seed(seed & ((1 << 63) - 1))
+    sizes = [global_state[name].numel() for name in names]
+    if config.scope == "tensor":
+        return {name: torch.sort(torch.randperm(size, generator=generator)[
+            :keep_count(config.density, size)]).values for name, size in zip(names, sizes,
+                                                                             strict=True)}
+    total = sum(sizes)
+    chosen = torch.sort(torch.randperm(total, generator=generator)[
+        :keep_count(config.density, total)]).values if total else torch.empty(0, dtype=torch.int64)
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for name, size in zip(names, sizes, strict=True):
+        out[name] = chosen[(chosen >= offset) & (chosen < offset + size)] - offset
+        offset += size
+    return out
+
+
 class CELLM(FederatedMethod):
     name = "cellm"
     config_class = CELLMConfig
@@ -179,6 +211,11 @@ class CELLM(FederatedMethod):
         if not isinstance(config.error_feedback, bool):
             raise ValueError(
                 f"cellm: error_feedback must be true or false, got {config.error_feedback!r}"
+            )
+        if config.selection not in SELECTIONS:
+            raise ValueError(
+                f"cellm: selection must be one of {', '.join(SELECTIONS)}, got "
+                f"{config.selection!r}"
             )
         if config.value_dtype not in VALUE_DTYPES:
             raise ValueError(
@@ -214,7 +251,9 @@ class CELLM(FederatedMethod):
                 )
             delta[name] = d
         # 3. which entries go
-        kept = self._selection(config, delta)
+        shared = config.selection == "shared-random"
+        kept = shared_positions(config, global_state) if shared else self._selection(config,
+                                                                                      delta)
         # 4.-5. encode, and keep the rest
         payload: dict[str, WireTensor] = {}
         wire_dtype = VALUE_DTYPES[config.value_dtype]
@@ -225,8 +264,9 @@ class CELLM(FederatedMethod):
                                   indices=positions.to(_index_dtype(cpu.numel())),
                                   values=_rounded(cpu[positions], wire_dtype))
             dense = _rounded(cpu, wire_dtype).reshape(d.shape)
-            # everything, for no more bytes
-            if wire_size({name: dense}) <= wire_size({name: sparse}):
+            # everything, for no more bytes (shared positions: only they, unless they are all)
+            if (positions.numel() == cpu.numel() if shared
+                    else wire_size({name: dense}) <= wire_size({name: sparse})):
                 payload[name] = dense
                 sent = dense.reshape(-1).to(cpu.dtype)
                 residual = cpu - sent

@@ -28,9 +28,12 @@ Methods:
 * ``ferret``: each parameter group's projection scalars, padded with zeros to the group's
   most directions (the plain aggregation averages missing coefficients as zeros too), weighted
   by example count; the round tag is rebuilt from the state's digest.
-* ``cellm`` (each node's own top-k positions: a masked sum cannot carry them) and ``dimat``
-  (peer to peer: no coordinator sum) are refused, as are anonymous jobs (secure aggregation
-  names its participants and relays their signed keys; an anonymous upload has no session).
+* ``cellm`` with ``selection = "shared-random"``: the values at the round's shared positions
+  (drawn from the global state's digest: the same at every node, and data-independent), weighted
+  by example count; the mean comes back as one sparse update. Top-k selection is refused (each
+  node's own positions cannot ride in a masked sum), as are ``dimat`` (peer to peer: no
+  coordinator sum) and anonymous jobs (secure aggregation names its participants and relays
+  their signed keys; an anonymous upload has no session).
 
 Per-entry bounds (the codec refuses, never clips, so the node clips here and counts it):
 deltas of one round's training are far below :data:`DELTA_CLIP`; DP-LoRA's noised entries are
@@ -48,7 +51,7 @@ import numpy as np
 import torch
 
 from confide.node.methods.base import ClientUpdate, Method, MethodConfig, State, UpdateError
-from confide.protos.codec import SeedProjectedTensor, WireTensor, to_dense
+from confide.protos.codec import SeedProjectedTensor, SparseTensor, WireTensor, to_dense
 
 __all__ = [
     "DELTA_CLIP",
@@ -74,13 +77,16 @@ class SecureLayout:
     """The vector of one method's update: ``(name, size)`` segments in order, the per-entry
     bound, and whether nodes weight by example count (else weight 1)."""
 
-    kind: str  # "dense" or "ferret"
+    kind: str  # "dense", "ferret" or "positions"
     segments: tuple[tuple[str, int], ...]
     clip: float
     weighted: bool
     #: dp-lora mode "distributed": (noise multiplier z, L2 clip C); each node adds its share
     #: of the noise in the ring (privacy.secagg.distributed_dp), weight 1
     distributed_noise: tuple[float, float] | None = None
+    #: kind "positions" (cellm, shared-random selection): each tensor's flat positions, the
+    #: same at every node; the vector holds the values there
+    positions: Mapping[str, torch.Tensor] | None = None
 
     @property
     def dim(self) -> int:
@@ -97,16 +103,17 @@ def secure_refusal(method: Method, config: MethodConfig, *, anonymous: bool = Fa
     if method.decentralized:
         return (f"{name} is peer to peer: models travel between nodes and the coordinator "
                 "computes no sum, so there is nothing to aggregate securely")
-    if name == "cellm":
-        return ("cellm sends each node's own top-k positions, which a masked sum cannot "
-                "carry (secure aggregation needs positions every node shares); not supported")
+    if name == "cellm" and getattr(config, "selection", "topk") != "shared-random":
+        return ("cellm's top-k selection sends each node's own positions, which a masked sum "
+                "cannot carry: with secure aggregation use selection 'shared-random' (every "
+                "node keeps the same random positions each round)")
     if (name == "dp-lora" and getattr(config, "unit", "node") == "node"
             and getattr(config, "mode", "local") == "central"):
         return ("dp-lora mode 'central' adds the noise at the coordinator, which would then see "
                 "the un-noised sum; with secure aggregation use mode 'distributed' (the nodes "
                 "split the noise among them: the distributed discrete Gaussian) or 'local' "
                 "(each node adds all of it)")
-    if name not in ("fedavg-lora", "fedavg-full", "sfprompt", "dp-lora", "ferret"):
+    if name not in ("fedavg-lora", "fedavg-full", "sfprompt", "dp-lora", "ferret", "cellm"):
         return f"{name} has no secure-aggregation layout"
     return None
 
@@ -122,6 +129,13 @@ def layout_for(method: Method, config: MethodConfig, global_state: State) -> Sec
         segments = tuple((g.key, g.directions(config.k))  # type: ignore[attr-defined]
                          for g in group_parameters(global_state))
         return SecureLayout("ferret", segments, FERRET_CLIP, weighted=True)
+    if method.name == "cellm":
+        from confide.node.methods.cellm import shared_positions
+
+        positions = shared_positions(config, global_state)  # type: ignore[arg-type]
+        segments = tuple((name, int(positions[name].numel())) for name in sorted(global_state))
+        return SecureLayout("positions", segments, DELTA_CLIP, weighted=True,
+                            positions=positions)
     segments = tuple((name, int(global_state[name].numel())) for name in sorted(global_state))
     if method.name == "dp-lora" and getattr(config, "unit", "node") == "example":
         # example-level DP-SGD made the training private: the node sends its plain delta,
@@ -157,7 +171,10 @@ def flatten_update(layout: SecureLayout,
             coefficients[:given.size] = given
             parts.append(coefficients)
         else:
-            dense = to_dense(value).detach().to(torch.float64).reshape(-1).numpy()
+            dense = to_dense(value).detach().to(torch.float64).reshape(-1)
+            if layout.positions is not None:
+                dense = dense[layout.positions[name]]
+            dense = dense.numpy()
             if dense.size != size:
                 raise UpdateError(f"{name} has {dense.size} entries, the layout {size}")
             parts.append(dense)
@@ -187,6 +204,13 @@ def mean_update(method: Method, config: MethodConfig, layout: SecureLayout, glob
                 coefficients=tuple(float(c) for c in mean[offset:offset + count]),
                 generator=GENERATOR)
             offset += count
+    elif layout.positions is not None:
+        for key, size in layout.segments:
+            reference = global_state[key]
+            payload[key] = SparseTensor(
+                shape=tuple(reference.shape), indices=layout.positions[key],
+                values=torch.from_numpy(mean[offset:offset + size].copy()).to(reference.dtype))
+            offset += size
     else:
         for key, size in layout.segments:
             reference = global_state[key]

@@ -363,7 +363,7 @@ def test_aggregate_is_the_example_weighted_mean_of_the_densified_updates():
         ({"error_feedback": "yes"}, r"error_feedback must be true or false"),
         ({"value_dtype": "int8"}, r"value_dtype must be one of float32, float16, bfloat16"),
         ({"k": 10}, r"method 'cellm' has no parameter\(s\) k; its parameters are: density, "
-                    r"error_feedback, scope, value_dtype"),
+                    r"error_feedback, scope, selection, value_dtype"),
     ],
 )
 def test_bad_parameters_are_rejected_with_a_clear_message(params, message):
@@ -452,3 +452,28 @@ def test_the_codec_rejects_bad_sparse_indices_before_the_method_sees_them(indice
     data = _wire_with_indices(indices)
     with pytest.raises(CodecError, match=message):
         tensor_map_from_bytes(data)
+
+
+def test_shared_random_positions_are_the_same_everywhere_and_fresh_each_round():
+    """selection "shared-random": the positions are a function of the global state alone (the
+    same at every node, whatever its data), change with the state, and the node sends exactly
+    those, keeping the rest in its residual."""
+    from confide.node.methods.cellm import CELLM, CELLMConfig, shared_positions
+
+    config = CELLMConfig(density=0.1, selection="shared-random")
+    state = {"a": torch.zeros(50, 4), "b": torch.zeros(30)}
+    first = shared_positions(config, state)
+    assert {k: v.tolist() for k, v in first.items()} == {
+        k: v.tolist() for k, v in shared_positions(config, dict(state)).items()}
+    assert sum(v.numel() for v in first.values()) == 23  # round(0.1 * 230)
+    moved = {"a": state["a"] + 1, "b": state["b"]}
+    assert any(not torch.equal(first[k], v) for k, v in shared_positions(config,
+                                                                         moved).items())
+    memory: dict[str, torch.Tensor] = {}
+    local = {k: v + torch.randn(v.shape) for k, v in state.items()}
+    payload = CELLM().client_update(config, state, local, memory)
+    for name, positions in first.items():
+        assert payload[name].indices.tolist() == positions.tolist()
+        sent = to_dense(payload[name]).reshape(-1)
+        delta = (local[name] - state[name]).reshape(-1)
+        assert torch.allclose(sent + memory["residual/" + name].reshape(-1), delta)

@@ -89,6 +89,32 @@ def test_the_secure_sum_is_the_plain_aggregation(tmp_path):
     assert secure.events_of("round.secure_aggregation")
 
 
+def test_cellm_with_shared_positions_sums_exactly_those_positions(tmp_path):
+    """CELLM under secure aggregation: the round's positions come from the global state's
+    digest, the same at every node; the new state is the weighted mean of the deltas there and
+    unchanged elsewhere."""
+    from confide.node.methods.cellm import CELLMConfig, shared_positions
+
+    names, examples = ["a", "b", "c"], [10, 30, 60]
+    nodes = [SecureFakeNode(n, random_deltas(n, e)) for n, e in zip(names, examples,
+                                                                      strict=True)]
+    params = {"selection": "shared-random", "density": 0.25}
+    secure, status = run(tmp_path, nodes, rounds=1, method="cellm", secure_aggregation=True,
+                         params=params)
+    assert status.state == pb.COMPLETED, status.reason
+    positions = shared_positions(CELLMConfig(density=0.25, selection="shared-random"), STATE)
+    assert sum(p.numel() for p in positions.values()) == DIM // 4
+    deltas = {n: random_deltas(n, e)(pb.Task(kind=pb.TRAIN, round=1), STATE).update
+              for n, e in zip(names, examples, strict=True)}
+    got = final_state(secure)
+    for key, start in STATE.items():
+        expected = start.clone()
+        where = positions[key]
+        expected[where] += sum(e * deltas[n][key][where] for n, e in
+                               zip(names, examples, strict=True)) / sum(examples)
+        assert torch.allclose(got[key], expected, atol=1e-5), key
+
+
 def test_a_node_that_drops_after_its_masked_input_is_still_summed(tmp_path, quick_phases):
     nodes = [SecureFakeNode("a", random_deltas("a")), SecureFakeNode("b", random_deltas("b")),
              SecureFakeNode("c", random_deltas("c"), drop_after="masked")]
@@ -129,7 +155,7 @@ def test_too_few_survivors_fail_the_round_with_nothing_unmasked(tmp_path, quick_
 
 @pytest.mark.parametrize("spec, words", [
     (dict(method="dimat"), "peer to peer"),
-    (dict(method="cellm"), "top-k positions"),
+    (dict(method="cellm"), "shared-random"),
     (dict(anonymous=True, min_nodes=2), "anonymous"),
     (dict(method="dp-lora", params={"unit": "node", "mode": "central",
                                      "noise_multiplier": 1.0}), "central"),
@@ -144,7 +170,10 @@ def test_composing_methods_are_accepted_and_default_to_two_nodes():
     for method, params in [("fedavg-lora", None), ("fedavg-full", None), ("ferret", None),
                            ("sfprompt", None),
                            ("dp-lora", {"unit": "node", "noise_multiplier": 1.0}),
-                           ("dp-lora", {"unit": "example", "noise_multiplier": 1.0, "rounds": 3})]:
+                           ("dp-lora", {"unit": "example", "noise_multiplier": 1.0, "rounds": 3}),
+                           ("dp-lora", {"unit": "node", "mode": "distributed",
+                                        "noise_multiplier": 1.0}),
+                           ("cellm", {"selection": "shared-random"})]:
         spec = job_spec(method, secure_aggregation=True, min_nodes=0, params=params)
         assert normalize_spec(spec).min_nodes == 2
 
