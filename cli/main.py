@@ -715,6 +715,8 @@ BENCHMARKS = {
              "example-level DP-LoRA global models: AUC, TPR at low FPR, empirical epsilon",
     "soak": "one coordinator under many simulated node sessions (1,000 by default): sessions "
             "held, round latency, heartbeat RTT, coordinator memory",
+    "dashboard": "the web dashboard with 10-3,000 nodes online: page load to rendered node "
+                 "table in headless Chromium",
 }
 
 

@@ -40,8 +40,10 @@ STATIC = Path(__file__).resolve().parent / "static"
 #: no endpoint takes more than a couple of short parameters
 MAX_QUERY_BYTES = 1024
 COOKIE = "confide_dashboard"
-#: how often the stream looks for new events, node and job changes (seconds)
+#: how often the stream looks for new events (seconds)
 POLL_S = 0.5
+#: how often it rebuilds the node and job lists to look for changes (1,000 nodes: ~20 ms)
+LISTS_S = 2.0
 #: node rows are pushed at least this often even if nothing but heartbeats changed
 NODES_REFRESH_S = 10.0
 KEEPALIVE_S = 15.0
@@ -159,6 +161,7 @@ def create_app(source: views.Source, token: str = "",
         loop = asyncio.get_running_loop()
         seen_nodes = seen_jobs = ""
         nodes_at = keepalive_at = loop.time()
+        lists_at = 0.0
         yield "retry: 2000\n\n"
         while not stopping.is_set() and not await request.is_disconnected():
             cursor, rows = views.events_since(source, cursor, anonymous)
@@ -166,6 +169,11 @@ def create_app(source: views.Source, token: str = "",
                 yield _sse("event", row)
             if rows:
                 yield _sse("cursor", cursor)
+            if loop.time() - lists_at < LISTS_S:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), POLL_S)
+                continue
+            lists_at = loop.time()
             node_list = views.node_rows(source)
             shape = _digest([{k: v for k, v in n.items() if k != "last_heartbeat_ms"}
                              for n in node_list])

@@ -154,6 +154,10 @@ function renderJob(job) {
                               rounds.map(r => positive(r.bytes_down))]);
   setSeries(c.seconds, labels, [rounds.map(r => r.seconds)]);
   setSeries(c.epsilon, labels, [rounds.map(r => r.epsilon)]);
+  caption("chart-quality", rounds.length && rounds.every(r => r.accuracy === null)
+    ? "no accuracy in the round metrics: the held-out set is at the client" : "");
+  caption("chart-epsilon", rounds.length && rounds.every(r => r.epsilon === null)
+    ? "no differential privacy on this job" : "");
   const dropped = document.querySelector("#dropped tbody");
   const drows = document.createDocumentFragment();
   for (const r of job.round_list) {
@@ -177,6 +181,13 @@ function renderJob(job) {
   if (!prows.childNodes.length) prows.append(emptyRow(3, job.budget > 0 ? "none yet" :
                                                          "no incentive budget on this job"));
   payments.replaceChildren(prows);
+}
+
+function caption(canvasId, text) {  // a chart with nothing to draw says why
+  const figure = document.getElementById(canvasId).closest("figure");
+  let note = figure.querySelector(".empty");
+  if (!note) { note = el("p", "", "empty"); figure.append(note); }
+  note.textContent = text;
 }
 
 function emptyRow(span, text) {
