@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -125,4 +127,22 @@ def test_beyond_loopback_the_dashboard_needs_the_token(tmp_path, browser):
             time.sleep(0.2)
         assert page.inner_text("#live") == "live"  # the event stream is let through too
         page.screenshot(path=str(tmp_path / "token.png"))
+        # hostile requests to the real process: each gets a 4xx, the coordinator stays up
+        auth = {"Authorization": "Bearer tok-123"}
+        for path in ("/api/jobs/%00%ff", "/api/jobs/" + "x" * 10_000,
+                     "/api/jobs/zz/events?after=-5", "/api/nodes?" + "q=1&" * 30_000,
+                     "/api/stream?after=1e99"):
+            status = _status(f"http://127.0.0.1:{port}{path}", auth)
+            assert 400 <= status < 500, (path[:60], status)
+        assert cluster.coordinator is not None and cluster.coordinator.poll() is None
+        assert _status(f"http://127.0.0.1:{port}/api/nodes", auth) == 200
         page.close()
+
+
+def _status(url: str, headers: dict[str, str]) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
