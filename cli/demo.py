@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -143,6 +144,7 @@ def run_demo(args: argparse.Namespace) -> int:
         if dashboard and args.keep_open:
             _report(args, result, test, secure, started)
             print(f"the dashboard stays up at http://{dashboard}/ ; Ctrl-C stops it")
+            _interrupt_on(signal.SIGINT, signal.SIGTERM)  # either stops the cluster below
             with contextlib.suppress(KeyboardInterrupt):
                 while cluster.coordinator is not None and cluster.coordinator.poll() is None:
                     time.sleep(1)
@@ -153,6 +155,16 @@ def run_demo(args: argparse.Namespace) -> int:
     finally:
         cluster.stop()
     return _report(args, result, test, secure, started)
+
+
+def _interrupt_on(*signals: int) -> None:
+    """Turn these signals into KeyboardInterrupt (SIGTERM's default would leave the cluster's
+    processes running; a shell may have set SIGINT to be ignored in a background job)."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in signals:
+        signal.signal(sig, interrupt)
 
 
 def _report(args: argparse.Namespace, result, test: list, secure: bool, started: float) -> int:
