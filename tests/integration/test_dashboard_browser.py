@@ -67,7 +67,7 @@ def test_the_page_follows_nodes_and_a_job_live(tmp_path, shards, browser):
         assert points >= 1
         assert _count(page, "#events li") > events_before
         assert page.evaluate("window.__notReloaded === true")
-        page.screenshot(path=str(shots / "running.png"), full_page=True)
+        page.screenshot(path=str(shots / "first-round.png"), full_page=True)
 
         final = client.wait_job(job.job_id)
         assert final.state == pb.COMPLETED, final.reason
