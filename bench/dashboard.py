@@ -106,7 +106,7 @@ def _measure(browser, url: str, nodes: int, repeats: int) -> list[float]:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url, wait_until="commit")
         page.wait_for_function(
-            f"document.body && document.body.dataset.nodesRendered && "
+            f"() => document.body && document.body.dataset.nodesRendered && "
             f"document.querySelectorAll('#nodes tbody tr').length === {nodes}",
             timeout=60_000)
         times.append(float(page.evaluate("document.body.dataset.nodesRendered")) / 1000)

@@ -119,7 +119,7 @@ class CoordinatorServer:
             from confide.coordinator.dashboard.views import Source
 
             self.dashboard = DashboardServer(
-                cfg.dashboard, Source(self.store, sessions),
+                cfg.dashboard, Source(self.store, sessions, events),
                 self.token if (cfg.token or self.requires_token) else "")
         interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
         if self.requires_token:

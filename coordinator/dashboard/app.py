@@ -47,6 +47,14 @@ LISTS_S = 2.0
 #: node rows are pushed at least this often even if nothing but heartbeats changed
 NODES_REFRESH_S = 10.0
 KEEPALIVE_S = 15.0
+#: the page loads only its own files, runs in no frame, leaks no address to other sites
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
+                               "form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def _int_param(request: Request, name: str, default: int, high: int) -> int:
@@ -77,6 +85,11 @@ class Guard(BaseHTTPMiddleware):
         return hmac.compare_digest(given.encode(), self.expected)
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        response = await self._checked(request, call_next)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    async def _checked(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         if len(request.scope.get("query_string", b"")) > MAX_QUERY_BYTES:
             return _bad(414, f"query string over {MAX_QUERY_BYTES} bytes")
         if not self.expected:
@@ -95,6 +108,15 @@ class Guard(BaseHTTPMiddleware):
                 "once, or send Authorization: Bearer TOKEN (the coordinator keeps it in "
                 "<data>/client_token)", status_code=401)
         return await call_next(request)
+
+
+class _DroppingQueue(asyncio.Queue):
+    """Progress for one page: when a page stops reading, ticks are dropped, never raised
+    into the coordinator's event log (the node's session would pay for it)."""
+
+    def put_nowait(self, item: Any) -> None:
+        if not self.full():
+            super().put_nowait(item)
 
 
 def _digest(rows: Any) -> str:
@@ -158,6 +180,27 @@ def create_app(source: views.Source, token: str = "",
 
     async def _follow(request: Request, cursor: int) -> AsyncIterator[str]:
         """New events as they are stored; node and job lists when they change."""
+        progress = _DroppingQueue(maxsize=10_000)
+        if source.events is not None:
+            source.events.transient_listeners.add(progress)
+        try:
+            async for chunk in _poll(request, cursor, progress):
+                yield chunk
+        finally:
+            if source.events is not None:
+                source.events.transient_listeners.discard(progress)
+
+    def _progress(queue: asyncio.Queue) -> dict[str, Any]:
+        """The latest progress of each node since the last poll (older ticks are stale)."""
+        latest: dict[str, Any] = {}
+        while not queue.empty():
+            row = views.progress_row(queue.get_nowait())
+            if row is not None:
+                latest[row["node"]] = row
+        return latest
+
+    async def _poll(request: Request, cursor: int,
+                    progress: asyncio.Queue) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         seen_nodes = seen_jobs = ""
         nodes_at = keepalive_at = loop.time()
@@ -169,6 +212,9 @@ def create_app(source: views.Source, token: str = "",
                 yield _sse("event", row)
             if rows:
                 yield _sse("cursor", cursor)
+            latest = _progress(progress)
+            if latest:
+                yield _sse("progress", list(latest.values()))
             if loop.time() - lists_at < LISTS_S:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), POLL_S)

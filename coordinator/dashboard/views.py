@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from confide.coordinator.events import EventLog
 from confide.coordinator.sessions import SessionRegistry
 from confide.coordinator.store import Store
 from confide.v1 import coordinator_pb2 as pb
@@ -39,10 +40,12 @@ class NotFound(LookupError):
 @dataclass
 class Source:
     """Where the views read: the coordinator's store and, in the daemon, its live sessions
-    (online, busy, last heartbeat); without sessions every node shows its stored last seen."""
+    (online, busy, last heartbeat; without them every node shows its stored last seen) and
+    its event log (live-only training progress; stored events come from the store)."""
 
     store: Store
     sessions: SessionRegistry | None = None
+    events: EventLog | None = None
 
 
 def check_job_id(job_id: str) -> str:
@@ -202,6 +205,17 @@ class AnonymityCache:
             # an unknown job is treated as anonymous: show less, not more
             self._known[job_id] = True if status is None else status.spec.anonymous
         return self._known[job_id]
+
+
+def progress_row(event: pb.Event) -> dict[str, Any] | None:
+    """A node's training progress (a live-only event; anonymous jobs never emit one): its
+    step count and loss, shown beside the node while the round runs."""
+    if event.kind != "node.progress" or not event.node_id:
+        return None
+    metrics = event.metrics
+    return {"job": event.job_id, "round": event.round, "node": event.node_id,
+            "step": int(metrics.get("step", 0)), "total": int(metrics.get("total_steps", 0)),
+            "loss": _finite(float(metrics.get("loss", math.nan)))}
 
 
 def job_events(source: Source, job_id: str, after_seq: int = 0,

@@ -46,10 +46,13 @@ def test_the_page_follows_nodes_and_a_job_live(tmp_path, shards, browser):
                            coordinator_args=("--dashboard", f"127.0.0.1:{port}"))
     with cluster, Client(cluster.address) as client:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []  # a script error, a CSP violation, a failed request
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.goto(f"http://127.0.0.1:{port}/")
         # both daemons come online on the page by themselves (the stream, no reload)
         page.wait_for_function(
-            "document.querySelectorAll('#nodes tbody tr[data-online=\"1\"]').length === 2",
+            "() => document.querySelectorAll('#nodes tbody tr[data-online=\"1\"]').length === 2",
             timeout=90_000)
         wait_for_nodes(client, 2)
         names = page.eval_on_selector_all("#nodes tbody tr td:nth-child(2)",
@@ -61,7 +64,8 @@ def test_the_page_follows_nodes_and_a_job_live(tmp_path, shards, browser):
 
         job = client.submit_job(tiny_spec(rounds=3, min_nodes=2))
         page.wait_for_function(
-            "Number(document.getElementById('job').dataset.rounds || 0) >= 1", timeout=120_000)
+            "() => Number(document.getElementById('job').dataset.rounds || 0) >= 1",
+            timeout=120_000)
         assert page.evaluate("window.dashboard.selected") == job.job_id
         points = page.evaluate("window.dashboard.charts.bytes.data.labels.length")
         assert points >= 1
@@ -72,7 +76,7 @@ def test_the_page_follows_nodes_and_a_job_live(tmp_path, shards, browser):
         final = client.wait_job(job.job_id)
         assert final.state == pb.COMPLETED, final.reason
         page.wait_for_function(
-            "document.getElementById('job-state').textContent === 'COMPLETED'",
+            "() => document.getElementById('job-state').textContent === 'COMPLETED'",
             timeout=30_000)
         assert page.evaluate("window.__notReloaded === true")
         # the chart gained a point per round, live
@@ -88,11 +92,12 @@ def test_the_page_follows_nodes_and_a_job_live(tmp_path, shards, browser):
 
         page.reload()  # a reload loses nothing: everything comes back from the store
         page.wait_for_function(
-            "Number(document.getElementById('job').dataset.rounds || 0) === 3",
+            "() => Number(document.getElementById('job').dataset.rounds || 0) === 3",
             timeout=30_000)
         assert page.evaluate("window.dashboard.selected") == job.job_id
         assert _count(page, "#events li") == logged
         assert _count(page, "#nodes tbody tr") == 2
+        assert errors == []
         page.close()
 
 
@@ -120,7 +125,7 @@ def test_beyond_loopback_the_dashboard_needs_the_token(tmp_path, browser):
         page.goto(f"http://127.0.0.1:{port}/?token=tok-123")
         assert page.url == f"http://127.0.0.1:{port}/"  # the token left the address bar
         page.wait_for_function(
-            "document.getElementById('nodes-summary').textContent.includes('0 online')",
+            "() => document.getElementById('nodes-summary').textContent.includes('0 online')",
             timeout=30_000)
         deadline = time.monotonic() + 10
         while page.inner_text("#live") != "live" and time.monotonic() < deadline:

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 
 from confide.coordinator.dashboard.app import create_app
 from confide.coordinator.dashboard.server import DashboardRefused, dashboard_token
-from confide.coordinator.dashboard.views import Source
+from confide.coordinator.dashboard.views import Source, progress_row
 from confide.coordinator.events import EventLog
 from confide.coordinator.store import RoundRecord, Store
 from confide.v1 import coordinator_pb2 as pb
@@ -145,6 +145,21 @@ def test_hostile_requests_get_a_4xx(client, path, status):
     assert client.get(path).status_code == status
 
 
+def test_the_page_loads_only_its_own_files(client):
+    headers = client.get("/").headers
+    assert "default-src 'self'" in headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert headers["x-content-type-options"] == "nosniff"
+
+
+def test_training_progress_is_forwarded_only_as_step_and_loss():
+    event = pb.Event(job_id="j", kind="node.progress", round=2, node_id="node-a")
+    event.metrics.update({"step": 3, "total_steps": 8, "loss": 0.5})
+    assert progress_row(event) == {"job": "j", "round": 2, "node": "node-a", "step": 3,
+                                   "total": 8, "loss": 0.5}
+    assert progress_row(pb.Event(job_id="j", kind="round.started")) is None
+
+
 def test_writes_are_not_allowed(client):
     assert client.post("/api/jobs").status_code == 405
     assert client.delete("/api/jobs/open1").status_code == 405
@@ -185,3 +200,27 @@ def test_beyond_loopback_needs_a_token():
         dashboard_token("0.0.0.0:8080", "")
     with pytest.raises(ValueError, match="HOST:PORT"):
         dashboard_token("8080", "")
+
+
+def test_the_stream_carries_new_events_and_live_progress(tmp_path):
+    store = Store(tmp_path / "c")
+    events = EventLog(store)
+    _node(store, "node-a", 0.0)
+    store.create_job("j1", pb.JobSpec(method="fedavg-lora", rounds=1))
+    events.emit("j1", "job.submitted")
+    seen: list[str] = []
+    with TestClient(create_app(Source(store, events=events))) as test_client, \
+            test_client.stream("GET", "/api/stream?after=0") as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            seen.append(line)
+            if line == "event: event":  # the stored event replayed: now a live tick
+                events.emit_transient("j1", "node.progress", round_number=1,
+                                      node_id="node-a",
+                                      metrics={"step": 1, "total_steps": 4, "loss": 2.0})
+            if "event: progress" in seen and "event: jobs" in seen:
+                break
+    assert "event: nodes" in seen and "event: jobs" in seen
+    data = seen[seen.index("event: progress") + 1]
+    assert json.loads(data.removeprefix("data: "))[0]["step"] == 1
+    store.close()

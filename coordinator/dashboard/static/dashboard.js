@@ -3,7 +3,7 @@
 "use strict";
 
 const state = { nodes: [], jobs: [], job: null, selected: "", seen: new Set(), events: 0,
-                charts: {}, cursor: 0, refetch: null };
+                charts: {}, cursor: 0, refetch: null, progress: new Map() };
 const MAX_EVENTS = 2000;
 
 function el(tag, text, cls) {
@@ -44,7 +44,8 @@ function renderNodes(nodes) {
     tr.append(el("td", n.id.slice(0, 16)), el("td", n.name));
     const status = el("td");
     status.append(el("span", n.online ? (n.busy ? "busy" : "online") : "offline",
-                     "badge " + (n.online ? (n.busy ? "busy" : "on") : "off")));
+                     "badge " + (n.online ? (n.busy ? "busy" : "on") : "off")),
+                  el("span", n.busy ? progressText(n.id) : "", "progress"));
     tr.append(status, el("td", n.device || "–"));
     const sets = Object.entries(n.datasets).map(([k, v]) => `${k} (${v})`).join(", ");
     tr.append(el("td", sets || (n.disclosure === "hidden" ? "hidden by its owner" : "–")));
@@ -59,6 +60,22 @@ function renderNodes(nodes) {
     `${online} online of ${nodes.length} registered`;
   if (!document.body.dataset.nodesRendered) {
     document.body.dataset.nodesRendered = String(performance.now());
+  }
+}
+
+function progressText(nodeId) {
+  const p = state.progress.get(nodeId);
+  if (!p) return "";
+  return ` round ${p.round}: step ${p.step}/${p.total}` + (p.loss === null ? "" :
+                                                            `, loss ${fmt(p.loss, 3)}`);
+}
+
+function showProgress(rows) {  // live-only training progress, beside the node
+  for (const p of rows) {
+    state.progress.set(p.node, p);
+    const row = document.querySelector(`#nodes tbody tr[data-node="${CSS.escape(p.node)}"]`);
+    const cell = row && row.querySelector(".progress");
+    if (cell) cell.textContent = progressText(p.node);
   }
 }
 
@@ -244,6 +261,7 @@ function follow() {
   source.addEventListener("cursor", m => { state.cursor = JSON.parse(m.data); });
   source.addEventListener("nodes", m => renderNodes(JSON.parse(m.data)));
   source.addEventListener("jobs", m => renderJobs(JSON.parse(m.data)));
+  source.addEventListener("progress", m => showProgress(JSON.parse(m.data)));
   window.dashboardSource = source;
 }
 
