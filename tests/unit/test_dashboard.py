@@ -224,3 +224,18 @@ def test_the_stream_carries_new_events_and_live_progress(tmp_path):
     data = seen[seen.index("event: progress") + 1]
     assert json.loads(data.removeprefix("data: "))[0]["step"] == 1
     store.close()
+
+
+def test_a_page_that_stops_reading_never_breaks_the_event_log(tmp_path):
+    """Progress ticks go to every open page's queue from inside the coordinator's event log:
+    a full queue drops them instead of raising into the node's session handler."""
+    from confide.coordinator.dashboard.app import _DroppingQueue
+
+    store = Store(tmp_path / "c")
+    events = EventLog(store)
+    queue = _DroppingQueue(maxsize=2)
+    events.transient_listeners.add(queue)
+    for step in range(5):
+        events.emit_transient("j1", "node.progress", node_id="n", metrics={"step": step})
+    assert queue.qsize() == 2
+    store.close()
