@@ -20,4 +20,6 @@ for folder in FOLDERS:
                  for sub in find_packages(folder, exclude=["confide", "confide.*"])]
 
 setup(packages=packages, package_dir=package_dir,
-      package_data={"confide.v1": ["*.proto", "*.pyi"]})
+      package_data={"confide.v1": ["*.proto", "*.pyi"],
+                    # the dashboard's page, script and vendored chart library (no CDN)
+                    "confide.coordinator.dashboard": ["static/*.*", "static/vendor/*"]})

@@ -7,8 +7,10 @@ nodes never saw, bytes up and down per round, and time per round."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -34,6 +36,28 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--secure-aggregation", action="store_true",
                    help="SecAgg+: the coordinator sees only masked vectors and each round's sum")
+    p.add_argument("--dashboard", default="127.0.0.1:8080", metavar="HOST:PORT",
+                   help="the coordinator's web dashboard, to watch the run live; a taken port "
+                        "falls back to a free one; 'none' turns it off (default: %(default)s)")
+    p.add_argument("--keep-open", action="store_true",
+                   help="after the run, keep the coordinator and its dashboard up until Ctrl-C")
+
+
+def dashboard_bind(wanted: str) -> str:
+    """``wanted`` if its port is free, else the same host on a free port ("" for none)."""
+    import socket
+
+    from confide.coordinator.broker import free_port
+
+    if wanted in ("", "none"):
+        return ""
+    host, _, port = wanted.rpartition(":")
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, int(port)))
+        except (OSError, ValueError):
+            return f"{host}:{free_port()}"
+    return wanted
 
 
 def dp_lora_defaults(params: dict | None, rounds: int) -> dict:
@@ -105,18 +129,46 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     # split learning (SFPrompt) pairs the nodes with a split-server node holding the body
     split = get_method(args.method).needs_split_server
-    cluster = LocalCluster(workdir, shard_dirs(data_root, args.nodes), split_server=split)
+    dashboard = dashboard_bind(getattr(args, "dashboard", "none"))
+    cluster = LocalCluster(workdir, shard_dirs(data_root, args.nodes), split_server=split,
+                           coordinator_args=("--dashboard", dashboard) if dashboard else ())
     try:
         cluster.start()
         print(f"coordinator on {cluster.address}, MQTT events on {cluster.mqtt_url}, "
               f"{args.nodes} node daemons" + (" + 1 split-server" if split else "")
               + f"; logs in {workdir / 'logs'}")
+        if dashboard:
+            print(f"dashboard: http://{dashboard}/ (live while the demo runs"
+                  + ("" if args.keep_open else "; --keep-open keeps it up afterwards") + ")")
         result = run_experiment(cluster, spec, test, evaluate_rounds=True)
+        if dashboard and args.keep_open:
+            _report(args, result, test, secure, started)
+            print(f"the dashboard stays up at http://{dashboard}/ ; Ctrl-C stops it")
+            _interrupt_on(signal.SIGINT, signal.SIGTERM)  # either stops the cluster below
+            with contextlib.suppress(KeyboardInterrupt):
+                while cluster.coordinator is not None and cluster.coordinator.poll() is None:
+                    time.sleep(1)
+            return 0 if result.ok else 1
     except ClusterError as exc:
         print(f"error: {exc}")
         return 1
     finally:
         cluster.stop()
+    return _report(args, result, test, secure, started)
+
+
+def _interrupt_on(*signals: int) -> None:
+    """Turn these signals into KeyboardInterrupt (SIGTERM's default would leave the cluster's
+    processes running; a shell may have set SIGINT to be ignored in a background job)."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in signals:
+        signal.signal(sig, interrupt)
+
+
+def _report(args: argparse.Namespace, result, test: list, secure: bool, started: float) -> int:
+    """The demo's table: accuracy before and after each round, bytes and seconds."""
     print()
     print(f"job {result.job_id} ({result.method}): {result.state} {result.reason}")
     print(f"{'round':>5} {'nodes':>5} {'train loss':>10} {'accuracy':>9} {'up (KB)':>10} "

@@ -61,6 +61,17 @@ def cmd_coordinator_serve(args: argparse.Namespace) -> int:
     config.anonymous_listen = args.anonymous_listen
     config.token = args.token
     config.open_reads = args.open_reads
+    config.dashboard = args.dashboard
+    if config.dashboard:  # a dashboard that would be open beyond loopback never starts
+        from confide.coordinator.auth import is_loopback
+        from confide.coordinator.dashboard.server import dashboard_token
+
+        enforced = bool(config.token) or (not config.tls_dir and not is_loopback(config.listen))
+        try:
+            dashboard_token(config.dashboard, "token" if enforced else "")
+        except ValueError as exc:  # DashboardRefused included
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if config.tls_dir:
         from confide.protos.tls import TLSError, load
 
@@ -704,6 +715,8 @@ BENCHMARKS = {
              "example-level DP-LoRA global models: AUC, TPR at low FPR, empirical epsilon",
     "soak": "one coordinator under many simulated node sessions (1,000 by default): sessions "
             "held, round latency, heartbeat RTT, coordinator memory",
+    "dashboard": "the web dashboard with 10-3,000 nodes online: page load to rendered node "
+                 "table in headless Chromium",
 }
 
 
@@ -800,6 +813,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a second port serving only anonymous (ring-signed) submissions, with "
                         "TLS but no client certificate under --tls (nodes: "
                         "--anonymous-coordinator)")
+    p.add_argument("--dashboard", default="", metavar="HOST:PORT",
+                   help="serve the read-only web dashboard there (e.g. 127.0.0.1:8080); beyond "
+                        "loopback every request needs the client token, and without one the "
+                        "coordinator refuses to start")
     p.set_defaults(func=cmd_coordinator_serve)
 
     node = sub.add_parser("node", help="the node daemon")

@@ -23,6 +23,9 @@ class EventLog:
         self.publisher = publisher
         self._watchers: dict[str, set[asyncio.Queue[pb.Event]]] = defaultdict(set)
         self._seq: dict[str, int] = {}
+        #: queues that get every job's live-only events (the dashboard's stream: stored
+        #: events it reads from the store, these exist nowhere else)
+        self.transient_listeners: set[asyncio.Queue[pb.Event]] = set()
 
     def emit(
         self,
@@ -70,7 +73,7 @@ class EventLog:
         event = pb.Event(job_id=job_id, seq=0, timestamp_ms=now_ms(), kind=kind,
                          round=round_number, node_id=node_id)
         event.metrics.update(metrics or {})
-        for queue in list(self._watchers[job_id]):
+        for queue in list(self._watchers[job_id]) + list(self.transient_listeners):
             queue.put_nowait(event)
         if self.publisher is not None:
             self.publisher.publish(job_events_topic(job_id), event_to_json(event))

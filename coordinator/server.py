@@ -70,6 +70,8 @@ class CoordinatorConfig:
     #: (<data>/client_token, or this one); open_reads lets status and watch through without
     token: str = ""
     open_reads: bool = False
+    #: HOST:PORT of the read-only web dashboard (coordinator/dashboard), "" = none
+    dashboard: str = ""
 
 
 class CoordinatorServer:
@@ -88,6 +90,7 @@ class CoordinatorServer:
         #: the client token this coordinator accepts, and whether it requires it
         self.token = ""
         self.requires_token = False
+        self.dashboard = None  # coordinator.dashboard.server.DashboardServer when enabled
 
     @property
     def address(self) -> str:
@@ -111,6 +114,13 @@ class CoordinatorServer:
         # mutual TLS already asks every client for a certificate of the CA; a loopback-only
         # coordinator is reachable only from this machine (the demo runs open)
         self.requires_token = self.tls is None and not is_loopback(cfg.listen)
+        if cfg.dashboard:  # refused beyond loopback without a token: before any port opens
+            from confide.coordinator.dashboard.server import DashboardServer
+            from confide.coordinator.dashboard.views import Source
+
+            self.dashboard = DashboardServer(
+                cfg.dashboard, Source(self.store, sessions, events),
+                self.token if (cfg.token or self.requires_token) else "")
         interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
         if self.requires_token:
             interceptors.insert(0, TokenAuth(self.token, open_reads=cfg.open_reads))
@@ -130,6 +140,8 @@ class CoordinatorServer:
         if resumed:
             log.info("resuming job(s): %s", ", ".join(resumed))
         self._expiry = asyncio.create_task(self._expire_sessions(sessions))
+        if self.dashboard is not None:
+            await self.dashboard.start()
         log.info("coordinator listening on %s (data in %s)%s", self.address, cfg.data_dir,
                  f", mutual TLS ({self.tls.folder})" if self.tls else
                  (f", job submission{'' if cfg.open_reads else ' and reads'} need the client "
@@ -188,6 +200,8 @@ class CoordinatorServer:
     async def stop(self, grace: float = 1.0) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         if self.service is not None:
             await self.service.stop_jobs()
         if self.anonymous_server is not None:

@@ -308,6 +308,17 @@ class Store:
         )
         return [pb.Event.FromString(blob) for (blob,) in rows]
 
+    def events_since(self, cursor: int = 0, limit: int = 500) -> list[tuple[int, pb.Event]]:
+        """Stored events of every job in the order they were written, after ``cursor`` (the
+        SQLite rowid of the last one seen): what the dashboard streams (coordinator/dashboard)."""
+        rows = self._execute("SELECT rowid, event FROM events WHERE rowid > ? ORDER BY rowid "
+                             "LIMIT ?", (cursor, limit))
+        return [(rowid, pb.Event.FromString(blob)) for rowid, blob in rows]
+
+    def last_event_cursor(self) -> int:
+        """The rowid of the latest stored event (0: none): where a fresh page starts."""
+        return self._execute("SELECT MAX(rowid) FROM events")[0][0] or 0
+
     # ------------------------------------------------------------------ trust layer
 
     def save_ring(self, job_id: str, public_keys: list[bytes]) -> None:

@@ -25,3 +25,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi
+
+# The dashboard's browser tests drive headless Chromium through Playwright. Playwright's own
+# browser download is often unreachable: use the distribution's build, installed here when it
+# is missing and apt-get may run (root). Without it those tests skip and say why.
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing Debian's chromium for the browser tests"
+  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+      --no-install-recommends chromium fonts-liberation) >/dev/null \
+    || echo "could not install chromium: the dashboard's browser tests will skip"
+fi

@@ -38,7 +38,12 @@ def test_the_wheel_installs_one_top_level_package(wheel):
     assert top == {"confide", wheel.name.split("-py3")[0] + ".dist-info"}, top
     # the wire contract and every part ship inside it
     for part in ("v1/coordinator_pb2.py", "v1/coordinator.proto", "protos/codec.py",
-                 "node/worker.py", "coordinator/service.py", "sdk/client.py", "cli/main.py"):
+                 "node/worker.py", "coordinator/service.py", "sdk/client.py", "cli/main.py",
+                 # the dashboard's page and its vendored chart library (package data)
+                 "coordinator/dashboard/static/index.html",
+                 "coordinator/dashboard/static/dashboard.js",
+                 "coordinator/dashboard/static/vendor/chart.umd.min.js",
+                 "coordinator/dashboard/static/vendor/chart.js-LICENSE.md"):
         assert f"confide/{part}" in names, part
 
 
