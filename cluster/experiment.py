@@ -4,6 +4,8 @@ and after on a held-out set the nodes never saw. The demo and the benchmarks are
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,8 +24,10 @@ from confide.node.split.model import SplitConfig, build_split
 from confide.node.split.trainer import SplitTrainer
 from confide.node.store import ModelStore
 from confide.node.training.lora import LoraTrainer
-from confide.sdk.client import Client
+from confide.sdk.client import Client, ConfideError
 from confide.v1 import coordinator_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -118,6 +122,19 @@ def watch_with_progress(client: Client, job_id: str, label: str = "",
         bar.close()
 
 
+def _report(client: Client, job_id: str, by_round: dict[int, dict[str, float]]) -> None:
+    """Hand the held-out figures to the coordinator (ReportEvaluation); the test set stays
+    here. A refusal is logged, never fatal: the figures are in the result either way."""
+    for round_number, metrics in sorted(by_round.items()):
+        numbers = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+        if not numbers:
+            continue
+        try:
+            client.report_evaluation(job_id, round_number, numbers, dataset="held-out test")
+        except ConfideError as exc:
+            log.warning("could not report round %d's evaluation: %s", round_number, exc)
+
+
 def run_experiment(cluster: LocalCluster, spec: pb.JobSpec, test: list[Example], *,
                    label: str = "", quiet: bool = False, evaluate_before: bool = True,
                    evaluate_rounds: bool = False) -> ExperimentResult:
@@ -164,6 +181,8 @@ def run_experiment(cluster: LocalCluster, spec: pb.JobSpec, test: list[Example],
                     accuracy_by_round[round_number] = evaluator(state)
             if final.state == pb.COMPLETED:
                 after = accuracy_by_round[done[-1]]
+            if not decentralized:  # the coordinator records them (the dashboard charts them)
+                _report(client, job.job_id, accuracy_by_round)
     rounds = []
     for summary in final.rounds:
         participants = max(len(summary.participants), 1)

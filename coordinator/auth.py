@@ -28,7 +28,8 @@ import grpc
 TOKEN_FILE = "client_token"
 SERVICE = "/confide.v1.Coordinator/"
 #: RPCs that put nodes to work or change a job: always need the credential
-SUBMIT_METHODS = frozenset(SERVICE + m for m in ("SubmitJob", "CancelJob", "Ask"))
+SUBMIT_METHODS = frozenset(SERVICE + m for m in ("SubmitJob", "CancelJob", "Ask",
+                                                 "ReportEvaluation"))
 #: RPCs that read jobs, nodes and results: need it too unless reads are open (--open-reads)
 READ_METHODS = frozenset(SERVICE + m for m in ("GetJob", "ListJobs", "WatchJob", "ListNodes",
                                                "FetchGlobalModel", "GetLedger"))

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -51,6 +53,23 @@ class _Abort(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+METRIC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def evaluation_problem(metrics: dict[str, float], dataset: str) -> str | None:
+    """Why a ReportEvaluation is refused, or None."""
+    if not 1 <= len(metrics) <= 16:
+        return f"an evaluation carries 1 to 16 metrics, got {len(metrics)}"
+    for name, value in metrics.items():
+        if not METRIC_NAME.match(name):
+            return f"metric name {name[:70]!r}: lowercase letters, digits and _, at most 64"
+        if not math.isfinite(value):
+            return f"metric {name} is not a finite number"
+    if len(dataset) > 200:
+        return "dataset: at most 200 characters"
+    return None
 
 
 def unary(handler):
@@ -262,6 +281,24 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if runner is not None:
             await runner.cancel("cancelled by request")
         return self._job_or_abort(request.job_id, context)
+
+    @unary
+    async def ReportEvaluation(self, request: pb.EvaluationReport, context) -> pb.Event:
+        """The submitter's held-out metrics of a committed round, as an event (validated:
+        the coordinator stores them, it cannot check them)."""
+        status = self._job_or_abort(request.job_id, context)
+        if request.round > status.rounds_completed:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"round {request.round} of job {request.job_id} is not committed "
+                         f"({status.rounds_completed} are)")
+        metrics = dict(request.metrics)
+        problem = evaluation_problem(metrics, request.dataset)
+        if problem:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        where = f" on {request.dataset}" if request.dataset else ""
+        return self.events.emit(request.job_id, "round.evaluated", round_number=request.round,
+                                message=f"held-out evaluation by the submitter{where}",
+                                metrics=metrics)
 
     async def WatchJob(self, request: pb.WatchJobRequest, context) -> AsyncIterator[pb.Event]:
         try:

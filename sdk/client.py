@@ -206,6 +206,14 @@ class AsyncClient:
     async def cancel_job(self, job_id: str) -> pb.JobStatus:
         return await self._call(self._stub.CancelJob, pb.GetJobRequest(job_id=job_id))
 
+    async def report_evaluation(self, job_id: str, round_number: int,
+                                metrics: Mapping[str, float], dataset: str = "") -> pb.Event:
+        """Record your own held-out metrics of a committed round (the data stays with you);
+        the dashboard charts them."""
+        request = pb.EvaluationReport(job_id=job_id, round=round_number, dataset=dataset)
+        request.metrics.update({k: float(v) for k, v in metrics.items()})
+        return await self._call(self._stub.ReportEvaluation, request)
+
     async def list_jobs(self) -> list[pb.JobStatus]:
         return list((await self._call(self._stub.ListJobs, pb.ListJobsRequest())).jobs)
 
@@ -334,6 +342,10 @@ class Client:
 
     def cancel_job(self, job_id: str) -> pb.JobStatus:
         return self._run(self._client.cancel_job(job_id))
+
+    def report_evaluation(self, job_id: str, round_number: int,
+                          metrics: Mapping[str, float], dataset: str = "") -> pb.Event:
+        return self._run(self._client.report_evaluation(job_id, round_number, metrics, dataset))
 
     def list_jobs(self) -> list[pb.JobStatus]:
         return self._run(self._client.list_jobs())

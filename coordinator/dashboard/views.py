@@ -156,6 +156,15 @@ def job_detail(source: Source, job_id: str) -> dict[str, Any]:
     anonymous = status.spec.anonymous
     detail = _job_summary(status)
     detail["round_list"] = [_round_row(r, anonymous) for r in status.rounds]
+    # the submitter's held-out figures (ReportEvaluation), the latest report per round
+    evaluated = {e.round: dict(e.metrics) for e in source.store.events(job_id)
+                 if e.kind == "round.evaluated"}
+    for row in detail["round_list"]:
+        held_out = evaluated.get(row["round"], {})
+        if row["accuracy"] is None:
+            row["accuracy"] = _first(held_out, ACCURACY_KEYS)
+        if held_out:
+            row["held_out"] = {k: _finite(float(v)) for k, v in sorted(held_out.items())}
     ledger = source.store.ledger(job_id)
     if anonymous:  # who was paid what would tie a node to its round: totals per round only
         per_round: dict[int, float] = {}

@@ -105,7 +105,8 @@ def test_submission_beyond_loopback_needs_the_token(open_port_coordinator, monke
     for token in ("", "not-the-token"):
         with Client(cluster.address, token=token) as client:
             for call in (lambda c: c.submit_job(spec), lambda c: c.list_jobs(),
-                         lambda c: list(c.watch_job("0123456789ab"))):
+                         lambda c: list(c.watch_job("0123456789ab")),
+                         lambda c: c.report_evaluation("0123456789ab", 0, {"accuracy": 1.0})):
                 with pytest.raises(ConfideError) as refused:
                     call(client)
                 assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
@@ -117,6 +118,17 @@ def test_submission_beyond_loopback_needs_the_token(open_port_coordinator, monke
         assert client.get_job(job.job_id).job_id == job.job_id
     with Client(cluster.address, token=token_file.read_text().strip()) as client:
         assert any(j.job_id == job.job_id for j in client.list_jobs())
+        # the submitter's held-out figures: recorded as an event, validated first
+        event = client.report_evaluation(job.job_id, 0, {"accuracy": 0.5}, dataset="mine")
+        assert event.kind == "round.evaluated" and event.metrics["accuracy"] == 0.5
+        for args, code in [((job.job_id, 7, {"accuracy": 0.5}), "FAILED_PRECONDITION"),
+                           ((job.job_id, 0, {}), "INVALID_ARGUMENT"),
+                           ((job.job_id, 0, {"accuracy": float("nan")}), "INVALID_ARGUMENT"),
+                           ((job.job_id, 0, {"Bad Name": 1.0}), "INVALID_ARGUMENT"),
+                           (("0123456789ab", 0, {"accuracy": 1.0}), "NOT_FOUND")]:
+            with pytest.raises(ConfideError) as refused:
+                client.report_evaluation(*args)
+            assert refused.value.code.name == code, (args, refused.value)
     # the CLI finds the token in the coordinator's --data folder
     cli = subprocess.run(
         [sys.executable, "-m", "confide.cli.main", "job", "list", "--coordinator",

@@ -47,6 +47,8 @@ def _job(store: Store, events: EventLog, job_id: str, *, anonymous: bool) -> Non
         store.record_payments(job_id, r, [pb.Payment(node_id="node-a", reported_cost=1.0,
                                                      value=240, payment=1.5)])
         events.emit(job_id, "round.completed", round_number=r, bytes_up=1000 * r)
+    # the submitter's held-out figure of round 2 (ReportEvaluation)
+    events.emit(job_id, "round.evaluated", round_number=2, metrics={"accuracy": 0.9})
 
 
 @pytest.fixture
@@ -89,6 +91,7 @@ def test_job_detail_has_the_rounds_for_the_charts_and_the_ledger(client):
     assert [r["round"] for r in rounds] == [1, 2]
     assert [r["loss"] for r in rounds] == [1.0, 0.5]
     assert [r["epsilon"] for r in rounds] == [0.5, 1.0]
+    assert [r["accuracy"] for r in rounds] == [None, 0.9]  # reported by the submitter
     assert [r["bytes_up"] for r in rounds] == [1000, 2000]
     assert rounds[0]["metrics"]["nan_metric"] is None  # JSON has no NaN
     assert rounds[0]["dropped"] == [{"node": "node-b", "reason": "round timeout"}]

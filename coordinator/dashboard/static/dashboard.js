@@ -172,7 +172,7 @@ function renderJob(job) {
   setSeries(c.seconds, labels, [rounds.map(r => r.seconds)]);
   setSeries(c.epsilon, labels, [rounds.map(r => r.epsilon)]);
   caption("chart-quality", rounds.length && rounds.every(r => r.accuracy === null)
-    ? "no accuracy in the round metrics: the held-out set is at the client" : "");
+    ? "no held-out accuracy yet: the submitter reports it (ReportEvaluation) when it has evaluated a round" : "");
   caption("chart-epsilon", rounds.length && rounds.every(r => r.epsilon === null)
     ? "no differential privacy on this job" : "");
   const dropped = document.querySelector("#dropped tbody");

@@ -419,6 +419,25 @@ class FetchGlobalModelRequest(_message.Message):
     round: int
     def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
+class EvaluationReport(_message.Message):
+    __slots__ = ("job_id", "round", "metrics", "dataset")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    metrics: _containers.ScalarMap[str, float]
+    dataset: str
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., dataset: _Optional[str] = ...) -> None: ...
+
 class Event(_message.Message):
     __slots__ = ("job_id", "seq", "timestamp_ms", "kind", "round", "node_id", "message", "metrics", "bytes", "state")
     class MetricsEntry(_message.Message):

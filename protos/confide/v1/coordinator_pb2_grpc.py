@@ -65,6 +65,11 @@ class CoordinatorStub:
                 request_serializer=confide_dot_v1_dot_coordinator__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=confide_dot_v1_dot_coordinator__pb2.JobStatus.FromString,
                 _registered_method=True)
+        self.ReportEvaluation = channel.unary_unary(
+                '/confide.v1.Coordinator/ReportEvaluation',
+                request_serializer=confide_dot_v1_dot_coordinator__pb2.EvaluationReport.SerializeToString,
+                response_deserializer=confide_dot_v1_dot_coordinator__pb2.Event.FromString,
+                _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/confide.v1.Coordinator/WatchJob',
                 request_serializer=confide_dot_v1_dot_coordinator__pb2.WatchJobRequest.SerializeToString,
@@ -166,6 +171,15 @@ class CoordinatorServicer:
 
     def CancelJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportEvaluation(self, request, context):
+        """The submitter's own evaluation of a committed global model on its held-out data (which
+        never reaches the coordinator): recorded as a "round.evaluated" event, charted by the
+        dashboard. Needs the submission credential.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -291,6 +305,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=confide_dot_v1_dot_coordinator__pb2.GetJobRequest.FromString,
                     response_serializer=confide_dot_v1_dot_coordinator__pb2.JobStatus.SerializeToString,
+            ),
+            'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEvaluation,
+                    request_deserializer=confide_dot_v1_dot_coordinator__pb2.EvaluationReport.FromString,
+                    response_serializer=confide_dot_v1_dot_coordinator__pb2.Event.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
@@ -515,6 +534,33 @@ class Coordinator:
             '/confide.v1.Coordinator/CancelJob',
             confide_dot_v1_dot_coordinator__pb2.GetJobRequest.SerializeToString,
             confide_dot_v1_dot_coordinator__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/confide.v1.Coordinator/ReportEvaluation',
+            confide_dot_v1_dot_coordinator__pb2.EvaluationReport.SerializeToString,
+            confide_dot_v1_dot_coordinator__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,
