@@ -192,15 +192,21 @@ def test_sfprompt_without_a_split_server_fails_clearly(tmp_path, shards):
 
 def test_two_devices_train_the_servers_body_in_turns(tmp_path, shards):
     """body_lr > 0: the split-server trains its body; two devices must not interleave their
-    steps on it (one's optimizer step would break the other's pending graph)."""
+    steps on it (one's optimizer step would break the other's pending graph). Then a securely
+    aggregated SFPrompt job on the same cluster."""
     spec = _spec(rounds=1, max_steps=8, params={**PARAMS, "body_lr": 1e-3})
     with LocalCluster(tmp_path / "cluster", shards(2, per_node=64), mqtt=False,
                       split_server=True) as cluster, \
             Client(cluster.address) as client:
         wait_for_nodes(client, 3)
         final = client.wait_job(client.submit_job(spec).job_id)
+        # the prompts and tail average under secure aggregation too (the devices' masked sum)
+        secure = client.wait_job(client.submit_job(
+            _spec(rounds=1, max_steps=4, secure_aggregation=True)).job_id)
     assert final.state == pb.COMPLETED, final.reason
     assert len(final.rounds[0].participants) == 2
+    assert secure.state == pb.COMPLETED, secure.reason
+    assert secure.rounds[0].secure_aggregation and secure.rounds[0].secagg_survivors == 2
 
 
 def test_a_device_that_does_not_trust_the_split_server_refuses_the_task(tmp_path, shards):
