@@ -24,6 +24,8 @@ from confide.v1 import coordinator_pb2 as pb
 TASKS = ("sequence-classification", "causal-lm")
 JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{12}$")
 DATASET_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: local optimizers a job may ask for (node/training/lora.py)
+OPTIMIZERS = ("adamw", "sgd")
 #: the longest a round may wait for its results or its nodes (a week)
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
@@ -67,6 +69,7 @@ def normalize_spec(spec: pb.JobSpec) -> pb.JobSpec:
     t.local_epochs = t.local_epochs or d["local_epochs"]
     t.batch_size = t.batch_size or d["batch_size"]
     t.learning_rate = t.learning_rate or d["learning_rate"]
+    t.optimizer = t.optimizer or "adamw"
     t.dataset = t.dataset or d["dataset"]
 
     if s.anonymous:
@@ -117,6 +120,10 @@ def normalize_spec(spec: pb.JobSpec) -> pb.JobSpec:
         (1 <= t.batch_size <= 65_536, f"train.batch_size: must be 1..65536, got {t.batch_size}"),
         (0 < t.learning_rate < 10, f"train.learning_rate: must be in (0, 10), got "
                                    f"{t.learning_rate}"),
+        (t.optimizer in OPTIMIZERS, f"train.optimizer: one of {', '.join(OPTIMIZERS)}, "
+                                    f"got {t.optimizer[:40]!r}"),
+        (0 <= t.head_learning_rate < 10, "train.head_learning_rate: must be in [0, 10) (0: "
+                                         f"the learning rate), got {t.head_learning_rate}"),
         (t.local_epochs <= 10_000, f"train.local_epochs: at most 10000, got {t.local_epochs}"),
         (t.max_steps <= 1_000_000, f"train.max_steps: at most 1000000 (0: no cap), got "
                                    f"{t.max_steps}"),

@@ -112,9 +112,13 @@ def job_spec(
     anonymity_set: int = 0,
     budget: float = 0.0,
     secure_aggregation: bool = False,
+    optimizer: str = "",
+    head_learning_rate: float = 0.0,
 ) -> pb.JobSpec:
     """Build a JobSpec with readable keyword arguments (0 means "coordinator default").
-    ``secure_aggregation``: the coordinator learns only each round's sum (SecAgg+)."""
+    ``secure_aggregation``: the coordinator learns only each round's sum (SecAgg+).
+    ``optimizer``: the nodes' local optimizer ("adamw", the default, or "sgd");
+    ``head_learning_rate``: the task head's own rate (0: ``learning_rate``)."""
     spec = pb.JobSpec(
         name=name,
         method=method,
@@ -138,7 +142,8 @@ def job_spec(
                              target_modules=list(target_modules)),
         ),
         train=pb.TrainSpec(local_epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                           learning_rate=learning_rate, dataset=dataset),
+                           learning_rate=learning_rate, dataset=dataset, optimizer=optimizer,
+                           head_learning_rate=head_learning_rate),
     )
     if params:
         struct = struct_pb2.Struct()

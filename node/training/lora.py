@@ -46,6 +46,30 @@ TRAIN_ONLY = ("all", "lora-b", "head")
 the head with A frozen (FFA-LoRA), or the head only. Fewer coordinates, less total noise."""
 
 
+#: module names of a classification/LM task head (node/models.py's heads)
+HEAD_MODULES = ("pre_classifier", "classifier", "score")
+
+
+def is_head_parameter(name: str) -> bool:
+    """Whether a parameter belongs to the task head (a path component names a head module)."""
+    return any(part in HEAD_MODULES for part in name.split("."))
+
+
+def parameter_groups(model: torch.nn.Module, learning_rate: float,
+                     head_learning_rate: float = 0.0) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups: the body at ``learning_rate``, the task
+    head at ``head_learning_rate`` (when > 0; else one group at ``learning_rate``)."""
+    body, head = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (head if head_learning_rate > 0 and is_head_parameter(name) else body).append(
+                parameter)
+    groups = [{"params": body, "lr": learning_rate}] if body else []
+    if head:
+        groups.append({"params": head, "lr": head_learning_rate})
+    return groups
+
+
 def _return_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 
@@ -152,7 +176,9 @@ class LoraTrainer:
         train = task.spec.train
         metrics = self.train(examples, epochs=train.local_epochs, max_steps=train.max_steps,
                              batch_size=train.batch_size, learning_rate=train.learning_rate,
-                             seed=round_seed(task), progress=progress)
+                             seed=round_seed(task), progress=progress,
+                             optimizer=train.optimizer or "adamw",
+                             head_learning_rate=train.head_learning_rate)
         return len(examples), metrics
 
     def train(
@@ -165,8 +191,13 @@ class LoraTrainer:
         learning_rate: float = 5e-4,
         seed: int = 0,
         progress: ProgressFn | None = None,
+        optimizer: str = "adamw",
+        head_learning_rate: float = 0.0,
     ) -> dict[str, float]:
-        """Train the trainable tensors with AdamW and return loss statistics.
+        """Train the trainable tensors with AdamW (or plain SGD: ``optimizer = "sgd"``, as
+        Ferret's paper does) and return loss statistics. ``head_learning_rate`` > 0 gives the
+        task head (classifier / score) its own rate: full-parameter methods train a fresh head
+        beside a pretrained body, which want different rates.
 
         The optimizer is fresh on every call: in federated learning each round starts from the
         global state, and stale moment estimates from the previous round would pull towards this
@@ -189,8 +220,13 @@ class LoraTrainer:
         per_epoch = math.ceil(len(examples) / batch_size)
         total = min(max_steps, epochs * per_epoch) if max_steps > 0 else epochs * per_epoch
         batches = self._batcher.shuffled(examples, encoded, batch_size, random.Random(seed))
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=learning_rate)
+        groups = parameter_groups(self.model, learning_rate, head_learning_rate)
+        if optimizer == "sgd":
+            step_rule: torch.optim.Optimizer = torch.optim.SGD(groups, lr=learning_rate)
+        elif optimizer == "adamw":
+            step_rule = torch.optim.AdamW(groups, lr=learning_rate)
+        else:
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
         use_scaler = autocast_dtype(self.device) == torch.float16
         scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         losses: list[float] = []
@@ -200,11 +236,11 @@ class LoraTrainer:
         try:
             with seeded_rng(self.device, seed):
                 for batch in islice(batches, total):
-                    losses.append(self._step(batch, optimizer, scaler))
+                    losses.append(self._step(batch, step_rule, scaler))
                     if progress is not None:
                         progress(len(losses), total, losses[-1])
         finally:
-            optimizer.zero_grad(set_to_none=True)
+            step_rule.zero_grad(set_to_none=True)
         return {
             "loss_first": losses[0],
             "loss_last": losses[-1],

@@ -388,3 +388,23 @@ def test_smollm2_loads_from_gguf_and_caches(tmp_path: Path) -> None:
     assert math.isfinite(result["loss"])
     print(f"smollm2: first load {first_load:.1f}s, cached load {cached_load:.1f}s")
     shutil.rmtree(cache)  # 0.5 GB: do not leave it in pytest's kept tmp dirs
+
+
+def test_sgd_with_a_head_rate_moves_only_the_head_when_the_body_rate_is_tiny(cls_data) -> None:
+    """Per-group rates and plain SGD (Ferret's paper): the head gets its own rate."""
+    from confide.node.training.lora import is_head_parameter, parameter_groups
+
+    trainer = LoraTrainer(TINY_CLS)
+    groups = parameter_groups(trainer.model, 1e-3, 5e-2)
+    assert [g["lr"] for g in groups] == [1e-3, 5e-2]
+    head_names = [n for n, p in trainer.model.named_parameters()
+                  if p.requires_grad and is_head_parameter(n)]
+    assert head_names and all("classifier" in n for n in head_names)
+    before = trainer.trainable_state()
+    trainer.train(cls_data[0][:32], max_steps=2, batch_size=16, learning_rate=1e-12,
+                  optimizer="sgd", head_learning_rate=5e-2)
+    after = trainer.trainable_state()
+    moved = {n for n in before if not torch.allclose(before[n], after[n], atol=1e-9)}
+    assert moved and all("classifier" in n for n in moved), moved
+    with pytest.raises(ValueError, match="optimizer"):
+        trainer.train(cls_data[0][:16], max_steps=1, optimizer="lion")

@@ -161,18 +161,22 @@ class ModelSpec(_message.Message):
     def __init__(self, task: _Optional[str] = ..., base: _Optional[str] = ..., num_labels: _Optional[int] = ..., max_length: _Optional[int] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("local_epochs", "max_steps", "batch_size", "learning_rate", "dataset")
+    __slots__ = ("local_epochs", "max_steps", "batch_size", "learning_rate", "dataset", "optimizer", "head_learning_rate")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    HEAD_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     max_steps: int
     batch_size: int
     learning_rate: float
     dataset: str
-    def __init__(self, local_epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., dataset: _Optional[str] = ...) -> None: ...
+    optimizer: str
+    head_learning_rate: float
+    def __init__(self, local_epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., dataset: _Optional[str] = ..., optimizer: _Optional[str] = ..., head_learning_rate: _Optional[float] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("name", "method", "model", "train", "rounds", "min_nodes", "nodes_per_round", "round_timeout_s", "wait_for_nodes_s", "method_params", "seed", "anonymous", "budget", "secure_aggregation", "anonymity_set")
