@@ -56,16 +56,29 @@ DP_METHODS = (
 C = 1) at epsilon 8, 3, 1 (delta 1e-5), the same optimizer without noise (the control), and
 node-level DP-FedAvg at epsilon 8 for contrast."""
 
-DEFAULT_METHODS = (
-    'fedavg-lora;'
-    + DP_METHODS + ';'
+METHOD_ROWS = (
+    'fedavg-full:{"learning_rate": 5e-5};'
+    'ferret:{"estimator": "reference", "k": 24, "optimizer": "sgd", "learning_rate": 1e-4,'
+    ' "head_learning_rate": 1e-2, "server_lr": 1.0};'
+    'ferret:{"estimator": "reference", "k": 8, "optimizer": "sgd", "learning_rate": 1e-4,'
+    ' "head_learning_rate": 1e-2};'
+    'ferret:{"estimator": "projection", "k": 256, "optimizer": "sgd", "learning_rate": 1e-4,'
+    ' "head_learning_rate": 1e-2};'
     'cellm:{"density": 0.1};'
     'cellm:{"density": 0.1, "value_dtype": "float16"};'
-    'cellm:{"density": 0.03};'
-    'ferret'
+    'cellm:{"density": 0.2, "lora_r": 4};'
+    'cellm:{"density": 0.05, "lora_r": 16};'
+    'cellm:{"density": 0.1, "selection": "shared-random"}'
 )
-"""The issues' comparison: the baseline, DP-LoRA (above), CELLM at two densities (and float16
-values at 0.1), Ferret; every one on the same split, rounds and seeds."""
+"""The methods issue's rows (run with ``--rounds 10``): fedavg-full as Ferret's reference;
+Ferret with the paper's estimator and SGD (body 1e-4, the exact head 1e-2) at k = 24 and at the
+FedKSeed point (k = 8: about 18 KB per node per round with the 7.7 KB head), and the projection
+estimator at k = 256; CELLM's rank x density at equal uplink (r 8 x 0.1 = r 4 x 0.2 = r 16 x
+0.05), float16 values, and shared random positions (the secure-aggregation form)."""
+
+DEFAULT_METHODS = 'fedavg-lora;' + DP_METHODS + ';' + METHOD_ROWS
+"""The issues' comparison: the baseline, DP-LoRA (above) and the methods' rows, every one on
+the same split, rounds and seeds."""
 
 DP_GOALS = {8.0: 0.88, 3.0: 0.83, 1.0: 0.70}
 """Accuracy goals of example-level DP-LoRA by target epsilon (delta 1e-5)."""
@@ -78,9 +91,22 @@ def label(method: str, params: dict) -> str:
     return method + " " + ",".join(f"{k}={v}" for k, v in params.items())
 
 
+SPEC_KEYS = ("optimizer", "head_learning_rate", "learning_rate", "lora_r", "max_steps",
+             "epochs")
+"""Row keys that set the job spec rather than the method (the local optimizer, the head's
+rate, the LoRA rank...); the rest of a row's JSON are the method's parameters."""
+
+
+def spec_overrides(params: dict) -> tuple[dict, dict]:
+    """A row's JSON split into (method parameters, job_spec keyword overrides)."""
+    method = {k: v for k, v in params.items() if k not in SPEC_KEYS}
+    return method, {k: v for k, v in params.items() if k in SPEC_KEYS}
+
+
 def parse_methods(text: str) -> list[tuple[str, dict]]:
     """``NAME`` or ``NAME:JSON`` items separated by ';' (or by ',' when no item has JSON
-    parameters), checked: a known method and a JSON object of parameters it accepts."""
+    parameters), checked: a known method and a JSON object of parameters it accepts (plus
+    :data:`SPEC_KEYS`, which go to the job spec)."""
     from confide.node.methods import get_method
 
     separator = ";" if ";" in text or "{" in text else ","
@@ -96,7 +122,8 @@ def parse_methods(text: str) -> list[tuple[str, dict]]:
         if not isinstance(params, dict):
             raise ValueError(f"--methods: parameters of {name!r} must be a JSON object, "
                              f"got {raw!r}")
-        get_method(name).parse_config(params)  # unknown method or parameter: a clear error
+        # unknown method or parameter: a clear error
+        get_method(name).parse_config(spec_overrides(params)[0])
         methods.append((name, params))
     if not methods:
         raise ValueError("--methods: no method given")
@@ -134,11 +161,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
     try:
         cluster.start()
         for index, (method, params) in enumerate(methods):
-            spec = job_spec(method, name=f"bench-{method}", rounds=args.rounds,
-                            min_nodes=args.nodes, base=args.base, num_labels=len(labels),
-                            max_length=args.max_length, learning_rate=args.lr, seed=args.seed,
-                            params=params, wait_for_nodes_s=600,
-                            round_timeout_s=args.round_timeout)
+            method_params, overrides = spec_overrides(params)
+            options = dict(name=f"bench-{method}", rounds=args.rounds, min_nodes=args.nodes,
+                           base=args.base, num_labels=len(labels),
+                           max_length=args.max_length, learning_rate=args.lr, seed=args.seed,
+                           params=method_params, wait_for_nodes_s=600,
+                           round_timeout_s=args.round_timeout)
+            spec = job_spec(method, **{**options, **overrides})
             names.append(label(method, params))
             results.append(run_experiment(cluster, spec, test, label=f"{names[-1]} ",
                                           evaluate_before=index == 0, evaluate_rounds=True))

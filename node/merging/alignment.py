@@ -20,16 +20,26 @@ from confide.node.methods.base import State
 __all__ = ["align", "align_all", "assignment", "match_permutation"]
 
 
-def assignment(correlation: torch.Tensor, block: int = 1) -> torch.Tensor:
+def assignment(correlation: torch.Tensor, block: int = 1,
+               identity_margin: float = 0.0) -> torch.Tensor:
     """The permutation (int64) maximizing the summed correlation, unit blocks of ``block``
-    features matched as wholes: perm[i] = the unit of B that goes to position i of A."""
+    features matched as wholes: perm[i] = the unit of B that goes to position i of A.
+
+    ``identity_margin`` > 0 keeps the identity unless matching gains more than that much
+    correlation per unit over it: models already aligned by earlier rounds have nearly tied
+    units, and re-matching them on a few non-IID examples only reshuffles them."""
     features = correlation.shape[0]
     if correlation.shape != (features, features) or features % block:
         raise ValueError(f"dimat: bad correlation shape {tuple(correlation.shape)} for "
                          f"blocks of {block}")
     size = features // block
     cost = correlation.reshape(size, block, size, block).diagonal(dim1=1, dim2=3).sum(-1)
-    rows, cols = linear_sum_assignment(cost.cpu().numpy(), maximize=True)
+    matrix = cost.cpu().numpy()
+    rows, cols = linear_sum_assignment(matrix, maximize=True)
+    if identity_margin > 0:
+        gain = float(matrix[rows, cols].sum() - matrix.trace()) / (size * block)
+        if gain <= identity_margin:
+            return torch.arange(size, dtype=torch.long)
     perm = torch.empty(size, dtype=torch.long)
     perm[torch.as_tensor(rows, dtype=torch.long)] = torch.as_tensor(cols, dtype=torch.long)
     return perm
@@ -52,8 +62,10 @@ def align_all(
     neighbour_states: Mapping[str, Mapping[str, torch.Tensor]],
     batches: Batch | Iterable[Batch],
     spec: PermutationSpec | None = None,
+    identity_margin: float = 0.0,
 ) -> dict[str, State]:
-    """Every neighbour's state permuted to line its units up with the node's own.
+    """Every neighbour's state permuted to line its units up with the node's own (a group
+    stays unpermuted unless matching gains more than ``identity_margin``, see ``assignment``).
 
     One pass over ``batches`` (the node's own data): per batch one forward with the own state
     (``own_state``, or the model's weights when None) and one per neighbour, accumulating the
@@ -76,7 +88,8 @@ def align_all(
                 stats[node][group.name].update(own[group.name], theirs[group.name])
     aligned = {}
     for node, state in states.items():
-        perms = {g.name: assignment(stats[node][g.name].correlation(), g.block)
+        perms = {g.name: assignment(stats[node][g.name].correlation(), g.block,
+                                    identity_margin)
                  for g in spec.groups}
         aligned[node] = apply_permutation(state, spec, perms)
     return aligned

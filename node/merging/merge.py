@@ -93,6 +93,7 @@ def dimat_merge(
     self_weight: float | None = None,
     unreachable: str = "renormalize",
     spec: PermutationSpec | None = None,
+    identity_margin: float = 0.0,
 ) -> State:
     """One merge of a node, what the transport calls after fetching its neighbours.
 
@@ -119,7 +120,7 @@ def dimat_merge(
         for node, state in states.items():  # before their weights reach the model
             check_neighbour_state(own_state, state, node)
         spec = permutation_spec(model) if spec is None else spec
-        states = align_all(model, own_state, states, batch, spec)
+        states = align_all(model, own_state, states, batch, spec, identity_margin)
     return merge(own_state, states, row, self_weight)  # checks the states again
 
 
@@ -157,7 +158,8 @@ def merge_round(task: pb.Task, config: MethodConfig, trainer: MergingTrainer, ow
     examples = own_examples()[: config.match_examples]
     batch = trainer.batch(examples) if config.merge == "dimat" else None
     merged = dimat_merge(trainer.model, own, fetched.states, weights, batch, config.merge,
-                         self_weight=task.self_weight, unreachable=config.unreachable)
+                         self_weight=task.self_weight, unreachable=config.unreachable,
+                         identity_margin=config.identity_margin)
     return merged, {
         "neighbours": float(len(weights)),
         "neighbours_merged": float(len(fetched.states)),

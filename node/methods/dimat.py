@@ -3,7 +3,8 @@
 Saadati et al., "DIMAT: Decentralized Iterative Merging-And-Training for Deep Learning Models"
 (CVPR 2024), as this module runs it:
 
-    Job parameters: topology, degree, edges, merge, seed, match_examples, unreachable.
+    Job parameters: topology, degree, edges, merge, seed, match_examples, identity_margin,
+    unreachable.
     Trainable state w_i of node i: every floating parameter of the model (``trainable = "full"``).
     No coordinator in the data path: models travel between neighbours only.
 
@@ -20,6 +21,9 @@ Saadati et al., "DIMAT: Decentralized Iterative Merging-And-Training for Deep Le
            w_i and with w_j, recording the hidden units of every permutable group g (below);
               C_g = corr(units of w_i, units of w_j)                 (standardized, over tokens)
               P_g = argmax_P <C_g, P> over permutation matrices       (linear_sum_assignment)
+              P_g = I unless (<C_g, P_g> - tr C_g) / units > identity_margin (models aligned
+                    by earlier rounds have nearly tied units: re-matching them on a few non-IID
+                    examples only reshuffles them, which is how DIMAT fell behind gossip)
            and permute w_j's units by P_g, in the layer that makes them (rows) and the layer that
            reads them (columns): a function-preserving change of w_j that lines its units up
            with w_i's.          merge == "gossip": no alignment.     merge == "none": keep w_i.
@@ -81,6 +85,7 @@ matrix stays symmetric and doubly stochastic, which preserves the network averag
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,8 +106,10 @@ class DIMATConfig(MethodConfig):
     of "i-j" strings or [i, j] pairs is accepted too and stored as the canonical string).
     ``merge``: "dimat" (align, then average), "gossip" (plain average) or "none" (local only,
     the no-merging baseline). ``seed``: draws the random topology. ``match_examples``: how many
-    of its own examples a node runs through both models to match units. ``unreachable``: what
-    happens to an unreachable neighbour's weight ("renormalize" or "self", module docstring).
+    of its own examples a node runs through both models to match units. ``identity_margin``:
+    a layer keeps the identity permutation unless matching gains more than this mean
+    correlation per unit (0: always the best matching). ``unreachable``: what happens to an
+    unreachable neighbour's weight ("renormalize" or "self", module docstring).
     """
 
     topology: str = "ring"
@@ -110,7 +117,8 @@ class DIMATConfig(MethodConfig):
     edges: str = ""
     merge: str = "dimat"
     seed: int = 0
-    match_examples: int = 64
+    match_examples: int = 256
+    identity_margin: float = 0.02
     unreachable: str = "renormalize"
 
     def __post_init__(self) -> None:
@@ -145,6 +153,11 @@ class DIMATConfig(MethodConfig):
             raise ValueError(
                 f"dimat: match_examples must be an integer >= 1, got {self.match_examples!r}"
             )
+        margin = self.identity_margin
+        if (isinstance(margin, bool) or not isinstance(margin, int | float)
+                or not (math.isfinite(margin) and 0 <= margin <= 2)):
+            raise ValueError(f"dimat: identity_margin must be a number in [0, 2] (a "
+                             f"correlation gain per unit), got {margin!r}")
         if self.unreachable not in UNREACHABLE_POLICIES:
             raise ValueError(
                 f"dimat: unreachable must be one of {', '.join(UNREACHABLE_POLICIES)}, "

@@ -1,16 +1,21 @@
 """Ferret: federated full-parameter tuning with shared randomness.
 
 Shu et al., "Ferret: Federated Full-Parameter Tuning at Scale for Large Language Models"
-(arXiv 2312.06353, reference code allen4747/Ferret), as this module runs it:
+(arXiv 2409.06277, reference code allen4747/Ferret; its shared-seed idea comes from FedKSeed,
+Qin et al., arXiv 2312.06353), as this module runs it:
 
-    Job parameters: k (directions per group), adaptive, seed, server_lr.
+    Job parameters: k (directions per group), estimator ("reference" or "projection"),
+    direction_clip, exact_max, adaptive, seed, server_lr.
     Trainable state w: every floating parameter of the model (``trainable = "full"``).
 
     Groups (fixed for a job; every party derives them from the state's names and shapes):
         walk the tensors in sorted name order and pack consecutive ones into a group until
         the next would take it past floor(0.9 x median tensor size); a tensor larger than that
-        is a group of its own. Group g, flattened, has d_g elements and K_g = min(k, d_g)
-        directions. On the wire it is named "group:0007".
+        is a group of its own; the task head's tensors (classifier / score) form the last
+        group. Group g, flattened, has d_g elements and K_g = min(k, d_g) directions. The head
+        group and every group of at most ``exact_max`` elements are *exact*: sent as the dense
+        delta (the head of a MiniLM classifier is 7.7 KB). On the wire a group is named
+        "group:0007".
 
     Shared randomness of a round (nobody chooses it):
         nu = BLAKE2b(names, dtypes, shapes and bytes of w_{r-1}), the global state the
@@ -27,32 +32,43 @@ Shu et al., "Ferret: Federated Full-Parameter Tuning at Scale for Large Language
         1. for each group g: delta_g = w_i[g] - w_{r-1}[g]                       (flattened)
         2.   n_g = K_g, or with ``adaptive`` the reference's rule
                  n_g = clip(floor(k * |delta_g| / max_h |delta_h|), min(2, K_g), K_g)
-        3.   a_g = argmin_a |delta_g - V_g^T a|^2 = (V_g V_g^T)^{-1} V_g delta_g,
-             V_g = the first n_g directions                              (n_g scalars)
-        4. send, per group, the direction ids 0..n_g-1 and a_g as float32, plus the first 8
-           bytes of nu as the round tag.
+        3.   V_g = the first n_g directions, and n_g scalars a_g:
+               estimator "reference" (the paper's, unbiased): c_j = <delta_g, v_j>, clipped to
+                 +-direction_clip when that is > 0, then a_j = c_j / (n_g s_g^2), s_g^2 the
+                 variance of a direction's entry, so E[V_g^T a_g] = delta_g (for unclipped c)
+               estimator "projection": a_g = argmin_a |delta_g - V_g^T a|^2
+                                             = (V_g V_g^T)^{-1} V_g delta_g
+             an exact group sends delta_g itself
+        4. send, per group, the direction ids 0..n_g-1 and a_g as float32 (exact groups: the
+           dense float32 delta), plus the first 8 bytes of nu as the round tag.
 
     Coordinator (check_update, aggregate):
         5. drop an update whose round tag is not this round's nu, or whose groups, direction
            ids, counts, shapes or generator differ from what nu and the config prescribe, or
            whose scalars are not finite
         6. abar_g = sum_i n_i a_{i,g} / sum_i n_i  (n_i: node i's examples; a_{i,g} padded
-           with zeros to the longest n_g, which is exact: the ids are a shared prefix)
-        7. w_r[g] = w_{r-1}[g] + server_lr * V_g^T abar_g, V_g regenerated from the same seeds.
+           with zeros to the longest n_g, which is exact: the ids are a shared prefix; an
+           exact group's mean delta likewise)
+        7. w_r[g] = w_{r-1}[g] + server_lr * V_g^T abar_g, V_g regenerated from the same seeds
+           (an exact group: w_{r-1}[g] + its mean delta, FedAvg's step).
 
-Estimator. a_g are least-squares coordinates: V_g^T a_g is the orthogonal projection of delta_g
-onto the span of the round's directions, the same thing as projecting onto their Gram-Schmidt
-orthonormalisation (the Gram matrix V_g V_g^T does the orthogonalising). Why not the reference's
-estimator (d_g / n_g) * sum_j <delta_g, v_j> v_j: it is unbiased only in expectation over the
-directions and its norm is about sqrt(d_g / n_g) times |delta_g| (a 147k-element matrix at 24
-directions: ~80x), which the reference tames with a tuned server learning rate and per-direction
-clipping. The projection is never longer than delta_g and always points along it
-(<P delta, delta> = |P delta|^2 >= 0), is exact when n_g = d_g (small groups: biases, norms, a
-classifier bias travel losslessly), and fresh directions every round explore the rest. Its
-price is short steps on big groups (E|P delta|^2 = n_g/d_g |delta|^2); ``server_lr`` scales the
-reconstructed step (1 keeps it a projection of the nodes' mean update). The node pays a Gram
-matrix (n_g^2 d_g flops); reconstruction stays a plain sum of directions, elementwise and
-bit-reproducible.
+Estimators. "reference" is the paper's: unbiased, so a round's step is the nodes' mean update
+in expectation, at the price of variance (its norm is about sqrt(d_g / n_g) times |delta_g|: a
+147k-element matrix at 24 directions, ~80x), which the paper tames with the server learning
+rate and per-direction clipping. Its scale 1 / (n_g s_g^2) uses the exact variance of the
+truncated normal entries (about 1 / (3 d_g): they are bounded by 1/sqrt(d_g)), so the estimate
+is unbiased for these directions. The node needs only inner products, direction by direction
+(no Gram matrix), so k may go to :data:`MAX_K`.
+
+"projection" (the default until the benchmark shows the reference estimator ahead on MiniLM:
+on the tiny test model it learned less in 3 rounds): a_g are least-squares coordinates;
+V_g^T a_g is the orthogonal projection of delta_g onto the span of the round's directions (the
+Gram matrix V_g V_g^T orthogonalises). It is never longer than delta_g and always points along
+it (<P delta, delta> = |P delta|^2 >= 0), and exact when n_g = d_g, but its steps on big groups
+are short (E|P delta|^2 = n_g/d_g |delta|^2: 24 directions keep 1.6e-4 of a 384 x 384 matrix),
+which is why it learned little on MiniLM. The node pays a Gram matrix (n_g^2 d_g flops; k up
+to :data:`MAX_K_PROJECTION`). Either way reconstruction is a plain sum of directions,
+elementwise and bit-reproducible, and ``server_lr`` scales it.
 
 Server momentum. The reference keeps momentum on its seed pool: its K candidate seeds are drawn
 once per job, so the same directions recur every round and a buffer of K scalars per group is
@@ -92,6 +108,7 @@ from confide.node.methods.base import (
     State,
     UpdateError,
 )
+from confide.node.training.head import is_head_parameter
 from confide.protos.codec import SeedProjectedTensor, WireTensor
 from confide.protos.state import state_digest as base_state_digest
 
@@ -109,8 +126,17 @@ CHUNK = 1 << 16
 """Elements per independently seeded piece of a direction (part of the generator's definition):
 bounds the memory of a k x CHUNK block of directions, even for huge groups and k = MAX_K."""
 
-MAX_K = 1024
-"""Most directions per group a job may ask for (the Gram matrix is k x k)."""
+MAX_K = 4096
+"""Most directions per group a job may ask for (the paper's largest); the projection estimator
+keeps its k x k Gram matrix and k x CHUNK block to :data:`MAX_K_PROJECTION`."""
+
+MAX_K_PROJECTION = 1024
+
+ESTIMATORS = ("reference", "projection")
+
+MAX_EXACT = 1 << 22
+"""Largest ``exact_max`` a job may set (4M elements: a group that large sent dense defeats the
+method; fedavg-full exists for that)."""
 
 _DOMAIN = b"confide/ferret/v1"
 
@@ -120,12 +146,19 @@ class FerretConfig(MethodConfig):
     """Ferret's job parameters.
 
     ``k``: directions per parameter group (at most the group's size); with ``adaptive``, the
-    most a group gets. ``adaptive``: the reference's per-group counts, proportional to the
-    group's update norm (at least 2). ``seed``: salt of the shared randomness, mixed with each
-    round's state digest. ``server_lr``: scale of the reconstructed mean update.
+    most a group gets. ``estimator``: "reference" (the paper's unbiased estimate) or
+    "projection" (least squares on the directions). ``direction_clip``: bound on each inner
+    product <delta, v_j> (reference estimator; 0: none). ``exact_max``: groups of at most this
+    many elements go dense, exactly (the task head always does). ``adaptive``: the reference's
+    per-group counts, proportional to the group's update norm (at least 2). ``seed``: salt of
+    the shared randomness, mixed with each round's state digest. ``server_lr``: scale of the
+    reconstructed mean update (projected groups; exact groups take FedAvg's step).
     """
 
     k: int = 24
+    estimator: str = "projection"
+    direction_clip: float = 0.0
+    exact_max: int = 0
     adaptive: bool = False
     seed: int = 0
     server_lr: float = 1.0
@@ -139,6 +172,7 @@ class Group:
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     numels: tuple[int, ...]
+    head: bool = False
 
     @property
     def key(self) -> str:
@@ -161,6 +195,21 @@ class Group:
         """K_g: the directions this group gets for a job parameter ``k``."""
         return min(k, self.size)
 
+    def exact(self, config: FerretConfig) -> bool:
+        """Sent as its dense delta: the task head, or a group of at most ``exact_max``."""
+        return self.head or self.size <= config.exact_max
+
+    def entries(self, config: FerretConfig) -> int:
+        """What the group puts on the wire: its size (exact) or its direction count."""
+        return self.size if self.exact(config) else self.directions(config.k)
+
+    @property
+    def entry_variance(self) -> float:
+        """Variance of a direction's entry: a standard normal truncated to +-bound."""
+        a = self.bound
+        return 1.0 - a * math.sqrt(2.0 / math.pi) * math.exp(-a * a / 2.0) / math.erf(
+            a / math.sqrt(2.0))
+
     def flatten(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([state[name].detach().reshape(-1) for name in self.names])
 
@@ -174,8 +223,9 @@ def group_parameters(state: Mapping[str, torch.Tensor]) -> list[Group]:
 
     Sorted names, then the reference's greedy packing: a group takes tensors until the next
     would take it past ``GROUP_FACTOR`` x the median tensor size; a tensor at least that big
-    stands alone. Empty tensors belong to no group. Every party computes the same groups from
-    the same state.
+    stands alone. The task head's tensors (``node.training.head``) form one last group, sent
+    exactly. Empty tensors belong to no group. Every party computes the same groups from the
+    same state.
     """
     names = sorted(state)
     if not names:
@@ -188,6 +238,9 @@ def group_parameters(state: Mapping[str, torch.Tensor]) -> list[Group]:
     names = [name for name in names if state[name].numel() > 0]  # nothing to update
     if not names:
         raise UpdateError("every tensor of the global state is empty: nothing to train")
+    body = [name for name in names if not is_head_parameter(name)]
+    head = [name for name in names if is_head_parameter(name)] if body else []
+    names = body or names  # a state of head tensors only is grouped like any other
     numels = [state[name].numel() for name in names]
     ordered = sorted(numels)
     middle = len(ordered) // 2
@@ -214,6 +267,10 @@ def group_parameters(state: Mapping[str, torch.Tensor]) -> list[Group]:
         current.append(name)
         filled += numel
     close()
+    if head:  # the task head: one exact group, last
+        groups.append(Group(index=len(groups), names=tuple(head),
+                            shapes=tuple(tuple(state[n].shape) for n in head),
+                            numels=tuple(state[n].numel() for n in head), head=True))
     return groups
 
 
@@ -288,6 +345,29 @@ def project(group: Group, base: int, count: int, delta: torch.Tensor) -> torch.T
         return torch.linalg.pinv(gram, hermitian=True) @ rhs
 
 
+def inner_products(group: Group, base: int, count: int, delta: torch.Tensor) -> torch.Tensor:
+    """<delta, v_j> (float64, ``count``) for the group's first ``count`` directions, chunk by
+    chunk and direction by direction: memory of one chunk, whatever ``count``."""
+    out = torch.zeros(count, dtype=torch.float64, device="cpu")
+    delta = delta.detach().to("cpu", torch.float64)
+    for c, (start, stop) in enumerate(_chunk_bounds(group)):
+        piece = delta[start:stop]
+        for j in range(count):
+            v = direction_chunk(_chunk_seed(base, group, j, c), stop - start, group.bound)
+            out[j] += torch.dot(v.to(torch.float64), piece)
+    return out
+
+
+def reference_coefficients(group: Group, base: int, count: int, delta: torch.Tensor,
+                           clip: float = 0.0) -> torch.Tensor:
+    """The paper's unbiased estimate's scalars: <delta, v_j> clipped to +-``clip`` (when > 0)
+    and scaled by 1 / (count * s_g^2), so that E[sum_j a_j v_j] = delta (unclipped)."""
+    products = inner_products(group, base, count, delta)
+    if clip > 0:
+        products = products.clamp(-clip, clip)
+    return products / (count * group.entry_variance)
+
+
 def reconstruct(group: Group, base: int, coefficients: Sequence[float]) -> torch.Tensor:
     """sum_j coefficients[j] * v_j as a flat float64 tensor.
 
@@ -312,8 +392,22 @@ class Ferret(FederatedMethod):
 
     def validate_config(self, config: MethodConfig) -> None:
         assert isinstance(config, FerretConfig)
-        if not isinstance(config.k, int) or not 1 <= config.k <= MAX_K:
-            raise ValueError(f"ferret: k must be an integer in [1, {MAX_K}], got {config.k!r}")
+        if config.estimator not in ESTIMATORS:
+            raise ValueError(f"ferret: estimator must be one of {', '.join(ESTIMATORS)}, got "
+                             f"{config.estimator!r}")
+        most = MAX_K if config.estimator == "reference" else MAX_K_PROJECTION
+        if isinstance(config.k, bool) or not isinstance(config.k, int) or not 1 <= config.k <= most:
+            raise ValueError(f"ferret: k must be an integer in [1, {most}] with the "
+                             f"{config.estimator} estimator, got {config.k!r}")
+        clip = config.direction_clip
+        if (isinstance(clip, bool) or not isinstance(clip, int | float)
+                or not (math.isfinite(clip) and clip >= 0)):
+            raise ValueError(f"ferret: direction_clip must be a finite number >= 0 (0: no "
+                             f"clipping), got {clip!r}")
+        if (isinstance(config.exact_max, bool) or not isinstance(config.exact_max, int)
+                or not 0 <= config.exact_max <= MAX_EXACT):
+            raise ValueError(f"ferret: exact_max must be an integer in [0, {MAX_EXACT}], got "
+                             f"{config.exact_max!r}")
         if not isinstance(config.adaptive, bool):
             raise ValueError(f"ferret: adaptive must be true or false, got {config.adaptive!r}")
         if not isinstance(config.seed, int) or not 0 <= config.seed < 1 << 63:
@@ -349,8 +443,15 @@ class Ferret(FederatedMethod):
         counts = self._counts(config, groups, deltas)
         payload: dict[str, WireTensor] = {ROUND_KEY: round_tag(digest)}
         for group, delta, count in zip(groups, deltas, counts, strict=True):
+            if group.exact(config):  # the head and small groups: the delta itself
+                payload[group.key] = delta.to(torch.float32)
+                continue
             base = group_seed(config.seed, digest, group.index)
-            coefficients = project(group, base, count, delta)
+            if config.estimator == "reference":
+                coefficients = reference_coefficients(group, base, count, delta,
+                                                      float(config.direction_clip))
+            else:
+                coefficients = project(group, base, count, delta)
             payload[group.key] = SeedProjectedTensor(
                 shape=(group.size,),
                 dtype=torch.float32,
@@ -418,6 +519,14 @@ class Ferret(FederatedMethod):
         for group in groups:
             value = payload[group.key]
             what = f"{group.key} ({group.names[0]}{', ...' if len(group.names) > 1 else ''})"
+            if group.exact(config):
+                if (not isinstance(value, torch.Tensor) or value.dtype != torch.float32
+                        or tuple(value.shape) != (group.size,)):
+                    raise UpdateError(f"{what} is sent exactly: a dense float32 tensor of "
+                                      f"shape ({group.size},)")
+                if not bool(torch.isfinite(value).all()):
+                    raise UpdateError(f"{what} holds NaN or infinity")
+                continue
             if not isinstance(value, SeedProjectedTensor):
                 raise UpdateError(f"{what} must be seed-projected, got {type(value).__name__}")
             if value.generator != GENERATOR:
@@ -474,6 +583,13 @@ class Ferret(FederatedMethod):
             raise UpdateError("no update carries a positive weight (all nodes reported 0 examples)")
         mean_payload: dict[str, WireTensor] = {ROUND_KEY: round_tag(digest)}
         for group in groups:
+            if group.exact(config):
+                dense = torch.zeros(group.size, dtype=torch.float64)
+                for update in updates:
+                    dense += (update.num_examples / total) * update.payload[group.key].to(
+                        torch.float64)
+                mean_payload[group.key] = dense.to(torch.float32)
+                continue
             mean = [0.0] * max(len(u.payload[group.key].seeds) for u in updates)
             for update in updates:
                 weight = update.num_examples / total
@@ -511,11 +627,14 @@ class Ferret(FederatedMethod):
         at the coordinator and at every node)."""
         result: State = dict(global_state)
         for group in groups:
-            mean = mean_payload[group.key].coefficients
-            if not any(mean):
-                continue
-            base = group_seed(config.seed, digest, group.index)
-            step = reconstruct(group, base, mean).mul_(float(config.server_lr))
+            if group.exact(config):  # FedAvg's step: the mean delta itself
+                step = mean_payload[group.key].to(torch.float64)
+            else:
+                mean = mean_payload[group.key].coefficients
+                if not any(mean):
+                    continue
+                base = group_seed(config.seed, digest, group.index)
+                step = reconstruct(group, base, mean).mul_(float(config.server_lr))
             offset = 0
             for name, shape, numel in zip(group.names, group.shapes, group.numels, strict=True):
                 old = global_state[name]

@@ -25,9 +25,10 @@ Methods:
   round's threshold), so the coordinator unmasks a sum that is already noised and adds none.
   ``mode = "central"`` is refused: there the coordinator adds the noise, so it would see the
   un-noised sum. Example-level dp-lora sends its plain delta (DP-SGD made it private).
-* ``ferret``: each parameter group's projection scalars, padded with zeros to the group's
-  most directions (the plain aggregation averages missing coefficients as zeros too), weighted
-  by example count; the round tag is rebuilt from the state's digest.
+* ``ferret``: each parameter group's scalars (either estimator), padded with zeros to the
+  group's most directions (the plain aggregation averages missing coefficients as zeros too),
+  and the exact groups' dense deltas (the head, small groups), weighted by example count; the
+  round tag is rebuilt from the state's digest.
 * ``cellm`` with ``selection = "shared-random"``: the values at the round's shared positions
   (drawn from the global state's digest: the same at every node, and data-independent), weighted
   by example count; the mean comes back as one sparse update. Top-k selection is refused (each
@@ -66,8 +67,9 @@ __all__ = [
 DELTA_CLIP = 4.0
 """|entry| bound of a dense delta (one round of LoRA or full fine-tuning moves entries by
 ~1e-2 at the learning rates used here); larger entries are clipped at the node."""
-FERRET_CLIP = 1000.0
-"""|scalar| bound of a Ferret projection coefficient."""
+FERRET_CLIP = 1.0e7
+"""|scalar| bound of a Ferret coefficient: the reference estimator scales an inner product by
+about 3 d_g / n_g (up to ~1e6 per unit of update norm on MiniLM's 11.7M-entry embedding)."""
 DP_TAIL_SIGMAS = 8.0
 """DP-LoRA local mode: entries are bounded by C (clipping) + this many noise std's."""
 
@@ -87,6 +89,8 @@ class SecureLayout:
     #: kind "positions" (cellm, shared-random selection): each tensor's flat positions, the
     #: same at every node; the vector holds the values there
     positions: Mapping[str, torch.Tensor] | None = None
+    #: kind "ferret": the groups sent exactly (the head, small groups): their dense delta
+    dense_segments: frozenset[str] = frozenset()
 
     @property
     def dim(self) -> int:
@@ -126,9 +130,11 @@ def layout_for(method: Method, config: MethodConfig, global_state: State) -> Sec
     if method.name == "ferret":
         from confide.node.methods.ferret import group_parameters
 
-        segments = tuple((g.key, g.directions(config.k))  # type: ignore[attr-defined]
-                         for g in group_parameters(global_state))
-        return SecureLayout("ferret", segments, FERRET_CLIP, weighted=True)
+        groups = group_parameters(global_state)
+        segments = tuple((g.key, g.entries(config)) for g in groups)  # type: ignore[arg-type]
+        exact = frozenset(g.key for g in groups if g.exact(config))  # type: ignore[arg-type]
+        return SecureLayout("ferret", segments, FERRET_CLIP, weighted=True,
+                            dense_segments=exact)
     if method.name == "cellm":
         from confide.node.methods.cellm import shared_positions
 
@@ -161,7 +167,7 @@ def flatten_update(layout: SecureLayout,
         value = payload.get(name)
         if value is None:
             raise UpdateError(f"the update has no {name!r}, which the layout needs")
-        if layout.kind == "ferret":
+        if layout.kind == "ferret" and name not in layout.dense_segments:
             if not isinstance(value, SeedProjectedTensor):
                 raise UpdateError(f"{name} must be seed-projected")
             coefficients = np.zeros(size, dtype=np.float64)
@@ -199,6 +205,11 @@ def mean_update(method: Method, config: MethodConfig, layout: SecureLayout, glob
         sizes = {g.key: g.size for g in _ferret_groups(global_state)}
         payload[ROUND_KEY] = round_tag(state_digest(global_state))
         for key, count in layout.segments:
+            if key in layout.dense_segments:  # an exact group: its mean delta
+                payload[key] = torch.from_numpy(mean[offset:offset + count].copy()).to(
+                    torch.float32)
+                offset += count
+                continue
             payload[key] = SeedProjectedTensor(
                 shape=(sizes[key],), dtype=torch.float32, seeds=tuple(range(count)),
                 coefficients=tuple(float(c) for c in mean[offset:offset + count]),

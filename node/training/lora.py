@@ -27,6 +27,7 @@ from confide.node.data import Example
 from confide.node.device import autocast, autocast_dtype, seeded_rng, select_device
 from confide.node.models import ModelConfig, build_model
 from confide.node.training.batching import Batcher
+from confide.node.training.head import is_head_parameter
 from confide.node.training.state import (
     check_state,
     copy_into,
@@ -44,15 +45,6 @@ __all__ = ["TRAIN_ONLY", "LoraTrainer"]
 TRAIN_ONLY = ("all", "lora-b", "head")
 """Which trainable tensors DP-SGD moves (the others stay as received): every one, LoRA B and
 the head with A frozen (FFA-LoRA), or the head only. Fewer coordinates, less total noise."""
-
-
-#: module names of a classification/LM task head (node/models.py's heads)
-HEAD_MODULES = ("pre_classifier", "classifier", "score")
-
-
-def is_head_parameter(name: str) -> bool:
-    """Whether a parameter belongs to the task head (a path component names a head module)."""
-    return any(part in HEAD_MODULES for part in name.split("."))
 
 
 def parameter_groups(model: torch.nn.Module, learning_rate: float,

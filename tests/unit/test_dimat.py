@@ -542,3 +542,18 @@ def test_the_coordinator_and_the_pure_method_modules_do_not_import_scipy(module)
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
                          text=True, timeout=120, check=True)
     assert out.stdout.strip() == "", f"importing {module} imported {out.stdout.strip()}"
+
+
+def test_the_identity_is_kept_unless_matching_gains_more_than_the_margin():
+    """Nearly tied units (an aligned pair of models) stay put; a real permutation is found."""
+    from confide.node.merging.alignment import assignment
+
+    torch.manual_seed(0)
+    tied = torch.eye(6) * 0.90 + 0.01 * torch.rand(6, 6)
+    tied[0, 0] = tied[1, 1] = 0.90
+    tied[0, 1] = tied[1, 0] = 0.905  # swapping 0 and 1 gains 0.01 / 6 units: below 0.02
+    assert not torch.equal(assignment(tied), torch.arange(6))
+    assert torch.equal(assignment(tied, identity_margin=0.02), torch.arange(6))
+    shuffled = torch.eye(6)[:, torch.tensor([2, 0, 1, 5, 3, 4])]  # B's units truly permuted
+    perm = assignment(shuffled, identity_margin=0.02)
+    assert torch.equal(shuffled[torch.arange(6), perm], torch.ones(6))

@@ -26,6 +26,7 @@ from confide.node.methods.ferret import (
     group_seed,
     project,
     reconstruct,
+    reference_coefficients,
     round_tag,
     state_digest,
 )
@@ -55,9 +56,14 @@ def _moved(state: dict[str, torch.Tensor], seed: int, scale: float = 0.01):
 
 def _structural_payload(state: dict[str, torch.Tensor], k: int) -> dict:
     """What a node sends, with placeholder scalars: float32 scalars and ids are fixed-width on
-    the wire, so this has the byte size of a real update without computing one."""
+    the wire, so this has the byte size of a real update without computing one (exact groups,
+    the head: their dense float32 delta)."""
     payload = {ROUND_KEY: round_tag(bytes(32))}
+    config = FerretConfig(k=k)
     for group in group_parameters(state):
+        if group.exact(config):
+            payload[group.key] = torch.full((group.size,), 0.5)
+            continue
         n = group.directions(k)
         payload[group.key] = SeedProjectedTensor(
             (group.size,), torch.float32, tuple(range(n)), (0.5,) * n, GENERATOR
@@ -165,9 +171,48 @@ def test_reconstruction_from_seeds_is_bit_identical_in_another_process(tmp_path)
 # ------------------------------------------------------------------------------ estimator
 
 
-def test_update_is_recovered_exactly_when_k_covers_every_group():
+def test_the_reference_estimator_is_unbiased_over_the_directions():
+    """Averaged over many rounds' directions, sum_j a_j v_j is the update itself (the scale
+    1 / (n s^2) uses the truncated normal's exact variance); clipping bounds each product."""
+    global_state = _state(0, w=300)
+    (group,) = group_parameters(global_state)
+    delta = torch.randn(300, dtype=torch.float64)
+    estimates = []
+    for seed in range(400):
+        base = group_seed(seed, state_digest(global_state), 0)
+        a = reference_coefficients(group, base, 8, delta)
+        estimates.append(reconstruct(group, base, a.tolist()))
+    mean = torch.stack(estimates).mean(0)
+    # relative error of the mean estimate: ~ sqrt(d / n / runs) = sqrt(300 / 8 / 400) ~ 0.3
+    assert float((mean - delta).norm() / delta.norm()) < 0.45
+    assert float(mean @ delta) > 0.8 * float(delta @ delta)
+    clipped = reference_coefficients(group, group_seed(0, state_digest(global_state), 0), 8,
+                                     delta * 100, clip=0.5)
+    assert float(clipped.abs().max()) <= 0.5 / (8 * group.entry_variance) + 1e-12
+    assert group.entry_variance == pytest.approx(1 / (3 * 300), rel=0.01)
+
+
+def test_the_task_head_is_one_exact_group_sent_dense():
+    state = {"bert.layer.weight": torch.zeros(40, 40), "bert.layer.bias": torch.zeros(40),
+             "classifier.weight": torch.zeros(3, 40), "classifier.bias": torch.zeros(3)}
+    groups = group_parameters(state)
+    head = groups[-1]
+    assert head.head and head.names == ("classifier.bias", "classifier.weight")
+    config = FERRET.parse_config({"k": 4})
+    local = {k: v + 0.01 for k, v in state.items()}
+    payload = FERRET.client_update(config, state, local, {})
+    assert isinstance(payload[head.key], torch.Tensor) and payload[head.key].shape == (123,)
+    FERRET.check_update(config, state, payload)
+    result = FERRET.aggregate(config, state, [ClientUpdate("n", payload, 5)], 1)
+    torch.testing.assert_close(result["classifier.weight"], local["classifier.weight"])
+
+
+@pytest.mark.parametrize("params", [{"k": 64},
+                                    {"k": 4, "exact_max": 64}])
+def test_update_is_recovered_exactly_when_k_covers_every_group(params):
+    """The projection on as many directions as a group has, or exact groups, is FedAvg."""
     global_state = _state(0, a=5, b=12, c=40, d=2, e=64)
-    config = FERRET.parse_config({"k": 64})
+    config = FERRET.parse_config(params)
     locals_ = [(_moved(global_state, i), n) for i, n in ((1, 10), (2, 30))]
     updates = [
         ClientUpdate(f"n{i}", FERRET.client_update(config, global_state, local, {}), n)
@@ -243,8 +288,10 @@ def test_uplink_for_minilm_is_under_18_kilobytes(capsys):
             f"{len(group_parameters(state))} groups, k={k}): uplink {uplink:,} bytes per "
             f"node per round; the full-state downlink is {downlink:,} bytes"
         )
-    assert uplink <= 18_000  # the paper's target: <= 18 KB per node per round
-    assert uplink * 5000 < downlink
+    # the FedKSeed point is <= 18 KB per node per round; the exact head (1,925 float32 for 5
+    # labels) adds 7.7 KB to the scalars
+    assert uplink <= 18_000 + 4 * 1925 + 64
+    assert uplink * 3000 < downlink
 
 
 # ------------------------------------------------------------------------------ checks
