@@ -704,6 +704,8 @@ BENCHMARKS = {
              "example-level DP-LoRA global models: AUC, TPR at low FPR, empirical epsilon",
     "soak": "one coordinator under many simulated node sessions (1,000 by default): sessions "
             "held, round latency, heartbeat RTT, coordinator memory",
+    "stream": "tensor-map streaming vs a memory copy and a raw gRPC stream (150 MB-2 GB "
+              "states): MB/s and peak RSS at each end",
 }
 
 

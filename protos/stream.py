@@ -198,6 +198,11 @@ def stream_digest(tensors: Mapping[str, WireTensor],
 # --------------------------------------------------------------------------- receiving
 
 
+def _allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The one allocation of a received tensor's buffer (after its header checked out)."""
+    return torch.empty(shape, dtype=dtype)
+
+
 class _Incoming:
     """One tensor being received: its buffers (allocated once) and how far they are filled."""
 
@@ -286,7 +291,7 @@ class TensorMapReceiver(ChunkFraming):
                 f"map to {declared}, more than the announced {self._total}")
         self._declared = declared
         try:
-            buffers = [torch.empty(shape, dtype=dtype) for shape, dtype in sizes]
+            buffers = [_allocate(shape, dtype) for shape, dtype in sizes]
         except RuntimeError as exc:  # e.g. a shape whose strides overflow int64
             raise CodecError(f"tensor {_label(name)} cannot be allocated: {exc}") from None
         incoming = _Incoming(header, buffers)
