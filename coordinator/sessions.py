@@ -23,6 +23,7 @@ from confide.protos.chunking import ChunkAssembler, ChunkError, ChunkFraming, wi
 from confide.protos.codec import WireTensor
 from confide.protos.stream import TensorMapReceiver, stream_tensor_map
 from confide.v1 import coordinator_pb2 as pb
+from confide.v1.common_pb2 import Chunk
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,10 @@ class NodeSession:
                 pending.bytes_down += self.send(pb.CoordinatorMessage(task=task))
                 self.busy = True  # until its answer (or a heartbeat) says otherwise
                 if global_state is not None:
-                    self.send_stream(self._global_messages(task, global_state, pending))
-            except ConnectionError as exc:
+                    # headers built (a value the wire cannot carry refused) here, at once
+                    chunks = stream_tensor_map(global_state, task.task_id)
+                    self.send_stream(self._global_messages(task, chunks, pending))
+            except (ConnectionError, TypeError, ValueError) as exc:
                 return pending.outcome(self.node_id, False, str(exc))
             try:
                 return await asyncio.wait_for(asyncio.shield(pending.future), timeout)
@@ -166,9 +169,8 @@ class NodeSession:
             self._pending.pop(task.task_id, None)
 
     @staticmethod
-    def _global_messages(task: pb.Task, state: Mapping[str, WireTensor],
+    def _global_messages(task: pb.Task, chunks: Iterator[Chunk],
                          pending: _PendingTask) -> Iterator[pb.CoordinatorMessage]:
-        chunks = stream_tensor_map(state, task.task_id)  # bad tensors refused here, at once
         for chunk in chunks:
             message = pb.CoordinatorMessage(
                 global_chunk=pb.TaskChunk(task_id=task.task_id, chunk=chunk))

@@ -416,8 +416,12 @@ class _TaskRunner:
             await self._submit_anonymously(task, update, num_examples, started)
             return
         # raw bytes (a Minions reply, a masked input) or a tensor map streamed from its tensors
-        chunks = (split_payload(update, task.task_id) if isinstance(update, bytes)
-                  else stream_tensor_map(update, task.task_id))
+        try:
+            chunks = (split_payload(update, task.task_id) if isinstance(update, bytes)
+                      else stream_tensor_map(update, task.task_id))
+        except (TypeError, ValueError) as exc:  # a value the wire cannot carry
+            self.fail(task.task_id, f"the update cannot be sent: {exc}")
+            return
         self.outbox.put_nowait(pb.NodeMessage(update_chunk=pb.TaskChunk(
             task_id=task.task_id, chunk=chunk)) for chunk in chunks)
         metrics = dict(metrics)
