@@ -227,8 +227,7 @@ class SimNode:
     async def _serve(self, call, outbox: asyncio.Queue, interval: float) -> None:
         import grpc
 
-        from confide.protos.chunking import ChunkAssembler, split_payload
-        from confide.protos.codec import tensor_map_from_bytes, tensor_map_to_bytes
+        from confide.protos.stream import TensorMapReceiver, stream_tensor_map
         from confide.v1 import coordinator_pb2 as pb
 
         sent: dict[int, float] = {}
@@ -246,7 +245,7 @@ class SimNode:
                     sent.pop(min(sent))
                 await asyncio.sleep(max(interval, 0.2))
 
-        def reply(task_id: str, payload: bytes, num_examples: int) -> None:
+        def reply(task_id: str, payload: dict, num_examples: int) -> None:
             if task is not None and task.anonymous and task.kind != pb.INIT:
                 # "done" on the session, the update on its own ring-signed call
                 outbox.put_nowait(pb.NodeMessage(result=pb.TaskResult(task_id=task_id)))
@@ -256,7 +255,7 @@ class SimNode:
                 self._uploads.add(upload)
                 upload.add_done_callback(self._uploads.discard)
                 return
-            for chunk in split_payload(payload, task_id):
+            for chunk in stream_tensor_map(payload, task_id):
                 outbox.put_nowait(pb.NodeMessage(update_chunk=pb.TaskChunk(task_id=task_id,
                                                                            chunk=chunk)))
             outbox.put_nowait(pb.NodeMessage(result=pb.TaskResult(
@@ -284,7 +283,7 @@ class SimNode:
                         import torch
 
                         reply(task.task_id,
-                              tensor_map_to_bytes({"w": torch.zeros(self.params)}), 0)
+                              {"w": torch.zeros(self.params)}, 0)
                         task = None
                     elif task.global_from_seed:  # the state INIT answers, built here
                         import torch
@@ -293,10 +292,10 @@ class SimNode:
                             time.monotonic())
                         state = {"w": torch.zeros(self.params)}
                         delta = {name: _delta_like(value) for name, value in state.items()}
-                        reply(task.task_id, tensor_map_to_bytes(delta), 10)
+                        reply(task.task_id, delta, 10)
                         task = None
                     elif task.has_global:
-                        assembler = ChunkAssembler(transfer_id=task.task_id)
+                        assembler = TensorMapReceiver(transfer_id=task.task_id)
                     else:
                         outbox.put_nowait(pb.NodeMessage(failure=pb.TaskFailure(
                             task_id=task.task_id, reason="soak node: unexpected task")))
@@ -307,9 +306,9 @@ class SimNode:
                         continue
                     self.stats.task_received.setdefault(task.round, []).append(
                         time.monotonic())
-                    state = tensor_map_from_bytes(payload)  # decode, as a node would
+                    state = payload  # decoded and checked as it streamed, as a node does
                     delta = {name: _delta_like(value) for name, value in state.items()}
-                    reply(task.task_id, tensor_map_to_bytes(delta), 10)
+                    reply(task.task_id, delta, 10)
                     task, assembler = None, None
         finally:
             beat.cancel()
@@ -318,13 +317,13 @@ class SimNode:
             outbox.put_nowait(None)
             call.cancel()
 
-    async def _upload_anonymously(self, task, payload: bytes) -> None:
+    async def _upload_anonymously(self, task, payload: dict) -> None:
         """What a node daemon does after "done" (node.anonymous): fetch the round's ring,
         check its anonymity sets against the rule, sign over its own set, upload."""
         import grpc
 
         from confide.node.anonymous import AnonymityError, check_ring, signed_update_header
-        from confide.protos.chunking import split_payload
+        from confide.protos.stream import stream_digest, stream_tensor_map
         from confide.v1 import coordinator_pb2 as pb
 
         stage = "anonymous: ring"
@@ -336,10 +335,10 @@ class SimNode:
             stage = "anonymous: challenge"
             challenge = await self.stub.GetChallenge(pb.GetChallengeRequest(), timeout=120)
             header = signed_update_header(self.ring_key, task.job_id, task.round, ring,
-                                          signers, challenge.nonce, payload, 10)
+                                          signers, challenge.nonce, stream_digest(payload), 10)
             messages = [pb.AnonymousUpdateMessage(header=header)] + [
                 pb.AnonymousUpdateMessage(chunk=c)
-                for c in split_payload(payload, header.payload_sha256.hex()[:32])]
+                for c in stream_tensor_map(payload, header.payload_sha256.hex()[:32])]
             stage = "anonymous: upload"
             await self.stub.SubmitAnonymousUpdate(iter(messages), timeout=300)
             self.stats.anonymous_uploads += 1

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 
 from confide.privacy.ringsig import RingSignature, RingSignatureError, ValidatedRing, verify
 from confide.protos.anonymity_sets import DEFAULT_ANONYMITY_SET, anonymity_sets
+from confide.protos.codec import WireTensor
 from confide.protos.identity import anonymous_scope, anonymous_update_message, ring_epoch_id
+from confide.protos.stream import stream_digest
 from confide.v1 import coordinator_pb2 as pb
 
 CHALLENGE_TTL_S = 120.0
@@ -86,7 +88,7 @@ class ChallengeBook:
 @dataclass
 class AnonymousUpdate:
     key_image: bytes
-    payload: bytes
+    payload: dict[str, WireTensor]
     num_examples: int
     bytes_up: int = 0
     #: what checking it cost the coordinator (wall and this thread's CPU seconds)
@@ -166,11 +168,14 @@ class AnonymousInbox:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
         return self.count(job_id, round_number)
 
-    def verify_and_file(self, header: pb.AnonymousUpdateHeader, payload: bytes,
-                        ring: list[bytes], challenges: ChallengeBook,
-                        wire_bytes: int = 0, set_size: int = DEFAULT_ANONYMITY_SET) -> bytes:
+    def verify_and_file(self, header: pb.AnonymousUpdateHeader,
+                        payload: dict[str, WireTensor], ring: list[bytes],
+                        challenges: ChallengeBook, wire_bytes: int = 0,
+                        set_size: int = DEFAULT_ANONYMITY_SET,
+                        payload_sha256: bytes | None = None) -> bytes:
         """Check everything about one submission; file it; return its link tag. ``ring`` is
-        the round's ring, ``set_size`` the job's k: the signature is checked against the one
+        the round's ring, ``set_size`` the job's k; ``payload_sha256`` the SHA-256 its stream
+        ended with (checked against the signed one): the signature is checked against the one
         anonymity set the header names, O(k) whatever the ring's size."""
         started, started_cpu = time.perf_counter(), time.thread_time()
         if not ring:
@@ -186,7 +191,9 @@ class AnonymousInbox:
         if len(self._updates.get(key, {})) >= self._open[key]:
             raise AnonymousRejected(f"round {header.round} already has an update from every "
                                     "selected node", "RESOURCE_EXHAUSTED")
-        if hashlib.sha256(payload).digest() != header.payload_sha256:
+        if payload_sha256 is None:
+            payload_sha256 = stream_digest(payload)
+        if payload_sha256 != header.payload_sha256:
             raise AnonymousRejected("payload does not match the signed hash",
                                     "INVALID_ARGUMENT")
         signers = self.signing_set(header.job_id, header.round, ring, set_size,

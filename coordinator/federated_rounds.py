@@ -25,7 +25,7 @@ from confide.coordinator.sessions import NodeSession, TaskOutcome
 from confide.coordinator.store import RoundRecord
 from confide.node.methods import ClientUpdate, FederatedMethod
 from confide.node.methods.base import State
-from confide.protos.codec import CodecError, tensor_map_from_bytes, tensor_map_to_bytes, to_dense
+from confide.protos.codec import CodecError, WireTensor, to_dense
 from confide.protos.state import STATE_DIGEST_FEATURE, state_digest
 from confide.v1 import coordinator_pb2 as pb
 
@@ -39,7 +39,7 @@ class CompactBroadcast:
 
     base: bytes
     digest: bytes
-    payload: bytes
+    payload: dict[str, WireTensor]
 
 
 class FederatedRounds:
@@ -84,8 +84,9 @@ class FederatedRounds:
             outcome = await session.run_task(task, None, self.spec.round_timeout_s)
             if outcome.ok:
                 try:
-                    state = {k: to_dense(v) for k, v in tensor_map_from_bytes(outcome.payload)
-                             .items()}
+                    if not isinstance(outcome.payload, dict):
+                        raise CodecError("the node sent no tensor map")
+                    state = {k: to_dense(v) for k, v in outcome.payload.items()}
                 except CodecError as exc:
                     reasons.append(f"{outcome.node_id}: invalid initial state: {exc}")
                     continue
@@ -153,7 +154,7 @@ class FederatedRounds:
         The one place updates arrive: a protocol that changes how (secure aggregation's
         extra phases over the session stream) replaces this method."""
         round_number = record.round
-        payload = tensor_map_to_bytes(state)
+        payload = state  # streamed to each node from the tensors themselves
         peers = [await self.pool.split_server()] if self.method.needs_split_server else []
         builders = {node_id for node_id, info in infos.items()
                     if STATE_DIGEST_FEATURE in info.features}
@@ -209,7 +210,7 @@ class FederatedRounds:
         self.broadcast = None
         if compact is not None:
             self.broadcast = CompactBroadcast(base=digest, digest=state_digest(new_state),
-                                              payload=tensor_map_to_bytes(compact))
+                                              payload=dict(compact))
         record.metrics.update(
             self.method.round_metrics(job.config, round_number, population, selected))
         job.store.save_global(job.job_id, round_number, new_state)
@@ -230,7 +231,7 @@ class FederatedRounds:
 
     # ------------------------------------------------------------------ one node
 
-    async def _train_on(self, session: NodeSession, round_number: int, payload: bytes,
+    async def _train_on(self, session: NodeSession, round_number: int, payload: State,
                         peers: Sequence[pb.Peer], digest: bytes, builds: bool) -> TaskOutcome:
         """One node's TRAIN task. The global state goes down whole, or not at all when it is
         the job's seeded initial state (the node builds it as INIT does), or, when the method
@@ -248,7 +249,7 @@ class FederatedRounds:
             t.global_digest = digest
             return t
 
-        cheap: tuple[pb.Task, bytes | None] | None = None
+        cheap: tuple[pb.Task, dict[str, WireTensor] | None] | None = None
         compact = self.broadcast
         if builds and digest == self.seeded_digest:
             first = task()
@@ -328,7 +329,9 @@ class FederatedRounds:
         update = None
         if outcome.ok:
             try:
-                decoded = tensor_map_from_bytes(outcome.payload or b"")
+                decoded = outcome.payload or {}
+                if not isinstance(decoded, dict):
+                    raise CodecError("the node sent raw bytes, not a tensor map")
                 self.method.check_update(self.job.config, state, decoded)
                 update = ClientUpdate(outcome.node_id, decoded, self._capped(outcome, caps))
             except (CodecError, ValueError) as exc:

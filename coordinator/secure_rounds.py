@@ -47,7 +47,6 @@ from confide.privacy.secagg import (
     SecAggServer,
 )
 from confide.privacy.secagg.messages import AdvertiseKeys, MaskedInput, ShareKeys, UnmaskResponse
-from confide.protos.codec import tensor_map_to_bytes
 from confide.protos.state import STATE_DIGEST_FEATURE
 from confide.v1 import coordinator_pb2 as pb
 
@@ -197,7 +196,7 @@ class SecureRound:
         setup_bytes = server.setup.to_bytes()
         for node_id in ids:
             self._send(record, sessions[node_id], setup_bytes, with_keys=True)
-        payload = tensor_map_to_bytes(state)
+        payload = state  # streamed to each node from the tensors themselves
         peers = [await rounds.pool.split_server()] if rounds.method.needs_split_server else []
         builders = {node_id for node_id, info in infos.items()
                     if STATE_DIGEST_FEATURE in info.features}
@@ -277,7 +276,7 @@ class SecureRound:
                               bytes_down=outcome.bytes_down)
                 continue
             try:
-                masked = MaskedInput.from_bytes(outcome.payload or b"")
+                masked = MaskedInput.from_bytes(outcome.payload or b"")  # raw_update: bytes
                 if masked.sender != node_id:
                     raise SecAggError(f"a masked input naming {masked.sender}")
                 server.receive_masked_input(masked)

@@ -27,8 +27,7 @@ from confide.coordinator.sessions import NodeSession, SessionRegistry
 from confide.coordinator.store import TERMINAL_STATES, Store
 from confide.privacy.ringsig import is_valid_public_key
 from confide.protos.anonymity_sets import anonymity_sets, set_size
-from confide.protos.chunking import ChunkAssembler, ChunkError, split_payload, wire_bytes
-from confide.protos.codec import tensor_map_to_bytes
+from confide.protos.chunking import ChunkError, wire_bytes
 from confide.protos.identity import (
     REGISTER_DOMAIN,
     RING_KEY_FEATURE,
@@ -39,6 +38,7 @@ from confide.protos.identity import (
     ring_key_of,
     session_message,
 )
+from confide.protos.stream import TensorMapReceiver, stream_tensor_map
 from confide.v1 import coordinator_pb2 as pb
 from confide.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -219,7 +219,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 message = await session.outbox.get()
                 if message is None:
                     break
-                yield message
+                if isinstance(message, pb.CoordinatorMessage):
+                    yield message
+                else:  # a streamed state: its chunks are made as they are written
+                    for streamed in message:
+                        if session.closed:
+                            break
+                        yield streamed
         finally:
             reader.cancel()
             session.close(session.close_reason or "stream ended")
@@ -369,7 +375,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if status.state != pb.RUNNING or runner is None:
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
                          f"job {header.job_id} is not running")
-        assembler = ChunkAssembler(max_bytes=MAX_ANONYMOUS_UPDATE_BYTES)
+        assembler = TensorMapReceiver(max_bytes=MAX_ANONYMOUS_UPDATE_BYTES)
         payload = None
         # an update cannot count after its round: the stream gets the round's deadline, so a
         # client that stalls or dribbles is cut off rather than waited for
@@ -402,7 +408,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                                                    header.round),
                                                    self.challenges, size,
                                                    set_size=set_size(
-                                                       status.spec.anonymity_set))
+                                                       status.spec.anonymity_set),
+                                                   payload_sha256=assembler.sha256)
         except AnonymousRejected as exc:
             raise _Abort(getattr(grpc.StatusCode, exc.code), str(exc)) from None
         return pb.AnonymousAck(key_image=key_image)
@@ -475,7 +482,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                              "first round")
         except _Abort as exc:
             await context.abort(exc.code, exc.message)
-        for chunk in split_payload(tensor_map_to_bytes(state), f"{request.job_id}-global"):
+        for chunk in stream_tensor_map(state, f"{request.job_id}-global"):
             yield chunk
 
     # ------------------------------------------------------------------ agents: Minions

@@ -1,9 +1,10 @@
 """Live node sessions: the coordinator's end of each node's long-lived bidirectional stream.
 
 A node dials out and keeps one ``Session`` stream open, so it needs no open port. Down the
-stream go tasks and the global state (chunked); up it come heartbeats, the update (chunked)
-and the result. ``NodeSession.run_task`` turns that message exchange into one awaitable
-with a deadline, counting every byte that crosses in each direction.
+stream go tasks and the global state (a tensor-map stream, ``protos.stream``); up it come
+heartbeats, the update (streamed the same way) and the result. ``NodeSession.run_task``
+turns that message exchange into one awaitable with a deadline, counting every byte that
+crosses in each direction.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from confide.protos.chunking import ChunkAssembler, ChunkError, split_payload, wire_bytes
+from confide.protos.chunking import ChunkAssembler, ChunkError, ChunkFraming, wire_bytes
+from confide.protos.codec import WireTensor
+from confide.protos.stream import TensorMapReceiver, stream_tensor_map
 from confide.v1 import coordinator_pb2 as pb
+from confide.v1.common_pb2 import Chunk
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,8 @@ class TaskOutcome:
     task_id: str
     ok: bool
     reason: str = ""
-    payload: bytes | None = None
+    #: a tensor map (an update), or raw bytes for a task whose answer is (``raw_update``)
+    payload: dict[str, WireTensor] | bytes | None = None
     num_examples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     bytes_up: int = 0
@@ -49,12 +54,13 @@ class TaskOutcome:
 @dataclass
 class _PendingTask:
     task: pb.Task
-    assembler: ChunkAssembler
+    assembler: ChunkFraming
     future: asyncio.Future
     started: float
     bytes_up: int = 0
     bytes_down: int = 0
-    payload: bytes | None = None
+    #: the node's answer: a tensor map (an update), or raw bytes (see raw_update)
+    payload: dict[str, WireTensor] | bytes | None = None
     expects_payload: bool = True
 
     def outcome(self, node_id: str, ok: bool, reason: str = "", **extra) -> TaskOutcome:
@@ -75,13 +81,21 @@ class _PendingTask:
             self.future.set_result(outcome)
 
 
+def raw_update(task: pb.Task) -> bool:
+    """Whether a task's answer is raw bytes (a Minions reply, a secure-aggregation masked
+    input) rather than a streamed tensor map."""
+    return task.kind == pb.MINION or (task.kind == pb.TRAIN and task.spec.secure_aggregation)
+
+
 class NodeSession:
     """One connected node: an outbox the stream drains, and the tasks in flight."""
 
     def __init__(self, node_id: str, max_update_bytes: int = 1 << 31) -> None:
         self.node_id = node_id
         self.max_update_bytes = max_update_bytes
-        self.outbox: asyncio.Queue[pb.CoordinatorMessage | None] = asyncio.Queue()
+        #: what the session's stream writes: messages, streams of them (send_stream), None ends it
+        self.outbox: asyncio.Queue[pb.CoordinatorMessage | Iterator[pb.CoordinatorMessage]
+                                   | None] = asyncio.Queue()
         self.last_seen = time.monotonic()
         self.busy = False
         self.closed = False
@@ -108,17 +122,28 @@ class NodeSession:
         self.outbox.put_nowait(message)
         return wire_bytes(message)
 
+    def send_stream(self, messages: Iterator[pb.CoordinatorMessage]) -> None:
+        """Queue messages the session's stream takes one at a time as it writes them (a
+        streamed state is then read from its tensors chunk by chunk, never all queued)."""
+        if self.closed:
+            raise ConnectionError(f"node {self.node_id} is disconnected ({self.close_reason})")
+        self.outbox.put_nowait(messages)
+
     async def run_task(
-        self, task: pb.Task, global_payload: bytes | None, timeout: float,
+        self, task: pb.Task, global_state: Mapping[str, WireTensor] | None, timeout: float,
         expects_payload: bool = True,
     ) -> TaskOutcome:
-        """Send ``task`` (and the global state), wait for the node's answer or the deadline.
-        ``expects_payload`` False: the update goes elsewhere (anonymous); "done" suffices."""
+        """Send ``task`` (and the global state, streamed), wait for the node's answer or the
+        deadline. ``expects_payload`` False: the update goes elsewhere (anonymous); "done"
+        suffices."""
         loop = asyncio.get_running_loop()
         limit = self.max_update_bytes
+        assembler: ChunkFraming = (
+            ChunkAssembler(transfer_id=task.task_id, max_bytes=limit) if raw_update(task)
+            else TensorMapReceiver(transfer_id=task.task_id, max_bytes=limit))
         pending = _PendingTask(
             task=task,
-            assembler=ChunkAssembler(transfer_id=task.task_id, max_bytes=limit),
+            assembler=assembler,
             future=loop.create_future(),
             started=time.monotonic(),
             expects_payload=expects_payload,
@@ -129,13 +154,11 @@ class NodeSession:
                 pending.bytes_down += self.send(pb.CoordinatorMessage(task=task))
                 self.jobs_taken_part.add(task.job_id)
                 self.busy = True  # until its answer (or a heartbeat) says otherwise
-                if global_payload is not None:
-                    for chunk in split_payload(global_payload, task.task_id):
-                        message = pb.CoordinatorMessage(
-                            global_chunk=pb.TaskChunk(task_id=task.task_id, chunk=chunk)
-                        )
-                        pending.bytes_down += self.send(message)
-            except ConnectionError as exc:
+                if global_state is not None:
+                    # headers built (a value the wire cannot carry refused) here, at once
+                    chunks = stream_tensor_map(global_state, task.task_id)
+                    self.send_stream(self._global_messages(task, chunks, pending))
+            except (ConnectionError, TypeError, ValueError) as exc:
                 return pending.outcome(self.node_id, False, str(exc))
             try:
                 return await asyncio.wait_for(asyncio.shield(pending.future), timeout)
@@ -148,6 +171,15 @@ class NodeSession:
                 raise
         finally:
             self._pending.pop(task.task_id, None)
+
+    @staticmethod
+    def _global_messages(task: pb.Task, chunks: Iterator[Chunk],
+                         pending: _PendingTask) -> Iterator[pb.CoordinatorMessage]:
+        for chunk in chunks:
+            message = pb.CoordinatorMessage(
+                global_chunk=pb.TaskChunk(task_id=task.task_id, chunk=chunk))
+            pending.bytes_down += wire_bytes(message)  # counted as the stream writes it
+            yield message
 
     async def ask_cost(self, job_id: str, round_number: int, timeout: float) -> float | None:
         """Ask the node its participation cost for a round; None if it does not answer in

@@ -12,11 +12,10 @@ its set.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from confide.privacy.ringsig import (
     verify,
 )
 from confide.protos.anonymity_sets import anonymity_sets, set_of, set_size
-from confide.protos.chunking import split_payload
+from confide.protos.codec import WireTensor
 from confide.protos.identity import (
     agent_message_bytes,
     agent_message_scope,
@@ -37,6 +36,7 @@ from confide.protos.identity import (
     anonymous_update_message,
     ring_epoch_id,
 )
+from confide.protos.stream import stream_digest, stream_tensor_map
 from confide.protos.tls import PROCESS as TLS_PROCESS
 from confide.protos.tls import TLSChoice, aio_channel
 from confide.protos.tls import active as tls_active
@@ -141,7 +141,7 @@ async def fetch_ring(coordinator: str, key: RingKeyPair, job_id: str, round_numb
 
 
 async def submit_anonymously(coordinator: str, key: RingKeyPair, task: pb.Task,
-                             payload: bytes, num_examples: int,
+                             payload: Mapping[str, WireTensor], num_examples: int,
                              channel_options: list | None = None, *,
                              tls: TLSChoice = TLS_PROCESS, dedicated_port: bool = False,
                              ring: pb.Ring | None = None) -> bytes:
@@ -161,12 +161,12 @@ async def submit_anonymously(coordinator: str, key: RingKeyPair, task: pb.Task,
         signers = check_ring(ring, key, task.spec.anonymity_set, task.job_id, task.round)
         challenge = await stub.GetChallenge(pb.GetChallengeRequest(), timeout=30)
         header = signed_update_header(key, task.job_id, task.round, ring, signers,
-                                      challenge.nonce, payload, num_examples)
+                                      challenge.nonce, stream_digest(payload), num_examples)
 
         async def messages() -> AsyncIterator[pb.AnonymousUpdateMessage]:
             yield pb.AnonymousUpdateMessage(header=header)
             # a random transfer id: the task id would tell the coordinator who this is
-            for chunk in split_payload(payload, header.payload_sha256.hex()[:32]):
+            for chunk in stream_tensor_map(payload, header.payload_sha256.hex()[:32]):
                 yield pb.AnonymousUpdateMessage(chunk=chunk)
 
         ack = await stub.SubmitAnonymousUpdate(messages(), timeout=max(task.deadline_s, 30))
@@ -174,11 +174,11 @@ async def submit_anonymously(coordinator: str, key: RingKeyPair, task: pb.Task,
 
 
 def signed_update_header(key: RingKeyPair, job_id: str, round_number: int, ring: pb.Ring,
-                         signers: SigningSet, nonce: bytes, payload: bytes,
+                         signers: SigningSet, nonce: bytes, digest: bytes,
                          num_examples: int) -> pb.AnonymousUpdateHeader:
     """The header of an anonymous update: the exact bytes of ``protos.identity`` ring-signed
-    over the node's anonymity set (``signers``, from :func:`check_ring`)."""
-    digest = hashlib.sha256(payload).digest()
+    over the node's anonymity set (``signers``, from :func:`check_ring`); ``digest`` is the
+    SHA-256 of the update's tensor-map stream (``protos.stream.stream_digest``)."""
     message = anonymous_update_message(nonce, job_id, round_number, ring.epoch_id,
                                        signers.index, num_examples, digest)
     signature = sign(message, signers.keys, key, anonymous_scope(job_id, round_number))

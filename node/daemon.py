@@ -164,7 +164,8 @@ class NodeDaemon:
         worker = TaskWorker(self.data, self.models, self.device,
                             local_model=self.config.local_model,
                             trusted_split_servers=self.config.trust_split_server,
-                            guard=self.privacy)
+                            guard=self.privacy,
+                            payload_cap=self.policy.caps.payload_bytes)
         self.link = CoordinatorLink(self.config.coordinator, self.key, info, worker,
                                     mqtt_override=self.config.mqtt, ring_key=self.ring_key,
                                     cost=self.config.cost, gate=self.gate)

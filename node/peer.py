@@ -14,8 +14,7 @@ from confide.node.policy import AdmissionGate, NodePolicy, Refused, TaskRequest
 from confide.node.private_inference import PrivateInference, PrivateInferenceError
 from confide.node.split.transport import SplitServer
 from confide.node.store import ModelStore
-from confide.protos.chunking import split_payload
-from confide.protos.codec import tensor_map_to_bytes
+from confide.protos.stream import stream_tensor_map
 from confide.v1 import coordinator_pb2 as pb
 from confide.v1 import node_pb2
 from confide.v1 import node_pb2_grpc as node_grpc
@@ -62,11 +61,11 @@ class NodePeerService(node_grpc.NodePeerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"this node's shared model of job {request.job_id!r} is from "
                                 f"round {metadata.get('round')}, not {request.round}")
-        # a full model (DIMAT: hundreds of MB) is read and encoded off the event loop, so the
-        # daemon's heartbeats and other calls go on meanwhile
-        payload = await asyncio.to_thread(
-            lambda: tensor_map_to_bytes(self.models.load(request.job_id, which) or {}))
-        for chunk in split_payload(payload, f"{request.job_id}-{which}"):
+        # a full model (DIMAT: hundreds of MB) is read off the event loop, so the daemon's
+        # heartbeats and other calls go on meanwhile; it then streams straight from the
+        # tensors' memory, one chunk at a time
+        state = await asyncio.to_thread(self.models.load, request.job_id, which)
+        for chunk in stream_tensor_map(state or {}, f"{request.job_id}-{which}"):
             yield chunk
 
     async def SplitSession(self, request_iterator, context):

@@ -40,7 +40,7 @@ from confide.privacy.secagg.messages import (
     Setup,
     UnmaskRequest,
 )
-from confide.protos.codec import tensor_map_from_bytes
+from confide.protos.codec import WireTensor
 from confide.protos.identity import node_id_for
 from confide.v1 import coordinator_pb2 as pb
 
@@ -153,7 +153,7 @@ class NodeSecureAggregation:
         self._send(pb.NodeMessage(secagg=pb.SecAggMessage(job_id=key[0], round=key[1],
                                                           payload=payload)))
 
-    async def masked_input(self, task: pb.Task, update: bytes, num_examples: int,
+    async def masked_input(self, task: pb.Task, update: dict[str, WireTensor], num_examples: int,
                            global_state: State, timeout: float) -> tuple[bytes, int]:
         """The MaskedInput bytes that replace ``update`` (the method's tensor map), and how
         many entries were clipped to the layout's bound. Waits for phase 2's shares."""
@@ -171,7 +171,7 @@ class NodeSecureAggregation:
         if layout.dim != state.setup.dim:
             raise SecureAggregationError(f"the Setup's dimension {state.setup.dim} is not this "
                                          f"method's update size {layout.dim}")
-        vector, clipped = flatten_update(layout, tensor_map_from_bytes(update))
+        vector, clipped = flatten_update(layout, update)
         bound = min(layout.clip, state.setup.clip)
         clipped += int(np.count_nonzero(np.abs(vector) > bound))
         vector = np.clip(vector, -bound, bound)

@@ -13,7 +13,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -24,9 +24,11 @@ from confide.node.privacy_guard import TaskRefused
 from confide.node.secagg import NodeSecureAggregation
 from confide.node.worker import NeedsFullState, TaskCancelled, TaskWorker
 from confide.privacy.ringsig import RingKeyPair
-from confide.protos.chunking import ChunkAssembler, ChunkError, split_payload
+from confide.protos.chunking import ChunkError, split_payload
+from confide.protos.codec import WireTensor
 from confide.protos.events import EventPublisher, node_presence_topic, presence_payload
 from confide.protos.identity import NodeKey
+from confide.protos.stream import TensorMapReceiver, stream_tensor_map
 from confide.protos.tls import PROCESS as TLS_PROCESS
 from confide.protos.tls import aio_channel
 from confide.v1 import coordinator_pb2 as pb
@@ -171,14 +173,20 @@ class CoordinatorLink:
         registration = await self._register(stub)
         self._stub = stub
         self._start_events(registration.mqtt_url)
-        outbox: asyncio.Queue[pb.NodeMessage | None] = asyncio.Queue()
+        #: messages, streams of them (an update, made chunk by chunk as it is written), None
+        outbox: asyncio.Queue[pb.NodeMessage | Iterator[pb.NodeMessage] | None] = \
+            asyncio.Queue()
 
         async def outgoing() -> AsyncIterator[pb.NodeMessage]:
             while True:
                 message = await outbox.get()
                 if message is None:
                     return
-                yield message
+                if isinstance(message, pb.NodeMessage):
+                    yield message
+                else:
+                    for streamed in message:
+                        yield streamed
 
         call = stub.Session(outgoing())
         outbox.put_nowait(pb.NodeMessage(hello=pb.SessionHello(node_id=self.key.node_id)))
@@ -229,7 +237,7 @@ class _TaskRunner:
         self.link = link
         self.outbox = outbox
         self.task: pb.Task | None = None
-        self.assembler: ChunkAssembler | None = None
+        self.assembler: TensorMapReceiver | None = None
         self.cancelled = threading.Event()
         self.job: asyncio.Task | None = None
         #: secure aggregation's protocol state for the rounds this node is in (node/secagg.py)
@@ -278,7 +286,9 @@ class _TaskRunner:
             self.cancelled.clear()
             self.link._busy = True
             if task.has_global:
-                self.assembler = ChunkAssembler(transfer_id=task.task_id)
+                # the policy's payload cap bounds what the stream's headers may allocate
+                self.assembler = TensorMapReceiver(
+                    transfer_id=task.task_id, max_bytes=self.link.gate.policy.caps.payload_bytes)
             else:
                 self._start(None)
         elif kind == "global_chunk":
@@ -321,7 +331,7 @@ class _TaskRunner:
         if task.kind == pb.MERGE or task_role(task) == "trainer":
             self.link.gate.finished(task.job_id)
 
-    def _start(self, payload: bytes | None) -> None:
+    def _start(self, payload: dict[str, WireTensor] | None) -> None:
         assert self.task is not None
         self.job = asyncio.create_task(self._execute(self.task, payload))
 
@@ -330,7 +340,7 @@ class _TaskRunner:
         self.assembler = None
         self.link._busy = False
 
-    async def _execute(self, task: pb.Task, payload: bytes | None) -> None:
+    async def _execute(self, task: pb.Task, payload: dict[str, WireTensor] | None) -> None:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         last_report = [0.0]
@@ -360,7 +370,7 @@ class _TaskRunner:
                 num_examples, metrics = 0, {}
             elif task.kind == pb.TRAIN:
                 update, num_examples, metrics = await asyncio.to_thread(
-                    self.link.worker.train, task, payload or b"", progress, self.cancelled)
+                    self.link.worker.train, task, payload or {}, progress, self.cancelled)
                 if task.spec.secure_aggregation:  # the masked input replaces the update
                     update, num_examples, metrics = await self._masked(task, update,
                                                                        num_examples)
@@ -407,9 +417,15 @@ class _TaskRunner:
         if task.anonymous:
             await self._submit_anonymously(task, update, num_examples, started)
             return
-        for chunk in split_payload(update, task.task_id):
-            self.send(pb.NodeMessage(update_chunk=pb.TaskChunk(task_id=task.task_id,
-                                                                chunk=chunk)))
+        # raw bytes (a Minions reply, a masked input) or a tensor map streamed from its tensors
+        try:
+            chunks = (split_payload(update, task.task_id) if isinstance(update, bytes)
+                      else stream_tensor_map(update, task.task_id))
+        except (TypeError, ValueError) as exc:  # a value the wire cannot carry
+            self.fail(task.task_id, f"the update cannot be sent: {exc}")
+            return
+        self.outbox.put_nowait(pb.NodeMessage(update_chunk=pb.TaskChunk(
+            task_id=task.task_id, chunk=chunk)) for chunk in chunks)
         metrics = dict(metrics)
         metrics["seconds"] = time.monotonic() - started
         self.send(pb.NodeMessage(result=pb.TaskResult(
@@ -420,7 +436,7 @@ class _TaskRunner:
         log.info("task %s (%s, round %d) done in %.1fs", task.task_id[:8],
                  pb.TaskKind.Name(task.kind), task.round, metrics["seconds"])
 
-    async def _masked(self, task: pb.Task, update: bytes,
+    async def _masked(self, task: pb.Task, update: dict[str, WireTensor],
                       num_examples: int) -> tuple[bytes, int, dict[str, float]]:
         """Secure aggregation: the MaskedInput instead of the update; the example count is
         inside it (weight), so none is reported, and no training metrics either."""
@@ -434,7 +450,8 @@ class _TaskRunner:
                         task.task_id[:8], clipped)
         return masked, 0, {}
 
-    async def _submit_anonymously(self, task: pb.Task, update: bytes, num_examples: int,
+    async def _submit_anonymously(self, task: pb.Task, update: dict[str, WireTensor],
+                                  num_examples: int,
                                   started: float) -> None:
         """The update goes on its own ring-signed call; the session only hears "done", with
         no example count and no metrics that could tell the updates apart. "done" goes

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Collection
-from typing import Any
+from collections.abc import Collection, Mapping
+from typing import Any, TypeAlias
 
 import torch
 
@@ -28,11 +28,16 @@ from confide.node.split.trust import require_trusted_split_server
 from confide.node.store import ModelStore
 from confide.node.training.registry import trainer_kind
 from confide.node.training.task import ProgressFn, TaskTrainer
-from confide.protos.codec import tensor_map_from_bytes, tensor_map_to_bytes, to_dense
+from confide.protos.chunking import DEFAULT_MAX_PAYLOAD
+from confide.protos.codec import WireTensor, to_dense
 from confide.protos.state import state_digest
 from confide.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+TaskAnswer: TypeAlias = tuple[dict[str, WireTensor] | bytes, int, dict[str, float]]
+"""What a task gives the session to send: the update (a tensor map it streams, or raw bytes
+for a Minions reply), the example count and the metrics."""
 
 
 class TaskCancelled(Exception):
@@ -48,8 +53,12 @@ class TaskWorker:
     def __init__(self, data: LocalData, models: ModelStore, device: torch.device,
                  max_cached_models: int = 1, local_model: str = "smollm2",
                  trusted_split_servers: Collection[str] = (),
-                 guard: PrivacyGuard | None = None) -> None:
+                 guard: PrivacyGuard | None = None,
+                 payload_cap: int = DEFAULT_MAX_PAYLOAD) -> None:
         self.data = data
+        #: the node policy's cap on what a transfer may bring (caps.payload_bytes): DIMAT's
+        #: peer fetches are refused at the stream's header above it
+        self.payload_cap = payload_cap
         #: split-servers (names or node ids) this node's owner trusts with its text (SFPrompt)
         self.trusted_split_servers = frozenset(trusted_split_servers)
         #: the owner's privacy budget (None: nothing enforced nor recorded; tests only)
@@ -129,19 +138,19 @@ class TaskWorker:
         own = self.models.load(task.job_id, "own")
         return own if own is not None else self._seeded_state(task.spec)
 
-    def initial_state(self, task: pb.Task) -> bytes:
-        """INIT: the seeded initial state, never a cached trainer's trained one."""
+    def initial_state(self, task: pb.Task) -> dict[str, torch.Tensor]:
+        """INIT: the seeded initial state, never a cached trainer's trained one (a copy of
+        the map: the session streams it while the cache may change)."""
         with self._lock:
-            state = self._seeded_state(task.spec)
-        return tensor_map_to_bytes(state)
+            return dict(self._seeded_state(task.spec))
 
-    def train(self, task: pb.Task, global_payload: bytes, progress: ProgressFn,
-              cancelled: threading.Event) -> tuple[bytes, int, dict[str, float]]:
+    def train(self, task: pb.Task, global_payload: Mapping[str, WireTensor],
+              progress: ProgressFn, cancelled: threading.Event) -> TaskAnswer:
         with self._lock:
             return self._train(task, global_payload, progress, cancelled)
 
-    def _train(self, task: pb.Task, global_payload: bytes, progress: ProgressFn,
-               cancelled: threading.Event) -> tuple[bytes, int, dict[str, float]]:
+    def _train(self, task: pb.Task, global_payload: Mapping[str, WireTensor],
+               progress: ProgressFn, cancelled: threading.Event) -> TaskAnswer:
         spec = task.spec
         method = get_method(spec.method)
         config = method.parse_config(method_params(spec))
@@ -170,7 +179,7 @@ class TaskWorker:
         update = method.client_update(config, global_state, local_state, memory)
         if memory or stored:  # also when the method emptied it: no stale state next round
             self.models.save(task.job_id, "memory", memory)
-        return tensor_map_to_bytes(update), num_examples, metrics
+        return dict(update), num_examples, metrics
 
     def _admit(self, task: pb.Task, method: Method, config: MethodConfig,
                n_examples: int) -> ExamplePlan | None:
@@ -210,7 +219,7 @@ class TaskWorker:
         return len(examples), metrics
 
     def _received_global(self, task: pb.Task, method: Method, config: MethodConfig,
-                         payload: bytes) -> dict[str, torch.Tensor]:
+                         payload: Mapping[str, WireTensor]) -> dict[str, torch.Tensor]:
         """The round's global state: sent whole, built here from the job's seed (the first
         round), or rebuilt from a compact broadcast on top of the state this node kept from
         the job's previous round; the last two checked against the coordinator's digest."""
@@ -220,7 +229,7 @@ class TaskWorker:
                 raise NeedsFullState("this node's seeded initial state differs from the "
                                      "coordinator's (another torch or model version?)")
             return state
-        received = tensor_map_from_bytes(payload)
+        received = dict(payload)  # its stream's digest was checked on arrival
         if not task.global_base_digest:
             return {k: to_dense(v) for k, v in received.items()}
         base = self.models.load(task.job_id, "global")
@@ -239,7 +248,7 @@ class TaskWorker:
     # ------------------------------------------------------------ decentralized (DIMAT)
 
     def _train_own(self, task: pb.Task, progress: ProgressFn,
-                   cancelled: threading.Event) -> tuple[bytes, int, dict[str, float]]:
+                   cancelled: threading.Event) -> TaskAnswer:
         """A decentralized round's training: from the node's own model, no global state; the
         result is kept as this round's "shared" model for the neighbours to fetch. Nothing
         goes to the coordinator but metrics."""
@@ -252,14 +261,14 @@ class TaskWorker:
         num_examples, metrics = self._train_task(task, trainer, examples, progress, cancelled)
         self.models.save(task.job_id, "shared", trainer.trainable_state(),
                          {"round": str(task.round)})
-        return b"", num_examples, metrics
+        return {}, num_examples, metrics
 
     def merge(self, task: pb.Task, progress: ProgressFn,
-              cancelled: threading.Event) -> tuple[bytes, int, dict[str, float]]:
+              cancelled: threading.Event) -> TaskAnswer:
         with self._lock:
             return self._merge(task)
 
-    def _merge(self, task: pb.Task) -> tuple[bytes, int, dict[str, float]]:
+    def _merge(self, task: pb.Task) -> TaskAnswer:
         """A decentralized round's merge (``node.merging.merge.merge_round``): this node's
         model of the round with its neighbours' ones; the result is the node's own model."""
         spec = task.spec
@@ -271,14 +280,15 @@ class TaskWorker:
         if own is None or meta.get("round") != str(task.round):
             raise ValueError(f"this node has no model trained in round {task.round} to merge")
         merged, metrics = merge_round(task, config, trainer, own,
-                                      lambda: self.data.load(spec.train.dataset))
+                                      lambda: self.data.load(spec.train.dataset),
+                                      max_bytes=self.payload_cap)
         self.models.save(task.job_id, "own", merged, {"round": str(task.round)})
-        return b"", 0, metrics
+        return {}, 0, metrics
 
     # ------------------------------------------------------------ agents (Minions)
 
     def minion(self, task: pb.Task, progress: ProgressFn,
-               cancelled: threading.Event) -> tuple[bytes, int, dict[str, float]]:
+               cancelled: threading.Event) -> TaskAnswer:
         """A MINION task: the jobs in ``task.instructions`` run by the local model on this
         node's documents (``node/minion_worker.py``); the reply is the update payload."""
         with self._lock:

@@ -1,7 +1,8 @@
 """Chunk framing: stream payloads of any size under gRPC's 4 MiB default message limit.
 
-Why: a model or an update can be far larger than one gRPC message may be. A payload
-(normally a serialized ``confide.v1.TensorMap``) is cut into ``confide.v1.Chunk`` messages
+Why: a model or an update can be far larger than one gRPC message may be. Tensor maps stream
+through ``protos.stream`` (per tensor a header, then its bytes), which frames its chunks with
+:class:`ChunkFraming`; a raw payload is cut into ``confide.v1.Chunk`` messages
 that share a ``transfer_id``, are numbered from 0, announce the whole payload's size in every
 chunk, and end with a chunk marked ``last`` that carries the payload's SHA-256.
 
@@ -25,8 +26,11 @@ __all__ = [
     "DEFAULT_MAX_PAYLOAD",
     "ChunkAssembler",
     "ChunkError",
+    "ChunkFraming",
     "assemble",
     "assemble_async",
+    "drain",
+    "drain_async",
     "split_payload",
     "wire_bytes",
 ]
@@ -96,12 +100,16 @@ def _chunks(view: memoryview, transfer_id: str, chunk_size: int) -> Iterator[com
         index += 1
 
 
-class ChunkAssembler:
-    """Rebuilds one payload from its chunks, validating each as it arrives.
+class ChunkFraming:
+    """The checks every chunked transfer gets, whatever its chunks carry.
 
-    ``transfer_id=None`` adopts the first chunk's id. ``max_bytes`` bounds the announced size,
-    so a hostile sender cannot make the receiver buffer more than that. After a ChunkError the
-    assembler stays failed: the transfer must start over with a new assembler.
+    Why a base: raw payloads (:class:`ChunkAssembler`) and streamed tensor maps
+    (``protos.stream.TensorMapReceiver``) share one framing: transfer id, order, the announced
+    ``total_bytes`` (refused above ``max_bytes`` at the first chunk), no more data than
+    announced, an early last chunk, the SHA-256 and nothing after the end. A subclass says what
+    a header and a piece of data do (``_on_header``/``_on_data``) and what a finished transfer
+    gives (``_result``). After a ChunkError the receiver stays failed: the transfer must start
+    over with a new one.
     """
 
     def __init__(self, transfer_id: str | None = None, max_bytes: int = DEFAULT_MAX_PAYLOAD):
@@ -111,7 +119,6 @@ class ChunkAssembler:
         self._max_bytes = max_bytes
         self._total: int | None = None
         self._next_index = 0
-        self._parts: list[bytes] = []
         self._received = 0
         self._digest = hashlib.sha256()
         self._done = False
@@ -129,7 +136,7 @@ class ChunkAssembler:
 
     @property
     def done(self) -> bool:
-        """True once the last chunk arrived and the payload checked out."""
+        """True once the last chunk arrived and the transfer checked out."""
         return self._done
 
     @property
@@ -137,13 +144,30 @@ class ChunkAssembler:
         """Payload bytes accepted so far."""
         return self._received
 
+    @property
+    def sha256(self) -> bytes:
+        """The SHA-256 the completed transfer checked out with (b"" before it is done)."""
+        return self._digest.digest() if self._done else b""
+
     def _fail(self, message: str) -> ChunkError:
         self._error = message
-        self._parts = []
+        self._release()
         return ChunkError(message)
 
-    def add(self, chunk: common_pb2.Chunk) -> bytes | None:
-        """Accept the next chunk; return the whole payload when it was the last one."""
+    def _release(self) -> None:
+        """Drop what was received so far (after a failure)."""
+
+    def _on_header(self, header: common_pb2.TensorHeader) -> None:
+        raise ChunkError("chunk carries a tensor header; this receiver takes raw payload bytes")
+
+    def _on_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _result(self):
+        raise NotImplementedError
+
+    def add(self, chunk: common_pb2.Chunk):
+        """Accept the next chunk; return the transfer's result when it was the last one."""
         if self._error is not None:
             raise ChunkError(f"transfer already failed: {self._error}")
         tid = self._transfer_id if self._transfer_id is not None else chunk.transfer_id
@@ -174,16 +198,26 @@ class ChunkAssembler:
                 f"chunk {chunk.index} announces total_bytes={total}, but earlier chunks "
                 f"announced {self._total}"
             )
-        data = chunk.data
-        if self._received + len(data) > self._total:
-            raise self._fail(
-                f"chunk {chunk.index} brings the payload to {self._received + len(data)} bytes, "
-                f"more than the announced {self._total}"
-            )
         self._next_index += 1
-        self._received += len(data)
-        self._digest.update(data)
-        self._parts.append(data)
+        try:
+            if chunk.WhichOneof("body") == "header":
+                header = chunk.header
+                encoded = header.SerializeToString(deterministic=True)
+                self._digest.update(len(encoded).to_bytes(8, "little") + encoded)
+                self._on_header(header)
+            else:
+                data = chunk.data
+                if self._received + len(data) > self._total:
+                    raise ChunkError(
+                        f"chunk {chunk.index} brings the payload to "
+                        f"{self._received + len(data)} bytes, more than the announced "
+                        f"{self._total}"
+                    )
+                self._received += len(data)
+                self._digest.update(data)
+                self._on_data(data)
+        except ValueError as exc:  # ChunkError, or a CodecError of a header
+            raise self._fail(str(exc)) from None
         if not chunk.last:
             return None
         if self._received != self._total:
@@ -193,15 +227,68 @@ class ChunkAssembler:
                 f"sha256 mismatch: the {self._total}-byte payload does not match the digest "
                 "in the last chunk (corrupted or tampered in transit)"
             )
+        try:
+            result = self._result()
+        except ValueError as exc:
+            raise self._fail(str(exc)) from None
         self._done = True
-        payload = b"".join(self._parts)
-        self._parts = []
-        return payload
+        return result
 
     def truncated_error(self) -> ChunkError:
         """The error for a stream that ended before its last chunk."""
         total = "an unknown number of" if self._total is None else str(self._total)
         return ChunkError(f"truncated stream: got {self._received} of {total} bytes")
+
+
+class ChunkAssembler(ChunkFraming):
+    """Rebuilds one raw payload from its chunks, validating each as it arrives.
+
+    ``transfer_id=None`` adopts the first chunk's id. ``max_bytes`` bounds the announced size,
+    so a hostile sender cannot make the receiver buffer more than that.
+    """
+
+    def __init__(self, transfer_id: str | None = None, max_bytes: int = DEFAULT_MAX_PAYLOAD):
+        super().__init__(transfer_id, max_bytes)
+        self._parts: list[bytes] = []
+
+    def _release(self) -> None:
+        self._parts = []
+
+    def _on_data(self, data: bytes) -> None:
+        self._parts.append(data)
+
+    def _result(self) -> bytes:
+        payload = b"".join(self._parts)
+        self._parts = []
+        return payload
+
+    def add(self, chunk: common_pb2.Chunk) -> bytes | None:
+        """Accept the next chunk; return the whole payload when it was the last one."""
+        return super().add(chunk)
+
+
+def drain(receiver: ChunkFraming, chunks: Iterable[common_pb2.Chunk]):
+    """Feed a whole chunk stream to ``receiver``; its result (extras are an error)."""
+    out = None
+    for chunk in chunks:
+        result = receiver.add(chunk)
+        if result is not None:
+            out = result
+    if out is None:
+        raise receiver.truncated_error()
+    return out
+
+
+async def drain_async(receiver: ChunkFraming, chunks: AsyncIterable[common_pb2.Chunk]):
+    """:func:`drain` for async streams, e.g. a ``grpc.aio`` server-streaming call."""
+    out = None
+    async for chunk in chunks:
+        result = receiver.add(chunk)
+        if result is not None:
+            out = result
+    if out is None:
+        raise receiver.truncated_error()
+    return out
 
 
 def assemble(
@@ -211,15 +298,7 @@ def assemble(
     max_bytes: int = DEFAULT_MAX_PAYLOAD,
 ) -> bytes:
     """The payload of a complete chunk stream (consumed to its end; extras are an error)."""
-    assembler = ChunkAssembler(transfer_id, max_bytes)
-    payload: bytes | None = None
-    for chunk in chunks:
-        result = assembler.add(chunk)
-        if result is not None:
-            payload = result
-    if payload is None:
-        raise assembler.truncated_error()
-    return payload
+    return drain(ChunkAssembler(transfer_id, max_bytes), chunks)
 
 
 async def assemble_async(
@@ -229,12 +308,4 @@ async def assemble_async(
     max_bytes: int = DEFAULT_MAX_PAYLOAD,
 ) -> bytes:
     """:func:`assemble` for async streams, e.g. a ``grpc.aio`` server-streaming call."""
-    assembler = ChunkAssembler(transfer_id, max_bytes)
-    payload: bytes | None = None
-    async for chunk in chunks:
-        result = assembler.add(chunk)
-        if result is not None:
-            payload = result
-    if payload is None:
-        raise assembler.truncated_error()
-    return payload
+    return await drain_async(ChunkAssembler(transfer_id, max_bytes), chunks)

@@ -570,7 +570,8 @@ def decode_tensor_map(
 
 
 def tensor_map_to_bytes(tensors: Mapping[str, WireTensor]) -> bytes:
-    """Serialized ``confide.v1.TensorMap`` (stream it with :mod:`protos.chunking`)."""
+    """Serialized ``confide.v1.TensorMap``: the map's message form (tests, sizes). Transfers
+    never send it; they stream the map with :mod:`protos.stream`."""
     return encode_tensor_map(tensors).SerializeToString()
 
 
@@ -604,5 +605,7 @@ def to_dense(value: WireTensor) -> torch.Tensor:
 
 
 def wire_size(tensors: Mapping[str, WireTensor]) -> int:
-    """Bytes of the serialized ``TensorMap`` of ``tensors`` (what goes on the wire)."""
+    """Bytes of the serialized ``TensorMap`` of ``tensors``: the same tensor bytes the stream
+    (:mod:`protos.stream`) carries, with per-message framing instead of per-tensor headers, so
+    it ranks encodings (dense vs sparse) as the wire does."""
     return encode_tensor_map(tensors).ByteSize()

@@ -28,9 +28,9 @@ import grpc
 import torch
 from google.protobuf import struct_pb2
 
-from confide.protos.chunking import assemble_async
-from confide.protos.codec import tensor_map_from_bytes, to_dense
+from confide.protos.codec import to_dense
 from confide.protos.identity import NodeKey
+from confide.protos.stream import receive_tensor_map_async
 from confide.protos.tls import PROCESS as TLS_PROCESS
 from confide.protos.tls import TLSConfig, aio_channel
 from confide.v1 import coordinator_pb2 as pb
@@ -281,10 +281,10 @@ class AsyncClient:
         call = self._stub.FetchGlobalModel(request, timeout=max(self.timeout, 300),
                                            metadata=self._metadata)
         try:
-            payload = await assemble_async(call)
+            received = await receive_tensor_map_async(call)
         except grpc.aio.AioRpcError as exc:
             raise _wrap(exc) from None
-        return {name: to_dense(value) for name, value in tensor_map_from_bytes(payload).items()}
+        return {name: to_dense(value) for name, value in received.items()}
 
     async def ask(self, question: str, *, mode: str = "minions", node_ids: Sequence[str] = (),
                   max_rounds: int = 0, citations: str = "", anonymous: bool = False,

@@ -3,7 +3,7 @@
 The coordinator sends a MERGE task naming the node's neighbours (their peer addresses and
 mixing weights) once every member finished training the round. The node then streams each
 neighbour's model of that round straight from the neighbour (``NodePeer.FetchModel``,
-which="shared": chunked raw tensors, never through the coordinator), and
+which="shared": a tensor-map stream, never through the coordinator), and
 merges with ``node.merging.merge.dimat_merge``. A neighbour that cannot be reached, or sends a
 model that does not fit, is skipped for this merge and its weight handled by the job's
 ``unreachable`` policy; the node goes on.
@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from confide.protos.chunking import ChunkAssembler, ChunkError, wire_bytes
-from confide.protos.codec import CodecError, tensor_map_from_bytes, to_dense
+from confide.protos.chunking import DEFAULT_MAX_PAYLOAD, ChunkError, wire_bytes
+from confide.protos.codec import CodecError, to_dense
+from confide.protos.stream import TensorMapReceiver
 from confide.protos.tls import channel as tls_channel
 from confide.v1 import coordinator_pb2 as pb
 from confide.v1 import node_pb2
@@ -44,26 +45,29 @@ class Fetched:
     bytes_up: int = 0
 
 
-def fetch_local_model(address: str, job_id: str, round_number: int,
-                      timeout_s: float) -> tuple[dict[str, torch.Tensor], int, int]:
-    """A peer's model of ``round_number`` (dense tensors), with bytes sent and received."""
+def fetch_local_model(address: str, job_id: str, round_number: int, timeout_s: float,
+                      max_bytes: int = DEFAULT_MAX_PAYLOAD
+                      ) -> tuple[dict[str, torch.Tensor], int, int]:
+    """A peer's model of ``round_number`` (dense tensors), with bytes sent and received; a
+    stream that announces more than ``max_bytes`` is refused before anything is allocated."""
     request = node_pb2.FetchModelRequest(job_id=job_id, which="shared", round=round_number)
-    assembler = ChunkAssembler()
+    assembler = TensorMapReceiver(max_bytes=max_bytes)
     received = 0
     with tls_channel(address, CHANNEL_OPTIONS) as channel:  # the node's --tls, if any
         stub = node_grpc.NodePeerStub(channel)
         for chunk in stub.FetchModel(request, timeout=timeout_s):
             received += wire_bytes(chunk)
-            payload = assembler.add(chunk)
-            if payload is not None:
-                state = {k: to_dense(v) for k, v in tensor_map_from_bytes(payload).items()}
+            received_map = assembler.add(chunk)
+            if received_map is not None:
+                state = {k: to_dense(v) for k, v in received_map.items()}
                 return state, wire_bytes(request), received
     raise ChunkError(f"the model stream ended early ({assembler.received_bytes} bytes)")
 
 
-def fetch_neighbours(task: pb.Task, timeout_s: float) -> Fetched:
+def fetch_neighbours(task: pb.Task, timeout_s: float,
+                     max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Fetched:
     """Fetch every neighbour of a MERGE task that has an address, within one shared
-    ``timeout_s``; skip the unreachable and the too slow."""
+    ``timeout_s``; skip the unreachable, the too slow and those over ``max_bytes``."""
     fetched = Fetched()
     deadline = time.monotonic() + timeout_s  # one budget for all: a stalled peer cannot
     for peer in task.peers:                   # spend every neighbour's time
@@ -78,7 +82,7 @@ def fetch_neighbours(task: pb.Task, timeout_s: float) -> Fetched:
             continue
         try:
             state, up, down = fetch_local_model(peer.address, task.job_id, task.round,
-                                                remaining)
+                                                remaining, max_bytes)
         except grpc.RpcError as exc:
             fetched.failures[peer.node_id] = f"{exc.code().name}: {exc.details()}"
         except (ChunkError, CodecError) as exc:

@@ -20,6 +20,7 @@ from confide.node.merging.permutation import PermutationSpec, permutation_spec
 from confide.node.methods.base import MethodConfig, State, UpdateError
 from confide.node.methods.dimat import MERGE_MODES, DIMATConfig
 from confide.node.methods.topology import check_row, renormalized_weights
+from confide.protos.chunking import DEFAULT_MAX_PAYLOAD
 from confide.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -134,18 +135,21 @@ class MergingTrainer(Protocol):
 
 
 def merge_round(task: pb.Task, config: MethodConfig, trainer: MergingTrainer, own: State,
-                own_examples: Callable[[], Sequence[Example]]) -> tuple[State, dict[str, float]]:
+                own_examples: Callable[[], Sequence[Example]],
+                max_bytes: int = DEFAULT_MAX_PAYLOAD) -> tuple[State, dict[str, float]]:
     """A MERGE task: fetch the neighbours' models of this round peer to peer, align them to
     ``own`` (this node's model after the round's training) on its own examples (loaded by
     ``own_examples``) and average with the mixing weights the coordinator published. The
-    merged state and the task's metrics; nothing crosses with ``merge="none"``."""
+    merged state and the task's metrics; nothing crosses with ``merge="none"``. ``max_bytes``:
+    the node policy's payload cap, applied to each neighbour's stream at its headers."""
     if not isinstance(config, DIMATConfig):
         raise TypeError(f"a merge needs a DIMAT config, got {type(config).__name__}")
     if config.merge == "none":  # local only: nothing to fetch, nothing crosses
         return dict(own), {"neighbours": 0.0, "neighbours_merged": 0.0,
                            "peer_bytes_down": 0.0, "peer_bytes_up": 0.0}
     # half the task's deadline for the fetches: the alignment needs the rest
-    fetched = fetch_neighbours(task, timeout_s=max(task.deadline_s / 2, 15.0))
+    fetched = fetch_neighbours(task, timeout_s=max(task.deadline_s / 2, 15.0),
+                               max_bytes=max_bytes)
     for node_id, state in list(fetched.states.items()):
         try:  # a neighbour whose model does not fit is skipped, like an unreachable one
             check_neighbour_state(own, state, node_id)

@@ -47,8 +47,9 @@ from confide.node.models import model_config
 from confide.node.policy import AdmissionGate, NodePolicy, Refused, TaskRequest
 from confide.node.split.body import LocalBody
 from confide.node.split.model import SplitConfig, build_split
-from confide.protos.chunking import ChunkAssembler, ChunkError, split_payload, wire_bytes
-from confide.protos.codec import CodecError, tensor_map_from_bytes, tensor_map_to_bytes, to_dense
+from confide.protos.chunking import ChunkError, wire_bytes
+from confide.protos.codec import CodecError, WireTensor, to_dense
+from confide.protos.stream import TensorMapReceiver, stream_tensor_map
 from confide.protos.tls import channel as tls_channel
 from confide.v1 import coordinator_pb2 as pb
 from confide.v1 import node_pb2
@@ -77,13 +78,14 @@ class SplitServerError(RuntimeError):
 
 def _encode(step: int, tensors: dict[str, torch.Tensor], kind: str,
             train: bool = False) -> Iterator[node_pb2.SplitTensors]:
-    payload = tensor_map_to_bytes({k: v.detach().cpu() for k, v in tensors.items()})
-    for chunk in split_payload(payload, f"{kind}-{step}"):
+    chunks = stream_tensor_map({k: v.detach().cpu() for k, v in tensors.items()},
+                               f"{kind}-{step}")
+    for chunk in chunks:
         yield node_pb2.SplitTensors(step=step, chunk=chunk, train=train)
 
 
-def _decode(payload: bytes, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    decoded = {k: to_dense(v) for k, v in tensor_map_from_bytes(payload).items()}
+def _decode(payload: dict[str, WireTensor], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    decoded = {k: to_dense(v) for k, v in payload.items()}
     if set(decoded) != set(names):
         raise CodecError(f"expected tensors {sorted(names)}, got {sorted(decoded)}")
     return decoded
@@ -145,7 +147,7 @@ class RemoteBody:
         for piece in _encode(step, tensors, kind, train):
             self._send(node_pb2.SplitRequest(**{kind: piece}))
         what = f"step {step} ({kind})"
-        assembler = ChunkAssembler(transfer_id=f"{answer}-{step}", max_bytes=MAX_STEP_BYTES)
+        assembler = TensorMapReceiver(transfer_id=f"{answer}-{step}", max_bytes=MAX_STEP_BYTES)
         while True:
             reply = self._next(what)
             if reply.WhichOneof("body") != answer or getattr(reply, answer).step != step:
@@ -293,7 +295,9 @@ class SplitServer:
             body_layers=served.layers, body_parameters=served.parameters))
         self.bytes_sent += wire_bytes(reply)
         yield reply
-        assembler: ChunkAssembler | None = None
+        assembler: TensorMapReceiver | None = None
+        # the node policy's payload cap bounds what one step's headers may allocate
+        step_cap = min(MAX_STEP_BYTES, self.gate.policy.caps.payload_bytes)
         try:
             while True:
                 try:
@@ -314,8 +318,8 @@ class SplitServer:
                                         f"unexpected {kind!r} inside a split session")
                 piece = getattr(request, kind)
                 if assembler is None:
-                    assembler = ChunkAssembler(transfer_id=f"{kind}-{piece.step}",
-                                               max_bytes=MAX_STEP_BYTES)
+                    assembler = TensorMapReceiver(transfer_id=f"{kind}-{piece.step}",
+                                                  max_bytes=step_cap)
                 try:
                     payload = assembler.add(piece.chunk)
                     if payload is None:
@@ -337,7 +341,7 @@ class SplitServer:
 
     async def _run(self, served: _ServedBody, body: LocalBody, kind: str,
                    piece: node_pb2.SplitTensors,
-                   payload: bytes) -> tuple[str, dict[str, torch.Tensor]]:
+                   payload: dict[str, WireTensor]) -> tuple[str, dict[str, torch.Tensor]]:
         """Run one step in a worker thread; bad tensors become SplitRequestError."""
         if kind == "forward":
             tensors = _decode(payload, ("attention_mask", "hidden"))

@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file
 
 from confide.cluster.local import LocalCluster
-from confide.protos.chunking import assemble
-from confide.protos.codec import tensor_map_from_bytes
+from confide.protos.chunking import ChunkError
+from confide.protos.stream import TensorMapReceiver, receive_tensor_map
 from confide.sdk.client import Client
 from confide.v1 import node_pb2
 from confide.v1 import node_pb2_grpc as node_grpc
@@ -81,9 +81,15 @@ def test_cli_submits_watches_fetches_and_shows_status(tmp_path, shards):
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             peer = node_grpc.NodePeerStub(channel)
             assert peer.GetInfo(node_pb2.GetInfoRequest(), timeout=5).name == "node0"
-            chunks = peer.FetchModel(node_pb2.FetchModelRequest(job_id=job_id), timeout=30)
-            received = tensor_map_from_bytes(assemble(chunks))
-            assert received.keys() == load_file(str(out)).keys()
+            chunks = list(peer.FetchModel(node_pb2.FetchModelRequest(job_id=job_id), timeout=30))
+            # node -> node transfers stream: each tensor's header, then its bytes
+            assert chunks[0].WhichOneof("body") == "header"
+            headers = [c.header.name for c in chunks if c.WhichOneof("body") == "header"]
+            received = receive_tensor_map(chunks)
+            assert headers == list(received) and received.keys() == load_file(str(out)).keys()
+            # a receiver capped below the model refuses it at the first chunk
+            with pytest.raises(ChunkError, match="exceeds the limit"):
+                TensorMapReceiver(max_bytes=chunks[0].total_bytes - 1).add(chunks[0])
             for request, code in [
                 (node_pb2.FetchModelRequest(job_id="../../etc"),
                  grpc.StatusCode.INVALID_ARGUMENT),

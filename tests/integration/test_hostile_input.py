@@ -12,8 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from confide.cluster.local import LocalCluster
 from confide.protos.chunking import split_payload
-from confide.protos.codec import tensor_map_to_bytes
 from confide.protos.identity import NodeKey
+from confide.protos.stream import stream_tensor_map
 from confide.sdk.client import Client, ConfideError
 from confide.v1 import common_pb2
 from confide.v1 import coordinator_pb2 as pb
@@ -192,8 +192,8 @@ async def _hostile_session(address: str, key: NodeKey, respond) -> list[pb.Coord
 
 
 def _wrong_shapes(task):
-    payload = tensor_map_to_bytes({"not.a.lora.weight": __import__("torch").zeros(3)})
-    for chunk in split_payload(payload, task.task_id):
+    payload = {"not.a.lora.weight": __import__("torch").zeros(3)}
+    for chunk in stream_tensor_map(payload, task.task_id):
         yield pb.NodeMessage(update_chunk=pb.TaskChunk(task_id=task.task_id, chunk=chunk))
     yield pb.NodeMessage(result=pb.TaskResult(task_id=task.task_id, num_examples=10**9))
 
@@ -206,10 +206,20 @@ def _oversized_stream(task):
 
 
 def _truncated_stream(task):
-    payload = b"y" * (3 << 20)
-    chunks = list(split_payload(payload, task.task_id))
+    payload = {"y": __import__("torch").zeros(3 << 18)}
+    chunks = list(stream_tensor_map(payload, task.task_id))
     for chunk in chunks[:-1]:  # the last chunk never comes
         yield pb.NodeMessage(update_chunk=pb.TaskChunk(task_id=task.task_id, chunk=chunk))
+    yield pb.NodeMessage(result=pb.TaskResult(task_id=task.task_id, num_examples=1))
+
+
+def _hostile_header(task):
+    # a header that would allocate 128 MiB in a transfer that announces 1000 bytes
+    header = common_pb2.TensorHeader(name="w", dtype=common_pb2.FLOAT32,
+                                      shape=[1 << 15, 1 << 10], byte_length=1 << 27)
+    chunk = common_pb2.Chunk(transfer_id=task.task_id, index=0, header=header,
+                             total_bytes=1000)
+    yield pb.NodeMessage(update_chunk=pb.TaskChunk(task_id=task.task_id, chunk=chunk))
     yield pb.NodeMessage(result=pb.TaskResult(task_id=task.task_id, num_examples=1))
 
 
@@ -223,6 +233,7 @@ def _not_a_tensor_map(task):
     (_wrong_shapes, "invalid update: update does not match the global state"),
     (_oversized_stream, "exceeds the limit"),
     (_truncated_stream, "result arrived before the complete update"),
+    (_hostile_header, "more than the announced 1000"),
     (_not_a_tensor_map, "invalid update"),
 ])
 def test_a_hostile_node_is_dropped_and_the_round_goes_on(cluster, respond, reason):

@@ -21,7 +21,8 @@ from confide.node.models import ModelConfig
 from confide.node.split.attacks import Captured, nearest_embedding
 from confide.node.split.model import SplitConfig, build_split
 from confide.node.store import ModelStore
-from confide.protos.codec import tensor_map_from_bytes, to_dense
+from confide.protos.codec import to_dense
+from confide.protos.stream import receive_tensor_map
 from confide.sdk.client import Client
 from confide.v1 import coordinator_pb2 as pb
 from confide.v1 import node_pb2
@@ -80,17 +81,19 @@ def test_sfprompt_trains_through_a_split_server_and_only_activations_cross(tmp_p
     kinds = [r.WhichOneof("body") for stream in requests.values() for r in stream]
     assert kinds.count("open") == 4  # 2 devices x 2 rounds
     assert "forward" in kinds and "backward" in kinds
-    payloads: dict[tuple[int, str, int], bytearray] = {}
+    streams: dict[tuple[int, str, int], list] = {}
     for connection, stream in requests.items():
         for request in stream:
             kind = request.WhichOneof("body")
             if kind in ("forward", "backward"):
                 piece = getattr(request, kind)
-                payloads.setdefault((connection, kind, piece.step), bytearray()).extend(
-                    piece.chunk.data)
-    assert payloads
+                streams.setdefault((connection, kind, piece.step), []).append(piece.chunk)
+    assert streams
+    # the split link streams tensor maps: each step opens with a tensor's header
+    assert all(chunks[0].WhichOneof("body") == "header" for chunks in streams.values())
+    payloads = {key: receive_tensor_map(chunks) for key, chunks in streams.items()}
     for (_connection, kind, _step), payload in payloads.items():
-        tensors = {k: to_dense(v) for k, v in tensor_map_from_bytes(bytes(payload)).items()}
+        tensors = {k: to_dense(v) for k, v in payload.items()}
         if kind == "forward":
             assert set(tensors) == {"hidden", "attention_mask"}
             assert tensors["attention_mask"].dtype == torch.bool
@@ -102,7 +105,7 @@ def test_sfprompt_trains_through_a_split_server_and_only_activations_cross(tmp_p
     # model, scored against the devices' own sentences
     recovered = _attack_recovery([to_dense(v) for (_c, kind, _s), payload in payloads.items()
                                   if kind == "forward"
-                                  for k, v in tensor_map_from_bytes(bytes(payload)).items()
+                                  for k, v in payload.items()
                                   if k == "hidden"], folders, spec)
     # chance is ~3e-5 per token; tiny-bert (random init) gives ~40%, MiniLM 100%
     # (bench/results/split_attack.json): the activations are the text

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import grpc
 import pytest
 
 from confide.cluster.local import LocalCluster
 from confide.node.anonymous import load_or_create_ring_key
 from confide.privacy.ringsig import RingKeyPair, sign
-from confide.protos.chunking import split_payload
-from confide.protos.codec import tensor_map_to_bytes
 from confide.protos.identity import (
     RING_KEY_FEATURE,
     NodeKey,
     anonymous_scope,
     anonymous_update_message,
 )
+from confide.protos.stream import stream_digest, stream_tensor_map
 from confide.sdk.client import Client
 from confide.v1 import coordinator_pb2 as pb
 from confide.v1 import coordinator_pb2_grpc as pb_grpc
@@ -67,7 +64,7 @@ def _submit(stub, ring_key, job_id, round_number, payload, *, nonce=None, tamper
         job_id=job_id, round=round_number if ring_round is None else ring_round))
     if nonce is None:
         nonce = stub.GetChallenge(pb.GetChallengeRequest()).nonce
-    digest = hashlib.sha256(payload).digest()
+    digest = stream_digest(payload)
     # a round this small is one anonymity set, the whole ring (set 0)
     message = anonymous_update_message(nonce, job_id, round_number, ring.epoch_id, 0, 5, digest)
     signature = sign(message, list(ring.public_keys), ring_key,
@@ -75,9 +72,10 @@ def _submit(stub, ring_key, job_id, round_number, payload, *, nonce=None, tamper
     header = pb.AnonymousUpdateHeader(job_id=job_id, round=round_number, epoch_id=ring.epoch_id,
                                       nonce=nonce, num_examples=5, payload_sha256=digest,
                                       signature=signature.encode(), set_index=0)
-    sent = payload + b"x" if tamper else payload
+    sent = {name: t + 1 for name, t in payload.items()} if tamper else payload
+    # the update streams as a tensor map, as a node's does
     messages = [pb.AnonymousUpdateMessage(header=header)] + [
-        pb.AnonymousUpdateMessage(chunk=c) for c in split_payload(sent, "t")]
+        pb.AnonymousUpdateMessage(chunk=c) for c in stream_tensor_map(sent, "t")]
     return stub.SubmitAnonymousUpdate(iter(messages), timeout=10), nonce
 
 
@@ -119,7 +117,7 @@ def test_anonymous_submissions_reject_replays_doubles_outsiders_and_tampering(tm
             assert ring.anonymity_set == 32
             assert [list(s.members) for s in ring.sets] == [[0, 1]]
             assert ring.epoch_id != job_ring.epoch_id
-            payload = tensor_map_to_bytes({"w": torch.zeros(4)})
+            payload = {"w": torch.zeros(4)}
             ack, nonce = _submit(stub, nodes[0], job.job_id, 1, payload)
             assert len(ack.key_image) == 32
 

@@ -10,16 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from confide.coordinator.sessions import NodeSession, SessionRegistry
 from confide.coordinator.store import Store
-from confide.protos.chunking import ChunkAssembler, split_payload
-from confide.protos.codec import WireTensor, tensor_map_from_bytes, tensor_map_to_bytes
+from confide.protos.chunking import split_payload
+from confide.protos.codec import WireTensor
+from confide.protos.stream import TensorMapReceiver, stream_tensor_map
 from confide.v1 import coordinator_pb2 as pb
+
+
+async def outbox_messages(session: NodeSession) -> AsyncIterator[pb.CoordinatorMessage]:
+    """What the session's stream would write, in order: streamed states chunk by chunk."""
+    while (message := await session.outbox.get()) is not None:
+        if isinstance(message, pb.CoordinatorMessage):
+            yield message
+        else:
+            for streamed in message:
+                yield streamed
 
 
 @dataclass
@@ -83,14 +94,14 @@ class FakeNode:
                 await self._serving
 
     async def _serve(self) -> None:
-        assemblers: dict[str, ChunkAssembler] = {}
-        while (message := await self.session.outbox.get()) is not None:
+        assemblers: dict[str, TensorMapReceiver] = {}
+        async for message in outbox_messages(self.session):
             kind = message.WhichOneof("body")
             if kind == "task":
                 task = message.task
                 self.tasks.append(task)
                 if task.has_global:
-                    assemblers[task.task_id] = ChunkAssembler(transfer_id=task.task_id)
+                    assemblers[task.task_id] = TensorMapReceiver(transfer_id=task.task_id)
                 else:
                     self._answer(task, None)
             elif kind == "global_chunk":
@@ -98,7 +109,7 @@ class FakeNode:
                 payload = assemblers[chunk.task_id].add(chunk.chunk)
                 if payload is not None:
                     task = next(t for t in self.tasks if t.task_id == chunk.task_id)
-                    state = {k: v for k, v in tensor_map_from_bytes(payload).items()}
+                    state = dict(payload)
                     self._answer(task, state)
             elif kind == "cost_query" and self.cost is not None:
                 self.session.handle(pb.NodeMessage(cost_report=pb.CostReport(
@@ -112,8 +123,9 @@ class FakeNode:
             self.session.handle(pb.NodeMessage(failure=pb.TaskFailure(
                 task_id=task.task_id, reason=reply.failure, refused=reply.refused)))
             return
-        payload = reply.raw if reply.raw is not None else tensor_map_to_bytes(reply.update or {})
-        for chunk in split_payload(payload, task.task_id):
+        chunks = (split_payload(reply.raw, task.task_id) if reply.raw is not None
+                  else stream_tensor_map(reply.update or {}, task.task_id))
+        for chunk in chunks:
             self.session.handle(pb.NodeMessage(update_chunk=pb.TaskChunk(
                 task_id=task.task_id, chunk=chunk)))
         self.session.handle(pb.NodeMessage(result=pb.TaskResult(
@@ -157,8 +169,8 @@ class SecureFakeNode(FakeNode):
         return self
 
     async def _serve(self) -> None:
-        assemblers: dict[str, ChunkAssembler] = {}
-        while (message := await self.session.outbox.get()) is not None:
+        assemblers: dict[str, TensorMapReceiver] = {}
+        async for message in outbox_messages(self.session):
             kind = message.WhichOneof("body")
             if kind == "secagg":
                 stage = {"advertise": 1, "share": 2, "masked": 3}.get(self.drop_after, 99)
@@ -170,7 +182,7 @@ class SecureFakeNode(FakeNode):
                 task = message.task
                 self.tasks.append(task)
                 if task.has_global:
-                    assemblers[task.task_id] = ChunkAssembler(transfer_id=task.task_id)
+                    assemblers[task.task_id] = TensorMapReceiver(transfer_id=task.task_id)
                 else:
                     self._spawn(task, None)
             elif kind == "global_chunk":
@@ -178,7 +190,7 @@ class SecureFakeNode(FakeNode):
                 payload = assemblers[chunk.task_id].add(chunk.chunk)
                 if payload is not None:
                     task = next(t for t in self.tasks if t.task_id == chunk.task_id)
-                    self._spawn(task, dict(tensor_map_from_bytes(payload)))
+                    self._spawn(task, dict(payload))
 
     def _spawn(self, task: pb.Task, state: dict[str, torch.Tensor] | None) -> None:
         job = asyncio.get_running_loop().create_task(self._answer_secure(task, state))
@@ -194,7 +206,7 @@ class SecureFakeNode(FakeNode):
         reply = self.behaviour(task, state)
         assert state is not None and reply.update is not None
         masked, _clipped = await self.secagg.masked_input(
-            task, tensor_map_to_bytes(reply.update), reply.num_examples, state, timeout=5.0)
+            task, reply.update, reply.num_examples, state, timeout=5.0)
         self.uploads.append(masked)
         for chunk in split_payload(masked, task.task_id):
             self.session.handle(pb.NodeMessage(update_chunk=pb.TaskChunk(

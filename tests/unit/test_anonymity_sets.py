@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+import torch
 
 from confide.coordinator.anonymous import AnonymousInbox, AnonymousRejected, ChallengeBook
 from confide.node.anonymous import AnonymityError, check_ring, signed_update_header
@@ -16,6 +17,7 @@ from confide.privacy import ringsig
 from confide.privacy.ringsig import RingKeyPair
 from confide.protos.anonymity_sets import DEFAULT_ANONYMITY_SET, anonymity_sets, set_of, set_size
 from confide.protos.identity import RING_KEY_FEATURE, ring_epoch_id, ring_key_of
+from confide.protos.stream import stream_digest
 from confide.v1 import coordinator_pb2 as pb
 
 KEYS = [RingKeyPair.from_seed(hashlib.sha256(i.to_bytes(2, "big")).digest()) for i in range(300)]
@@ -154,10 +156,11 @@ def test_a_node_refuses_a_smaller_k_or_another_rounds_ring():
 
 
 def _submission(key: RingKeyPair, ring: pb.Ring, book: ChallengeBook, k: int,
-                payload: bytes = b"update") -> tuple[pb.AnonymousUpdateHeader, bytes]:
+                payload: bytes = b"update") -> tuple[pb.AnonymousUpdateHeader, dict]:
+    update = {"u": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
     signers = check_ring(ring, key, k, JOB, ring.round)
     return signed_update_header(key, JOB, ring.round, ring, signers, book.issue().nonce,
-                                payload, 10), payload
+                                stream_digest(update), 10), update
 
 
 def _count_group_operations(monkeypatch) -> dict[str, int]:

@@ -131,7 +131,8 @@ def test_bad_updates_are_dropped_with_their_reasons_never_aggregated(tmp_path):
     assert status.state == pb.COMPLETED, status.reason
     (record,) = coordinator.rounds()
     assert record.participants == ["a"]
-    assert record.dropped["b"].startswith("invalid update: payload is not a serialized")
+    # raw bytes are no tensor-map stream: refused at their first chunk
+    assert record.dropped["b"].startswith("invalid update stream: 10 data bytes arrived outside")
     assert record.dropped["c"] == "invalid update: tensor 'w' has shape (5,), expected (4,)"
     assert "NaN" in record.dropped["d"]
     assert record.dropped["e"] == "node failed: out of memory"

@@ -11,13 +11,13 @@ from confide.coordinator.jobs import normalize_spec
 from confide.node.data import LocalData, synthetic_classification, write_jsonl
 from confide.node.store import ModelStore
 from confide.node.worker import TaskWorker
-from confide.protos.codec import tensor_map_from_bytes, to_dense
+from confide.protos.codec import to_dense
 from confide.sdk.client import job_spec
 from confide.v1 import coordinator_pb2 as pb
 
 
 def _state(payload: bytes) -> dict[str, torch.Tensor]:
-    return {k: to_dense(v) for k, v in tensor_map_from_bytes(payload).items()}
+    return {k: to_dense(v) for k, v in payload.items()}
 
 
 @pytest.mark.parametrize("method", ["fedavg-lora", "fedavg-full"])
@@ -42,7 +42,6 @@ def test_a_compact_broadcast_needs_the_kept_base_state_and_the_right_result(tmp_
     mean scalars, or asks for the whole state (no kept state, another base, wrong result)."""
     from confide.node.methods import ClientUpdate, get_method
     from confide.node.worker import NeedsFullState
-    from confide.protos.codec import tensor_map_to_bytes
     from confide.protos.state import state_digest
 
     write_jsonl(tmp_path / "data" / "train.jsonl", synthetic_classification(16, 2, seed=1))
@@ -58,7 +57,7 @@ def test_a_compact_broadcast_needs_the_kept_base_state_and_the_right_result(tmp_
     moved = {k: v + 0.01 for k, v in start.items()}
     update = ferret.client_update(config, start, moved, {})
     after, compact = ferret.aggregate_compact(config, start, [ClientUpdate("n", update, 4)], 1)
-    payload = tensor_map_to_bytes(compact)
+    payload = dict(compact)
 
     def task(base: bytes, digest: bytes) -> pb.Task:
         return pb.Task(task_id="t", job_id="job1", round=2, kind=pb.TRAIN, spec=spec,
@@ -103,7 +102,7 @@ def test_the_first_round_state_is_built_from_the_seed_and_checked(tmp_path):
 
     wrong = {k: v + 1 for k, v in seeded.items()}
     with pytest.raises(NeedsFullState, match="seeded initial state differs"):
-        worker.train(task(state_digest(wrong)), b"", lambda *_: None, threading.Event())
-    worker.train(task(state_digest(seeded)), b"", lambda *_: None, threading.Event())
+        worker.train(task(state_digest(wrong)), {}, lambda *_: None, threading.Event())
+    worker.train(task(state_digest(seeded)), {}, lambda *_: None, threading.Event())
     kept = models.load("job1", "global")
     assert all(torch.equal(kept[k], seeded[k]) for k in seeded)

@@ -26,6 +26,12 @@ class IndexEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INDEX_POSITIONS: _ClassVar[IndexEncoding]
     INDEX_GAPS: _ClassVar[IndexEncoding]
     INDEX_BITMAP: _ClassVar[IndexEncoding]
+
+class TensorEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TENSOR_DENSE: _ClassVar[TensorEncoding]
+    TENSOR_SPARSE: _ClassVar[TensorEncoding]
+    TENSOR_SEED_PROJECTED: _ClassVar[TensorEncoding]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -40,6 +46,9 @@ BOOL: DType
 INDEX_POSITIONS: IndexEncoding
 INDEX_GAPS: IndexEncoding
 INDEX_BITMAP: IndexEncoding
+TENSOR_DENSE: TensorEncoding
+TENSOR_SPARSE: TensorEncoding
+TENSOR_SEED_PROJECTED: TensorEncoding
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -97,21 +106,51 @@ class TensorMap(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     def __init__(self, tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
+class TensorHeader(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "encoding", "byte_length", "index_encoding", "index_dtype", "index_count", "value_count", "seeds", "coefficients", "generator")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    BYTE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    INDEX_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    INDEX_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_COUNT_FIELD_NUMBER: _ClassVar[int]
+    VALUE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    COEFFICIENTS_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    encoding: TensorEncoding
+    byte_length: int
+    index_encoding: IndexEncoding
+    index_dtype: DType
+    index_count: int
+    value_count: int
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    coefficients: _containers.RepeatedScalarFieldContainer[float]
+    generator: str
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Union[TensorEncoding, str]] = ..., byte_length: _Optional[int] = ..., index_encoding: _Optional[_Union[IndexEncoding, str]] = ..., index_dtype: _Optional[_Union[DType, str]] = ..., index_count: _Optional[int] = ..., value_count: _Optional[int] = ..., seeds: _Optional[_Iterable[int]] = ..., coefficients: _Optional[_Iterable[float]] = ..., generator: _Optional[str] = ...) -> None: ...
+
 class Chunk(_message.Message):
-    __slots__ = ("transfer_id", "index", "data", "last", "total_bytes", "sha256")
+    __slots__ = ("transfer_id", "index", "data", "header", "last", "total_bytes", "sha256")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     index: int
     data: bytes
+    header: TensorHeader
     last: bool
     total_bytes: int
     sha256: bytes
-    def __init__(self, transfer_id: _Optional[str] = ..., index: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, transfer_id: _Optional[str] = ..., index: _Optional[int] = ..., data: _Optional[bytes] = ..., header: _Optional[_Union[TensorHeader, _Mapping]] = ..., last: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
 
 class ByteCount(_message.Message):
     __slots__ = ("up", "down")

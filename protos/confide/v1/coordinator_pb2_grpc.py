@@ -199,7 +199,7 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchGlobalModel(self, request, context):
-        """Streams a global model of the job (a serialized TensorMap, chunked).
+        """Streams a global model of the job (a tensor-map stream: TensorHeader + data chunks).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -223,7 +223,7 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitAnonymousUpdate(self, request_iterator, context):
-        """The header (signed) first, then the update as chunks of a serialized TensorMap.
+        """The header (signed) first, then the update as a tensor-map stream of chunks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -78,7 +78,7 @@ class NodePeerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchModel(self, request, context):
-        """Streams the last global model the node received for a job (a serialized TensorMap,
+        """Streams the last global model the node received for a job (a tensor-map stream,
         chunked): state the coordinator already broadcast, never local data or updates.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
