@@ -108,7 +108,7 @@ from confide.node.methods.base import (
     State,
     UpdateError,
 )
-from confide.node.training.head import is_head_parameter
+from confide.node.methods.head import is_head_parameter
 from confide.protos.codec import SeedProjectedTensor, WireTensor
 from confide.protos.state import state_digest as base_state_digest
 
@@ -223,7 +223,7 @@ def group_parameters(state: Mapping[str, torch.Tensor]) -> list[Group]:
 
     Sorted names, then the reference's greedy packing: a group takes tensors until the next
     would take it past ``GROUP_FACTOR`` x the median tensor size; a tensor at least that big
-    stands alone. The task head's tensors (``node.training.head``) form one last group, sent
+    stands alone. The task head's tensors (``node.methods.head``) form one last group, sent
     exactly. Empty tensors belong to no group. Every party computes the same groups from the
     same state.
     """

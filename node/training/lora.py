@@ -25,9 +25,9 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from confide.node.data import Example
 from confide.node.device import autocast, autocast_dtype, seeded_rng, select_device
+from confide.node.methods.head import is_head_parameter
 from confide.node.models import ModelConfig, build_model
 from confide.node.training.batching import Batcher
-from confide.node.training.head import is_head_parameter
 from confide.node.training.state import (
     check_state,
     copy_into,

@@ -223,3 +223,22 @@ def test_every_resource_cap_is_enforced_by_the_node(tmp_path, shards):
     assert results["examples_ok"].state == pb.COMPLETED, results["examples_ok"].reason
     assert results["after_cancel"].state == pb.COMPLETED, results["after_cancel"].reason
     assert still_serving == ["node0"]  # refusing never took a daemon down
+
+
+def test_a_split_server_whose_owner_refuses_the_role_says_so(tmp_path, shards):
+    """The policy is checked at the split-server's own entry point too: a split-server node
+    whose owner does not take the role refuses the devices' sessions, and the submitter reads
+    why (through the devices' failed tasks)."""
+    cluster = LocalCluster(tmp_path / "cluster", shards(2, per_node=32), mqtt=False)
+    try:
+        cluster.start()
+        cluster.start_split_server("--roles", "trainer")
+        with Client(cluster.address) as client:
+            wait_for_nodes(client, 3)
+            spec = tiny_spec(method="sfprompt", rounds=1, min_nodes=2, max_steps=2,
+                             params={"head_layers": 1, "tail_layers": 0, "num_prompts": 2})
+            final = client.wait_job(client.submit_job(spec).job_id)
+    finally:
+        cluster.stop()
+    assert final.state == pb.FAILED
+    assert "split-server" in final.reason, final.reason

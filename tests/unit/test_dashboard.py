@@ -221,7 +221,8 @@ def test_the_stream_carries_new_events_and_live_progress(tmp_path):
                 events.emit_transient("j1", "node.progress", round_number=1,
                                       node_id="node-a",
                                       metrics={"step": 1, "total_steps": 4, "loss": 2.0})
-            if "event: progress" in seen and "event: jobs" in seen:
+            if ("event: jobs" in seen and "event: progress" in seen
+                    and seen.index("event: progress") + 1 < len(seen)):  # its data line too
                 break
     assert "event: nodes" in seen and "event: jobs" in seen
     data = seen[seen.index("event: progress") + 1]

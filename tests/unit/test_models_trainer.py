@@ -392,7 +392,7 @@ def test_smollm2_loads_from_gguf_and_caches(tmp_path: Path) -> None:
 
 def test_sgd_with_a_head_rate_moves_only_the_head_when_the_body_rate_is_tiny(cls_data) -> None:
     """Per-group rates and plain SGD (Ferret's paper): the head gets its own rate."""
-    from confide.node.training.head import is_head_parameter
+    from confide.node.methods.head import is_head_parameter
     from confide.node.training.lora import parameter_groups
 
     trainer = LoraTrainer(TINY_CLS)

@@ -2,7 +2,7 @@
 
 Full-parameter methods treat the head apart from the pretrained body: it starts fresh, so it
 wants its own learning rate (``TrainSpec.head_learning_rate``), and it is small, so Ferret
-sends it exactly. A light module: the coordinator needs it without loading a model.
+sends it exactly. A pure module: the coordinator needs it (through Ferret) without a model.
 """
 
 from __future__ import annotations
