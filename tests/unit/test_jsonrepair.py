@@ -111,8 +111,29 @@ def test_ask_json_fails_clearly_and_reports_tokens():
     assert info.value.usage == Usage(20, 10) and info.value.last_text == "still nope"
 
 
-def test_ask_json_with_the_tiny_model_fails_within_its_retries():
-    tiny = CountingChat(backend_from_spec("tiny", device="cpu"))
+class Unconstrained:
+    """A model without schema support (the tiny model decoding freely)."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+
+    def chat(self, messages, *, max_tokens=256, temperature=0.0):
+        return self.inner.chat(messages, max_tokens=max_tokens, temperature=temperature)
+
+
+def test_ask_json_with_the_tiny_model_unconstrained_fails_within_its_retries():
+    tiny = CountingChat(Unconstrained(backend_from_spec("tiny", device="cpu")))
     with pytest.raises(AskJSONError) as info:
         ask_json(tiny, [{"role": "user", "content": "2+3?"}], SCHEMA, retries=1, max_tokens=8)
     assert tiny.calls == 2 and info.value.usage == tiny.usage
+
+
+def test_ask_json_with_the_tiny_model_constrained_is_valid_at_once():
+    """The same noise model, decoding under the schema's grammar: valid on the first call."""
+    bounded = {**SCHEMA, "properties": {"sum": {"type": "integer", "minimum": 0,
+                                                "maximum": 99}}}  # fits in 24 tokens
+    tiny = CountingChat(backend_from_spec("tiny", device="cpu"))
+    reply = ask_json_reply(tiny, [{"role": "user", "content": "2+3?"}], bounded, retries=1,
+                           max_tokens=24)
+    assert reply.constrained and reply.valid and reply.attempts == 1 and tiny.calls == 1
+    assert 0 <= reply.value["sum"] <= 99 and json.loads(reply.text) == reply.value
