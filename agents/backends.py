@@ -274,6 +274,11 @@ class TransformersChat:
                     attention_mask=torch.ones_like(ids).to(self.device), **gen)
             except (RuntimeError, ValueError) as exc:
                 raise ModelError(f"{self.name}: generation failed: {exc}") from exc
+            except AssertionError as exc:  # xgrammar: no token of the vocabulary can go on
+                raise ModelError(
+                    f"{self.name}: the schema's grammar reached a point no token of this "
+                    "vocabulary can continue (a character the tokenizer lacks, e.g. an "
+                    "uppercase letter in an uncased vocabulary)") from exc
         new = out[0, ids.shape[1]:].tolist()
         if eos is not None and eos in new:
             new = new[: new.index(eos) + 1]

@@ -26,7 +26,7 @@ MAX_REPLY_CHARS = 1500
 #: generation budgets per call (a question may ask for less)
 #: (the structured calls' budgets fit the longest answer their schemas allow, schemas.py:
 #: a plan's budget is its schema's bound, at most REMOTE_PLAN_TOKENS; the others are fixed)
-REMOTE_PLAN_TOKENS = 640
+REMOTE_PLAN_TOKENS = 896
 REMOTE_DECISION_TOKENS = 120
 LOCAL_JOB_TOKENS = 112
 LOCAL_CHAT_TOKENS = 64
