@@ -275,7 +275,7 @@ class TransformersChat:
             except (RuntimeError, ValueError) as exc:
                 raise ModelError(f"{self.name}: generation failed: {exc}") from exc
             except AssertionError as exc:  # xgrammar: no token of the vocabulary can go on
-                raise ModelError(
+                raise constrained.GrammarDeadEnd(
                     f"{self.name}: the schema's grammar reached a point no token of this "
                     "vocabulary can continue (a character the tokenizer lacks, e.g. an "
                     "uppercase letter in an uncased vocabulary)") from exc

@@ -32,7 +32,14 @@ from typing import Any
 
 from confide.agents.model import ModelError
 
-__all__ = ["SchemaGrammars", "available", "fit_budget", "fit_schema", "token_bound"]
+__all__ = ["GrammarDeadEnd", "SchemaGrammars", "available", "fit_budget", "fit_schema",
+           "token_bound"]
+
+
+class GrammarDeadEnd(ModelError):
+    """Decoding reached a point of the grammar that no token of the vocabulary can continue
+    (a character the tokenizer lacks: the tiny test model's uncased vocabulary has no "D").
+    Callers ask again unconstrained and repair."""
 
 
 def available() -> bool:

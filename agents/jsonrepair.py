@@ -23,7 +23,8 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from confide.agents.model import ChatModel, Message, Usage, chat_json, supports_schema
+from confide.agents.constrained import GrammarDeadEnd
+from confide.agents.model import ChatModel, Message, Usage, forward_chat, supports_schema
 
 __all__ = [
     "AskJSONError",
@@ -322,7 +323,12 @@ def ask_json_reply(model: ChatModel, messages: list[Message], schema: dict[str, 
     problem, text = "", ""
     constrained = supports_schema(model)
     for attempt in range(1, retries + 2):
-        completion = chat_json(model, convo, schema, max_tokens=max_tokens)
+        try:
+            completion = (forward_chat(model, convo, max_tokens, 0.0, schema) if constrained
+                          else model.chat(convo, max_tokens=max_tokens))
+        except GrammarDeadEnd:  # this vocabulary cannot write the schema: ask freely, repair
+            constrained = False
+            completion = model.chat(convo, max_tokens=max_tokens)
         usage = usage + completion.usage
         text = completion.text
         valid = attempt == 1 and strictly_valid(text, validator)

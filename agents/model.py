@@ -64,9 +64,16 @@ def supports_schema(model: ChatModel) -> bool:
 def chat_json(model: ChatModel, messages: list[Message], schema: dict, *,
               max_tokens: int = 256, temperature: float = 0.0) -> Completion:
     """One call that asks for JSON valid against ``schema``: constrained by the model when it
-    can be (``supports_schema``), else plain (the caller repairs and validates)."""
-    return forward_chat(model, messages, max_tokens, temperature,
-                        schema if supports_schema(model) else None)
+    can be (``supports_schema``), else plain (the caller repairs and validates); plain too
+    when the model's vocabulary cannot write what the schema demands (``GrammarDeadEnd``)."""
+    from confide.agents.constrained import GrammarDeadEnd
+
+    if not supports_schema(model):
+        return model.chat(messages, max_tokens=max_tokens, temperature=temperature)
+    try:
+        return forward_chat(model, messages, max_tokens, temperature, schema)
+    except GrammarDeadEnd:
+        return model.chat(messages, max_tokens=max_tokens, temperature=temperature)
 
 
 def forward_chat(inner: ChatModel, messages: list[Message], max_tokens: int,

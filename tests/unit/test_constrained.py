@@ -16,8 +16,8 @@ from jsonschema import Draft202012Validator
 
 from confide.agents.agora import _DRAFT_SCHEMA
 from confide.agents.backends import OpenAIChat, backend_from_spec
-from confide.agents.constrained import _pattern_chars, fit_budget, token_bound
-from confide.agents.jsonrepair import ask_json_reply
+from confide.agents.constrained import GrammarDeadEnd, _pattern_chars, fit_budget, token_bound
+from confide.agents.jsonrepair import AskJSONError, ask_json_reply
 from confide.agents.minions.config import (
     LOCAL_JOB_TOKENS,
     MAX_JOBS,
@@ -201,3 +201,16 @@ def test_openai_structured_output_and_fallback(accepts):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_vocabulary_that_cannot_write_the_schema_falls_back_to_repair(tiny):
+    """The tiny model's uncased vocabulary has no "D": the grammar dead-ends, the call says so,
+    and ask_json_reply asks again unconstrained (then fails validation, as noise does)."""
+    schema = {"type": "object", "properties": {"id": {"const": "D1"}}, "required": ["id"],
+              "additionalProperties": False}
+    messages = [{"role": "user", "content": "id?"}]
+    with pytest.raises(GrammarDeadEnd):
+        tiny.chat(messages, max_tokens=8, schema=schema)
+    with pytest.raises(AskJSONError) as info:
+        ask_json_reply(tiny, messages, schema, 0, max_tokens=8)
+    assert info.value.attempts == 1
