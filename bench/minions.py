@@ -403,22 +403,15 @@ def _goals(rows: list[dict], cost: dict | None) -> list[dict]:
     """The issue's goals, as measured in this run."""
     by_mode = {r["mode"]: r for r in rows}
     goals = []
-    local_calls = sum(r["local_json_calls"] for r in rows)
-    local_valid = sum(r["local_valid"] for r in rows)
-    share = _share(local_valid, local_calls)
-    goals.append(goal_record(
-        "local_valid_structured_output", 1.0, share,
-        None if share is None else share >= 1.0,
-        f"structured local-model calls valid as written: {local_valid}/{local_calls}",
-        calls=local_calls, valid=local_valid))
-    remote_calls = sum(r["remote_json_calls"] for r in rows)
-    remote_valid = sum(r["remote_valid"] for r in rows)
-    share = _share(remote_valid, remote_calls)
-    goals.append(goal_record(
-        "remote_valid_structured_output", 1.0, share,
-        None if share is None else share >= 1.0,
-        f"remote plans and decisions valid as written: {remote_valid}/{remote_calls}",
-        calls=remote_calls, valid=remote_valid))
+    for side, what in (("local", "structured local-model calls"),
+                       ("remote", "remote plans and decisions")):
+        calls = sum(r[f"{side}_json_calls"] for r in rows)
+        valid = sum(r[f"{side}_valid"] for r in rows)
+        share = _share(valid, calls)
+        goals.append(goal_record(
+            f"{side}_valid_structured_output", 1.0, share,
+            None if share is None else share >= 1.0,
+            f"{what} valid as written: {valid}/{calls}", calls=calls, valid=valid))
     base = by_mode.get("remote-only")
     for mode, quality in (("minions", 0.90), ("minion", 0.95)):
         row = by_mode.get(mode)
