@@ -20,13 +20,14 @@ that talk rarely should not need a standard agreed in advance. Agora lets both c
   registered Python callables; code written by a model is never executed.
 - **Negotiation** fills the middle: when two agents have exchanged natural language about one
   task kind ``negotiate_after`` times (default 3), the requester proposes a protocol. The
-  receiver's model drafts a PD (JSON through ``agents.jsonrepair.ask_json``); when the draft is
-  invalid or does not fit the receiver's capability, the receiver falls back to a deterministic
-  draft made from the capability's own schemas. Small models fail at drafting most of the time:
-  with the tiny test model and, usually, with SmolLM2-135M, the PD that gets registered *is*
-  the deterministic one. Both sides check the PD (the receiver: compatibility with its
-  capability; the requester: its own request bodies validate against the request schema), the
-  receiver registers it, and later messages of that kind travel as hash + JSON body.
+  receiver's model drafts the PD's words (name, description, rules: JSON through
+  ``agents.jsonrepair.ask_json_reply``, decoded under the schema's grammar when the model is
+  local, so valid by construction); its schemas are the capability's own. When the draft is
+  still unusable (a remote model without structured output), the receiver falls back to a
+  deterministic draft made from the capability. Both sides check the PD (the receiver:
+  compatibility with its capability; the requester: its own request bodies validate against
+  the request schema), the receiver registers it, and later messages of that kind travel as
+  hash + JSON body.
 
 How a receiver answers a message (``Agent.handle``), and what ``handled_by`` says:
 
@@ -67,6 +68,7 @@ from typing import Any, Protocol
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
+from confide.agents.constrained import fit_budget
 from confide.agents.jsonrepair import AskJSONError, ask_json_reply
 from confide.agents.model import ChatModel, Message, ModelError, Usage
 from confide.v1 import coordinator_pb2 as pb
@@ -560,10 +562,16 @@ class AgoraCounters:
     negotiations: int = 0
     negotiations_failed: int = 0
     drafts: Counter[str] = field(default_factory=Counter)   # "model" / "fallback"
+    #: model calls that had to answer JSON (tool arguments, drafts), and those whose first
+    #: answer was, as written, valid against the schema
+    structured_calls: int = 0
+    structured_valid: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         total = sum(self.handled.values())
         return {
+            "structured_calls": self.structured_calls,
+            "structured_valid": self.structured_valid,
             "handled": dict(self.handled),
             "handled_share": {k: (self.handled[k] / total if total else 0.0)
                               for k in HANDLED_BY},
@@ -582,15 +590,14 @@ class AgoraCounters:
 
 _DRAFT_SCHEMA = {
     "type": "object",
-    "required": ["name", "request_schema", "response_schema"],
+    "required": ["name", "description", "rules"],
     "properties": {
         "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME},
         "description": {"type": "string", "maxLength": MAX_DESCRIPTION},
         "rules": {"type": "string", "maxLength": MAX_RULES},
-        "request_schema": {"type": "object"},
-        "response_schema": {"type": "object"},
     },
 }
+"""What a model drafts of a PD: its words (bounded to the call's budget by ``fit_budget``)."""
 
 
 class Agent:
@@ -715,13 +722,14 @@ class Agent:
         messages = [{"role": "system", "content": "Extract the parameters of the request as "
                      "JSON. Use only values the request states."},
                     {"role": "user", "content": text[:MAX_TEXT]}]
+        # a subset of the input schema that fits the budget: a constrained answer is whole
+        schema, budget = fit_budget(capability.input_schema, self.extract_tokens)
         try:
-            reply = ask_json_reply(self.model, messages, capability.input_schema, 0,
-                                   max_tokens=self.extract_tokens)
+            reply = ask_json_reply(self.model, messages, schema, 0, max_tokens=budget)
         except AskJSONError as exc:
-            self._count_model(exc.attempts, exc.usage)
+            self._count_model(exc.attempts, exc.usage, False)
             return "", exc.usage
-        self._count_model(reply.attempts, reply.usage)
+        self._count_model(reply.attempts, reply.usage, reply.valid)
         try:
             output = capability.handler(reply.value)
             _validate(Draft202012Validator(capability.output_schema), output, "tool output")
@@ -730,10 +738,14 @@ class Agent:
         return (f"Result of {capability.task_kind} for {_canonical(reply.value)}: "
                 f"{_canonical(output)}", reply.usage)
 
-    def _count_model(self, calls: int, usage: Usage) -> None:
+    def _count_model(self, calls: int, usage: Usage, valid: bool | None = None) -> None:
+        """``valid``: for a structured (JSON) exchange, whether its first answer was valid."""
         with self._lock:
             self.counters.model_calls += calls
             self.counters.usage = self.counters.usage + usage
+            if valid is not None:
+                self.counters.structured_calls += 1
+                self.counters.structured_valid += valid
 
     def _answer_naturally(self, text: str, task_kind: str = "") -> node_pb2.AgentEnvelope:
         about = "; ".join(c.description or c.task_kind
@@ -862,6 +874,7 @@ class Agent:
         deterministic one (what small models end up with)."""
         usage, attempts, source = Usage(), 0, "fallback"
         document: ProtocolDocument | None = None
+        valid: bool | None = None
         if self.model is not None:
             prompt = (
                 f"Two software agents exchange requests of kind '{capability.task_kind}' "
@@ -870,18 +883,22 @@ class Agent:
                 f"{_canonical(capability.input_schema)}\n"
                 f"and answers with output matching: {_canonical(capability.output_schema)}\n"
                 f"Requests seen so far: {_canonical(examples)[:2000]}\n"
-                "Write a protocol document with a short name, a description, rules saying how "
-                "one exchange goes, request_schema and response_schema (JSON Schemas).")
+                "Write a protocol document for these schemas: a short name, a description "
+                "and rules saying how one exchange goes.")
             messages = [{"role": "system", "content": "You design communication protocols "
                          "between software agents."}, {"role": "user", "content": prompt}]
+            # the model writes the words; the schemas are the capability's (a draft with
+            # other schemas would be rejected by compatibility() anyway)
+            schema, budget = fit_budget(_DRAFT_SCHEMA, self.draft_tokens)
             try:
-                reply = ask_json_reply(self.model, messages, _DRAFT_SCHEMA, self.draft_retries,
-                                       max_tokens=self.draft_tokens)
+                reply = ask_json_reply(self.model, messages, schema, self.draft_retries,
+                                       max_tokens=budget)
                 usage, attempts, draft = reply.usage, reply.attempts, reply.value
+                valid = reply.valid
                 document = ProtocolDocument(
                     name=draft["name"], task_kind=capability.task_kind,
-                    request_schema=draft["request_schema"],
-                    response_schema=draft["response_schema"],
+                    request_schema=capability.input_schema,
+                    response_schema=capability.output_schema,
                     description=draft.get("description", ""),
                     rules=draft.get("rules", "") or _DEFAULT_RULES).validate()
                 why = compatibility(document, capability)
@@ -889,14 +906,14 @@ class Agent:
                     raise AgoraError(f"the draft does not fit the capability: {why}")
                 source = "model"
             except AskJSONError as exc:
-                usage, attempts, document = exc.usage, exc.attempts, None
+                usage, attempts, document, valid = exc.usage, exc.attempts, None, False
                 log.info("agent %s: no usable model draft (%s); using the capability's "
                          "schemas", self.name, exc)
             except (AgoraError, ModelError) as exc:
                 attempts, document = max(attempts, 1), None
                 log.info("agent %s: model draft rejected (%s); using the capability's schemas",
                          self.name, exc)
-        self._count_model(attempts, usage)
+        self._count_model(attempts, usage, valid)
         with self._lock:
             self.counters.drafts[source] += 1
         if document is not None:

@@ -41,7 +41,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from confide.agents.model import ChatModel, Completion, Message, ModelError, Usage
+from confide.agents import constrained
+from confide.agents.model import (
+    ChatModel,
+    Completion,
+    Message,
+    ModelError,
+    Usage,
+    forward_chat,
+    supports_schema,
+)
 
 __all__ = [
     "CountingChat",
@@ -165,6 +174,26 @@ class TransformersChat:
             tokenizer.pad_token = tokenizer.eos_token
         self._lock = threading.Lock()
         self.context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        self._grammars: Any = None
+        #: constrained decoding (``chat(schema=...)``) when xgrammar is installed
+        self.structured_output = constrained.available()
+
+    @property
+    def eos_token_id(self) -> int | None:
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            eos = getattr(self.tokenizer, "sep_token_id", None)
+        return eos
+
+    def grammars(self) -> constrained.SchemaGrammars:
+        """This model's compiled-grammar cache (built on first use: it reads the vocabulary)."""
+        with self._lock:
+            if self._grammars is None:
+                eos = self.eos_token_id
+                self._grammars = constrained.SchemaGrammars(
+                    self.tokenizer, int(self.model.config.vocab_size),
+                    [eos] if eos is not None else [])
+            return self._grammars
 
     @classmethod
     def load(cls, source: str = "smollm2", *, device: str = "auto",
@@ -210,7 +239,9 @@ class TransformersChat:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def chat(self, messages: list[Message], *, max_tokens: int = 256,
-             temperature: float = 0.0) -> Completion:
+             temperature: float = 0.0, schema: dict[str, Any] | None = None) -> Completion:
+        """``schema``: decode under that JSON Schema's grammar (``agents.constrained``), so the
+        answer is valid JSON for it unless ``max_tokens`` cuts it off."""
         import torch
 
         if max_tokens < 1:
@@ -222,11 +253,16 @@ class TransformersChat:
         ids = ids[:, -room:]
         gen: dict[str, Any] = {"max_new_tokens": max_tokens,
                                "pad_token_id": self.tokenizer.pad_token_id}
-        eos = self.tokenizer.eos_token_id
-        if eos is None:
-            eos = getattr(self.tokenizer, "sep_token_id", None)
+        eos = self.eos_token_id
         if eos is not None:
             gen["eos_token_id"] = eos
+        grammars = None
+        if schema is not None:
+            if not self.structured_output:
+                raise ModelError(f"{self.name}: constrained decoding needs xgrammar "
+                                 "(scripts/setup.sh installs it)")
+            grammars = self.grammars()
+            gen["logits_processor"] = [grammars.processor(schema)]  # one per generate()
         if temperature > 0:
             gen.update(do_sample=True, temperature=float(temperature))
         else:
@@ -238,15 +274,27 @@ class TransformersChat:
                     attention_mask=torch.ones_like(ids).to(self.device), **gen)
             except (RuntimeError, ValueError) as exc:
                 raise ModelError(f"{self.name}: generation failed: {exc}") from exc
+            except AssertionError as exc:  # xgrammar: no token of the vocabulary can go on
+                raise constrained.GrammarDeadEnd(
+                    f"{self.name}: the schema's grammar reached a point no token of this "
+                    "vocabulary can continue (a character the tokenizer lacks, e.g. an "
+                    "uppercase letter in an uncased vocabulary)") from exc
         new = out[0, ids.shape[1]:].tolist()
         if eos is not None and eos in new:
             new = new[: new.index(eos) + 1]
-        answer = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+        if grammars is not None:
+            answer = grammars.text(new)
+        else:
+            answer = self.tokenizer.decode(new, skip_special_tokens=True).strip()
         return Completion(answer, Usage(int(ids.shape[1]), len(new)))
 
 
 # --------------------------------------------------------------------------------------------
 # OpenAI-compatible servers
+
+
+class _Refused(ModelError):
+    """The server rejected a request (with ``response_format``, perhaps because of it)."""
 
 
 class OpenAIChat:
@@ -268,17 +316,37 @@ class OpenAIChat:
         self.timeout = timeout
         self.name = name or model or self.base_url
         self.estimated = False  # set when the last reply carried no usage block
+        #: ask for ``response_format: json_schema`` when a call gives a schema; turned off
+        #: for good when the server rejects it (HTTP 400/404/422/501), then callers repair
+        self.structured_output = True
 
     @property
     def url(self) -> str:
         return f"{self.base_url}/chat/completions"
 
     def chat(self, messages: list[Message], *, max_tokens: int = 256,
-             temperature: float = 0.0) -> Completion:
-        payload = {"messages": messages, "max_tokens": max_tokens,
-                   "temperature": temperature}
+             temperature: float = 0.0, schema: dict[str, Any] | None = None) -> Completion:
+        """``schema``: the server's structured output (``response_format`` json_schema,
+        strict) when it offers it; a server that refuses it is asked again without, once,
+        and never again with it (the caller's repair takes over)."""
+        payload: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens,
+                                   "temperature": temperature}
         if self.model:
             payload["model"] = self.model
+        if schema is not None and self.structured_output:
+            payload["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "answer", "schema": schema, "strict": True}}
+            try:
+                return self._post(payload, messages)
+            except _Refused:
+                self.structured_output = False
+                del payload["response_format"]
+        try:
+            return self._post(payload, messages)
+        except _Refused as exc:
+            raise ModelError(str(exc)) from None
+
+    def _post(self, payload: dict[str, Any], messages: list[Message]) -> Completion:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -289,7 +357,10 @@ class OpenAIChat:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read()[:500].decode("utf-8", "replace")
-            raise ModelError(f"{self.url}: HTTP {exc.code} {exc.reason}: {detail}") from exc
+            message = f"{self.url}: HTTP {exc.code} {exc.reason}: {detail}"
+            if "response_format" in payload and exc.code in (400, 404, 422, 501):
+                raise _Refused(message) from exc
+            raise ModelError(message) from exc
         except (urllib.error.URLError, OSError) as exc:  # refused, DNS, timeout
             reason = getattr(exc, "reason", exc)
             raise ModelError(f"cannot reach {self.url}: {reason}") from exc
@@ -328,9 +399,13 @@ class CountingChat:
         self.usage = Usage()
         self._lock = threading.Lock()
 
+    @property
+    def structured_output(self) -> bool:
+        return supports_schema(self.inner)
+
     def chat(self, messages: list[Message], *, max_tokens: int = 256,
-             temperature: float = 0.0) -> Completion:
-        completion = self.inner.chat(messages, max_tokens=max_tokens, temperature=temperature)
+             temperature: float = 0.0, schema: dict[str, Any] | None = None) -> Completion:
+        completion = forward_chat(self.inner, messages, max_tokens, temperature, schema)
         with self._lock:
             self.calls += 1
             self.usage = self.usage + completion.usage
@@ -363,9 +438,13 @@ class LazyChat:
                 self.name = self._model.name
             return self._model
 
+    @property
+    def structured_output(self) -> bool:
+        return supports_schema(self.get())
+
     def chat(self, messages: list[Message], *, max_tokens: int = 256,
-             temperature: float = 0.0) -> Completion:
-        return self.get().chat(messages, max_tokens=max_tokens, temperature=temperature)
+             temperature: float = 0.0, schema: dict[str, Any] | None = None) -> Completion:
+        return forward_chat(self.get(), messages, max_tokens, temperature, schema)
 
 
 _SHARED: dict[tuple[str, str, str], ChatModel] = {}

@@ -23,7 +23,8 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from confide.agents.model import ChatModel, Message, Usage
+from confide.agents.constrained import GrammarDeadEnd
+from confide.agents.model import ChatModel, Message, Usage, forward_chat, supports_schema
 
 __all__ = [
     "AskJSONError",
@@ -33,6 +34,7 @@ __all__ = [
     "ask_json_reply",
     "extract_json",
     "iter_json_candidates",
+    "strictly_valid",
 ]
 
 MAX_TEXT = 200_000        # longer model output is cut: nothing sensible is that long
@@ -277,6 +279,20 @@ class JSONReply:
     usage: Usage
     attempts: int
     text: str
+    #: the first answer was, as written, one JSON value valid against the schema (no repair,
+    #: no re-ask): what "valid structured output" counts
+    valid: bool = False
+    #: the calls asked the model to constrain its output to the schema
+    constrained: bool = False
+
+
+def strictly_valid(text: str, validator: Draft202012Validator) -> bool:
+    """``text`` is, as written (surrounding whitespace aside), one JSON value the validator
+    accepts."""
+    try:
+        return validator.is_valid(json.loads(text))
+    except (ValueError, RecursionError):
+        return False
 
 
 def _describe(error: Any) -> str:
@@ -305,17 +321,24 @@ def ask_json_reply(model: ChatModel, messages: list[Message], schema: dict[str, 
             convo.append({"role": "user", "content": note})
     usage = Usage()
     problem, text = "", ""
+    constrained = supports_schema(model)
     for attempt in range(1, retries + 2):
-        completion = model.chat(convo, max_tokens=max_tokens)
+        try:
+            completion = (forward_chat(model, convo, max_tokens, 0.0, schema) if constrained
+                          else model.chat(convo, max_tokens=max_tokens))
+        except GrammarDeadEnd:  # this vocabulary cannot write the schema: ask freely, repair
+            constrained = False
+            completion = model.chat(convo, max_tokens=max_tokens)
         usage = usage + completion.usage
         text = completion.text
+        valid = attempt == 1 and strictly_valid(text, validator)
         first_error = None
         found = False
         for value in iter_json_candidates(text):
             found = True
             errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
             if not errors:
-                return JSONReply(value, usage, attempt, text)
+                return JSONReply(value, usage, attempt, text, valid, constrained)
             first_error = first_error or errors[0]
         problem = _describe(first_error) if found else "the answer holds no JSON value"
         convo = [*convo, {"role": "assistant", "content": text[:2000]},

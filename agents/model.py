@@ -52,3 +52,35 @@ class ChatModel(Protocol):
              temperature: float = 0.0) -> Completion:
         """Answer the conversation ``messages``; greedy when ``temperature`` is 0."""
         ...
+
+
+def supports_schema(model: ChatModel) -> bool:
+    """Whether ``model.chat`` takes ``schema=`` and then answers only JSON valid against it
+    (a local model decoding under a grammar, or a server with structured output). Wrappers
+    (counting, recording, lazy) say what their inner model says."""
+    return bool(getattr(model, "structured_output", False))
+
+
+def chat_json(model: ChatModel, messages: list[Message], schema: dict, *,
+              max_tokens: int = 256, temperature: float = 0.0) -> Completion:
+    """One call that asks for JSON valid against ``schema``: constrained by the model when it
+    can be (``supports_schema``), else plain (the caller repairs and validates); plain too
+    when the model's vocabulary cannot write what the schema demands (``GrammarDeadEnd``)."""
+    from confide.agents.constrained import GrammarDeadEnd
+
+    if not supports_schema(model):
+        return model.chat(messages, max_tokens=max_tokens, temperature=temperature)
+    try:
+        return forward_chat(model, messages, max_tokens, temperature, schema)
+    except GrammarDeadEnd:
+        return model.chat(messages, max_tokens=max_tokens, temperature=temperature)
+
+
+def forward_chat(inner: ChatModel, messages: list[Message], max_tokens: int,
+                 temperature: float, schema: dict | None) -> Completion:
+    """How a wrapper passes a call on: with ``schema`` only when one was given (inner models
+    that predate schemas keep working)."""
+    if schema is None:
+        return inner.chat(messages, max_tokens=max_tokens, temperature=temperature)
+    return inner.chat(messages, max_tokens=max_tokens, temperature=temperature,
+                      schema=schema)  # type: ignore[call-arg]

@@ -33,7 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confide.bench.common import hardware, legend_outside, previous_results, pyplot, save_figure
+from confide.bench.common import (
+    goal_record,
+    hardware,
+    legend_outside,
+    previous_results,
+    pyplot,
+    save_figure,
+)
 
 # torch and transformers load inside run_benchmark: `confide --help` stays fast
 
@@ -200,7 +207,7 @@ def run_stream(name: str, stream: list[Request], model: Any, registry: Any,
     servers = _servers(counted, registry, args)
     peers = {n: Peer(n, agent.handle) for n, agent in servers.items()}
     requesters: dict[str, Agent] = {}
-    tokens, correct, scored = [], 0, 0
+    tokens, correct, scored, handled_by = [], 0, 0, []
     started = time.perf_counter()
     for index, request in enumerate(stream):
         agent = requesters.setdefault(request.requester, Agent(
@@ -210,6 +217,7 @@ def run_stream(name: str, stream: list[Request], model: Any, registry: Any,
         exchange = agent.ask(peers[request.server], request.task_kind,
                              None if natural_only else request.body, request.text)
         tokens.append(counted.usage.total - before)
+        handled_by.append(exchange.handled_by)
         ok = _correct(request, exchange)
         if ok is not None:
             scored += 1
@@ -222,6 +230,11 @@ def run_stream(name: str, stream: list[Request], model: Any, registry: Any,
         agent.flush_usage()
     handled = {k: sum(a.counters.handled[k] for a in servers.values()) for k in HANDLED}
     quarter = max(1, len(stream) // 4)
+    # "after negotiation": the requests after the first one answered under a negotiated PD
+    first = next((i for i, h in enumerate(handled_by) if h == "negotiated"), None)
+    after = handled_by[first + 1:] if first is not None else []
+    structured_calls = sum(a.counters.structured_calls for a in servers.values())
+    structured_valid = sum(a.counters.structured_valid for a in servers.values())
     return {
         "run": name,
         "requests": len(stream),
@@ -244,7 +257,15 @@ def run_stream(name: str, stream: list[Request], model: Any, registry: Any,
                    for k in ("model", "fallback")},
         "fetches": sum(a.counters.fetches for a in servers.values()),
         "seconds": seconds,
+        "accuracy": correct / scored if scored else None,
+        "json_calls": structured_calls,
+        "json_valid": structured_valid,
+        "valid_share": structured_valid / structured_calls if structured_calls else None,
+        "requests_after_negotiation": len(after),
+        "natural_share_after_negotiation": (after.count("natural") / len(after)
+                                            if after else None),
         "tokens_per_request": tokens,
+        "handled_by": handled_by,
     }
 
 
@@ -304,7 +325,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
           f"{args.registry}")
     header = (f"{'run':<12}{'routine':>8}{'proto':>7}{'negot':>7}{'natural':>8}{'error':>6}"
               f"{'calls':>7}{'tokens':>8}{'tok/req end':>12}{'agent KB':>10}{'reg KB':>8}"
-              f"{'correct':>9}{'s':>7}")
+              f"{'correct':>9}{'s':>7}{'valid JSON':>14}")
     print(header)
     for row in rows:
         h = row["handled"]
@@ -313,7 +334,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
               f"{row['prompt_tokens'] + row['completion_tokens']:>8}"
               f"{row['tokens_last_quarter_per_request']:>12.1f}"
               f"{row['agent_bytes'] / 1e3:>10.1f}{row['registry_bytes'] / 1e3:>8.1f}"
-              f"{row['correct']:>5}/{row['scored']:<3}{row['seconds']:>7.1f}")
+              f"{row['correct']:>5}/{row['scored']:<3}{row['seconds']:>7.1f}"
+              f"{_valid_cell(row['json_valid'], row['json_calls']):>14}")
     agora, base = rows
     change = (agora["prompt_tokens"] + agora["completion_tokens"]) / max(
         1, base["prompt_tokens"] + base["completion_tokens"]) - 1
@@ -321,6 +343,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
           f"by the model, {agora['drafts']['fallback']} from the capability's schemas), "
           f"{agora['negotiations_failed']} refused, {agora['fetches']} registry fetch(es); "
           f"model tokens {change:+.0%} vs all-natural")
+    print("valid JSON: the servers' model calls that had to write JSON (tool arguments, PD "
+          "drafts) whose answer was, as written, valid against the schema")
+    goals = _goals(agora, base)
+    for g in goals:
+        print(f"goal {g['goal']}: "
+              f"{'met' if g['met'] else 'MISSED' if g['met'] is False else 'not measured'}"
+              f" ({g['text']})")
     info = agora_hardware()
     print(f"hardware: {info['platform']}, {info['cpu_count']} CPU(s), torch {info['torch']} "
           f"({info['threads']} thread(s)), GPU {info['cuda'] or 'none'}, load average "
@@ -331,11 +360,43 @@ def run_benchmark(args: argparse.Namespace) -> int:
     report = {"benchmark": "agora", "time": time.strftime("%Y%m%d-%H%M%S"), "hardware": info,
               "model": getattr(model, "name", args.model),
               "workload": {k: v for k, v in vars(args).items() if k != "func"},
-              "task_kinds": kinds, "results": rows}
+              "task_kinds": kinds, "results": rows, "goals": goals}
     (out / "agora.json").write_text(json.dumps(report, indent=2))
     _plot(rows, out / "agora.png")
     print(f"wrote {out / 'agora.json'} and {out / 'agora.png'}")
     return 0 if agora["handled"]["error"] == 0 else 1
+
+
+def _valid_cell(valid: int, calls: int) -> str:
+    return f"{valid}/{calls} ({100 * valid / calls:.0f}%)" if calls else "-"
+
+
+def _goals(agora: dict, base: dict) -> list[dict]:
+    """The issue's goals for Agora, as measured in this run."""
+    goals = []
+    for row in (agora, base):
+        share = row["valid_share"]
+        goals.append(goal_record(
+            f"valid_structured_output_{row['run']}", 1.0, share,
+            None if share is None else share >= 1.0,
+            f"{row['run']}: model calls writing JSON valid as written: "
+            f"{_valid_cell(row['json_valid'], row['json_calls'])}"))
+    share = agora["natural_share_after_negotiation"]
+    goals.append(goal_record(
+        "natural_share_after_negotiation", 0.25, share,
+        None if share is None else share < 0.25,
+        f"{'-' if share is None else f'{100 * share:.0f}%'} of the "
+        f"{agora['requests_after_negotiation']} requests after the first negotiated exchange "
+        f"ended in natural language (target < 25%; overall "
+        f"{100 * agora['handled_share']['natural']:.0f}%)"))
+    ours, theirs = (agora["tokens_last_quarter_per_request"],
+                    base["tokens_last_quarter_per_request"])
+    cut = 1 - ours / theirs if theirs else None
+    goals.append(goal_record(
+        "last_quarter_tokens_cut", 0.5, cut, None if cut is None else cut >= 0.5,
+        f"tokens per request in the last quarter {ours:.1f} vs {theirs:.1f} all-natural "
+        f"({'-' if cut is None else f'{100 * cut:.0f}%'} lower; target >= 50%)"))
+    return goals
 
 
 def _compare_with_previous(path: Path, rows: list[dict]) -> None:

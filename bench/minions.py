@@ -23,12 +23,20 @@ paper's GPT-4o / Llama-3B pairing, so accuracy is low and reported as measured: 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import time
 from pathlib import Path
 
-from confide.bench.common import cpu_model, hardware, previous_results, pyplot, save_figure
+from confide.bench.common import (
+    cpu_model,
+    goal_record,
+    hardware,
+    previous_results,
+    pyplot,
+    save_figure,
+)
 
 PAPER = ("the paper (Narayan et al. 2025, GPT-4o remote + Llama-3.2 local): MinionS at 5.7x "
          "lower remote cost than remote-only, at 97.9% of its quality")
@@ -69,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads, 0 = torch's default (on a machine shared with other "
                         "work, 1 avoids thread thrashing)")
+    p.add_argument("--cost-calls", type=int, default=12,
+                   help="worker prompts decoded with and without the schema's grammar, for the "
+                        "cost of constrained decoding (tokens/s) and the unconstrained valid "
+                        "share; 0 skips it (default: %(default)s)")
     p.add_argument("--out", default="bench/results",
                    help="where minions.json and minions.png go; the previous JSON there is "
                         "compared with this run (default: %(default)s)")
@@ -192,7 +204,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
     records = []
     totals = {m: {"correct": 0, "remote_prompt": 0, "remote_completion": 0,
-                  "local_prompt": 0, "local_completion": 0, "seconds": 0.0} for m in modes}
+                  "local_prompt": 0, "local_completion": 0, "seconds": 0.0,
+                  "remote_calls": 0, "remote_valid": 0, "local_calls": 0, "local_valid": 0}
+              for m in modes}
     for number, item in enumerate(items, start=1):
         worker = workers[item["doc"]]
 
@@ -219,6 +233,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
             row["local_prompt"] += result.local.prompt_tokens
             row["local_completion"] += result.local.completion_tokens
             row["seconds"] += seconds
+            for key, value in result.structured.to_dict().items():
+                row[key] += value
             record[mode] = {"answer": result.answer[:300], "correct": ok,
                             "rounds": result.rounds,
                             "remote_tokens": [result.remote.prompt_tokens,
@@ -226,6 +242,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
                             "local_tokens": [result.local.prompt_tokens,
                                              result.local.completion_tokens],
                             "seconds": round(seconds, 2),
+                            "structured": result.structured.to_dict(),
                             "trace": [step.message for step in result.steps
                                       if step.kind in ("plan", "round", "error")]}
         records.append(record)
@@ -242,7 +259,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
                      "remote_completion_tokens": t["remote_completion"] / n,
                      "remote_tokens": (t["remote_prompt"] + t["remote_completion"]) / n,
                      "local_tokens": (t["local_prompt"] + t["local_completion"]) / n,
-                     "seconds": t["seconds"] / n})
+                     "seconds": t["seconds"] / n,
+                     "remote_json_calls": t["remote_calls"], "remote_valid": t["remote_valid"],
+                     "local_json_calls": t["local_calls"], "local_valid": t["local_valid"],
+                     "remote_valid_share": _share(t["remote_valid"], t["remote_calls"]),
+                     "local_valid_share": _share(t["local_valid"], t["local_calls"])})
     base = next((r for r in rows if r["mode"] == "remote-only"), None)
     for row in rows:
         row["remote_cost_reduction"] = (base["remote_tokens"] / row["remote_tokens"]
@@ -252,7 +273,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
     print()
     print(f"{'mode':<13}{'accuracy':>9}{'remote tok/q':>14}{'(prompt+compl.)':>18}"
-          f"{'cost vs remote':>16}{'quality vs remote':>19}{'local tok/q':>13}{'s/q':>7}")
+          f"{'cost vs remote':>16}{'quality vs remote':>19}{'local tok/q':>13}{'s/q':>7}"
+          f"{'valid JSON remote':>19}{'valid JSON local':>18}")
     for row in rows:
         cost = (f"{row['remote_cost_reduction']:.1f}x lower" if row["remote_cost_reduction"]
                 else ("no remote" if not row["remote_tokens"] else "-"))
@@ -263,7 +285,28 @@ def run_benchmark(args: argparse.Namespace) -> int:
         print(f"{row['mode']:<13}{row['correct']:>4}/{row['questions']:<4}"
               f"{row['remote_tokens']:>14.0f}"
               f"{row['remote_prompt_tokens']:>11.0f}+{row['remote_completion_tokens']:<6.0f}"
-              f"{cost:>16}{quality:>19}{row['local_tokens']:>13.0f}{row['seconds']:>7.1f}")
+              f"{cost:>16}{quality:>19}{row['local_tokens']:>13.0f}{row['seconds']:>7.1f}"
+              f"{_valid_cell(row['remote_valid'], row['remote_json_calls']):>19}"
+              f"{_valid_cell(row['local_valid'], row['local_json_calls']):>18}")
+    print("valid JSON: structured calls whose answer was, as written, valid against the call's "
+          "schema (remote: plans and decisions; local: MinionS jobs; Minion's and local-only's "
+          "local replies are prose by design)")
+    cost = (constrained_cost(local, workers, items, args.cost_calls) if args.cost_calls
+            else None)
+    if cost:
+        print(f"constrained decoding on {cost['calls']} worker prompts (same prompts, "
+              f"alternating order): {cost['tokens_per_s_constrained']:.1f} vs "
+              f"{cost['tokens_per_s_free']:.1f} tokens/s unconstrained "
+              f"({100 * cost['tokens_per_s_cost']:+.0f}% cost); valid as written "
+              f"{cost['valid_constrained']}/{cost['calls']} vs {cost['valid_free']}/"
+              f"{cost['calls']} unconstrained; after repair of the unconstrained: "
+              f"agents.jsonrepair {cost['repaired_ours']}/{cost['calls']}, json-repair "
+              f"{cost['repaired_json_repair']}/{cost['calls']}")
+    goals = _goals(rows, cost)
+    for g in goals:
+        print(f"goal {g['goal']}: "
+              f"{'met' if g['met'] else 'MISSED' if g['met'] is False else 'not measured'}"
+              f" ({g['text']})")
     print(f"baseline: remote-only (the remote model reads the whole article). {PAPER}.")
     info = hardware() | {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()}
     print(f"hardware: {info['cpu']}, {info['cpu_count']} CPU(s), torch {info['torch']} with "
@@ -278,11 +321,125 @@ def run_benchmark(args: argparse.Namespace) -> int:
               "workload": {k: v for k, v in vars(args).items() if k != "func"}
               | {"articles": [{k: a[k] for k in ("doc", "label", "chars")} for a in articles],
                  "questions": len(items)},
-              "baseline": "remote-only", "results": rows, "questions": records}
+              "baseline": "remote-only", "results": rows, "constrained_cost": cost,
+              "goals": goals, "questions": records}
     (out / "minions.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     _plot(rows, out / "minions.png", args)
     print(f"wrote {out / 'minions.json'} and {out / 'minions.png'}")
     return 0
+
+
+def _share(valid: int, calls: int) -> float | None:
+    return valid / calls if calls else None
+
+
+def _valid_cell(valid: int, calls: int) -> str:
+    return f"{valid}/{calls} ({100 * valid / calls:.0f}%)" if calls else "-"
+
+
+def constrained_cost(local, workers: list, items: list[dict], calls: int) -> dict | None:
+    """The cost of constrained decoding on this machine: the first ``calls`` (job, chunk)
+    worker prompts of the workload (the question as the job, as the default plan does),
+    each decoded with and without WORKER_SCHEMA's grammar, in alternating order so that a
+    load change hits both alike. Also counts answers valid as written, and, for the
+    unconstrained ones, valid after each repair (agents.jsonrepair and json-repair): the
+    same corpus for both repairs."""
+    from jsonschema import Draft202012Validator
+
+    from confide.agents.jsonrepair import JSONRepairError, extract_json, strictly_valid
+    from confide.agents.minions.config import LOCAL_JOB_TOKENS
+    from confide.agents.minions.schemas import WORKER_SCHEMA
+    from confide.agents.minions.worker import WORKER_EXAMPLES, WORKER_SYSTEM
+    from confide.agents.model import supports_schema
+
+    if not supports_schema(local):
+        print("constrained decoding cost: the local model cannot be constrained (xgrammar?)")
+        return None
+    try:
+        import json_repair
+    except ImportError:
+        json_repair = None
+    validator = Draft202012Validator(WORKER_SCHEMA)
+    prompts = []
+    for item in items:
+        for chunk in workers[item["doc"]].chunks[0]:
+            prompts.append([{"role": "system", "content": WORKER_SYSTEM}, *WORKER_EXAMPLES,
+                            {"role": "user", "content": f"Excerpt:\n{chunk}\n\nTask: "
+                                                        f"{item['question']}"}])
+    prompts = prompts[:calls]
+    stats = {"free": [0, 0.0, 0], "constrained": [0, 0.0, 0]}  # tokens, seconds, valid
+    ours = theirs = 0
+    samples = []
+    for index, messages in enumerate(prompts):
+        order = ("free", "constrained") if index % 2 == 0 else ("constrained", "free")
+        for how in order:
+            t0 = time.perf_counter()
+            completion = local.chat(messages, max_tokens=LOCAL_JOB_TOKENS,
+                                    schema=WORKER_SCHEMA if how == "constrained" else None)
+            stats[how][1] += time.perf_counter() - t0
+            stats[how][0] += completion.usage.completion_tokens
+            stats[how][2] += strictly_valid(completion.text, validator)
+            if how == "free":
+                with contextlib.suppress(JSONRepairError):
+                    ours += validator.is_valid(extract_json(completion.text))
+                if json_repair is not None:
+                    theirs += validator.is_valid(json_repair.loads(completion.text))
+                samples.append(completion.text[:200])
+    free = stats["free"][0] / max(stats["free"][1], 1e-9)
+    constrained = stats["constrained"][0] / max(stats["constrained"][1], 1e-9)
+    return {"calls": len(prompts), "max_tokens": LOCAL_JOB_TOKENS,
+            "tokens_free": stats["free"][0], "seconds_free": round(stats["free"][1], 2),
+            "tokens_constrained": stats["constrained"][0],
+            "seconds_constrained": round(stats["constrained"][1], 2),
+            "tokens_per_s_free": free, "tokens_per_s_constrained": constrained,
+            "tokens_per_s_cost": 1 - constrained / free if free else None,
+            "valid_free": stats["free"][2], "valid_constrained": stats["constrained"][2],
+            "repaired_ours": ours,
+            "repaired_json_repair": theirs if json_repair is not None else None,
+            "unconstrained_samples": samples}
+
+
+def _goals(rows: list[dict], cost: dict | None) -> list[dict]:
+    """The issue's goals, as measured in this run."""
+    by_mode = {r["mode"]: r for r in rows}
+    goals = []
+    for side, what in (("local", "structured local-model calls"),
+                       ("remote", "remote plans and decisions")):
+        calls = sum(r[f"{side}_json_calls"] for r in rows)
+        valid = sum(r[f"{side}_valid"] for r in rows)
+        share = _share(valid, calls)
+        goals.append(goal_record(
+            f"{side}_valid_structured_output", 1.0, share,
+            None if share is None else share >= 1.0,
+            f"{what} valid as written: {valid}/{calls}", calls=calls, valid=valid))
+    base = by_mode.get("remote-only")
+    for mode, quality in (("minions", 0.90), ("minion", 0.95)):
+        row = by_mode.get(mode)
+        if row is None or base is None:
+            goals.append(goal_record(f"{mode}_quality_at_5x", quality, None, None,
+                                     f"{mode} or remote-only not run"))
+            continue
+        q, c = row["quality_vs_remote_only"], row["remote_cost_reduction"]
+        met = q is not None and c is not None and q >= quality and c >= 5.0
+        goals.append(goal_record(
+            f"{mode}_quality_at_5x", quality, q, met,
+            f"{mode}: {row['correct']}/{row['questions']} vs remote-only "
+            f"{base['correct']}/{base['questions']} "
+            f"({'-' if q is None else f'{100 * q:.0f}%'} of its accuracy, target "
+            f"{100 * quality:.0f}%) at {'-' if c is None else f'{c:.1f}x'} fewer remote tokens "
+            "(target 5x)", remote_cost_reduction=c))
+    if cost is None:
+        goals.append(goal_record("constrained_decoding_cost", 0.15, None, None,
+                                 "not measured (--cost-calls 0 or no xgrammar)"))
+    else:
+        measured = cost["tokens_per_s_cost"]
+        goals.append(goal_record(
+            "constrained_decoding_cost", 0.15, measured,
+            measured is not None and measured <= 0.15,
+            f"tokens/s {cost['tokens_per_s_constrained']:.1f} constrained vs "
+            f"{cost['tokens_per_s_free']:.1f} free on {cost['calls']} worker prompts "
+            "(a loaded, shared CPU: timings are noisy)"))
+    return goals
 
 
 def _compare_with_previous(path: Path, rows: list[dict]) -> None:
@@ -305,7 +462,18 @@ def _compare_with_previous(path: Path, rows: list[dict]) -> None:
 def _plot(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
     plt = pyplot()
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2),
+                                 gridspec_kw={"width_ratios": [3, 2]})
+    shown = [r for r in rows if r["remote_json_calls"] or r["local_json_calls"]]
+    for offset, side in ((-0.2, "remote"), (0.2, "local")):
+        values = [r[f"{side}_valid_share"] or 0.0 for r in shown]
+        bx.bar([i + offset for i in range(len(shown))], values, width=0.4,
+               label=f"{side} JSON calls")
+    bx.set_xticks(range(len(shown)), [r["mode"] for r in shown])
+    bx.set_ylim(0, 1.05)
+    bx.set_ylabel("valid as written (share of calls)")
+    bx.set_title("structured output", fontsize=10)
+    bx.legend(fontsize=8)
     for i, row in enumerate(rows):
         x = max(row["remote_tokens"], 1.0)
         ax.scatter([x], [row["accuracy"]], s=80)

@@ -22,6 +22,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # CrypTen 0.4.1 declares torchvision and the withdrawn `sklearn`, neither of which it needs
   # for private inference: install it and its real needs without their declared dependencies
   .venv/bin/python -m pip install -q --no-deps -r requirements/crypten.txt
+  # xgrammar (constrained decoding) declares triton, ~1 GB the CPU path never imports:
+  # install it and its real needs without their declared dependencies
+  .venv/bin/python -m pip install -q --no-deps -r requirements/xgrammar.txt
   .venv/bin/python -m pip install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi

@@ -24,9 +24,11 @@ MAX_EXPLANATION_CHARS = 400
 MAX_REPLY_CHARS = 1500
 
 #: generation budgets per call (a question may ask for less)
-REMOTE_PLAN_TOKENS = 128
-REMOTE_DECISION_TOKENS = 64
-LOCAL_JOB_TOKENS = 48
+#: (the structured calls' budgets fit the longest answer their schemas allow, schemas.py:
+#: a plan's budget is its schema's bound, at most REMOTE_PLAN_TOKENS; the others are fixed)
+REMOTE_PLAN_TOKENS = 896
+REMOTE_DECISION_TOKENS = 120
+LOCAL_JOB_TOKENS = 112
 LOCAL_CHAT_TOKENS = 64
 
 NO_ANSWER = "I could not find the answer in the documents."

@@ -33,6 +33,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from jsonschema import Draft202012Validator
+
+from confide.agents.constrained import token_bound
 from confide.agents.minions.config import (
     DAEMON_MODES,
     DEFAULT_MAX_ROUNDS,
@@ -47,9 +50,23 @@ from confide.agents.minions.config import (
     REMOTE_PLAN_TOKENS,
     AskCancelled,
 )
-from confide.agents.minions.schemas import PlanError, default_plan, parse_decision, parse_plan
+from confide.agents.minions.schemas import (
+    PlanError,
+    decision_schema,
+    default_plan,
+    parse_decision,
+    parse_plan,
+    plan_schema,
+)
 from confide.agents.minions.text import is_abstention, normalized, trim_words
-from confide.agents.model import ChatModel, Completion, Message, Usage
+from confide.agents.model import (
+    ChatModel,
+    Completion,
+    Message,
+    Usage,
+    forward_chat,
+    supports_schema,
+)
 
 Executor = Callable[[dict[str, dict[str, Any]]], dict[str, dict[str, Any]]]
 """Runs one instruction per node (in parallel) and returns each node's reply; a node that
@@ -67,10 +84,14 @@ class RecordingModel:
         self.calls = 0
         self.received: list[list[Message]] = []
 
+    @property
+    def structured_output(self) -> bool:
+        return supports_schema(self.inner)
+
     def chat(self, messages: list[Message], *, max_tokens: int = 256,
-             temperature: float = 0.0) -> Completion:
+             temperature: float = 0.0, schema: dict[str, Any] | None = None) -> Completion:
         self.received.append([dict(m) for m in messages])
-        completion = self.inner.chat(messages, max_tokens=max_tokens, temperature=temperature)
+        completion = forward_chat(self.inner, messages, max_tokens, temperature, schema)
         self.calls += 1
         self.usage = self.usage + completion.usage
         return completion
@@ -94,6 +115,21 @@ class AskStep:
 
 
 @dataclass
+class Structured:
+    """How many structured (JSON) calls each side made and how many answered, as written,
+    with JSON valid against the call's schema (no repair, no re-ask)."""
+
+    remote_calls: int = 0
+    remote_valid: int = 0
+    local_calls: int = 0
+    local_valid: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"remote_calls": self.remote_calls, "remote_valid": self.remote_valid,
+                "local_calls": self.local_calls, "local_valid": self.local_valid}
+
+
+@dataclass
 class AskResult:
     mode: str
     answer: str
@@ -102,6 +138,7 @@ class AskResult:
     local: Usage
     steps: list[AskStep]
     citations: str = "allow"
+    structured: Structured = field(default_factory=Structured)
 
 
 class _Run:
@@ -119,6 +156,7 @@ class _Run:
         self.steps: list[AskStep] = []
         self.on_event = on_event
         self.should_stop = should_stop or (lambda: False)
+        self.structured = Structured()
 
     def tokens(self, default: int) -> int:
         return min(default, self.max_tokens) if self.max_tokens else default
@@ -155,6 +193,9 @@ class _Run:
             usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
             self.local = self.local + Usage(_count(usage.get("prompt_tokens")),
                                             _count(usage.get("completion_tokens")))
+            if "outputs" in reply:  # MinionS jobs: structured local calls
+                self.structured.local_calls += _count(reply.get("calls"))
+                self.structured.local_valid += _count(reply.get("valid"))
             if "error" in reply:
                 self.emit("node.answered", f"{what}: failed: {str(reply['error'])[:300]}",
                           node_id=node_id, detail=reply)
@@ -167,7 +208,39 @@ class _Run:
     def result(self, answer: str, rounds: int, citations: str) -> AskResult:
         self.emit("answer", f"answered after {rounds} round(s)", answer=answer)
         return AskResult(self.mode, answer, rounds, self.remote_usage, self.local, self.steps,
-                         citations)
+                         citations, self.structured)
+
+    def ask_remote(self, messages: list[Message], schema: dict[str, Any], max_tokens: int,
+                   retries: int) -> Any:
+        """The remote model's JSON reply for ``schema``, or None. Constrained to the schema
+        when the remote model can be (a local model's grammar, a server's structured output):
+        valid by construction. Otherwise, or if it still fails (cut off), the repaired JSON
+        of its last answer, for ``parse_plan``/``parse_decision`` to repair further instead of
+        spending remote tokens on re-asking (``retries`` re-asks first). A failing remote
+        model (``ModelError``) propagates."""
+        from confide.agents.jsonrepair import (
+            AskJSONError,
+            JSONRepairError,
+            ask_json_reply,
+            strictly_valid,
+        )
+        from confide.agents.jsonrepair import extract_json as repair
+
+        assert self.remote is not None
+        self.structured.remote_calls += 1
+        # unconstrained: any JSON will do here (re-ask only when there is none at all)
+        constrained = supports_schema(self.remote)
+        try:
+            reply = ask_json_reply(self.remote, messages, schema if constrained else _ANY_JSON,
+                                   retries, max_tokens=max_tokens, instruct=False)
+        except AskJSONError as exc:
+            try:
+                return repair(exc.last_text)
+            except JSONRepairError:
+                return None
+        self.structured.remote_valid += reply.attempts == 1 and strictly_valid(
+            reply.text, _validator(schema))
+        return reply.value
 
 
 def _count(value: Any) -> int:
@@ -193,22 +266,14 @@ def _summary(reply: Mapping[str, Any]) -> str:
 
 
 _ANY_JSON: dict[str, Any] = {"type": ["object", "array"]}
+_VALIDATORS: dict[str, Draft202012Validator] = {}
 
 
-def _ask_remote(remote: ChatModel, messages: list[Message], max_tokens: int,
-                retries: int) -> Any:
-    """The remote model's JSON reply (repaired by ``agents.jsonrepair``; re-asked up to
-    ``retries`` times when it holds no JSON at all), or None. The prompts show the expected
-    shape by example; the strict schemas are applied afterwards by ``parse_plan`` and
-    ``parse_decision``, which repair what they can instead of spending remote tokens on
-    re-asking. A failing remote model (``ModelError``) propagates."""
-    from confide.agents.jsonrepair import JSONRepairError, ask_json_reply
-
-    try:
-        return ask_json_reply(remote, messages, _ANY_JSON, retries, max_tokens=max_tokens,
-                              instruct=False).value
-    except JSONRepairError:
-        return None
+def _validator(schema: dict[str, Any]) -> Draft202012Validator:
+    key = json.dumps(schema, sort_keys=True)
+    if key not in _VALIDATORS:
+        _VALIDATORS[key] = Draft202012Validator(schema)
+    return _VALIDATORS[key]
 
 
 def majority_answer(answers: Iterable[tuple[str, bool]]) -> str:
@@ -315,9 +380,11 @@ def run_minions(remote: ChatModel, execute: Executor, question: str, nodes: Sequ
         prompt = (f"Question: {question}\nDocuments:\n" + "\n".join(doc_lines)
                   + (("\nEarlier rounds:\n" + "\n".join(scratchpad)) if scratchpad else "")
                   + f"\nWrite at most {max_jobs} jobs.")
-        obj = _ask_remote(run.remote, [{"role": "system", "content": PLAN_SYSTEM},
-                                       {"role": "user", "content": prompt}],
-                          run.tokens(REMOTE_PLAN_TOKENS), retries)
+        schema = plan_schema(list(mapping), max(chunks.values()), max_jobs)
+        budget = min(token_bound(schema) or REMOTE_PLAN_TOKENS, REMOTE_PLAN_TOKENS)
+        obj = run.ask_remote([{"role": "system", "content": PLAN_SYSTEM},
+                              {"role": "user", "content": prompt}], schema,
+                             run.tokens(budget), retries)
         try:
             if obj is None:
                 raise PlanError("the remote model wrote no valid JSON plan")
@@ -355,10 +422,10 @@ def run_minions(remote: ChatModel, execute: Executor, question: str, nodes: Sequ
         prompt = (f"Question: {question}\nFindings (round {rounds}):\n"
                   + _findings_text(findings, MAX_FINDINGS)
                   + ("\nThis is the last round: decide final." if last else ""))
-        decision = parse_decision(_ask_remote(
-            run.remote, [{"role": "system", "content": AGGREGATE_SYSTEM},
-                         {"role": "user", "content": prompt}], run.tokens(REMOTE_DECISION_TOKENS),
-            retries))
+        decision = parse_decision(run.ask_remote(
+            [{"role": "system", "content": AGGREGATE_SYSTEM},
+             {"role": "user", "content": prompt}], decision_schema("more"),
+            run.tokens(REMOTE_DECISION_TOKENS), retries))
         verdict = decision["decision"]
         proposed = decision["answer"]
         if verdict == "more" and not last:
@@ -425,8 +492,8 @@ def run_minion(remote: ChatModel, execute: Executor, question: str, nodes: Seque
         last = rounds >= max_rounds
         if last:
             conversation[-1]["content"] += "\nThis is the last turn: decide final."
-        decision = parse_decision(_ask_remote(run.remote, conversation,
-                                              run.tokens(REMOTE_DECISION_TOKENS), retries))
+        decision = parse_decision(run.ask_remote(conversation, decision_schema("ask"),
+                                                 run.tokens(REMOTE_DECISION_TOKENS), retries))
         conversation.append({"role": "assistant", "content": json.dumps(
             {k: v for k, v in decision.items() if v})})
         follow_up = (decision["message"] or decision["feedback"]).strip()

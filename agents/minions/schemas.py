@@ -78,6 +78,75 @@ DECISION_SCHEMA: dict[str, Any] = {
 """The remote model's verdict after reading findings (MinionS: final | more) or a local
 reply (Minion: final | ask)."""
 
+# ---- what a model is asked to write (constrained decoding compiles these into grammars):
+# every string and array is bounded so that the longest valid answer fits the call's token
+# budget (config.py; tests/unit/test_constrained.py checks it), so a constrained answer is
+# never cut off. They are subsets of PLAN_SCHEMA / DECISION_SCHEMA above.
+
+PLAN_TASK_CHARS = 80
+PLAN_ADVICE_CHARS = 40
+PLAN_MAX_CHUNKS = 4
+DECISION_ANSWER_CHARS = 60
+DECISION_TEXT_CHARS = 80
+WORKER_ANSWER_CHARS = 48
+WORKER_EXPLANATION_CHARS = 32
+
+
+def plan_schema(doc_ids: list[str], chunks: int, max_jobs: int) -> dict[str, Any]:
+    """The plan one MinionS round may have: at most ``max_jobs`` jobs over the known
+    documents (``doc_ids``, an enum: an unknown id cannot be written) and chunks numbered
+    below ``chunks``; short tasks and advice. Valid plans by construction, and
+    ``PLAN_SCHEMA``-valid."""
+    docs: dict[str, Any] = {"anyOf": [{"const": "all"},
+                                      {"type": "array", "items": {"enum": list(doc_ids)},
+                                       "minItems": 1, "maxItems": min(len(doc_ids), 4)}]}
+    selector: dict[str, Any] = {"anyOf": [
+        {"const": "all"},
+        {"type": "array", "items": {"type": "integer", "minimum": 0,
+                                    "maximum": max(chunks - 1, 0)},
+         "minItems": 1, "maxItems": PLAN_MAX_CHUNKS}]}
+    job = {"type": "object",
+           "properties": {"task": {"type": "string", "minLength": 1,
+                                   "maxLength": PLAN_TASK_CHARS},
+                          "documents": docs, "chunks": selector,
+                          "advice": {"type": "string", "maxLength": PLAN_ADVICE_CHARS}},
+           "required": ["task", "documents", "chunks", "advice"],
+           "additionalProperties": False}
+    return {"type": "object",
+            "properties": {"jobs": {"type": "array", "items": job, "minItems": 1,
+                                    "maxItems": max(1, min(max_jobs, MAX_JOBS))}},
+            "required": ["jobs"], "additionalProperties": False}
+
+
+def decision_schema(follow_up: str) -> dict[str, Any]:
+    """The remote model's verdict: ``{"decision": "final", "answer"}`` or, with
+    ``follow_up`` "more" (MinionS) or "ask" (Minion), ``{"decision": "more", "feedback"}`` /
+    ``{"decision": "ask", "message"}``."""
+    field_name = {"more": "feedback", "ask": "message"}[follow_up]
+    return {"anyOf": [
+        {"type": "object",
+         "properties": {"decision": {"const": "final"},
+                        "answer": {"type": "string", "maxLength": DECISION_ANSWER_CHARS}},
+         "required": ["decision", "answer"], "additionalProperties": False},
+        {"type": "object",
+         "properties": {"decision": {"const": follow_up},
+                        field_name: {"type": "string", "minLength": 1,
+                                     "maxLength": DECISION_TEXT_CHARS}},
+         "required": ["decision", field_name], "additionalProperties": False}]}
+
+
+WORKER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"answer": {"anyOf": [{"type": "string", "minLength": 1,
+                                         "maxLength": WORKER_ANSWER_CHARS},
+                                        {"type": "null"}]},
+                   "explanation": {"type": "string", "maxLength": WORKER_EXPLANATION_CHARS}},
+    "required": ["answer", "explanation"],
+    "additionalProperties": False,
+}
+"""A local model's finding on one chunk: a short answer copied from it, or null (its own
+"no answer": such outputs stay on the node)."""
+
 _JOB_INSTRUCTION = {
     "type": "object",
     "properties": {

@@ -21,6 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from jsonschema import Draft202012Validator
+
+from confide.agents.jsonrepair import strictly_valid
 from confide.agents.minions.config import (
     DEFAULT_CHUNK_CHARS,
     DEFAULT_CONTEXT_CHARS,
@@ -39,7 +42,7 @@ from confide.agents.minions.policy import (
     citation_policy,
     stricter,
 )
-from confide.agents.minions.schemas import DocumentInfo, parse_instructions
+from confide.agents.minions.schemas import WORKER_SCHEMA, DocumentInfo, parse_instructions
 from confide.agents.minions.text import (
     as_text,
     chunk_text,
@@ -48,12 +51,12 @@ from confide.agents.minions.text import (
     normalized,
     split_sentences,
 )
-from confide.agents.model import ChatModel, Message, Usage
+from confide.agents.model import ChatModel, Message, Usage, chat_json
 
 WORKER_SYSTEM = (
     "You read an excerpt of a private document and do one small task using only the "
     "excerpt: answer with a few words copied from it. Reply with JSON only: "
-    '{"answer": "...", "explanation": "a few words"}. If the excerpt does not say, the '
+    '{"answer":"...","explanation":"a few words"}. If the excerpt does not say, the '
     "answer is null."
 )
 
@@ -65,12 +68,14 @@ _EXAMPLE_EXCERPT = ("Shares in Acme rose 4% on Monday. The chief executive, Mari
 WORKER_EXAMPLES: list[Message] = [
     {"role": "user", "content": f"Excerpt:\n{_EXAMPLE_EXCERPT}\n\nTask: Who is the chief "
                                 "executive of Acme?"},
-    {"role": "assistant", "content": '{"answer": "Maria Delgado", "explanation": "named as '
+    {"role": "assistant", "content": '{"answer":"Maria Delgado","explanation":"named as '
                                      'chief executive"}'},
     {"role": "user", "content": f"Excerpt:\n{_EXAMPLE_EXCERPT}\n\nTask: When was Acme "
                                 "founded?"},
-    {"role": "assistant", "content": '{"answer": null, "explanation": "not in the excerpt"}'},
+    {"role": "assistant", "content": '{"answer":null,"explanation":"not in the excerpt"}'},
 ]
+
+_WORKER_VALIDATOR = Draft202012Validator(WORKER_SCHEMA)
 
 CHAT_SYSTEM = (
     "You answer questions about a private document. Answer briefly and only from the "
@@ -88,7 +93,7 @@ def _supporting_sentence(answer: str, chunk: str) -> str | None:
 def _extract_json(text: str) -> Any:
     from confide.agents.jsonrepair import extract_json
 
-    try:
+    try:  # constrained output parses as is; repair is for models that cannot be constrained
         return extract_json(text)
     except ValueError:  # JSONRepairError
         return None
@@ -213,7 +218,7 @@ class LocalWorker:
         skipped = max(0, len(calls) - MAX_LOCAL_CALLS)
         calls = calls[:MAX_LOCAL_CALLS]
 
-        def run(call: tuple[int, Mapping, int, int]) -> tuple[dict[str, Any], Usage]:
+        def run(call: tuple[int, Mapping, int, int]) -> tuple[dict[str, Any], Usage, bool]:
             if stop():
                 raise AskCancelled("cancelled")
             job_id, job, d, c = call
@@ -221,22 +226,27 @@ class LocalWorker:
             prompt = f"Excerpt:\n{chunk}\n\nTask: {job['task']}"
             if job.get("advice"):
                 prompt += f"\nAdvice: {job['advice']}"
-            completion = self.model.chat([{"role": "system", "content": WORKER_SYSTEM},
-                                          *WORKER_EXAMPLES,
-                                          {"role": "user", "content": prompt}],
-                                         max_tokens=max_tokens)
+            completion = chat_json(self.model, [{"role": "system", "content": WORKER_SYSTEM},
+                                                *WORKER_EXAMPLES,
+                                                {"role": "user", "content": prompt}],
+                                   WORKER_SCHEMA, max_tokens=max_tokens)
             found = parse_worker_output(completion.text, chunk)
-            return {"job": job_id, "doc": self.ids[d], "chunk": c, **found}, completion.usage
+            valid = strictly_valid(completion.text, _WORKER_VALIDATOR)
+            return ({"job": job_id, "doc": self.ids[d], "chunk": c, **found}, completion.usage,
+                    valid)
 
         if self.workers > 1 and len(calls) > 1:
             with ThreadPoolExecutor(self.workers) as pool:
                 results = list(pool.map(run, calls))
         else:
             results = [run(call) for call in calls]
-        usage = sum((u for _, u in results), Usage())
-        kept = [apply_policy(o, self.guard, policy) for o, _ in results if o["answer"] is not None]
+        usage = sum((u for _, u, _ in results), Usage())
+        # the local model's own "no answer" (null) stays on the node: only findings go up
+        kept = [apply_policy(o, self.guard, policy) for o, _, _ in results
+                if o["answer"] is not None]
         return {"outputs": kept, "calls": len(calls), "abstained": len(calls) - len(kept),
-                "skipped": skipped, "usage": _usage_dict(usage)}
+                "valid": sum(v for _, _, v in results), "skipped": skipped,
+                "usage": _usage_dict(usage)}
 
     # ---- reading whole documents (Minion, local-only)
 

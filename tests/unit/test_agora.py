@@ -24,6 +24,7 @@ from confide.agents.model import Completion, Usage
 from confide.node.agent_service import (
     ADD_INPUT,
     ADD_OUTPUT,
+    CALENDAR_INPUT,
     WEATHER_INPUT,
     WEATHER_OUTPUT,
     demo_capabilities,
@@ -232,11 +233,15 @@ def test_negotiation_after_n_natural_exchanges_registers_a_protocol(tiny):
         {"start": "10:30", "end": "13:00"}, {"start": "14:00", "end": "17:00"}]}
     [registered] = registry.list("calendar.free_slots")
     assert registered.hash == exchange.protocol_hash
-    # the tiny model cannot draft a PD: the capability's own schemas are used
-    assert server.counters.drafts == {"fallback": 1}
+    # the tiny model writes noise, but under the draft schema's grammar it is a valid
+    # draft: its words, the capability's own schemas
+    assert server.counters.drafts == {"model": 1}
+    assert registered.request_schema == CALENDAR_INPUT
     assert client.counters.negotiations == 1
-    # three natural answers (a failed tool extraction and an answer each), one failed draft
+    # three natural answers (a tool extraction and an answer each), one draft
     assert server_model.calls == 3 * 2 + 1
+    # every JSON the model wrote (extractions, the draft) was valid as written
+    assert server.counters.structured_valid == server.counters.structured_calls == 3 + 1
     # a third agent finds the negotiated PD in the registry: no natural language at all
     other = Agent("other", None, registry=registry)
     later = other.ask(peer, "calendar.free_slots", CAL)
@@ -265,7 +270,8 @@ class Drafter:
 def test_a_models_draft_is_used_when_valid_and_compatible():
     registry = MemoryRegistry()
     drafter = Drafter()
-    server = make_agent("server", drafter, registry, published=(), negotiate_after=1)
+    server = make_agent("server", drafter, registry, published=(), negotiate_after=1,
+                        draft_tokens=128)   # room for its words: the draft schema fits 128
     client = Agent("client", None, registry=registry, negotiate_after=1)
     peer = Peer("server", server.handle)
     assert client.ask(peer, "math.add", {"a": 2, "b": 3}, "2 + 3?").mode == "natural"
