@@ -110,6 +110,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cost-bound", type=float, default=0.0,
                    help="softmax bound of the AERO cost configuration; 0 = the trained AERO "
                         "model's (else 8) (default: %(default)s)")
+    p.add_argument("--accuracy-model", default="",
+                   help="a trained AERO safetensors file (confide aero train --out, same "
+                        "--vocab) for the accuracy part instead of training one here")
     p.add_argument("--accuracy-windows", type=int, default=8,
                    help="held-out windows of max_len tokens run under 2PC (default: "
                         "%(default)s)")
@@ -211,8 +214,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
         train, test, spec, vocab_size, coverage = bbc_split(args.vocab, args.seed)
         n_train = len(train)
         for name in trained_names:
-            print(f"training {name} ({DESCRIPTIONS[name]}): {args.steps} steps ...", flush=True)
-            model, record = train_variant(name, train, test, vocab_size, args)
+            if name == "aero" and args.accuracy_model and "daemon" not in parts:
+                model, record = _load_trained(args.accuracy_model, test, args)
+            else:
+                print(f"training {name} ({DESCRIPTIONS[name]}): {args.steps} steps ...",
+                      flush=True)
+                model, record = train_variant(name, train, test, vocab_size, args)
             bound = getattr(model, "softmax_bound", None)
             # the daemon rows compare architectures with CrypTen's softmax: no bound there
             publish_model(model, node_dir, name, spec)
@@ -276,6 +283,23 @@ def run_benchmark(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'private.json'} and {out / 'private.png'} "
           f"({time.perf_counter() - bench_start:.0f}s in all)")
     return 0
+
+
+def _load_trained(path: str, test, args) -> tuple:
+    """A model ``confide aero train --out`` wrote, with its bound measured as training does."""
+    from confide.node.aero import load_aero, perplexity
+    from confide.node.aero_bound import measure_score_bound
+
+    model = load_aero(path)
+    held_out = test[: args.eval_articles or None]
+    model.softmax_bound = measure_score_bound(model, held_out)
+    record = {"variant": "aero", "description": DESCRIPTIONS["aero"], "from_file": path,
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "steps": None, "train_s": 0.0, "train_loss_last20": None,
+              "perplexity": perplexity(model, held_out), "held_out_articles": len(held_out),
+              "softmax_bound": model.softmax_bound.bound,
+              "max_abs_score": model.softmax_bound.max_abs_score}
+    return model, record
 
 
 def _read_previous(path: Path) -> dict | None:

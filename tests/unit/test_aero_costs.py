@@ -61,12 +61,11 @@ def test_ledger_entries_add_up_to_the_total_and_leaks_show():
 
 def test_ledger_refuses_nesting_and_unknown_ops():
     ledger = OpLedger(CommStats)
-    with pytest.raises(ValueError, match="unknown operation"):
-        with ledger.scope("matmul"):
-            pass
-    with ledger.scope("qkv", 0), pytest.raises(RuntimeError, match="do not nest"):
-        with ledger.scope("ffn", 0):
-            pass
+    with pytest.raises(ValueError, match="unknown operation"), ledger.scope("matmul"):
+        pass
+    with ledger.scope("qkv", 0), pytest.raises(RuntimeError, match="do not nest"), \
+            ledger.scope("ffn", 0):
+        pass
 
 
 def _rows(bound: float, t: int, heads: int = 12, seed: int = 0):
@@ -76,17 +75,17 @@ def _rows(bound: float, t: int, heads: int = 12, seed: int = 0):
     return s, mask, s.masked_fill(mask == 0, float("-inf")).softmax(-1)
 
 
-@pytest.mark.parametrize("bound", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("bound", [1.0, 2.0, 4.0, 5.2])
 @pytest.mark.parametrize("t", [16, 128])
 def test_max_free_softmax_error_bound_on_its_stated_range(bound, t):
     """Scores anywhere in [-B, B] (uniform: harsher than trained attention), 16-bit fixed
-    point emulated after every multiply: within 1e-2 of the exact softmax for B <= 4."""
+    point emulated after every multiply: within 5e-3 of the exact softmax for B <= 5.2."""
     mf = MaxFreeSoftmax.tune(bound, t)
     s, mask, exact = _rows(bound, t)
     approx = mf.softmax(s, mask, q=fixed_point_round)
-    assert (approx - exact).abs().max().item() < 1e-2
+    assert (approx - exact).abs().max().item() < 5e-3
     assert (approx * (1 - mask)).abs().max().item() == 0  # the future stays masked
-    assert 1.8 * 2**mf.exp_iters >= 2 * bound  # the exp is valid on [-2B, 0]
+    assert 1.8 * 2**mf.exp_iters >= 2 * bound - (bound - mf.shift)  # exp valid on its range
 
 
 def test_max_free_softmax_degrades_past_its_range_and_refuses_absurd_bounds():
