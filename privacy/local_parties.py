@@ -71,10 +71,10 @@ def _run_job(rank: int, job: dict[str, Any], workdir: Path, party) -> dict[str, 
     table = _public_table(job.get("public_embedding"), config)
     state = folded = None
     if rank == MODEL_OWNER:
-        if "file" in job["weights"]:
-            from confide.node.aero import load_aero
+        if "file" in job["weights"]:  # a node.aero file; fold_weights checks it fits config
+            from safetensors.torch import load_file
 
-            state = load_aero(job["weights"]["file"]).state_dict()
+            state = load_file(job["weights"]["file"])
         else:
             folded = random_weights(config, t, int(job["weights"]["random"]), table is not None)
     out: dict[str, Any] = {"forwards": []}
