@@ -246,6 +246,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
     bound = args.cost_bound or (accuracy["softmax_bound"] if accuracy else 8.0)
     cost = _cost_part(args, bound, workdir) if "cost" in parts else None
     previous = _read_previous(out / "private.json")  # read now: parts may run side by side
+    if accuracy is None and previous and previous.get("accuracy"):
+        accuracy = previous["accuracy"] | {"from_run": previous["accuracy"].get("from_run")
+                                           or previous.get("time")}
     if cost is None and previous and previous.get("cost"):
         # not repeated here: the last run's cost rows, saying when they were measured
         cost = previous["cost"] | {"from_run": previous["cost"].get("from_run")
