@@ -23,6 +23,23 @@ tokens (``--vocab 0``) the vocabulary dominates the bytes of both variants alike
 
 The training recipe (``node.aero_training``) is the one ``confide aero train`` uses to train
 one variant and publish it into a node's data folder.
+
+Three more parts (``--parts``; ``daemon`` is the above):
+
+* ``cost``: per-operation accounting (``privacy.op_ledger``) of one 2PC forward of GPT-2-small
+  shaped decoders (12 layers, width 768, 12 heads, FFN 3072, T=128, GPT-2's 50,257-token
+  vocabulary; random weights: cost does not depend on them) for the baseline (LN + GELU),
+  LN-free, softmax-only and AERO (softmax-only, the max-free softmax, FFN only in the first
+  half of the blocks), plus AERO with the data owner embedding its tokens locally (a public
+  embedding table). ``--cost-layers N`` < 12 measures N blocks and extrapolates the per-block
+  costs linearly to 12 (every block of a kind has the same shapes, so bytes and rounds
+  extrapolate exactly; seconds approximately); the JSON says which.
+* ``accuracy``: the trained AERO model with its measured score bound: the max-free softmax's
+  error against the exact softmax over every held-out position (fixed point emulated in
+  plaintext), and ``--accuracy-windows`` held-out windows through real 2PC: top-1 agreement
+  of the logits with plaintext, over all their positions.
+* the goals of issue 19 (``goal_record``): AERO vs the baseline at the GPT-2-small shape,
+  >= 4x fewer bytes and >= 2x lower latency; top-1 agreement >= 99%.
 """
 
 from __future__ import annotations
@@ -38,6 +55,7 @@ from pathlib import Path
 
 from confide.bench.common import (
     cpu_model,
+    goal_record,
     hardware,
     legend_outside,
     previous_results,
@@ -56,6 +74,10 @@ PAPER = {"communication": 4.23, "latency": 1.94}
 """AERO (Jha & Reagen 2024): the softmax-only model vs the baseline, as the paper reports."""
 
 MEASURE_DEFAULT = "baseline,ln-free,aero"  # softmax-only has aero's architecture: same cost
+PARTS = ("daemon", "accuracy", "cost")
+GPT2_SMALL = {"n_layers": 12, "d_model": 768, "n_heads": 12, "d_ff": 3072, "seq_len": 128,
+              "vocab_size": 50257}
+GOALS = {"bytes": 4.0, "latency": 2.0, "top1": 0.99}
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,6 +98,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds per communication step (default: %(default)s)")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help="what to run: daemon (trained models through a node daemon), accuracy "
+                        "(the max-free softmax's error, 2PC top-1 agreement), cost (GPT-2-small "
+                        "shapes, per-operation accounting) (default: %(default)s)")
+    p.add_argument("--cost-layers", type=int, default=12,
+                   help="blocks measured per cost configuration; fewer than 12 are "
+                        "extrapolated linearly to 12 (default: %(default)s)")
+    p.add_argument("--cost-vocab", type=int, default=GPT2_SMALL["vocab_size"],
+                   help="vocabulary of the cost configurations (default: GPT-2's %(default)s)")
+    p.add_argument("--cost-bound", type=float, default=0.0,
+                   help="softmax bound of the AERO cost configuration; 0 = the trained AERO "
+                        "model's (else 8) (default: %(default)s)")
+    p.add_argument("--accuracy-model", default="",
+                   help="a trained AERO safetensors file (confide aero train --out, same "
+                        "--vocab) for the accuracy part instead of training one here")
+    p.add_argument("--accuracy-windows", type=int, default=8,
+                   help="held-out windows of max_len tokens run under 2PC (default: "
+                        "%(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 40 steps, lengths 32,64, 40 held-out articles, no TTP")
     p.add_argument("--workdir", default="runs/bench-private")
@@ -141,37 +181,144 @@ def _plain_forward(model, ids: list[int], repeats: int = 5):
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from confide.cluster.local import LocalCluster
-    from confide.node.private_inference import publish_model
-    from confide.sdk.private_inference import private_infer
+    import torch
 
+    from confide.node.private_inference import publish_model
+
+    torch.set_num_threads(1)  # on shared, loaded cores one thread is several times faster
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if args.quick:
         args.steps, args.seq_lens, args.eval_articles, args.ttp_seq_lens = 40, "32,64", 40, ""
+    parts = [s.strip() for s in args.parts.split(",") if s.strip()]
+    if not parts or set(parts) - set(PARTS):
+        raise SystemExit(f"--parts must name some of {', '.join(PARTS)}")
     trained_names, measured = _names(args.variants), _names(args.measure)
     seq_lens, ttp_lens = _ints(args.seq_lens), _ints(args.ttp_seq_lens)
     if not seq_lens or max(seq_lens) > args.max_len:
         raise SystemExit(f"--seq-lens must be in [1, --max-len={args.max_len}]")
     missing = [m for m in measured if m not in trained_names]
-    if missing:
+    if "daemon" in parts and missing:
         raise SystemExit(f"--measure {missing} must also be in --variants")
+    if "accuracy" in parts and "aero" not in trained_names:
+        raise SystemExit("--parts accuracy needs the aero variant in --variants")
+    if not 2 <= args.cost_layers <= GPT2_SMALL["n_layers"]:
+        raise SystemExit(f"--cost-layers must be in [2, {GPT2_SMALL['n_layers']}] (AERO's "
+                         "blocks with and without an FFN are both measured)")
     workdir = Path(args.workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
     node_dir = workdir / "node0"
     bench_start = time.perf_counter()
 
-    print(f"tokenizing BBC News (vocabulary {args.vocab or 'full MiniLM'}) ...", flush=True)
-    train, test, spec, vocab_size, coverage = bbc_split(args.vocab, args.seed)
-    models, trained = {}, []
-    for name in trained_names:
-        print(f"training {name} ({DESCRIPTIONS[name]}): {args.steps} steps ...", flush=True)
-        model, record = train_variant(name, train, test, vocab_size, args)
-        publish_model(model, node_dir, name, spec)
-        models[name] = model
-        trained.append(record)
-        print(f"  held-out perplexity {record['perplexity']:.1f}, {record['train_s']:.0f}s",
-              flush=True)
+    models, trained, test, spec = {}, [], [], None
+    vocab_size = coverage = n_train = None
+    if {"daemon", "accuracy"} & set(parts):
+        print(f"tokenizing BBC News (vocabulary {args.vocab or 'full MiniLM'}) ...", flush=True)
+        train, test, spec, vocab_size, coverage = bbc_split(args.vocab, args.seed)
+        n_train = len(train)
+        for name in trained_names:
+            if name == "aero" and args.accuracy_model and "daemon" not in parts:
+                model, record = _load_trained(args.accuracy_model, test, args)
+            else:
+                print(f"training {name} ({DESCRIPTIONS[name]}): {args.steps} steps ...",
+                      flush=True)
+                model, record = train_variant(name, train, test, vocab_size, args)
+            bound = getattr(model, "softmax_bound", None)
+            # the daemon rows compare architectures with CrypTen's softmax: no bound there
+            publish_model(model, node_dir, name, spec)
+            if bound is not None:
+                publish_model(model, node_dir, f"{name}-maxfree", spec, softmax_bound=bound,
+                              calibration=test)
+            models[name] = model
+            trained.append(record)
+            print(f"  held-out perplexity {record['perplexity']:.1f}, {record['train_s']:.0f}s"
+                  + (f", softmax bound {bound.bound:g} (max |score| {bound.max_abs_score:.3f})"
+                     if bound is not None else ""), flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, ratios = [], []
+    if "daemon" in parts:
+        rows = _daemon_part(args, models, test, node_dir, measured, seq_lens, ttp_lens, workdir)
+        ratios = _ratios(rows, args.provider)
+    accuracy = _accuracy_part(args, models["aero"], test, node_dir, workdir) \
+        if "accuracy" in parts else None
+    bound = args.cost_bound or (accuracy["softmax_bound"] if accuracy else 8.0)
+    cost = _cost_part(args, bound, workdir) if "cost" in parts else None
+    previous = _read_previous(out / "private.json")  # read now: parts may run side by side
+    if accuracy is None and previous and previous.get("accuracy"):
+        accuracy = previous["accuracy"] | {"from_run": previous["accuracy"].get("from_run")
+                                           or previous.get("time")}
+    if cost is None and previous and previous.get("cost"):
+        # not repeated here: the last run's cost rows, saying when they were measured
+        cost = previous["cost"] | {"from_run": previous["cost"].get("from_run")
+                                   or previous.get("time")}
+    goals = _goals(cost, accuracy)
+
+    info = hardware() | {"cpu": cpu_model(), "load_average_1min": load_before}
+    if rows:
+        _print_report(args, rows, trained, ratios, info, vocab_size, coverage, n_train,
+                      len(test))
+        _compare_with_previous(out / "private.json", rows, trained)
+    if accuracy:
+        _print_accuracy(accuracy)
+    if cost:
+        _print_cost(cost)
+    for g in goals:
+        measured_text = "-" if g["measured"] is None else f"{g['measured']:.3f}"
+        verdict = {True: "MET", False: "missed", None: "not measured"}[g["met"]]
+        print(f"goal {g['goal']}: target {g['target']}, measured {measured_text} -> {verdict}: "
+              f"{g['text']}")
+    report = {"benchmark": "private", "time": time.strftime("%Y%m%d-%H%M%S"), "hardware": info,
+              "workload": {k: v for k, v in vars(args).items() if k != "func"}
+              | {"vocab_size": vocab_size, "vocab_coverage": coverage,
+                 "train_articles": n_train, "held_out_articles": len(test)},
+              "paper": PAPER, "perplexity": trained, "results": rows, "ratios": ratios,
+              "accuracy": accuracy, "cost": cost, "goals": goals,
+              "seconds_total": time.perf_counter() - bench_start}
+    if "daemon" not in parts and previous:
+        # this run did not repeat the daemon rows: keep the last run's, saying so
+        report |= {"perplexity": trained or previous.get("perplexity", []),
+                   "results": previous.get("results", []),
+                   "ratios": previous.get("ratios", []),
+                   "results_from": previous.get("results_from") or previous.get("time")}
+    (out / "private.json").write_text(json.dumps(report, indent=2))
+    _plot_costs(cost, accuracy, out / "private.png")
+    if rows:
+        _plot(rows, trained, ratios, out / "private_daemon.png", args.provider)
+    print(f"wrote {out / 'private.json'} and {out / 'private.png'} "
+          f"({time.perf_counter() - bench_start:.0f}s in all)")
+    return 0
+
+
+def _load_trained(path: str, test, args) -> tuple:
+    """A model ``confide aero train --out`` wrote, with its bound measured as training does."""
+    from confide.node.aero import load_aero, perplexity
+    from confide.node.aero_bound import measure_score_bound
+
+    model = load_aero(path)
+    held_out = test[: args.eval_articles or None]
+    model.softmax_bound = measure_score_bound(model, held_out)
+    record = {"variant": "aero", "description": DESCRIPTIONS["aero"], "from_file": path,
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "steps": None, "train_s": 0.0, "train_loss_last20": None,
+              "perplexity": perplexity(model, held_out), "held_out_articles": len(held_out),
+              "softmax_bound": model.softmax_bound.bound,
+              "max_abs_score": model.softmax_bound.max_abs_score}
+    return model, record
+
+
+def _read_previous(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _daemon_part(args, models, test, node_dir, measured, seq_lens, ttp_lens,
+                 workdir) -> list[dict]:
+    from confide.cluster.local import LocalCluster
+    from confide.sdk.private_inference import private_infer
 
     flat = [t for s in test for t in s]
     port = _free_port()
@@ -202,25 +349,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
                          "top1_agreement": agree})
     finally:
         cluster.stop()
-
-    ratios = _ratios(rows, args.provider)
-    info = hardware() | {"cpu": cpu_model(), "load_average_1min": load_before}
-    _print_report(args, rows, trained, ratios, info, vocab_size, coverage, len(train),
-                  len(test))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _compare_with_previous(out / "private.json", rows, trained)
-    report = {"benchmark": "private", "time": time.strftime("%Y%m%d-%H%M%S"), "hardware": info,
-              "workload": {k: v for k, v in vars(args).items() if k != "func"}
-              | {"vocab_size": vocab_size, "vocab_coverage": coverage,
-                 "train_articles": len(train), "held_out_articles": len(test)},
-              "paper": PAPER, "perplexity": trained, "results": rows, "ratios": ratios,
-              "seconds_total": time.perf_counter() - bench_start}
-    (out / "private.json").write_text(json.dumps(report, indent=2))
-    _plot(rows, trained, ratios, out / "private.png", args.provider)
-    print(f"wrote {out / 'private.json'} and {out / 'private.png'} "
-          f"({time.perf_counter() - bench_start:.0f}s in all)")
-    return 0
+    return rows
 
 
 def _ratios(rows: list[dict], provider: str) -> list[dict]:
@@ -339,4 +468,323 @@ def _plot(rows, trained, ratios, path: Path, provider: str) -> None:
     axes[2].set_title("perplexity (lower is better)")
     fig.suptitle(f"AERO vs baseline under CrypTen 2PC - baseline/aero: {text} "
                  f"(paper: {PAPER['communication']}x, {PAPER['latency']}x)", fontsize=9)
+    save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy of the max-free softmax on the trained AERO model
+
+
+def _windows(test, length: int) -> list[list[int]]:
+    flat = [t for s in test for t in s]
+    return [flat[i:i + length] for i in range(0, len(flat) - length + 1, length)]
+
+
+def _accuracy_part(args, model, test, node_dir: Path, workdir: Path) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    from confide.node.aero_bound import attention_scores
+    from confide.privacy import aero_2pc
+    from confide.privacy.local_parties import run_local
+
+    bound = model.softmax_bound
+    t = args.max_len
+    windows = _windows(test, t)
+    config = model.config.to_dict() | {"softmax_bound": bound.bound}
+    max_free = aero_2pc.MaxFreeSoftmax.tune(bound.bound, t)
+    state = model.state_dict()
+    mask = torch.tril(torch.ones(t, t, dtype=torch.float64))
+    prob_err = 0.0
+    rows_same = rows_all = logit_same = positions = 0
+    print(f"accuracy: the max-free softmax (bound {bound.bound:g}) over {len(windows)} held-out "
+          f"windows of {t} tokens, fixed point emulated ...", flush=True)
+    with torch.no_grad():
+        for window in windows:
+            ids = torch.tensor(window)
+            for scores in attention_scores(model, ids):
+                s = scores[0].double()
+                exact = s.masked_fill(mask == 0, float("-inf")).softmax(-1)
+                approx = max_free.softmax(s, mask, q=aero_2pc.fixed_point_round)
+                prob_err = max(prob_err, (approx - exact).abs().max().item())
+                rows_same += int((approx.argmax(-1) == exact.argmax(-1)).sum())
+                rows_all += exact.shape[0] * exact.shape[1]
+            emulated = aero_2pc.reference_forward(state, config, ids, emulate_max_free=True)
+            logit_same += int((emulated.argmax(-1) == model(ids).argmax(-1)).sum())
+            positions += t
+    chosen = windows[:: max(1, len(windows) // max(1, args.accuracy_windows))]
+    chosen = chosen[: args.accuracy_windows]
+    path = str(node_dir / "private" / "aero-maxfree.safetensors")
+    jobs = [{"name": "aero-maxfree", "config": config, "seq_len": t,
+             "weights": {"file": path}, "windows": chosen},
+            {"name": "aero-maxfree-local-emb", "config": config, "seq_len": t,
+             "weights": {"file": path}, "windows": chosen[:1],
+             "public_embedding": {"file": path}},
+            {"name": "aero-crypten-softmax", "config": model.config.to_dict(), "seq_len": t,
+             "weights": {"file": path}, "windows": chosen[:1]}]
+    print(f"accuracy: {len(chosen)} window(s) of {t} tokens under 2PC (local parties) ...",
+          flush=True)
+    start = time.perf_counter()
+    data_owner, _ = run_local(jobs, workdir / "accuracy", timeout_s=args.timeout)
+    wall = time.perf_counter() - start
+    same = total = 0
+    err = 0.0
+    for k, window in enumerate(chosen):
+        logits = load_file(str(workdir / "accuracy" / f"aero-maxfree.{k}.safetensors"))["logits"]
+        with torch.no_grad():
+            plain = model(torch.tensor(window))
+        same += int((logits.argmax(-1) == plain.argmax(-1)).sum())
+        total += t
+        err = max(err, (logits - plain).abs().max().item())
+
+    def first(name):
+        f = data_owner[name]["forwards"][0]
+        return {"bytes": f["stats"]["bytes"], "rounds": f["stats"]["rounds"],
+                "seconds": f["seconds"], "by_op": f["ledger"]["by_op"]}
+
+    return {"softmax_bound": bound.bound, "max_abs_score": bound.max_abs_score,
+            "bound_tokens": bound.tokens, "bound_margin": bound.margin,
+            "max_free": {"exp_iters": max_free.exp_iters, "nr_iters": max_free.nr_iters,
+                         "nr_init": max_free.nr_init},
+            "emulated": {"windows": len(windows), "positions": positions,
+                         "attention_rows": rows_all,
+                         "softmax_max_abs_error": prob_err,
+                         "attention_row_argmax_agreement": rows_same / max(1, rows_all),
+                         "logits_top1_agreement": logit_same / max(1, positions)},
+            "mpc": {"windows": len(chosen), "positions": total, "top1_agreement": same / total,
+                    "max_abs_logit_error": err, "wall_s": wall,
+                    "max_free": first("aero-maxfree"),
+                    "max_free_local_embedding": first("aero-maxfree-local-emb"),
+                    "crypten_softmax": first("aero-crypten-softmax")}}
+
+
+def _print_accuracy(acc: dict) -> None:
+    e, m = acc["emulated"], acc["mpc"]
+    print()
+    print(f"max-free softmax on the trained AERO model: bound {acc['softmax_bound']:g} "
+          f"(= {acc['bound_margin']:g} x max |score| {acc['max_abs_score']:.3f} on "
+          f"{acc['bound_tokens']} held-out tokens); exp {acc['max_free']['exp_iters']} "
+          f"squarings, reciprocal {acc['max_free']['nr_iters']} Newton steps")
+    print(f"  emulated fixed point, all {e['positions']} held-out positions: softmax max |err| "
+          f"{e['softmax_max_abs_error']:.2e}, attention-row argmax agreement "
+          f"{e['attention_row_argmax_agreement']:.4f}, logits top-1 agreement "
+          f"{e['logits_top1_agreement']:.4f}")
+    print(f"  2PC, {m['windows']} window(s), {m['positions']} positions: top-1 agreement "
+          f"{m['top1_agreement']:.4f}, max |logit err| {m['max_abs_logit_error']:.3f}")
+    for name, label in (("crypten_softmax", "CrypTen softmax (row max)"),
+                        ("max_free", "max-free softmax"),
+                        ("max_free_local_embedding", "max-free + local embedding")):
+        r = m[name]
+        print(f"  {label:<28} {r['bytes'] / 1e6:8.1f} MB/party {r['rounds']:6d} rounds "
+              f"{r['seconds']:7.2f} s")
+
+
+# --------------------------------------------------------------------------------------------
+# Cost at the GPT-2-small shape: per-operation accounting, extrapolated by block
+
+
+def cost_configs(vocab: int, bound: float, layers: int) -> list[dict]:
+    """The cost configurations: GPT-2-small shaped, ``layers`` blocks (AERO keeps the FFN in
+    the first half of them)."""
+    base = {"vocab_size": vocab, "max_len": GPT2_SMALL["seq_len"],
+            "d_model": GPT2_SMALL["d_model"], "n_heads": GPT2_SMALL["n_heads"],
+            "n_layers": layers, "d_ff": GPT2_SMALL["d_ff"], "tie_embeddings": True,
+            "ln_eps": 1e-5, "ffn": True}
+    half = (layers + 1) // 2
+    aero = base | {"layernorm": False, "activation": "none", "normalization": "scaled",
+                   "softmax_bound": bound, "ffn_layers": half}
+    return [
+        {"name": "baseline", "text": "LayerNorm + GELU (GPT-2-like)",
+         "config": base | {"layernorm": True, "activation": "gelu", "normalization": "none"}},
+        {"name": "ln-free", "text": "no LayerNorm, GELU",
+         "config": base | {"layernorm": False, "activation": "gelu", "normalization": "scaled"}},
+        {"name": "softmax-only", "text": "no LayerNorm, no GELU, CrypTen softmax",
+         "config": base | {"layernorm": False, "activation": "none",
+                           "normalization": "scaled"}},
+        {"name": "aero", "text": "softmax-only, max-free softmax, FFN in the first half",
+         "config": aero},
+        {"name": "aero-local-emb", "text": "aero, tokens embedded by the data owner",
+         "config": aero, "public_embedding": True},
+    ]
+
+
+def extrapolate(by_layer: dict[tuple[str, int], dict], full_layers: int,
+                full_ffn_layers: int, measured_ffn_layers: int) -> dict[str, dict]:
+    """Per-op totals of a ``full_layers`` model from a measured one: steps outside the blocks
+    once, each block's steps as the mean of the measured blocks of its kind (with or without
+    FFN) times the number of such blocks in the full model."""
+    out: dict[str, dict] = {}
+    layers = sorted({layer for _, layer in by_layer if layer >= 0})
+    kinds = {True: [i for i in layers if i < measured_ffn_layers],
+             False: [i for i in layers if i >= measured_ffn_layers]}
+    counts = {True: full_ffn_layers, False: full_layers - full_ffn_layers}
+    if any(counts[kind] and not kinds[kind] for kind in (True, False)):
+        raise ValueError("the measured model lacks a block kind the full model has")
+    for (op, layer), entry in by_layer.items():
+        if layer < 0:
+            scale = 1.0
+        else:
+            kind = layer < measured_ffn_layers
+            if not kinds[kind]:
+                continue
+            scale = counts[kind] / len(kinds[kind])
+        acc = out.setdefault(op, {"bytes": 0.0, "rounds": 0.0, "seconds": 0.0})
+        for key in acc:
+            acc[key] += entry[key] * scale
+    return out
+
+
+def _cost_part(args, bound: float, workdir: Path) -> dict:
+    from confide.privacy.local_parties import run_local
+
+    full, t = GPT2_SMALL["n_layers"], GPT2_SMALL["seq_len"]
+    configs = cost_configs(args.cost_vocab, bound, args.cost_layers)
+    ids = [[(7 * i + 3) % args.cost_vocab for i in range(t)]]
+    jobs = [{"name": c["name"], "config": c["config"], "seq_len": t,
+             "weights": {"random": args.seed}, "windows": ids}
+            | ({"public_embedding": {"random": args.seed}} if c.get("public_embedding") else {})
+            for c in configs]
+    print(f"cost: {len(jobs)} configurations, GPT-2-small shape (width {GPT2_SMALL['d_model']}, "
+          f"{GPT2_SMALL['n_heads']} heads, T={t}, vocabulary {args.cost_vocab}), "
+          f"{args.cost_layers} of {full} blocks measured, random weights ...", flush=True)
+    start = time.perf_counter()
+    data_owner, model_owner = run_local(jobs, workdir / "cost", timeout_s=max(args.timeout, 600),
+                                        limit_s=4 * 3600)
+    rows = []
+    for c in configs:
+        f = data_owner[c["name"]]["forwards"][0]
+        by_layer = {(e["op"], e["layer"]): e for e in f["ledger"]["entries"]}
+        cfg = c["config"]
+        measured_ffn = cfg.get("ffn_layers", cfg["n_layers"])
+        full_ffn = full if measured_ffn == cfg["n_layers"] else full // 2
+        by_op = extrapolate(by_layer, full, full_ffn, measured_ffn)
+        rows.append({"config": c["name"], "description": c["text"],
+                     "layers": full, "ffn_layers": full_ffn,
+                     "layers_measured": cfg["n_layers"],
+                     "extrapolated": cfg["n_layers"] != full,
+                     "bytes": sum(v["bytes"] for v in by_op.values()),
+                     "rounds": sum(v["rounds"] for v in by_op.values()),
+                     "seconds": sum(v["seconds"] for v in by_op.values()),
+                     "by_op": by_op,
+                     "measured": {"bytes": f["stats"]["bytes"], "rounds": f["stats"]["rounds"],
+                                  "seconds": f["seconds"],
+                                  "unaccounted": f["ledger"]["unaccounted"],
+                                  "model_owner_bytes": model_owner[c["name"]]["forwards"][0]
+                                  ["stats"]["bytes"]},
+                     "softmax_bound": cfg.get("softmax_bound")})
+    return {"shape": GPT2_SMALL | {"vocab_size": args.cost_vocab}, "rows": rows,
+            "layers_measured": args.cost_layers,
+            "extrapolation": None if args.cost_layers == full else (
+                f"{args.cost_layers} block(s) measured per configuration, per-block costs "
+                f"extrapolated linearly to {full} (bytes and rounds exactly, every block of a "
+                "kind having the same shapes; seconds approximately)"),
+            "wall_s": time.perf_counter() - start}
+
+
+def _print_cost(cost: dict) -> None:
+    from confide.privacy.op_ledger import OPS
+
+    rows = cost["rows"]
+    shape = cost["shape"]
+    print()
+    print(f"cost of one 2PC forward, GPT-2-small shape ({shape['n_layers']} blocks, width "
+          f"{shape['d_model']}, {shape['n_heads']} heads, FFN {shape['d_ff']}, T="
+          f"{shape['seq_len']}, vocabulary {shape['vocab_size']}), random weights, per party "
+          "(MB sent + received / rounds)")
+    if cost["extrapolation"]:
+        print(f"  NOTE: {cost['extrapolation']}")
+    print(f"{'operation':<20}" + "".join(f"{r['config']:>22}" for r in rows))
+    for op in OPS:
+        cells = []
+        for r in rows:
+            v = r["by_op"].get(op)
+            cells.append(f"{v['bytes'] / 1e6:>13.1f}/{v['rounds']:>8.0f}" if v else f"{'-':>22}")
+        print(f"{op:<20}" + "".join(cells))
+    print(f"{'total':<20}" + "".join(f"{r['bytes'] / 1e6:>13.1f}/{r['rounds']:>8.0f}"
+                                     for r in rows))
+    print(f"{'seconds':<20}" + "".join(f"{r['seconds']:>22.1f}" for r in rows))
+    base = next((r for r in rows if r["config"] == "baseline"), None)
+    if base:
+        print("baseline / configuration: " + ", ".join(
+            f"{r['config']} {base['bytes'] / r['bytes']:.2f}x bytes, "
+            f"{base['seconds'] / r['seconds']:.2f}x latency" for r in rows if r is not base))
+
+
+def _goals(cost: dict | None, accuracy: dict | None) -> list[dict]:
+    goals = []
+    rows = {r["config"]: r for r in cost["rows"]} if cost else {}
+    base, aero = rows.get("baseline"), rows.get("aero")
+    note = f" ({cost['extrapolation']})" if cost and cost["extrapolation"] else ""
+    if base and aero:
+        ratio = base["bytes"] / aero["bytes"]
+        goals.append(goal_record(
+            "aero_vs_baseline_bytes_gpt2_small_T128", GOALS["bytes"], ratio,
+            ratio >= GOALS["bytes"],
+            f"baseline (LN+GELU) {base['bytes'] / 1e9:.2f} GB vs AERO {aero['bytes'] / 1e9:.2f} "
+            f"GB per party per forward: {ratio:.2f}x fewer bytes{note}"))
+        ratio = base["seconds"] / aero["seconds"]
+        goals.append(goal_record(
+            "aero_vs_baseline_latency_gpt2_small_T128", GOALS["latency"], ratio,
+            ratio >= GOALS["latency"],
+            f"{base['seconds']:.0f} s vs {aero['seconds']:.0f} s per forward on 2 shared, loaded "
+            f"cores, both parties on one machine: {ratio:.2f}x{note}"))
+    else:
+        goals += [goal_record(g, GOALS[k], None, None, "cost part not run")
+                  for g, k in (("aero_vs_baseline_bytes_gpt2_small_T128", "bytes"),
+                               ("aero_vs_baseline_latency_gpt2_small_T128", "latency"))]
+    if accuracy:
+        m = accuracy["mpc"]
+        goals.append(goal_record(
+            "top1_agreement_trained_small_model", GOALS["top1"], m["top1_agreement"],
+            m["top1_agreement"] >= GOALS["top1"],
+            f"2PC with the max-free softmax vs plaintext over all {m['positions']} positions of "
+            f"{m['windows']} held-out windows; emulated over all "
+            f"{accuracy['emulated']['positions']} held-out positions: "
+            f"{accuracy['emulated']['logits_top1_agreement']:.4f}"))
+    else:
+        goals.append(goal_record("top1_agreement_trained_small_model", GOALS["top1"], None,
+                                 None, "accuracy part not run"))
+    return goals
+
+
+def _plot_costs(cost: dict | None, accuracy: dict | None, path: Path) -> None:
+    from confide.privacy.op_ledger import OPS
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    if cost:
+        rows = cost["rows"]
+        names = [r["config"] for r in rows]
+        for ax, key, unit in ((axes[0], "bytes", "GB per party"), (axes[1], "rounds", "rounds")):
+            bottom = [0.0] * len(rows)
+            for index, op in enumerate(OPS):
+                values = [r["by_op"].get(op, {}).get(key, 0.0) / (1e9 if key == "bytes" else 1)
+                          for r in rows]
+                if not any(values):
+                    continue
+                ax.bar(names, values, bottom=bottom, label=op, color=f"C{index % 10}",
+                       hatch="//" if index >= 10 else None)
+                bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+            ax.set_ylabel(unit)
+            ax.set_title(f"{key} per forward, by operation")
+            ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        legend_outside(axes[1])
+        axes[2].bar(names, [r["seconds"] for r in rows], color="tab:gray")
+        axes[2].set_ylabel("seconds (2 shared cores, loaded)")
+        axes[2].set_title("latency per forward")
+        axes[2].tick_params(axis="x", labelrotation=20, labelsize=8)
+        shape = cost["shape"]
+        extra = " - extrapolated from " + f"{cost['layers_measured']} block(s)" \
+            if cost["extrapolation"] else ""
+        title = (f"CrypTen 2PC, GPT-2-small shape ({shape['n_layers']} blocks, width "
+                 f"{shape['d_model']}, T={shape['seq_len']}, vocabulary "
+                 f"{shape['vocab_size']}){extra}")
+    else:
+        title = "cost part not run"
+    if accuracy:
+        e = accuracy["emulated"]
+        title += (f"; max-free softmax (bound {accuracy['softmax_bound']:g}): max |err| "
+                  f"{e['softmax_max_abs_error']:.1e}, 2PC top-1 "
+                  f"{accuracy['mpc']['top1_agreement']:.3f}")
+    fig.suptitle(title, fontsize=9)
     save_figure(fig, path)

@@ -654,7 +654,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                 print(f"{name:<20} d_model {config['d_model']}, {config['n_layers']} layer(s), "
                       f"vocab {config['vocab_size']}, max_len {config['max_len']}, layernorm "
                       f"{config['layernorm']}, activation {config['activation']}, tokenizer "
-                      f"{tokenizer}")
+                      f"{tokenizer}, softmax {_softmax_mode(config)}")
             return 0
         if not args.model or (args.text is None) == (args.ids is None):
             print("error: give --model and exactly one of --text or --ids", file=sys.stderr)
@@ -686,10 +686,19 @@ def cmd_infer(args: argparse.Namespace) -> int:
         top5 = [f"{i} ({decode_token(i, result.config)})" for i in top5]
     print(f"next token: id {result.next_token_id} ({shown}); top-5 ids {top5} logits "
           f"{[round(v, 3) for v in top.values.tolist()]}")
+    print(f"softmax: {_softmax_mode(result.config)}")
     print(f"2PC forward {result.forward_s:.2f}s ({result.total_s:.1f}s with set-up), "
           f"{result.stats.rounds} rounds, {result.stats.bytes / 1e6:.1f} MB sent+received by "
           "this party; the logits were revealed to this process only")
     return 0
+
+
+def _softmax_mode(config: dict) -> str:
+    """How the model's attention softmax runs under 2PC (privacy.aero_2pc)."""
+    bound = config.get("softmax_bound")
+    if bound is None:
+        return "CrypTen's (row max by comparisons)"
+    return f"max-free (public score bound {bound:g}, no comparisons)"
 
 
 def cmd_aero_train(args: argparse.Namespace) -> int:

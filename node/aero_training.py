@@ -118,6 +118,12 @@ def train_variant(variant: str, train, test, vocab_size: int, args: argparse.Nam
         entropy = None
         if model.config.entropy_reg.enabled:
             entropy = model.entropy_thresholds().mean().item()
+    bound = None
+    if model.config.entropy_reg.enabled:  # its scores are kept bounded: the max-free softmax
+        from confide.node.aero_bound import measure_score_bound
+
+        bound = measure_score_bound(model, held_out)
+        model.softmax_bound = bound
     record = {
         "variant": variant, "description": DESCRIPTIONS[variant],
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -126,6 +132,8 @@ def train_variant(variant: str, train, test, vocab_size: int, args: argparse.Nam
         "perplexity": ppl, "held_out_articles": len(held_out),
         "held_out_tokens": sum(len(s) for s in held_out),
         "entropy_threshold_mean": entropy,
+        "softmax_bound": None if bound is None else bound.bound,
+        "max_abs_score": None if bound is None else bound.max_abs_score,
     }
     return model, record
 
@@ -141,8 +149,11 @@ def train_command(args: argparse.Namespace) -> int:
           f"({coverage:.1%} of training tokens covered); training {args.variant} "
           f"({DESCRIPTIONS[args.variant]}) for {args.steps} steps ...", flush=True)
     model, record = train_variant(args.variant, train, test, vocab_size, args)
+    bound = getattr(model, "softmax_bound", None)
     if args.node_data:
-        path = publish_model(model, args.node_data, args.name or args.variant, spec)
+        # the bound, measured on the first --eval-articles held-out articles, is checked on all
+        path = publish_model(model, args.node_data, args.name or args.variant, spec,
+                             softmax_bound=bound, calibration=test if bound else None)
     else:
         path = save_aero(model, args.out)
     print(f"held-out perplexity {record['perplexity']:.1f} ({record['held_out_tokens']} tokens),"

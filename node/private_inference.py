@@ -82,6 +82,7 @@ __all__ = [
 
 METADATA_KEY = "confide.aero.config"  # node.aero's metadata key (read without importing torch)
 TOKENIZER_KEY = "confide.aero.tokenizer"
+BOUND_KEY = "confide.aero.softmax_bound"  # node.aero_bound.BOUND_KEY (a test checks they agree)
 PROVIDERS = ("TFP", "TTP")
 ARCH_KEYS = (
     "vocab_size", "max_len", "d_model", "n_heads", "n_layers", "d_ff", "layernorm",
@@ -170,13 +171,19 @@ class ServableModel:
     path: Path
     config: dict[str, Any]  # AeroConfig.to_dict() as stored
     tokenizer: TokenizerSpec | None = None
+    softmax_bound: float | None = None  # node.aero_bound: the max-free softmax's public bound
 
     @property
     def max_len(self) -> int:
         return int(self.config["max_len"])
 
     def arch(self) -> dict[str, Any]:
-        return {key: self.config[key] for key in ARCH_KEYS}
+        """What both parties run: the architecture, and the softmax bound when there is one
+        (``privacy.aero_2pc`` then uses the max-free softmax)."""
+        arch = {key: self.config[key] for key in ARCH_KEYS}
+        if self.softmax_bound is not None:
+            arch["softmax_bound"] = self.softmax_bound
+        return arch
 
     def public_config(self) -> dict[str, Any]:
         """What the data owner learns: the architecture, the name and the tokenizer."""
@@ -208,7 +215,16 @@ def _read_model(name: str, path: Path) -> ServableModel:
     if TOKENIZER_KEY in metadata:
         tokenizer = TokenizerSpec.from_dict(json.loads(metadata[TOKENIZER_KEY]),
                                             config.vocab_size)
-    return ServableModel(name, path, config.to_dict(), tokenizer)
+    return ServableModel(name, path, config.to_dict(), tokenizer, softmax_bound_of(metadata))
+
+
+def softmax_bound_of(metadata: Mapping[str, str]) -> float | None:
+    """The model file's softmax bound (``node.aero_bound``), None when it carries none."""
+    if BOUND_KEY not in metadata:
+        return None
+    from confide.node.aero_bound import ScoreBound
+
+    return ScoreBound.from_json(metadata[BOUND_KEY]).bound
 
 
 class PrivateModelRegistry:
@@ -273,11 +289,15 @@ class PrivateModelRegistry:
 
 
 def publish_model(model: Any, data_dir: Path | str, name: str,
-                  tokenizer: TokenizerSpec | None = None) -> Path:
+                  tokenizer: TokenizerSpec | None = None, *, softmax_bound: Any = None,
+                  calibration: Any = None) -> Path:
     """Save an :class:`node.aero.AeroModel` where a node serves it: ``<data_dir>/private/``.
 
     Same file format as :func:`node.aero.save_aero` (``load_aero`` reads it), plus the public
-    tokenizer spec in the metadata so a data owner can send text.
+    tokenizer spec in the metadata so a data owner can send text. With ``softmax_bound`` (a
+    ``node.aero_bound.ScoreBound``) the model is exported for the max-free softmax: the bound
+    is checked on ``calibration`` (token sequences, required; ``ScoreBoundError`` when the
+    model's scores exceed it) and stored with the weights.
     """
     from safetensors.torch import save_file
 
@@ -288,6 +308,13 @@ def publish_model(model: Any, data_dir: Path | str, name: str,
     if tokenizer is not None:
         TokenizerSpec.from_dict(tokenizer.to_dict(), config["vocab_size"])  # validate
         metadata[TOKENIZER_KEY] = json.dumps(tokenizer.to_dict())
+    if softmax_bound is not None:
+        from confide.node.aero_bound import check_score_bound
+
+        if not calibration:
+            raise ValueError("exporting a softmax bound needs calibration text to check it on")
+        check_score_bound(model, softmax_bound, calibration)
+        metadata[BOUND_KEY] = softmax_bound.to_json()
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_suffix(".tmp")

@@ -151,6 +151,14 @@ def run_model_owner(args: argparse.Namespace) -> int:
             timeout=datetime.timedelta(seconds=args.timeout), wait_for_workers=False)
         model = load_aero(args.model_file)
         config = model.config.to_dict()
+        from safetensors import safe_open
+
+        from confide.node.private_inference import softmax_bound_of
+
+        with safe_open(args.model_file, framework="pt") as handle:
+            bound = softmax_bound_of(handle.metadata() or {})
+        if bound is not None:  # the max-free softmax, as advertised in the public config
+            config["softmax_bound"] = bound
         expected = json.loads(args.arch_json)
         if {k: config.get(k) for k in expected} != expected:
             raise mpc.MpcError(f"{args.model_file} changed since the session was offered")

@@ -43,7 +43,9 @@ its Beaver triples come from a *provider*:
 Input sharing is free of communication (pseudo-random zero sharing from pairwise seeds); bytes
 come from the Beaver openings (every encrypted matmul opens ``x - a`` and ``W - b``: each weight
 matrix travels, masked, once per forward) and from the comparisons of softmax's max, which grow
-as heads x T^2 and dominate from T ~ 64 on.
+as heads x T^2 and dominate from T ~ 64 on (``privacy.op_ledger`` splits a forward's bytes by
+operation; ``privacy.aero_2pc.MaxFreeSoftmax`` removes the comparisons for models that carry a
+public score bound).
 """
 
 from __future__ import annotations

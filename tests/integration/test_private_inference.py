@@ -27,6 +27,7 @@ from safetensors import safe_open
 from confide.cluster.local import LocalCluster
 from confide.node import private_inference as node_private
 from confide.node.aero import AeroConfig, AeroModel, default_tokenizer
+from confide.node.aero_bound import measure_score_bound
 from confide.node.private_inference import TokenizerSpec, publish_model
 from confide.privacy import aero_2pc, mpc
 from confide.sdk.private_inference import (
@@ -73,6 +74,14 @@ def node(tmp_path_factory):
     }
     for name, model in models.items():
         publish_model(model, folder, name, spec if name == "tiny-aero" else None)
+    # tiny-aero's architecture with smaller weights (scores within the max-free softmax's
+    # stated range), exported with its measured score bound: the max-free softmax
+    bounded = AeroModel(AeroConfig.softmax_only(VOCAB, seed=2, **(TINY | {"init_std": 0.2})))
+    models["tiny-aero-bound"] = bounded.eval()
+    calibration = [IDS, list(range(2, 2 + T))]
+    bound = measure_score_bound(bounded, calibration)
+    publish_model(bounded, folder, "tiny-aero-bound", spec, softmax_bound=bound,
+                  calibration=calibration)
     # a file that is not a model, and a pickle under a safetensors name: never served
     (folder / "private" / "notes.safetensors").write_bytes(b"\x00" * 64)
     (folder / "private" / "pickled.safetensors").write_bytes(
@@ -219,6 +228,25 @@ def test_private_inference_matches_plaintext_and_the_node_never_sees_the_input(n
     assert (share.abs() < 2**40).float().mean().item() < 0.01
 
 
+def test_a_model_with_a_score_bound_runs_the_max_free_softmax(node):
+    listed = list_private_models(node["address"])
+    assert "softmax_bound" not in listed["tiny-aero"]
+    bound = listed["tiny-aero-bound"]["softmax_bound"]
+    assert bound > 0
+    assert bound <= 5.2  # within the max-free softmax's stated range
+    exact = private_infer(node["address"], "tiny-aero", IDS, timeout_s=20)
+    free = private_infer(node["address"], "tiny-aero-bound", IDS, timeout_s=20)
+    for name, result in (("tiny-aero", exact), ("tiny-aero-bound", free)):
+        expected = _plain(node["models"][name], IDS)
+        assert (result.logits - expected).abs().max().item() < 2e-2
+        assert torch.equal(result.logits.argmax(-1), expected.argmax(-1))
+    assert free.config["softmax_bound"] == bound
+    # no row-max comparisons: fewer bytes and rounds than the same architecture with CrypTen's
+    assert free.stats.bytes < exact.stats.bytes and free.stats.rounds < exact.stats.rounds
+    status = _wait_status(node["folder"], free.session_id, {"done", "failed"})
+    assert status["state"] == "done" and status["stats"]["bytes"] == free.stats.bytes
+
+
 def test_cli_text_under_the_trusted_third_party(node):
     """``confide infer --private --text`` tokenizes on the client with the model's tokenizer;
     TTP: the client also runs the dealer, as a third process."""
@@ -337,7 +365,8 @@ def test_bad_requests_get_a_status_and_the_daemon_keeps_serving(node, request_fi
         assert info.value.code() == code, info.value.details()
         assert needle in info.value.details()
         listed = stub.ListPrivateModels(node_pb2.ListPrivateModelsRequest(), timeout=10)
-        assert sorted(m.name for m in listed.models) == ["medium", "tiny", "tiny-aero"]
+        assert sorted(m.name for m in listed.models) == ["medium", "tiny", "tiny-aero",
+                                                         "tiny-aero-bound"]
 
 
 def test_sessions_are_limited_and_finished_parties_are_reaped(node):
