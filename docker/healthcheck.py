@@ -41,15 +41,32 @@ def _channel(address: str, tls: str):
     return grpc.insecure_channel(address)
 
 
+def _import_stubs():
+    """The generated coordinator stubs, without running ``confide/__init__.py``: it imports
+    the SDK and with it torch, seconds on a loaded machine (past a healthcheck's timeout);
+    the stubs need grpcio and protobuf only."""
+    import importlib.util
+    import types
+
+    if "confide" not in sys.modules:
+        spec = importlib.util.find_spec("confide")
+        if spec is not None and spec.submodule_search_locations:
+            package = types.ModuleType("confide")
+            package.__path__ = list(spec.submodule_search_locations)
+            package.__spec__ = spec
+            sys.modules["confide"] = package
+    from confide.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    return coordinator_pb2, coordinator_pb2_grpc
+
+
 def registered(coordinator: str, advertise: str, token: str = "", timeout: float = 3.0,
                tls: str = "") -> str:
     """"REGISTERED" when the coordinator lists a node advertising ``advertise`` online, else
     why not (the RPC error, or the peer addresses it does list)."""
     import grpc
 
-    from confide.v1 import coordinator_pb2 as pb
-    from confide.v1 import coordinator_pb2_grpc as pb_grpc
-
+    pb, pb_grpc = _import_stubs()
     if not coordinator or not advertise:
         return "CONFIDE_COORDINATOR and CONFIDE_ADVERTISE must be set for --registered"
     metadata = (("authorization", f"Bearer {token}"),) if token else None
