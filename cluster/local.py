@@ -37,8 +37,10 @@ class LocalCluster:
         listen_host: str = "127.0.0.1",
         trust_split_server: str = "split-server",
     ) -> None:
-        self.root = Path(root)
-        self.node_data_dirs = [Path(d) for d in node_data_dirs]
+        # absolute: the daemons run in another working directory (see _spawn), and an
+        # installed copy's would be inside site-packages
+        self.root = Path(root).resolve()
+        self.node_data_dirs = [Path(d).resolve() for d in node_data_dirs]
         self.threads_per_node = threads_per_node
         self.mqtt = mqtt
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -53,7 +55,7 @@ class LocalCluster:
         #: mutual TLS: a folder where the cluster keeps a development CA (tls_dir/ca) and one
         #: --tls folder per process (tls_dir/<name>), created when missing; every process gets
         #: --tls, the coordinator a server-only-TLS anonymous port
-        self.tls_dir = Path(tls_dir) if tls_dir is not None else None
+        self.tls_dir = Path(tls_dir).resolve() if tls_dir is not None else None
         self.anonymous_port = free_port() if tls_dir is not None else 0
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"

@@ -47,11 +47,15 @@ VARIABLES: dict[str, Var] = {v.name: v for v in [
     Var("CONFIDE_ROLE", ROLES, "what this container runs: " + ", ".join(ROLES),
         required=True),
     Var("CONFIDE_LOG_LEVEL", ROLES, "DEBUG, INFO, WARNING or ERROR", "INFO"),
+    Var("CONFIDE_CACHE", ROLES, "Confide's cache root, read by the code itself: the image sets "
+        "it to where SmolLM2 was converted at build time (read only, shared by every "
+        "container)", "/opt/confide-cache"),
     Var("CONFIDE_TLS", ("coordinator", "node", "scenario"),
         "a --tls folder (ca.pem + this party's certificate): mutual TLS on every gRPC link"),
-    Var("CONFIDE_TOKEN", ("coordinator", "scenario"),
+    Var("CONFIDE_TOKEN", ("coordinator", "node", "scenario"),
         "the coordinator's client token (job submission beyond loopback without TLS): the "
-        "coordinator accepts it instead of generating one, the scenario's SDK sends it"),
+        "coordinator accepts it instead of generating one, the scenario's SDK sends it; a "
+        "node's daemon ignores it, its healthcheck (--registered) reads the node list with it"),
     # the daemons
     Var("CONFIDE_LISTEN", DAEMONS, "gRPC address: the coordinator's service, a node's peer "
         "service (HOST:PORT; '' turns a node's peer service off)", required=True),

