@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import psutil
+import psutil  # installed with peft and amqtt, core dependencies
 
 from confide.cluster.experiment import ExperimentResult, run_experiment, shard_dirs
 from confide.cluster.local import LocalCluster
@@ -236,6 +236,16 @@ def _wait_online(address: str, count: int, timeout: float) -> None:
                           f"{timeout:.0f}s")
 
 
+def simulation_spec(cfg: SimulationConfig, labels: int):
+    """The job the simulation submits (the same job run on daemons gives the same result)."""
+    return job_spec(cfg.method, name=f"simulate-{cfg.nodes}", rounds=cfg.rounds,
+                    min_nodes=cfg.min_nodes, nodes_per_round=cfg.per_round, base=cfg.base,
+                    num_labels=labels, max_length=cfg.max_length, max_steps=cfg.max_steps,
+                    batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                    round_timeout_s=cfg.round_timeout_s, seed=cfg.seed,
+                    params=cfg.params or None)
+
+
 def run_simulation(cfg: SimulationConfig) -> SimulationResult:
     """Prepare the shards, start the coordinator and the host pool, run the job with a
     progress bar, evaluate the global model on held-out articles, tear everything down."""
@@ -264,13 +274,8 @@ def run_simulation(cfg: SimulationConfig) -> SimulationResult:
         startup_s = time.monotonic() - started
         me = psutil.Process()
         listeners = loopback_listeners({me.pid, *(p.pid for p in me.children(recursive=True))})
-        spec = job_spec(cfg.method, name=f"simulate-{cfg.nodes}", rounds=cfg.rounds,
-                        min_nodes=cfg.min_nodes, nodes_per_round=cfg.per_round,
-                        base=cfg.base, num_labels=sizes["labels"], max_length=cfg.max_length,
-                        max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-                        learning_rate=cfg.learning_rate, round_timeout_s=cfg.round_timeout_s,
-                        seed=cfg.seed, params=cfg.params or None)
-        experiment = run_experiment(cluster, spec, test, label=f"{cfg.nodes} nodes, ",
+        experiment = run_experiment(cluster, simulation_spec(cfg, sizes["labels"]), test,
+                                    label=f"{cfg.nodes} nodes, ",
                                     quiet=cfg.quiet)
         host_stats = pool.stats()
     finally:
