@@ -120,8 +120,9 @@ def host_specs(cfg: SimulationConfig, address: str, folders: list[Path], hosts: 
     round's sample."""
     faults = Faults(cfg.dropout, cfg.stragglers, cfg.delay_mean_s, cfg.delay_max_s, cfg.seed)
     threads = max(1, int(cfg.cpus_per_node))
+    device = "auto" if cfg.gpus_per_node > 0 else "cpu"
     return [HostSpec(address, tuple((i, str(folders[i])) for i in range(h, cfg.nodes, hosts)),
-                     faults, threads) for h in range(hosts)]
+                     faults, threads, device=device) for h in range(hosts)]
 
 
 class _LocalPool:
@@ -251,10 +252,16 @@ def run_simulation(cfg: SimulationConfig) -> SimulationResult:
     progress bar, evaluate the global model on held-out articles, tear everything down."""
     if cfg.backend not in ("ray", "local"):
         raise ValueError(f"backend must be 'ray' or 'local', got {cfg.backend!r}")
+    if cfg.nodes < 1 or cfg.rounds < 1:
+        raise ValueError(f"nodes and rounds must be >= 1, got {cfg.nodes} and {cfg.rounds}")
+    if not 0 <= cfg.per_round <= cfg.nodes:
+        raise ValueError(f"per_round must be 0 (all) to nodes ({cfg.nodes}), got "
+                         f"{cfg.per_round}")
+    Faults(cfg.dropout, cfg.stragglers, cfg.delay_mean_s, cfg.delay_max_s)  # checks them
     if cfg.backend == "ray":
         require_ray()  # before any work: a missing extra is the first thing said
-    sampler = _MemorySampler()
     folders, sizes = prepare_data(cfg)
+    sampler = _MemorySampler()
     test = load_jsonl(Path(cfg.workdir) / "data" / "test.jsonl")[:cfg.test_size]
     started = time.monotonic()
     cluster = LocalCluster(Path(cfg.workdir) / "cluster", folders, mqtt=False,

@@ -23,17 +23,17 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import random
+import resource
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil  # installed with peft and amqtt, core dependencies
 import torch
 
-from confide.bench.soak import rss_mb
 from confide.node.daemon import NodeConfig, NodeDaemon
 from confide.node.session import CoordinatorLink
 from confide.node.worker import TaskCancelled, TaskWorker
@@ -133,6 +133,8 @@ class HostSpec:
     faults: Faults = Faults()
     threads: int = 1
     log_level: str = "WARNING"
+    #: "cpu", or "auto" (the GPU Ray gave the actor: --gpus-per-node; untested here)
+    device: str = "cpu"
 
 
 class VirtualNodeHost:
@@ -181,7 +183,8 @@ class VirtualNodeHost:
     def _add_node(self, index: int, folder: Path) -> None:
         name = f"sim{index}"
         daemon = NodeDaemon(NodeConfig(coordinator=self.spec.coordinator, data_dir=folder,
-                                       name=name, listen="", device="cpu", agent=False))
+                                       name=name, listen="", device=self.spec.device,
+                                       agent=False))
         worker = VirtualWorker(daemon, self.shared, self.spec.faults, name)
         link = CoordinatorLink(self.spec.coordinator, daemon.key, daemon.info(), worker,
                                ring_key=daemon.ring_key, gate=daemon.gate)
@@ -192,7 +195,8 @@ class VirtualNodeHost:
 
     def stats(self) -> dict:
         """Sessions connected, tasks done/failed, faults injected, this process's memory."""
-        rss, peak = rss_mb(os.getpid())
+        rss = psutil.Process().memory_info().rss / 2**20
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
         return {
             "nodes": len(self.links),
             "connected": sum(link.state.connected for link in self.links),

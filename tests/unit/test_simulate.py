@@ -3,13 +3,21 @@ nodes, seeded failure injection, and how nodes are dealt to hosts."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from confide.cluster.simulate import SimulationConfig, host_specs, pool_size
+from confide.cluster.simulate import (
+    SimulationConfig,
+    SimulationError,
+    host_specs,
+    pool_size,
+    require_ray,
+    run_simulation,
+)
 from confide.cluster.simulate_host import Faults, SharedTrainers, SimulatedDropout, VirtualWorker
 from confide.coordinator.jobs import normalize_spec
 from confide.node.daemon import NodeConfig, NodeDaemon
@@ -90,3 +98,17 @@ def test_nodes_are_dealt_round_robin_to_a_pool_of_about_one_host_per_cpu():
     assert specs[1].nodes[0] == (1, "/n1")
     with pytest.raises(ValueError):
         pool_size(SimulationConfig(cpus_per_node=0), 2.0)
+
+
+def test_without_ray_the_ray_backend_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(SimulationError, match=r"confide\[sim\]"):
+        require_ray()
+
+
+@pytest.mark.parametrize("bad", [dict(nodes=0), dict(per_round=30), dict(dropout=2.0),
+                                 dict(backend="threads")])
+def test_bad_settings_are_refused_before_anything_starts(tmp_path, bad):
+    with pytest.raises(ValueError):
+        run_simulation(SimulationConfig(**({"nodes": 20, "workdir": tmp_path} | bad)))
+    assert not (tmp_path / "data").exists()
