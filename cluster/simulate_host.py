@@ -219,6 +219,10 @@ class VirtualNodeHost:
             for link in self.links:
                 with contextlib.suppress(Exception):
                     await link.close()
+            # the sessions' tasks are cancelled (a straggler's wait ends): let their threads
+            # finish before the loop closes under them
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(loop.shutdown_default_executor(), 30)
             loop.stop()
 
         asyncio.run_coroutine_threadsafe(close(), loop)

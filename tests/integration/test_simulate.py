@@ -12,6 +12,7 @@ import pytest
 from confide.cluster.experiment import run_experiment
 from confide.cluster.local import LocalCluster
 from confide.cluster.simulate import (
+    Faults,
     SimulationConfig,
     prepare_data,
     run_simulation,
@@ -76,3 +77,22 @@ def test_simulated_nodes_and_the_same_nodes_as_daemons_give_the_same_aggregate(t
             daemon_round["metrics"]["loss_last"], abs=1e-4)
     assert simulated.after["loss"] == pytest.approx(daemons.after["loss"], abs=1e-4)
     assert simulated.after["loss"] != pytest.approx(simulated.before["loss"], abs=1e-4)
+
+
+@pytest.mark.timeout(600)
+def test_stragglers_past_the_round_deadline_are_dropped_by_the_coordinator(tmp_path):
+    cfg = SimulationConfig(nodes=4, rounds=1, base="tiny-bert", max_steps=2, test_size=20,
+                           stragglers=0.5, delay_mean_s=1000.0, delay_max_s=60.0,
+                           round_timeout_s=20.0, backend="local", workdir=tmp_path, quiet=True)
+    faults = Faults(0.0, cfg.stragglers, cfg.delay_mean_s, cfg.delay_max_s, cfg.seed)
+    delays = [faults.fate(f"sim{i}", 1)[1] for i in range(cfg.nodes)]
+    # the seed draws delays far from the deadline either way: no timing-sensitive case
+    assert all(d == 0 or d >= 40 for d in delays) and 0 < sum(d > 0 for d in delays) < 4
+    result = run_simulation(cfg)
+    (round_one,) = result.experiment.rounds
+    late = sum(d > 0 for d in delays)
+    assert result.experiment.ok, result.experiment.reason
+    assert round_one["participants"] == cfg.nodes - late
+    assert len(round_one["dropped"]) == late
+    assert all("deadline" in why for why in round_one["dropped"].values())
+    assert sum(h["delayed"] for h in result.host_stats) == late
