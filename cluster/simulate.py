@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import statistics
 import threading
 import time
@@ -149,14 +150,15 @@ class _RayPool:
         self.ray = ray
         address = cfg.address or os.environ.get("RAY_ADDRESS", "")
         self._own = not address
+        self._temp = Path("/tmp") / f"confide-ray-{os.getpid()}"
         if not ray.is_initialized():
             if address:
                 ray.init(address=address, runtime_env={"env_vars": RAY_ENV},
                          log_to_driver=False)
             else:
-                temp = Path("/tmp") / f"confide-ray-{os.getpid()}"
+                # a short path: Ray's unix sockets live under it (about 100 bytes at most)
                 ray.init(num_cpus=max(1, os.cpu_count() or 1), include_dashboard=False,
-                         _node_ip_address="127.0.0.1", _temp_dir=str(temp),
+                         _node_ip_address="127.0.0.1", _temp_dir=str(self._temp),
                          runtime_env={"env_vars": RAY_ENV}, log_to_driver=False)
         cpus = ray.cluster_resources().get("CPU", 1.0)
         specs = specs_for(pool_size(cfg, cpus))
@@ -175,6 +177,7 @@ class _RayPool:
             self.ray.kill(a)
         if self._own:
             self.ray.shutdown()
+            shutil.rmtree(self._temp, ignore_errors=True)  # its logs and sockets
 
 
 def require_ray():
