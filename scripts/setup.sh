@@ -31,6 +31,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# The `sim` extra: Ray for `confide simulate` and its tests (they skip without it). Checked
+# apart from the stamp so a venv made before the extra existed gets it; cheap when present.
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('ray') is None)"; then
+  echo "installing the sim extra (Ray) into .venv"
+  .venv/bin/python -m pip install -q -r requirements/sim.txt \
+    || echo "could not install Ray: the simulation tests that need it will skip"
+fi
+
 # The dashboard's browser tests drive headless Chromium through Playwright. Playwright's own
 # browser download is often unreachable: use the distribution's build, installed here when it
 # is missing and apt-get may run (root). Without it those tests skip and say why.
