@@ -368,8 +368,12 @@ class _HostilePeer(node_grpc.NodePeerServicer):
         elif request.job_id == "one-huge-message":
             yield common_pb2.Chunk(transfer_id="t", index=0, data=b"x" * (9 * MiB),
                                    total_bytes=9 * MiB, last=True)
-        elif request.job_id == "more-than-announced":
-            for i in range(100):
+        elif request.job_id == "more-than-announced":  # a valid header, then endless data
+            header = common_pb2.TensorHeader(name="w", dtype=common_pb2.FLOAT32,
+                                             shape=[MiB // 2], byte_length=2 * MiB)
+            yield common_pb2.Chunk(transfer_id="t", index=0, header=header,
+                                   total_bytes=2 * MiB)
+            for i in range(1, 101):
                 yield common_pb2.Chunk(transfer_id="t", index=i, data=b"x" * MiB,
                                        total_bytes=2 * MiB)
         elif request.job_id == "stalls":
@@ -530,7 +534,13 @@ def stalls(cluster):
     def header_then_dribble():
         def messages():
             yield header.SerializeToString()
-            for i in range(1000):  # 10 bytes a second of an announced 10,000
+            # a valid tensor header, then 10 bytes a second of its announced 10,000
+            tensor = common_pb2.TensorHeader(name="w", dtype=common_pb2.FLOAT32, shape=[2500],
+                                             byte_length=10_000)
+            yield pb.AnonymousUpdateMessage(chunk=common_pb2.Chunk(
+                transfer_id="u", index=0, header=tensor,
+                total_bytes=10_000)).SerializeToString()
+            for i in range(1, 1001):
                 if forever.wait(1.0):
                     return
                 yield pb.AnonymousUpdateMessage(chunk=common_pb2.Chunk(

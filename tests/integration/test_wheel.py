@@ -112,12 +112,14 @@ def test_an_installed_copy_outside_the_checkout_imports_the_public_api(wheel, tm
 _AUDIT = """
 import os, sys
 _ROOT = {root!r}
+_DEPS = {deps!r}
 _LOG = {log!r}
 def _hook(event, args, _busy=[]):
     if event != "open" or _busy or not isinstance(args[0], (str, bytes)):
         return
     path = os.fsdecode(args[0])
-    if os.path.abspath(path).startswith(_ROOT + os.sep):
+    full = os.path.abspath(path)
+    if full.startswith(_ROOT + os.sep) and not full.startswith(_DEPS + os.sep):
         _busy.append(1)
         try:
             with open(_LOG, "a") as f:
@@ -143,11 +145,14 @@ def venv(wheel, tmp_path_factory) -> tuple[Path, Path]:
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; "
                                 "print(sysconfig.get_paths()['purelib'])"], check=True,
                                capture_output=True, text=True).stdout.strip())
+    # the installed dependencies, wherever they are (the checkout's own .venv included: they
+    # are packages, not the checkout's sources, and the audit hook leaves them out)
+    deps = ROOT / ".venv"
     heavy = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()
-             and not p.startswith(str(ROOT))]
+             and (not p.startswith(str(ROOT)) or p.startswith(str(deps)))]
     (site / "zz_heavy_dependencies.pth").write_text("\n".join(heavy) + "\n")
-    (site / "sitecustomize.py").write_text(textwrap.dedent(_AUDIT.format(root=str(ROOT),
-                                                                         log=str(log))))
+    (site / "sitecustomize.py").write_text(textwrap.dedent(_AUDIT.format(
+        root=str(ROOT), deps=str(deps), log=str(log))))
     return env_dir, log
 
 

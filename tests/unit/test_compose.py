@@ -258,9 +258,12 @@ def _dockerfile() -> list[str]:
 
 
 def _setup_installs() -> list[str]:
+    """setup.sh's installs, less the optional `sim` extra (Ray, for `confide simulate` and its
+    tests): the image runs daemons, not simulations."""
     lines = (ROOT / "scripts" / "setup.sh").read_text().splitlines()
     return [" ".join(line.split("pip install", 1)[1].replace(" -q ", " ").split())
-            for line in lines if "pip install" in line and not line.strip().startswith("#")]
+            for line in lines if "pip install" in line and not line.strip().startswith("#")
+            and "requirements/sim.txt" not in line]
 
 
 def _dockerfile_installs() -> list[str]:

@@ -22,7 +22,7 @@ from confide.cluster.simulate_host import Faults, SharedTrainers, SimulatedDropo
 from confide.coordinator.jobs import normalize_spec
 from confide.node.daemon import NodeConfig, NodeDaemon
 from confide.node.data import synthetic_classification, write_jsonl
-from confide.protos.codec import tensor_map_from_bytes, to_dense
+from confide.protos.codec import to_dense
 from confide.sdk.client import job_spec
 from confide.v1 import coordinator_pb2 as pb
 
@@ -34,12 +34,14 @@ def _worker(folder: Path, seed: int, shared: SharedTrainers, faults: Faults | No
     return VirtualWorker(daemon, shared, faults or Faults(), folder.name)
 
 
-def _update(worker: VirtualWorker, spec: pb.JobSpec, global_payload: bytes,
+def _update(worker: VirtualWorker, spec: pb.JobSpec, global_state: dict,
             round_number: int = 1) -> dict[str, torch.Tensor]:
+    """One TRAIN task's update (the worker takes and returns tensor maps: the session streams
+    them)."""
     task = pb.Task(task_id=f"t{round_number}", job_id="job", round=round_number,
                    kind=pb.TRAIN, spec=spec, has_global=True)
-    payload, _, _ = worker.train(task, global_payload, lambda *_: None, threading.Event())
-    return {k: to_dense(v) for k, v in tensor_map_from_bytes(payload).items()}
+    payload, _, _ = worker.train(task, global_state, lambda *_: None, threading.Event())
+    return {k: to_dense(v) for k, v in payload.items()}
 
 
 def test_virtual_nodes_share_one_model_and_leak_nothing_through_it(tmp_path):
