@@ -376,8 +376,11 @@ class _HostilePeer(node_grpc.NodePeerServicer):
             for i in range(1, 101):
                 yield common_pb2.Chunk(transfer_id="t", index=i, data=b"x" * MiB,
                                        total_bytes=2 * MiB)
-        elif request.job_id == "stalls":
-            yield common_pb2.Chunk(transfer_id="t", index=0, data=b"x", total_bytes=10)
+        elif request.job_id == "stalls":  # a valid header, one byte, then nothing
+            header = common_pb2.TensorHeader(name="w", dtype=common_pb2.UINT8, shape=[10],
+                                             byte_length=10)
+            yield common_pb2.Chunk(transfer_id="t", index=0, header=header, total_bytes=10)
+            yield common_pb2.Chunk(transfer_id="t", index=1, data=b"x", total_bytes=10)
             self.release.wait(30)
 
 
