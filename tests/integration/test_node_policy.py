@@ -198,7 +198,7 @@ def test_every_resource_cap_is_enforced_by_the_node(tmp_path, shards):
             results["payload"] = run(rounds=2)  # round 1 builds its state from a seed
             # seconds: a task may run 0.05 s here; initialising or training takes longer
             replace_node(2, "--max-task-seconds", "0.05")
-            results["seconds"] = run(max_steps=200)
+            results["seconds"] = run(max_steps=200, epochs=100)  # 200 steps, not 4
             # concurrent jobs: the node works for a job that waits for a second node (its
             # initial state came from this node); a second job is refused; once the first is
             # cancelled, the coordinator tells the node it ended and a third job runs
