@@ -109,7 +109,9 @@ phase_start "up (all healthy)"
 phase_end
 
 phase_start scenario
-code=$("${DC[@]}" wait scenario | tail -1)
+# `compose wait` prints the exit code alone (older Compose) or in a sentence ending with it
+# (v2.40: 'container "ID" exited with status code 0'): take the trailing number
+code=$("${DC[@]}" wait scenario | tail -1 | grep -oE '[0-9]+$')
 phase_end
 "${DC[@]}" logs --no-color scenario | sed -n '/^scenario.*step  *ok/,$p'
 [ "$code" = 0 ] || fail "scenario exited $code"
