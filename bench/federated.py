@@ -220,7 +220,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     report = {"benchmark": "federated", "time": stamp, "hardware": info,
               "workload": {k: v for k, v in vars(args).items() if k != "func"},
               "accuracy_before": before, "results": rows,
-              "goals": dp_goals(rows, [params for _, params in methods])}
+              "goals": dp_goals(rows, [params for _, params in methods]) + method_goals(rows)}
     (out / "federated.json").write_text(json.dumps(report, indent=2))
     _plot(rows, out / "federated.png", before)
     print(f"wrote {out / 'federated.json'} and {out / 'federated.png'}")
@@ -242,6 +242,48 @@ def dp_goals(rows: list[dict], params: list[dict]) -> list[dict]:
             None if best[0] is None else best[0] >= target,
             f"{best[1] or 'not run'}: held-out accuracy >= {target} at epsilon {epsilon:g}, "
             "delta 1e-5"))
+    return goals
+
+
+def _best(rows: list[dict], prefix: str) -> dict | None:
+    """The most accurate completed row whose name starts with ``prefix``."""
+    done = [r for r in rows if r["method"].startswith(prefix) and r["accuracy"] is not None]
+    return max(done, key=lambda r: r["accuracy"]) if done else None
+
+
+def method_goals(rows: list[dict]) -> list[dict]:
+    """The methods issue's goals against their references in the same run: Ferret within 5
+    points of fedavg-full at <= 1/1000 of its uplink, and at the FedKSeed point (<= 18 KB per
+    node per round); CELLM at <= 1/10 of FedAvg-LoRA's uplink, <= 2 points lower. A goal whose
+    rows did not run is recorded as not measured."""
+    up = "uplink_bytes_per_node_per_round"
+    full, lora = _best(rows, "fedavg-full"), _best(rows, "fedavg-lora")
+    goals = []
+    ferret = [r for r in rows if r["method"].startswith("ferret") and r["accuracy"] is not None]
+    cheap = [r for r in ferret if full and r[up] <= full[up] / 1000]
+    best = max(cheap, key=lambda r: r["accuracy"]) if cheap else None
+    gap = None if best is None or full is None else full["accuracy"] - best["accuracy"]
+    goals.append(goal_record(
+        "Ferret within 5 points of fedavg-full at <= 1/1000 of its uplink", 0.05, gap,
+        None if gap is None else gap <= 0.05,
+        f"{best['method'] if best else 'not run'} vs fedavg-full: accuracy gap "
+        f"{'-' if gap is None else f'{gap:.3f}'}"))
+    small = [r for r in ferret if r[up] <= 18_000]
+    point = max(small, key=lambda r: r["accuracy"]) if small else None
+    goals.append(goal_record(
+        "Ferret's accuracy at the FedKSeed point (<= 18 KB per node per round)", 18_000,
+        point["accuracy"] if point else None, None,
+        f"{point['method']}: {point[up] / 1e3:.1f} KB up" if point else "not run",
+        reported_not_judged=True))
+    cellm = [r for r in rows if r["method"].startswith("cellm") and r["accuracy"] is not None
+             and lora and r[up] <= lora[up] / 10]
+    best_c = max(cellm, key=lambda r: r["accuracy"]) if cellm else None
+    gap_c = None if best_c is None or lora is None else lora["accuracy"] - best_c["accuracy"]
+    goals.append(goal_record(
+        "CELLM <= 2 points below FedAvg-LoRA at <= 1/10 of its uplink", 0.02, gap_c,
+        None if gap_c is None else gap_c <= 0.02,
+        f"{best_c['method'] if best_c else 'not run'} vs fedavg-lora: accuracy gap "
+        f"{'-' if gap_c is None else f'{gap_c:.3f}'}"))
     return goals
 
 

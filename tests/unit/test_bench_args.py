@@ -44,3 +44,18 @@ def test_the_cli_refuses_bad_methods_before_starting_anything(tmp_path, capsys):
     assert code == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
+def test_the_methods_goals_are_judged_against_their_references_or_not_measured():
+    from confide.bench.federated import method_goals
+
+    def row(method, accuracy, up):
+        return {"method": method, "accuracy": accuracy, "uplink_bytes_per_node_per_round": up}
+
+    goals = method_goals([row("fedavg-full", 0.90, 91e6), row("ferret k=24", 0.86, 24e3),
+                          row("fedavg-lora", 0.95, 900e3), row("cellm density=0.1", 0.92, 80e3)])
+    ferret, point, cellm = goals
+    assert ferret["met"] is True and abs(ferret["measured"] - 0.04) < 1e-9
+    assert point["measured"] is None and point["text"] == "not run"  # 24 KB > 18 KB
+    assert cellm["met"] is False and abs(cellm["measured"] - 0.03) < 1e-9
+    assert all(g["met"] is None for g in method_goals([row("fedavg-lora", 0.9, 1e6)]))
