@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench/results",
                    help="where federated.json and federated.png go; the previous JSON there is "
                         "compared with this run (default: %(default)s)")
+    p.add_argument("--merge", action="store_true",
+                   help="add this run's rows to the federated.json at --out (same workload "
+                        "required; a row of the same name is replaced) instead of starting a "
+                        "new report; each invocation is listed under 'runs' with its command "
+                        "and machine load, and the goals are judged over all rows")
 
 
 _DP_SGD = '"rounds": 3, "local_steps": 15, "expected_batch_size": 64'
@@ -158,6 +166,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     split = any(get_method(method).needs_split_server for method, _ in methods)
     cluster = LocalCluster(workdir, shard_dirs(data_root, args.nodes), split_server=split)
     names = []
+    load_at_start = os.getloadavg()[0]
     try:
         cluster.start()
         for index, (method, params) in enumerate(methods):
@@ -175,10 +184,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
         cluster.stop()
     before = results[0].before.get("accuracy", float("nan")) if results else float("nan")
     rows = []
-    for name, result in zip(names, results, strict=True):
+    for name, result, (_, params) in zip(names, results, methods, strict=True):
         n = max(len(result.rounds), 1)
         rows.append({
             "method": name,
+            "params": params,
             "state": result.state,
             "accuracy": result.after.get("accuracy"),
             "uplink_bytes_per_node_per_round": sum(r["bytes_up_per_node"]
@@ -217,24 +227,68 @@ def run_benchmark(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     _compare_with_previous(out / "federated.json", rows)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    report = {"benchmark": "federated", "time": stamp, "hardware": info,
-              "workload": {k: v for k, v in vars(args).items() if k != "func"},
-              "accuracy_before": before, "results": rows,
-              "goals": dp_goals(rows, [params for _, params in methods]) + method_goals(rows)}
+    workload = {k: v for k, v in vars(args).items() if k not in ("func", "merge")}
+    run = {"command": "confide bench federated " + shlex.join(sys.argv[3:] if
+                                                              sys.argv[1:3] == ["bench",
+                                                                                "federated"]
+                                                              else sys.argv[1:]),
+           "rows": [row["method"] for row in rows], "time": stamp,
+           "load": f"1-minute load {load_at_start:.1f} at start, "
+                   f"{os.getloadavg()[0]:.1f} at end ({os.cpu_count()} CPUs)"}
+    report = {"benchmark": "federated", "time": stamp, "hardware": info, "workload": workload,
+              "accuracy_before": before, "results": rows, "runs": [run]}
+    if args.merge:
+        report = merged_report(out / "federated.json", report)
+        rows = report["results"]
+    report["goals"] = dp_goals(rows) + method_goals(rows)
     (out / "federated.json").write_text(json.dumps(report, indent=2))
     _plot(rows, out / "federated.png", before)
     print(f"wrote {out / 'federated.json'} and {out / 'federated.png'}")
     return 0 if all(r["state"] == "COMPLETED" for r in rows) else 1
 
 
-def dp_goals(rows: list[dict], params: list[dict]) -> list[dict]:
+MERGE_KEYS = ("nodes", "rounds", "base", "alpha", "max_per_node", "max_length", "lr",
+              "test_size", "seed")
+"""Workload settings two runs must share for their rows to sit in one table."""
+
+
+def merged_report(path: Path, report: dict) -> dict:
+    """``report``'s rows added to the report at ``path`` (a row of the same name replaced),
+    its run appended to the list of invocations. Refuses a different workload: rows of two
+    workloads in one table would compare what is not comparable."""
+    if not path.exists():
+        return report
+    previous = json.loads(path.read_text())
+    old, new = previous.get("workload", {}), report["workload"]
+    differ = [k for k in MERGE_KEYS if old.get(k) != new.get(k)]
+    if differ:
+        raise SystemExit(f"--merge: {path} was run with another workload "
+                         f"({', '.join(f'{k}: {old.get(k)!r} vs {new.get(k)!r}' for k in differ)})"
+                         "; run without --merge or with the same settings")
+    known = {label(m, p): p for m, p in parse_methods(old["methods"])} if old.get(
+        "methods") else {}
+    replaced = {row["method"] for row in report["results"]}
+    kept = []
+    for row in previous.get("results", []):
+        if row["method"] not in replaced:
+            row.setdefault("params", known.get(row["method"], {}))
+            kept.append(row)
+    runs = previous.get("runs") or [{"command": "(before runs were recorded)",
+                                     "rows": [r["method"] for r in kept],
+                                     "time": previous.get("time")}]
+    return {**report, "results": kept + report["results"], "runs": runs + report["runs"],
+            "accuracy_before": previous.get("accuracy_before", report["accuracy_before"])}
+
+
+def dp_goals(rows: list[dict]) -> list[dict]:
     """One goal record per DP_GOALS epsilon: the best example-level DP-LoRA row run at that
     target (not measured when no such row ran)."""
     goals = []
     for epsilon, target in DP_GOALS.items():
-        runs = [(row["accuracy"], row["method"]) for row, p in zip(rows, params, strict=True)
-                if row["method"].startswith("dp-lora") and p.get("unit", "example") == "example"
-                and float(p.get("target_epsilon", 0)) == epsilon]
+        runs = [(row["accuracy"], row["method"]) for row in rows
+                if row["method"].startswith("dp-lora")
+                and row.get("params", {}).get("unit", "example") == "example"
+                and float(row.get("params", {}).get("target_epsilon", 0)) == epsilon]
         done = [(acc, name) for acc, name in runs if acc is not None]
         best = max(done) if done else (None, "")
         goals.append(goal_record(

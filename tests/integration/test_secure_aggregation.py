@@ -99,11 +99,16 @@ def test_distributed_dp_noises_the_sum_at_the_nodes(tmp_path, shards):
     assert moved.std().item() == pytest.approx(expected, rel=0.15)
 
 
-def _top_byte_share(stream: bytes) -> float:
-    """The share of the most frequent byte value: 1/256 for uniform bytes (masked vectors),
-    far more for float32 deltas (their exponent bytes repeat)."""
-    counts = np.bincount(np.frombuffer(stream, dtype=np.uint8), minlength=256)
-    return float(counts.max() / max(len(stream), 1))
+def _top_byte_share(stream: bytes, window: int = 16384) -> float:
+    """The share of the most frequent byte value in a typical window of the stream (the median
+    over 16 KiB windows): ~1/256 for uniform bytes (masked vectors), far more for float32 deltas
+    (their exponent bytes repeat). The median keeps framing and heartbeats, whose amount grows
+    with how long a job takes, from deciding it: the payload fills most windows."""
+    data = np.frombuffer(stream, dtype=np.uint8)
+    shares = [np.bincount(data[i:i + window], minlength=256).max() / window
+              for i in range(0, len(data) - window + 1, window)]
+    assert len(shares) >= 8, f"only {len(data)} bytes captured"
+    return float(np.median(shares))
 
 
 def test_every_summable_method_runs_securely_and_the_wire_carries_only_masks(tmp_path, shards):
@@ -144,4 +149,4 @@ def test_every_summable_method_runs_securely_and_the_wire_carries_only_masks(tmp
     plain, masked = _top_byte_share(streams["plain-full"]), _top_byte_share(
         streams["fedavg-full"])
     assert plain > 0.02, plain  # float32 deltas: a few exponent bytes dominate
-    assert masked < 0.01, masked  # ring vectors: ~1/256 plus framing
+    assert masked < 0.01, masked  # ring vectors: ~1/256 plus sampling noise

@@ -59,3 +59,30 @@ def test_the_methods_goals_are_judged_against_their_references_or_not_measured()
     assert point["measured"] is None and point["text"] == "not run"  # 24 KB > 18 KB
     assert cellm["met"] is False and abs(cellm["measured"] - 0.03) < 1e-9
     assert all(g["met"] is None for g in method_goals([row("fedavg-lora", 0.9, 1e6)]))
+
+
+def test_merged_runs_keep_old_rows_replace_same_names_and_refuse_another_workload(tmp_path):
+    import json
+
+    from confide.bench.federated import dp_goals, merged_report
+
+    workload = {"nodes": 3, "rounds": 3, "base": "minilm", "alpha": 0.5, "max_per_node": 240,
+                "max_length": 128, "lr": 2e-3, "test_size": 300, "seed": 0,
+                "methods": 'fedavg-lora;dp-lora:{"target_epsilon": 8, "rounds": 3}'}
+    old_rows = [{"method": "fedavg-lora", "accuracy": 0.95},
+                {"method": "dp-lora target_epsilon=8,rounds=3", "accuracy": 0.80}]
+    path = tmp_path / "federated.json"
+    path.write_text(json.dumps({"workload": workload, "results": old_rows, "time": "t0",
+                                "accuracy_before": 0.2}))
+    new = {"workload": {**workload, "methods": "x"}, "accuracy_before": 0.3, "runs": [{"c": 1}],
+           "results": [{"method": "dp-lora target_epsilon=8,rounds=3", "accuracy": 0.90,
+                        "params": {"target_epsilon": 8, "rounds": 3}}]}
+    merged = merged_report(path, new)
+    assert [r["method"] for r in merged["results"]] == ["fedavg-lora",
+                                                  "dp-lora target_epsilon=8,rounds=3"]
+    assert merged["results"][1]["accuracy"] == 0.90  # the same name: replaced
+    assert merged["results"][0]["params"] == {}  # recovered from the old run's methods
+    assert len(merged["runs"]) == 2 and merged["accuracy_before"] == 0.2
+    assert dp_goals(merged["results"])[0]["measured"] == 0.90
+    with pytest.raises(SystemExit, match="max_length: 128 vs 64"):
+        merged_report(path, {**new, "workload": {**workload, "max_length": 64}})
