@@ -100,7 +100,6 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
         cost=args.cost,
         local_model=args.local_model,
         agent=not args.no_agent,
-        trust_split_server=args.trust_split_server or [],
     )
     config.tls_dir = getattr(args, "tls", "")
     config.tls_name = getattr(args, "tls_name", "")
@@ -153,7 +152,8 @@ def _policy_from_args(args: argparse.Namespace):
     return load_policy(args.data, args.policy or None).with_overrides(
         allow_models=[os.path.abspath(os.path.expanduser(d)) for d in args.allow_model or ()],
         methods=listed(args.methods), roles=listed(args.roles),
-        private_datasets=args.private_dataset or (), reveal=args.reveal, caps=caps)
+        private_datasets=args.private_dataset or (), reveal=args.reveal, caps=caps,
+        trust_split_servers=args.trust_split_server or ())
 
 
 def cmd_node_policy_show(args: argparse.Namespace) -> int:
@@ -194,6 +194,12 @@ def _add_policy_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reveal", default=None, choices=["exact", "coarse", "hidden"],
                    help="what registration reveals of the datasets: names and sizes, sizes "
                         "rounded up to a power of two, or nothing (default: exact)")
+    g.add_argument("--trust-split-server", action="append", metavar="NAME",
+                   help="take part in SFPrompt (split learning) jobs whose split-server is NAME "
+                        "(its --name or node id), repeatable; added to the policy's "
+                        "trust_split_servers. The split-server can read this node's text from "
+                        "the activations it receives (README: split-learning threat model); "
+                        "a node that trusts none refuses SFPrompt tasks")
     from confide.node.policy import Caps
 
     defaults = Caps()
@@ -876,11 +882,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a dataset only differentially private tasks may use (example-level "
                         "dp-lora); repeatable")
     _add_policy_options(p)
-    p.add_argument("--trust-split-server", action="append", metavar="NAME",
-                   help="take part in SFPrompt (split learning) jobs whose split-server is NAME "
-                        "(its --name or node id), repeatable. The split-server can read this "
-                        "node's text from the activations it receives (README: split-learning "
-                        "threat model); without this flag SFPrompt tasks are refused")
     p.set_defaults(func=cmd_node_serve)
     policy = node_sub.add_parser("policy", help="what this node agrees to run")
     policy_sub = policy.add_subparsers(dest="policy_action", required=True)

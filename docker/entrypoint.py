@@ -85,6 +85,12 @@ VARIABLES: dict[str, Var] = {v.name: v for v in [
     Var("CONFIDE_LOCAL_MODEL", ("node",), "Minions' local model reading <data>/docs/*.txt",
         "smollm2"),
     Var("CONFIDE_COST", ("node",), "participation cost per round (budgeted jobs)", "0"),
+    Var("CONFIDE_TRUST_SPLIT_SERVER", ("node",), "comma-separated split-servers (names or "
+        "node ids) this node trusts with its text: it takes part in SFPrompt jobs paired with "
+        "one of them (--trust-split-server; the split-server can read the text back from the "
+        "activations it receives, README: split-learning threat model). '' = none: SFPrompt "
+        "tasks are refused, unless the policy file in CONFIDE_DATA (trust_split_servers) "
+        "names one"),
     # prepare: the data shards, the nodes' documents and the private-inference model
     Var("CONFIDE_NODES", ("prepare",), "device nodes to make shards for", "3"),
     Var("CONFIDE_SHARDS", ("prepare",), "where node0..N-1 shard folders go (mount each "
@@ -183,6 +189,9 @@ def commands(env: Mapping[str, str]) -> list[list[str]]:
         for node_role in g("CONFIDE_NODE_ROLES").split(","):
             if node_role.strip():
                 args += ["--role", node_role.strip()]
+        for server in g("CONFIDE_TRUST_SPLIT_SERVER").split(","):
+            if server.strip():
+                args += ["--trust-split-server", server.strip()]
         return [_confide(env, *args, *_tls(env))]
     if role == "prepare":
         shards = g("CONFIDE_SHARDS")

@@ -66,11 +66,9 @@ class NodeConfig:
     tls_name: str = ""
     #: the coordinator's anonymous port (server-only TLS); "" = the coordinator address
     anonymous_coordinator: str = ""
-    #: what the node agrees to (node/policy.py); None: <data>/policy.toml, or the defaults
+    #: what the node agrees to (node/policy.py), SFPrompt's trusted split-servers included;
+    #: None: <data>/policy.toml, or the defaults
     policy: NodePolicy | None = None
-    #: split-servers (names or node ids) the owner trusts with this node's text: SFPrompt
-    #: tasks with any other split-server are refused (``node.split.trust``)
-    trust_split_server: list[str] = field(default_factory=list)
     #: the owner's privacy budget per dataset (None: uncapped), its delta, and the datasets
     #: only DP tasks may use (node/privacy_guard.py)
     privacy_budget: float | None = None
@@ -163,7 +161,6 @@ class NodeDaemon:
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         worker = TaskWorker(self.data, self.models, self.device,
                             local_model=self.config.local_model,
-                            trusted_split_servers=self.config.trust_split_server,
                             guard=self.privacy,
                             payload_cap=self.policy.caps.payload_bytes)
         self.link = CoordinatorLink(self.config.coordinator, self.key, info, worker,

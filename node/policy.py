@@ -15,6 +15,8 @@ every method the project ships, caps that fit a laptop.
 
 The privacy *budget* a node spends on DP jobs is ``privacy/budget.py``'s; this module only
 says which datasets are private (``private_datasets``: non-DP methods are refused on them).
+Which split-servers the owner trusts with the node's text (``trust_split_servers``, SFPrompt's
+opt-in) is said here too; what that trust means is ``node/split/trust.py``'s.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from confide.node.methods import REGISTRY, get_method
+from confide.node.split.trust import untrusted_split_server
 from confide.protos.bases import PACKAGED_BASES, base_problem
 from confide.v1 import coordinator_pb2 as pb
 
@@ -108,6 +111,8 @@ class TaskRequest:
     dataset_size: int | None = None
     #: bytes the task brings in
     payload_bytes: int = 0
+    #: the parties the task works with (SFPrompt: its split-server, which reads the text)
+    peers: tuple[pb.Peer, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,9 @@ class NodePolicy:
     private_datasets: tuple[str, ...] = ()
     caps: Caps = Caps()
     reveal: str = "exact"
+    #: split-servers (their names or node ids) the owner trusts with this node's text: an
+    #: SFPrompt task paired with any other one is refused (node/split/trust.py)
+    trust_split_servers: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ building
 
@@ -135,7 +143,8 @@ class NodePolicy:
         if unknown:
             raise PolicyError(f"unknown policy key(s) {unknown}; known: {sorted(known)}")
         kwargs: dict[str, Any] = {}
-        for key in ("packaged_models", "allow_models", "methods", "roles", "private_datasets"):
+        for key in ("packaged_models", "allow_models", "methods", "roles", "private_datasets",
+                    "trust_split_servers"):
             if key in data:
                 kwargs[key] = _strings(data[key], key)
         if "reveal" in data:
@@ -185,9 +194,11 @@ class NodePolicy:
     def with_overrides(self, *, allow_models: Iterable[str] = (),
                        methods: Iterable[str] | None = None, roles: Iterable[str] | None = None,
                        private_datasets: Iterable[str] = (), reveal: str | None = None,
-                       caps: Mapping[str, Any] | None = None) -> NodePolicy:
-        """The policy with command-line flags applied: folders and private datasets are
-        added, methods/roles/reveal replace, caps given are replaced one by one."""
+                       caps: Mapping[str, Any] | None = None,
+                       trust_split_servers: Iterable[str] = ()) -> NodePolicy:
+        """The policy with command-line flags applied: folders, private datasets and trusted
+        split-servers are added, methods/roles/reveal replace, caps given are replaced one by
+        one."""
         policy = dataclasses.replace(
             self,
             allow_models=_unique((*self.allow_models, *allow_models)),
@@ -195,6 +206,7 @@ class NodePolicy:
             roles=tuple(roles) if roles is not None else self.roles,
             private_datasets=_unique((*self.private_datasets, *private_datasets)),
             reveal=reveal or self.reveal,
+            trust_split_servers=_unique((*self.trust_split_servers, *trust_split_servers)),
             caps=dataclasses.replace(self.caps, **{k: v for k, v in (caps or {}).items()
                                                    if v is not None}),
         )
@@ -221,6 +233,10 @@ class NodePolicy:
                 if role not in ROLES:
                     raise PolicyError(f"{prefix}roles: unknown role {role!r}; known: "
                                       f"{', '.join(ROLES)}")
+        for name in self.trust_split_servers:
+            if not name.strip() or name != name.strip():
+                raise PolicyError(f"trust_split_servers: {name!r} must be a split-server's "
+                                  "name or node id, without surrounding spaces")
         if self.reveal not in REVEAL:
             raise PolicyError(f"reveal must be one of {', '.join(REVEAL)}, got {self.reveal!r}")
         self.caps.check()
@@ -234,6 +250,7 @@ class NodePolicy:
             "roles": list(self.roles),
             "private_datasets": list(self.private_datasets),
             "reveal": self.reveal,
+            "trust_split_servers": list(self.trust_split_servers),
             "caps": dataclasses.asdict(self.caps),
             "datasets": {name: {k: list(v) for k, v in dataclasses.asdict(rule).items()
                                 if v is not None}
@@ -244,7 +261,7 @@ class NodePolicy:
 
     def admit(self, request: TaskRequest) -> None:
         """Raise Refused unless this node agrees to ``request``: its role, then (for a job)
-        its method on its dataset, its base model and the caps."""
+        its method on its dataset, its split-server, its base model and the caps."""
         spec = request.spec
         dataset = request.dataset
         if dataset is None:
@@ -268,6 +285,9 @@ class NodePolicy:
             raise Refused(f"dataset {dataset!r} is private on this node: only differentially "
                           f"private methods ({', '.join(sorted(DP_METHODS))}) may use it, "
                           f"not {spec.method!r}")
+        untrusted = untrusted_split_server(request.peers, self.trust_split_servers)
+        if untrusted:
+            raise Refused(untrusted)
         self.check_base(spec.model.base)
         if spec.rounds > self.caps.rounds_per_job:
             raise Refused(f"the job asks for {spec.rounds} rounds, over this node's cap of "

@@ -268,7 +268,7 @@ class _TaskRunner:
             spec=None if task.kind == pb.MINION else task.spec,
             dataset="docs" if task.kind == pb.MINION else None,
             dataset_size=dataset if task.kind == pb.TRAIN else None,
-            payload_bytes=len(task.instructions)))
+            payload_bytes=len(task.instructions), peers=tuple(task.peers)))
 
     def handle(self, message: pb.CoordinatorMessage) -> None:
         kind = message.WhichOneof("body")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import Any, TypeAlias
 
 import torch
@@ -24,7 +24,6 @@ from confide.node.methods.dp_lora import ExamplePlan
 from confide.node.minion_worker import MinionCancelled, MinionWorker
 from confide.node.models import job_model_config
 from confide.node.privacy_guard import PrivacyGuard
-from confide.node.split.trust import require_trusted_split_server
 from confide.node.store import ModelStore
 from confide.node.training.registry import trainer_kind
 from confide.node.training.task import ProgressFn, TaskTrainer
@@ -52,15 +51,12 @@ class NeedsFullState(Exception):
 class TaskWorker:
     def __init__(self, data: LocalData, models: ModelStore, device: torch.device,
                  max_cached_models: int = 1, local_model: str = "smollm2",
-                 trusted_split_servers: Collection[str] = (),
                  guard: PrivacyGuard | None = None,
                  payload_cap: int = DEFAULT_MAX_PAYLOAD) -> None:
         self.data = data
         #: the node policy's cap on what a transfer may bring (caps.payload_bytes): DIMAT's
         #: peer fetches are refused at the stream's header above it
         self.payload_cap = payload_cap
-        #: split-servers (names or node ids) this node's owner trusts with its text (SFPrompt)
-        self.trusted_split_servers = frozenset(trusted_split_servers)
         #: the owner's privacy budget (None: nothing enforced nor recorded; tests only)
         self.guard = guard
         #: Minions: the local model spec (agents.backends) and its worker, made on first use
@@ -156,8 +152,6 @@ class TaskWorker:
         config = method.parse_config(method_params(spec))
         if method.decentralized:
             return self._train_own(task, progress, cancelled)
-        if method.needs_split_server:
-            require_trusted_split_server(task, self.trusted_split_servers)
         global_state = self._received_global(task, method, config, global_payload)
         examples = self.data.load(spec.train.dataset)
         plan = self._admit(task, method, config, len(examples))

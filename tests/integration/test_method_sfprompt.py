@@ -4,7 +4,7 @@ The devices keep the embeddings, the first layer, the soft prompts and the tail;
 split-server runs the body. What crosses to the server is read off the wire: only floating
 activations, a boolean mask and gradients, never token ids or labels; and what an attacker at
 the split-server reads back from those activations (most of the tokens: the split-server is a
-trusted role, opted into with --trust-split-server)."""
+trusted role, opted into in the node policy or with --trust-split-server)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from confide.cli.main import main as cli_main
 from confide.cluster.experiment import Evaluator
 from confide.cluster.local import LocalCluster
 from confide.coordinator.broker import free_port
@@ -23,7 +24,7 @@ from confide.node.split.model import SplitConfig, build_split
 from confide.node.store import ModelStore
 from confide.protos.codec import to_dense
 from confide.protos.stream import receive_tensor_map
-from confide.sdk.client import Client
+from confide.sdk.client import Client, refusals
 from confide.v1 import coordinator_pb2 as pb
 from confide.v1 import node_pb2
 from tests.integration.helpers import tiny_spec, wait_for_nodes
@@ -212,17 +213,45 @@ def test_two_devices_train_the_servers_body_in_turns(tmp_path, shards):
     assert secure.rounds[0].secure_aggregation and secure.rounds[0].secagg_survivors == 2
 
 
-def test_a_device_that_does_not_trust_the_split_server_refuses_the_task(tmp_path, shards):
-    """The split-server reads the devices' text: a device takes part only if its owner named
-    it (--trust-split-server); otherwise it refuses, saying why, and its daemon lives on."""
-    with LocalCluster(tmp_path / "cluster", shards(2, per_node=32), mqtt=False,
-                      split_server=True, trust_split_server="") as cluster, \
-            Client(cluster.address) as client:
-        wait_for_nodes(client, 3)
-        job = client.submit_job(_spec(rounds=1, max_steps=4, round_timeout_s=60))
-        events: list[pb.Event] = []
-        final = client.wait_job(job.job_id, on_event=events.append)
-        assert all(cluster.nodes[i].poll() is None for i in (0, 1))
-    assert final.state == pb.FAILED
-    reasons = final.reason + " ".join(e.message for e in events)
-    assert "--trust-split-server split-server" in reasons, reasons
+def test_the_policy_file_opts_in_and_a_node_without_it_is_dropped_with_its_reason(
+        tmp_path, shards, capsys):
+    """The opt-in is a key of the node policy (``trust_split_servers`` in <data>/policy.toml;
+    the flag is a shortcut, and none is given here). A node whose policy lacks it refuses the
+    SFPrompt task as other policy refusals do: the coordinator drops that node alone (the job
+    completes with the other, min_nodes 1), and the submitter reads why in the job's status
+    (``confide job status`` and the SDK's ``refusals``) and its events. A job that needs both
+    nodes (min_nodes 2) fails, the refusal in its reason; both daemons live on."""
+    folders = shards(2, per_node=32)
+    (folders[0] / "policy.toml").write_text('trust_split_servers = ["split-server"]\n')
+    with LocalCluster(tmp_path / "cluster", folders, mqtt=False, split_server=True,
+                      trust_split_server="") as cluster:
+        with Client(cluster.address) as client:
+            nodes = wait_for_nodes(client, 3)
+            job = client.submit_job(_spec(rounds=1, min_nodes=1, max_steps=4,
+                                          round_timeout_s=60))
+            events: list[pb.Event] = []
+            final = client.wait_job(job.job_id, on_event=events.append)
+            both = client.wait_job(client.submit_job(
+                _spec(rounds=1, min_nodes=2, max_steps=4, round_timeout_s=60)).job_id)
+        code = cli_main(["job", "status", job.job_id, "--coordinator", cluster.address])
+        status = capsys.readouterr().out
+        alive = [cluster.nodes[i].poll() is None for i in (0, 1)]
+    ids = {n.info.name: n.node_id for n in nodes}
+    assert all(alive)
+    assert final.state == pb.COMPLETED, final.reason
+    (summary,) = final.rounds
+    assert list(summary.participants) == [ids["node0"]]
+    assert set(summary.selected) == {ids["node0"], ids["node1"]}
+    (why,) = refusals(final).values()
+    assert list(refusals(final)) == [(1, ids["node1"])]
+    for text in ("split-server 'split-server'", "read the node's text",
+                 'trust_split_servers = ["split-server"]', "--trust-split-server split-server"):
+        assert text in why, why
+    refused = [e for e in events if e.kind == "node.refused"]
+    assert [e.node_id for e in refused] == [ids["node1"]] and refused[0].message.startswith(
+        "node refused: ")
+    assert code == 0
+    assert both.state == pb.FAILED
+    assert "--trust-split-server split-server" in both.reason, both.reason
+    assert list(refusals(both)) == [(1, ids["node1"])]
+    assert "trust_split_servers" in status and ids["node1"][:16] in status

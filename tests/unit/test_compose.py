@@ -155,6 +155,41 @@ def test_every_command_parses(compose):
                     ("aero", "train"), ("scenario", None)}
 
 
+def test_the_devices_opt_in_to_sfprompt_only_when_told(compose, tmp_path):
+    """The split-server reads a device's text (README: split-learning threat model): the demo's
+    devices trust it only when CONFIDE_TRUST_SPLIT_SERVER is set in the shell, and then name
+    the demo's own split-server as the coordinator pairs it (its CONFIDE_NAME)."""
+    from confide.cli.main import _policy_from_args
+
+    services = compose["services"]
+    parser = build_parser()
+    server_name = _env(services["split-server"])["CONFIDE_NAME"]
+
+    def device_args(name: str, shell: dict[str, str]):
+        env = {k: _VARIABLE.sub(lambda m: shell.get(m[1], m[2] or ""), str(v))
+               for k, v in services[name]["environment"].items()}
+        (line,) = entrypoint.commands(env)
+        args = parser.parse_args(line[1:])
+        args.data = str(tmp_path)  # no policy file there: the flags alone
+        return line, args
+
+    for device in DEVICES:
+        assert _variables(services[device]["environment"]["CONFIDE_TRUST_SPLIT_SERVER"]) == \
+            ["CONFIDE_TRUST_SPLIT_SERVER"]
+        line, args = device_args(device, {})
+        assert "--trust-split-server" not in line  # the default: no opt-in
+        assert _policy_from_args(args).trust_split_servers == ()
+        line, args = device_args(device, {"CONFIDE_TRUST_SPLIT_SERVER": server_name})
+        assert _policy_from_args(args).trust_split_servers == (server_name,)
+        _, args = device_args(device, {"CONFIDE_TRUST_SPLIT_SERVER": f"{server_name}, gpu-box"})
+        assert _policy_from_args(args).trust_split_servers == (server_name, "gpu-box")
+    # the split-server itself sends no text anywhere: it has nothing to opt into
+    assert "CONFIDE_TRUST_SPLIT_SERVER" not in services["split-server"]["environment"]
+    with pytest.raises(entrypoint.EntrypointError, match="does not read "
+                                                         "CONFIDE_TRUST_SPLIT_SERVER"):
+        entrypoint.check({**_env(services["coordinator"]), "CONFIDE_TRUST_SPLIT_SERVER": "x"})
+
+
 def test_addresses_ports_and_healthchecks(compose):
     services = compose["services"]
     coordinator = _env(services["coordinator"])

@@ -232,6 +232,61 @@ def test_a_refused_task_is_answered_at_once_and_never_started():
     assert "fedavg-lora" in message.failure.reason
 
 
+# ---------------------------------------------------------------- SFPrompt's split-server
+
+
+_SPLIT_SERVER = pb.Peer(node_id="abc123", name="gpu-box", role="split-server",
+                        address="10.0.0.2:7070")
+
+
+def test_an_sfprompt_task_runs_only_with_a_trusted_split_server(tmp_path):
+    """The split-server reads the device's text: the policy key (or the flag) opts in."""
+    sfprompt = spec(method="sfprompt")
+    request = trainer(sfprompt, peers=(_SPLIT_SERVER,))
+    with pytest.raises(Refused) as refused:
+        NodePolicy().admit(request)
+    reason = str(refused.value)
+    # which server, what it would read, and both ways to opt in
+    assert "'gpu-box' (abc123)" in reason and "read the node's text" in reason
+    assert 'trust_split_servers = ["gpu-box"]' in reason
+    assert "--trust-split-server gpu-box" in reason
+    NodePolicy(trust_split_servers=("gpu-box",)).admit(request)
+    NodePolicy(trust_split_servers=("abc123",)).admit(request)  # or its node id
+    with pytest.raises(Refused, match="gpu-box"):
+        NodePolicy(trust_split_servers=("other",)).admit(request)
+    NodePolicy().admit(trainer(sfprompt))  # INIT: no split-server, nothing read
+    NodePolicy().admit(trainer(spec(), peers=()))  # other methods have none
+    # from the policy file, and the flag adds to it
+    (tmp_path / "policy.toml").write_text('trust_split_servers = ["gpu-box"]\n')
+    policy = load_policy(tmp_path)
+    assert policy.trust_split_servers == ("gpu-box",)
+    policy.admit(request)
+    assert NodePolicy.from_mapping(tomllib.loads(to_toml(policy.to_mapping()))) == policy
+    both = policy.with_overrides(trust_split_servers=["abc123", "gpu-box"])
+    assert both.trust_split_servers == ("gpu-box", "abc123")
+    assert NodePolicy().with_overrides(trust_split_servers=["gpu-box"]).trust_split_servers \
+        == ("gpu-box",)
+
+
+def test_an_untrusted_split_server_is_a_refusal_answered_at_once():
+    """A refusal like the other policy refusals (``TaskFailure.refused``): the coordinator
+    drops this node and records why; the task never starts."""
+    async def run() -> list[pb.NodeMessage]:
+        link = SimpleNamespace(key=_KEY, refresh_privacy=_NO_REPORT, worker=_SlowWorker(),
+                               state=LinkState(), cost=0.0, _busy=False,
+                               gate=AdmissionGate(NodePolicy()))
+        outbox: asyncio.Queue = asyncio.Queue()
+        runner = _TaskRunner(link, outbox)
+        runner.handle(pb.CoordinatorMessage(task=pb.Task(
+            task_id="t1", job_id="j", kind=pb.TRAIN, spec=spec(method="sfprompt"), round=1,
+            has_global=True, peers=[_SPLIT_SERVER])))
+        assert runner.task is None and runner.job is None
+        return [outbox.get_nowait() for _ in range(outbox.qsize())]
+
+    (message,) = asyncio.run(run())
+    assert message.failure.refused and "--trust-split-server gpu-box" in message.failure.reason
+
+
 # ---------------------------------------------------------------- registration
 
 
@@ -283,6 +338,10 @@ roles = ["trainer"]
     ("[caps]\nfoo = 1", "unknown cap"),
     ("methods = 'fedavg-lora'", "list of strings"),
     ("this is not toml", "policy.toml"),
+    ("trust_split_servers = 'gpu-box'", "list of strings"),
+    ("trust_split_servers = ['']", "trust_split_servers"),
+    ("trust_split_servers = [' gpu-box']", "surrounding spaces"),
+    ("trust_split_server = ['gpu-box']", "unknown policy key"),
 ])
 def test_bad_policy_files_name_the_problem(tmp_path, text, match):
     (tmp_path / "policy.toml").write_text(text)

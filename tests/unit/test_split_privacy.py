@@ -25,7 +25,7 @@ from confide.node.split.defences import (
 )
 from confide.node.split.model import SplitConfig, build_split
 from confide.node.split.trainer import build_split_trainer
-from confide.node.split.trust import UntrustedSplitServer, require_trusted_split_server
+from confide.node.split.trust import untrusted_split_server
 from confide.v1 import coordinator_pb2 as pb
 
 TEXTS = [ex.text + " Paris 2024" for ex in synthetic_classification(24, 2, seed=3)]
@@ -170,9 +170,14 @@ def test_defence_parameters_are_validated(params, match):
 
 
 def test_an_untrusted_split_server_is_refused_with_a_reason():
-    task = pb.Task(peers=[pb.Peer(node_id="abc123", name="gpu-box", role="split-server")])
-    with pytest.raises(UntrustedSplitServer, match="--trust-split-server gpu-box"):
-        require_trusted_split_server(task, {"other"})
-    require_trusted_split_server(task, {"gpu-box"})
-    require_trusted_split_server(task, {"abc123"})
-    require_trusted_split_server(pb.Task(), set())  # no split-server, nothing to trust
+    peers = [pb.Peer(node_id="n1", role="peer"),
+             pb.Peer(node_id="abc123", name="gpu-box", role="split-server")]
+    reason = untrusted_split_server(peers, {"other"})
+    assert reason and "--trust-split-server gpu-box" in reason
+    assert "trust_split_servers" in reason
+    assert untrusted_split_server(peers, {"gpu-box"}) is None
+    assert untrusted_split_server(peers, {"abc123"}) is None
+    assert untrusted_split_server([], set()) is None  # no split-server, nothing to trust
+    # a split-server without a name is named by its node id
+    nameless = untrusted_split_server([pb.Peer(node_id="abc123", role="split-server")], ())
+    assert nameless and "--trust-split-server abc123" in nameless
