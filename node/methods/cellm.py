@@ -50,9 +50,9 @@ Jaggi, "Sparsified SGD with Memory" (NeurIPS 2018). As this module runs it:
            1) is measured from h_i, so w_{r+1} = w_r + the mean of deltas each taken from what
            its node held (FLASC's rule: clients fine-tune from the sparse download and the
            server adds their updates to its dense adapter).
-    Where this departs from FLASC (Kuo et al. 2024, section 3 / Algorithm 1): FLASC sparsifies
-    the global adapter itself for every client, stateless (cross-device clients come and
-    go); here nodes stay in a job, so the downlink carries the largest *changes* since what
+    Where this departs from FLASC (Kuo et al. 2024, arXiv 2406.05233), as we read it: FLASC
+    sparsifies the global adapter itself for every client, stateless (cross-device clients
+    come and go); here nodes stay in a job, so the downlink carries the largest *changes* since what
     the node holds, and what it leaves out is sent later instead of being lost. It cannot be
     used with ``selection = "shared-random"``: those positions are drawn from the digest of
     the state a node trains from, which must then be the same at every node.
