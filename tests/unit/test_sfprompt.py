@@ -41,6 +41,7 @@ from confide.node.split.trainer import (
     build_split_trainer,
     wire_rel_error,
 )
+from confide.node.training.task import round_seed
 
 HIDDEN = 64
 
@@ -730,3 +731,26 @@ def test_device_compute_share_on_a_smollm2_shaped_model_with_one_device_layer():
     # as a causal LM the vocabulary projection (49,152 x 576 per position, ~8 layers' worth)
     # stays on the device: its share is far above 5%
     assert 0.15 < lm.device_train_flop_share < 0.3
+
+
+def test_a_job_prunes_once_and_refuses_more_local_steps_than_the_round_has(bert_parts):
+    """The worker's side (``SplitJobTrainer``): pruning (here the random control) runs once per
+    job and is kept; local-loss steps beyond the round's steps are refused before any server
+    is dialled (the peer's address is never used)."""
+    from confide.node.split.job import SplitJobTrainer
+    from confide.v1 import coordinator_pb2 as pb
+
+    examples = synthetic_classification(16, 2, seed=8)
+    config = SFPromptConfig(tail_layers=0, num_prompts=4, prune_gamma=0.5,
+                            prune_method="random", local_loss_steps=3)
+    job = SplitJobTrainer(_trainer(bert_parts), config)
+    task = pb.Task(job_id="j", round=1,
+                   spec=pb.JobSpec(train=pb.TrainSpec(batch_size=4, max_steps=2, local_epochs=1)),
+                   peers=[pb.Peer(role="split-server", address="127.0.0.1:1")])
+    scratch: dict = {}
+    with pytest.raises(ValueError, match=r"local_loss_steps \(3\) replace some of the round's "
+                                         r"2 steps"):
+        job.train_task(task, examples, lambda *args: None, scratch)
+    kept = scratch["pruned"]
+    assert len(kept) == 8 and kept == job.trainer.prune(examples, 0.5, method="random",
+                                                         seed=round_seed(task))
