@@ -26,7 +26,7 @@ Models over Resource-Limited Devices" (2024), as this module runs it:
               the *local* path head -> tail, no server round trip (pruning costs no
               communication; the missing body shifts all the scores alike). Causal LM: the
               mean over predicted tokens of the per-token EL2N. ``prune_method = "random"``
-              (the control): s_j uniform random, seeded by the job's seed
+              (the control): s_j uniform random, seeded by the task (job seed and round)
            c. keep D_i' = the top ceil(gamma * |D_i|) examples by s (ties: the lower index),
               the hard / informative ones, as in Paul et al. 2021 ("Deep Learning on a Data
               Diet"); for classification the top gamma of each label (``prune_by_label``,
