@@ -59,4 +59,3 @@ def test_the_methods_goals_are_judged_against_their_references_or_not_measured()
     assert point["measured"] is None and point["text"] == "not run"  # 24 KB > 18 KB
     assert cellm["met"] is False and abs(cellm["measured"] - 0.03) < 1e-9
     assert all(g["met"] is None for g in method_goals([row("fedavg-lora", 0.9, 1e6)]))
-
