@@ -76,13 +76,16 @@ METHOD_ROWS = (
     'cellm:{"density": 0.1, "value_dtype": "float16"};'
     'cellm:{"density": 0.2, "lora_r": 4};'
     'cellm:{"density": 0.05, "lora_r": 16};'
-    'cellm:{"density": 0.1, "selection": "shared-random"}'
+    'cellm:{"density": 0.1, "selection": "shared-random"};'
+    'cellm:{"density": 0.1, "downlink_density": 0.1}'
 )
 """The methods issue's rows (run with ``--rounds 10``): fedavg-full as Ferret's reference;
 Ferret with the paper's estimator and SGD (body 1e-4, the exact head 1e-2) at k = 24 and at the
 FedKSeed point (k = 8: about 18 KB per node per round with the 7.7 KB head), and the projection
 estimator at k = 256; CELLM's rank x density at equal uplink (r 8 x 0.1 = r 4 x 0.2 = r 16 x
-0.05), float16 values, and shared random positions (the secure-aggregation form)."""
+0.05), float16 values, shared random positions (the secure-aggregation form), and the sparse
+downlink (FLASC: each node gets the largest tenth of the changes since the state it holds; the
+table's "down r2+" column)."""
 
 DEFAULT_METHODS = 'fedavg-lora;' + DP_METHODS + ';' + METHOD_ROWS
 """The issues' comparison: the baseline, DP-LoRA (above) and the methods' rows, every one on

@@ -54,6 +54,9 @@ class FederatedRounds:
         self.broadcast: CompactBroadcast | None = None
         #: digest of the job's seeded initial state, which every node can build itself
         self.seeded_digest = b""
+        #: node id -> the state that node trains from, when the method sends each node its
+        #: own downlink (``keeps_node_states``); memory only, like ``broadcast``
+        self.node_states: dict[str, State] = {}
 
     async def run(self) -> None:
         """Every round from the first one not committed to the job's last."""
@@ -236,7 +239,10 @@ class FederatedRounds:
         """One node's TRAIN task. The global state goes down whole, or not at all when it is
         the job's seeded initial state (the node builds it as INIT does), or, when the method
         has a compact broadcast and the node kept the state it builds on, in that compact
-        form (Ferret: the mean scalars); ``builds``: the node speaks that part of the wire
+        form (Ferret: the mean scalars), or, when the method sends each node its own
+        downlink (``keeps_node_states``: CELLM's sparse downlink), as what that node's held
+        state lacks; the node then trains from the state it rebuilds, whose digest the task
+        carries; ``builds``: the node speaks that part of the wire
         (``STATE_DIGEST_FEATURE``). A node that cannot get the same bits (its digest differs)
         gets the whole state in the time left."""
         timeout = self.spec.round_timeout_s
@@ -250,7 +256,9 @@ class FederatedRounds:
             return t
 
         cheap: tuple[pb.Task, dict[str, WireTensor] | None] | None = None
+        holds = payload  # the state the node trains from, once its task succeeds
         compact = self.broadcast
+        held = self.node_states.get(session.node_id)
         if builds and digest == self.seeded_digest:
             first = task()
             first.has_global = False
@@ -261,12 +269,20 @@ class FederatedRounds:
             first = task()
             first.global_base_digest = compact.base
             cheap = (first, compact.payload)
+        elif (builds and held is not None
+                and session.held_states.get(job_id) == state_digest(held)):
+            own = self.method.node_downlink(self.job.config, payload, held)
+            if own is not None:
+                first = task()
+                first.global_base_digest = session.held_states[job_id]
+                first.global_digest = state_digest(own[1])
+                cheap, holds = (first, own[0]), own[1]
         spent: TaskOutcome | None = None
         if cheap is not None:
             spent = await session.run_task(*cheap, timeout,
                                            expects_payload=not self.spec.anonymous)
             if spent.ok or not spent.needs_full_state:
-                self._held(session, spent, digest)
+                self._held(session, spent, cheap[0].global_digest, holds)
                 return spent
             log.info("job %s round %d: %s could not build the global state itself (%s); "
                      "sending the whole state", job_id, round_number, session.node_id,
@@ -278,15 +294,20 @@ class FederatedRounds:
             outcome.bytes_down += spent.bytes_down
             outcome.bytes_up += spent.bytes_up
             outcome.seconds += spent.seconds
-        self._held(session, outcome, digest)
+        self._held(session, outcome, digest, payload)
         return outcome
 
-    def _held(self, session: NodeSession, outcome: TaskOutcome, digest: bytes) -> None:
-        """A node that trained from the state keeps it: the base of the next broadcast."""
+    def _held(self, session: NodeSession, outcome: TaskOutcome, digest: bytes,
+              state: State) -> None:
+        """A node that trained from the state keeps it: the base of the next broadcast (and,
+        when the method sends each node its own downlink, of that node's next one)."""
         if outcome.ok:
             session.held_states[self.job.job_id] = digest
+            if self.method.keeps_node_states(self.job.config):
+                self.node_states[session.node_id] = dict(state)
         else:
             session.held_states.pop(self.job.job_id, None)
+            self.node_states.pop(session.node_id, None)
 
     @staticmethod
     def _anonymous_outcome(update: AnonymousUpdate) -> TaskOutcome:

@@ -136,6 +136,22 @@ class FederatedMethod(Method):
         broadcast, bit for bit what ``aggregate_compact`` returned."""
         raise UpdateError(f"method {self.name!r} has no compact broadcast")
 
+    def keeps_node_states(self, config: MethodConfig) -> bool:
+        """Whether the coordinator should keep, per node, the state that node trains from
+        (the base of ``node_downlink``); False by default (it keeps only digests)."""
+        return False
+
+    def node_downlink(
+        self, config: MethodConfig, global_state: State, held: State
+    ) -> tuple[dict[str, WireTensor], State] | None:
+        """Coordinator side, per node (when ``keeps_node_states``): for a node that holds
+        ``held`` (the state it trained from in its last round, digest-checked), a payload
+        cheaper than the whole ``global_state``, and the state the node rebuilds from it with
+        ``apply_compact`` (bit for bit). That state may differ from ``global_state``: the node
+        then trains from, and measures its update against, what it holds (CELLM's sparse
+        downlink). None: the whole state goes down."""
+        return None
+
     def before_round(self, config: MethodConfig, round_number: int, population: int,
                      selected: int) -> str | None:
         """Coordinator side, before a round runs: a reason to end the job cleanly instead

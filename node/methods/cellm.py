@@ -9,7 +9,8 @@ locally, communicate sparse. The error feedback is the top-k lineage's: Aji & He
 Jaggi, "Sparsified SGD with Memory" (NeurIPS 2018). As this module runs it:
 
     Job parameters: rho = density in (0, 1], scope ("global" or "tensor"), error_feedback,
-    value_dtype ("float32", "float16" or "bfloat16").
+    value_dtype ("float32", "float16" or "bfloat16"), selection, rho_down = downlink_density
+    in (0, 1].
     Trainable state w: the LoRA A and B matrices and the task head (``trainable = "lora"``).
 
     Node i (client_update), after local training moved w_{r-1} to w_i:
@@ -32,6 +33,30 @@ Jaggi, "Sparsified SGD with Memory" (NeurIPS 2018). As this module runs it:
         7. w_r = w_{r-1} + sum_i n_i dense(update_i) / sum_i n_i
            (n_i: node i's examples; FedAvg-LoRA's step, unchanged)
 
+    Downlink (``downlink_density`` rho_down < 1; 1, the default, sends w_r whole). The
+    coordinator keeps, per node i, the state h_i that node trained from last time (``node_
+    downlink``; in memory: after a restart, or when i missed a round's task, i gets w_r whole
+    once, and the first round costs nothing: every node builds the seeded state). Node i's
+    next task then carries, instead of w_r:
+        8. U = w_r - h_i: everything i has not received, this round's steps and every entry
+           an earlier sparse downlink left out (the downlink's error feedback, with no
+           residual to keep: h_i is known)
+        9. S_down = the positions of the k largest |U| (rho_down, in the job's scope; only
+           where U != 0), sent as w_r's *values* there (float32: the node copies them, so both
+           sides hold the same bits); a tensor whose sparse form costs at least its dense
+           bytes goes whole, as in step 4
+       10. node i: h_i <- h_i with w_r's values at S_down (``apply_compact``), checked against
+           the digest the coordinator computed for it; i trains from h_i and its delta (step
+           1) is measured from h_i, so w_{r+1} = w_r + the mean of deltas each taken from what
+           its node held (FLASC's rule: clients fine-tune from the sparse download and the
+           server adds their updates to its dense adapter).
+    Where this departs from FLASC (Kuo et al. 2024, arXiv 2406.05233), as we read it: FLASC
+    sparsifies the global adapter itself for every client, stateless (cross-device clients
+    come and go); here nodes stay in a job, so the downlink carries the largest *changes* since what
+    the node holds, and what it leaves out is sent later instead of being lost. It cannot be
+    used with ``selection = "shared-random"``: those positions are drawn from the digest of
+    the state a node trains from, which must then be the same at every node.
+
 Why global by default. Measured, not assumed: per-tensor top-k gives every tensor the same
 share, but LoRA's tensors do not need the same share. B starts at zero, A from a random init,
 and the new task head has the most to learn: a global threshold spends the budget where the
@@ -53,8 +78,9 @@ halves the values (about 3 bytes per entry: 0.1 -> ~1/13); the rounding error is
 residual like the unsent entries, so with error feedback it is sent in a later round. Step 4
 compares the exact encoded sizes, so a tensor goes dense only where that costs no more. For
 the tiny BERT of the tests (4,226 adapter entries in 10 tensors) ``tests/unit/test_cellm.py``
-measures the ratio. The downlink stays the dense global adapter (none in the first round:
-each node builds the seeded one).
+measures the ratio. The downlink is the dense global adapter (none in the first round: each
+node builds the seeded one) unless ``downlink_density`` < 1 (steps 8-10): then about 1.25
+rho_down of it per round, plus framing.
 
 Exactness. At rho = 1 (and float32 values) every tensor goes dense with D = w_i - w_{r-1} (the
 residual is all zero and is not added), so the payload, and the aggregate, are bit-identical
@@ -62,9 +88,10 @@ to FedAvg-LoRA's.
 
 What we take from the paper and what not. We do what CELLM and FLASC share: dense local LoRA
 training, top-k sparsification of the communicated adapter update by magnitude, and
-FedAvg-style aggregation of the densified updates. We do not sparsify the download (FLASC lets
-the broadcast of the global adapter be sparse with its own density; here it stays dense), nor
-search rank x density configurations (the job chooses both). Error feedback is added from the
+FedAvg-style aggregation of the densified updates, and, with ``downlink_density`` < 1, a sparse
+download with its own density (FLASC's d_down; our form: the largest changes since the node's
+last state, see "Downlink"). We do not search rank x density configurations (the job chooses
+both; ``confide bench federated`` sweeps them at equal bytes). Error feedback is added from the
 lineage above at the issue's request; we do not claim the paper keeps a residual.
 
 Caveats. The residual is updated when the update is sent: if the coordinator then drops the
@@ -77,6 +104,7 @@ wire, which is no more than a dense update reveals; this method adds no privacy 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -125,6 +153,8 @@ class CELLMConfig(MethodConfig):
     "shared-random" (random-k with memory: every node keeps the same positions, drawn from the
     digest of the round's global state; they reveal nothing about any node's data, and a
     masked sum can carry them, so this is the form secure aggregation takes).
+    ``downlink_density`` in (0, 1]: the fraction of entries each node's task carries down,
+    the largest changes since the state that node holds (1: the whole global state).
     """
 
     density: float = 0.1
@@ -132,6 +162,7 @@ class CELLMConfig(MethodConfig):
     error_feedback: bool = True
     value_dtype: str = "float32"
     selection: str = "topk"
+    downlink_density: float = 1.0
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -216,6 +247,19 @@ class CELLM(FederatedMethod):
             raise ValueError(
                 f"cellm: selection must be one of {', '.join(SELECTIONS)}, got "
                 f"{config.selection!r}"
+            )
+        down = config.downlink_density
+        if (isinstance(down, bool) or not isinstance(down, int | float)
+                or not math.isfinite(down) or not 0 < down <= 1):
+            raise ValueError(
+                f"cellm: downlink_density must be a number in (0, 1] (the fraction of entries "
+                f"sent down; 1: the whole state), got {down!r}"
+            )
+        if down < 1 and config.selection == "shared-random":
+            raise ValueError(
+                "cellm: downlink_density < 1 needs selection 'topk': shared-random positions "
+                "come from the digest of the state a node trains from, and with a sparse "
+                "downlink the nodes hold different states"
             )
         if config.value_dtype not in VALUE_DTYPES:
             raise ValueError(
@@ -319,6 +363,67 @@ class CELLM(FederatedMethod):
             out[name] = inside - offset
             offset += size
         return out
+
+    # ------------------------------------------------------------------ downlink
+
+    def keeps_node_states(self, config: MethodConfig) -> bool:
+        assert isinstance(config, CELLMConfig)
+        return config.downlink_density < 1
+
+    def node_downlink(
+        self, config: MethodConfig, global_state: State, held: State
+    ) -> tuple[dict[str, WireTensor], State] | None:
+        """Steps 8-9: the largest changes since ``held``, as ``global_state``'s values there,
+        and the state the node holds after copying them in (step 10)."""
+        assert isinstance(config, CELLMConfig)
+        if config.downlink_density >= 1 or set(held) != set(global_state) or any(
+                held[n].shape != global_state[n].shape or held[n].dtype != global_state[n].dtype
+                for n in global_state):
+            return None
+        change = {name: (global_state[name] - held[name]).detach().cpu()
+                  for name in global_state}
+        kept = self._selection(dataclasses.replace(config, density=config.downlink_density),
+                               change)
+        payload: dict[str, WireTensor] = {}
+        for name, value in global_state.items():
+            flat = value.detach().reshape(-1).cpu()
+            positions = kept[name]
+            positions = positions[change[name].reshape(-1)[positions] != 0]
+            sparse = SparseTensor(shape=tuple(value.shape),
+                                  indices=positions.to(_index_dtype(flat.numel())),
+                                  values=flat[positions].clone())
+            if positions.numel() and wire_size({name: value}) <= wire_size({name: sparse}):
+                payload[name] = value.detach().cpu()
+            else:
+                payload[name] = sparse
+        return payload, self.apply_compact(config, held, payload)
+
+    def apply_compact(
+        self, config: MethodConfig, global_state: State, payload: Mapping[str, WireTensor]
+    ) -> State:
+        """Step 10, at the node (and at the coordinator, to know what the node holds): the
+        held state with the downlink's values copied in (a dense tensor replaces the whole
+        tensor). Copies, no arithmetic: both sides get the same bits."""
+        if set(payload) != set(global_state):
+            raise UpdateError("the sparse downlink does not name the held state's tensors")
+        result: State = {}
+        for name, old in global_state.items():
+            value = payload[name]
+            if tuple(value.shape) != tuple(old.shape):
+                raise UpdateError(f"downlink tensor {name!r} has shape {tuple(value.shape)}, "
+                                  f"the held state {tuple(old.shape)}")
+            if isinstance(value, torch.Tensor):
+                result[name] = value.to(old.dtype).clone()
+                continue
+            if not isinstance(value, SparseTensor):
+                raise UpdateError(f"downlink tensor {name!r} is {type(value).__name__}")
+            indices = value.indices.to(torch.int64)
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= old.numel()):
+                raise UpdateError(f"downlink tensor {name!r} has an index out of range")
+            flat = old.detach().reshape(-1).clone()
+            flat[indices] = value.values.to(old.dtype)
+            result[name] = flat.reshape(old.shape)
+        return result
 
     # ------------------------------------------------------------------ coordinator side
 

@@ -1,6 +1,7 @@
-"""An SFPrompt job on a device, as the worker runs its TRAIN tasks: EL2N pruning once per
-job, then each round's split steps through the job's split-server (``RemoteBody``) and its
-local-loss steps."""
+"""An SFPrompt job on a device, as the worker runs its TRAIN tasks: pruning once per job
+(EL2N after an optional warm-up, or the random control), then each round's steps: split steps
+through the job's split-server (``RemoteBody``) with local-loss steps in place of some of
+them, on the job's schedule."""
 
 from __future__ import annotations
 
@@ -59,14 +60,24 @@ class SplitJobTrainer:
         if kept is None:
             kept = self.trainer.prune(examples, config.prune_gamma,
                                       batch_size=max(spec.train.batch_size, 1),
-                                      by_label=config.prune_by_label)
+                                      by_label=config.prune_by_label,
+                                      method=config.prune_method,
+                                      warmup_steps=config.prune_warmup_steps,
+                                      lr=spec.train.learning_rate, seed=round_seed(task))
             scratch["pruned"] = kept
-            log.info("pruning kept %d of %d examples (gamma %g, EL2N)", len(kept),
-                     len(examples), config.prune_gamma)
+            log.info("pruning kept %d of %d examples (gamma %g, %s, %d warm-up steps)",
+                     len(kept), len(examples), config.prune_gamma, config.prune_method,
+                     config.prune_warmup_steps)
         per_epoch = -(-len(kept) // spec.train.batch_size)
-        steps = config.split_steps or (
+        steps = config.round_steps or (
             min(spec.train.max_steps, spec.train.local_epochs * per_epoch)
             if spec.train.max_steps else spec.train.local_epochs * per_epoch)
+        if config.local_loss_steps > steps:
+            raise ValueError(
+                f"sfprompt: local_loss_steps ({config.local_loss_steps}) replace some of the "
+                f"round's {steps} steps and cannot exceed them; lower local_loss_steps or set "
+                "round_steps"
+            )
         servers = [p for p in task.peers if p.role == "split-server"]
         if not servers:
             raise ValueError("an SFPrompt task needs a split-server peer; the coordinator "
@@ -78,6 +89,7 @@ class SplitJobTrainer:
                                                batch_size=spec.train.batch_size,
                                                lr=spec.train.learning_rate,
                                                local_loss_steps=config.local_loss_steps,
+                                               schedule=config.local_loss_schedule,
                                                seed=round_seed(task), progress=progress)
         # what crossed the device <-> split-server link, as counted on the wire
         metrics["split_bytes_up"] = body.bytes_up

@@ -582,14 +582,24 @@ class SplitCosts:
 
     @property
     def device_train_flop_share(self) -> float:
+        """The device's part of one SFPrompt training step (head + tail, forward and
+        backward) against the whole step's (the server's frozen body included)."""
         device = self.head.train_flops + self.tail.train_flops
         return device / (device + self.body.train_flops)
+
+    @property
+    def device_vs_full_finetuning(self) -> float:
+        """The device's training FLOPs per position against full fine-tuning of the whole
+        model on the device (3x its forward: the paper's comparison, 0.46% for ViT)."""
+        forward = self.head.forward_flops + self.body.forward_flops + self.tail.forward_flops
+        return (self.head.train_flops + self.tail.train_flops) / (3.0 * forward)
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["device_param_share"] = self.device_param_share
         out["device_flop_share"] = self.device_flop_share
         out["device_train_flop_share"] = self.device_train_flop_share
+        out["device_vs_full_finetuning"] = self.device_vs_full_finetuning
         return out
 
 

@@ -16,7 +16,12 @@ import torch
 from torch import nn
 
 from confide.node.device import bf16_autocast, seeded_rng
-from confide.node.methods.sfprompt import ACTIVATION_DTYPES, SFPromptConfig
+from confide.node.methods.sfprompt import (
+    ACTIVATION_DTYPES,
+    PRUNE_METHODS,
+    SFPromptConfig,
+    local_step_schedule,
+)
 from confide.node.models import ModelConfig
 from confide.node.split.body import Body, is_int, is_number, nbytes
 from confide.node.split.defences import (
@@ -32,7 +37,29 @@ from confide.node.training.batching import Batcher
 from confide.node.training.state import check_state, copy_into, cpu_copies
 from confide.node.training.task import ProgressFn
 
-__all__ = ["SplitTrainer", "build_split_trainer"]
+__all__ = ["SplitTrainer", "build_split_trainer", "wire_rel_error"]
+
+
+def _traffic() -> dict[str, float]:
+    """A round's counters of what crossed the seam, and the rounding of what was sent."""
+    return {"up": 0, "down": 0, "mask": 0, "calls": 0, "activation_err": 0.0,
+            "activation_norm": 0.0, "gradient_err": 0.0, "gradient_norm": 0.0}
+
+
+def _rounding(traffic: dict[str, float], kind: str, exact: torch.Tensor,
+              wire: torch.Tensor) -> None:
+    """Add the squared rounding error of casting ``exact`` to the wire, and its squared norm."""
+    exact = exact.float()
+    error = 0.0 if wire.dtype == exact.dtype else float((wire.float() - exact).square().sum())
+    traffic[f"{kind}_err"] = traffic.get(f"{kind}_err", 0.0) + error
+    traffic[f"{kind}_norm"] = traffic.get(f"{kind}_norm", 0.0) + float(exact.square().sum())
+
+
+def wire_rel_error(traffic: dict[str, float], kind: str) -> float:
+    """||cast(x) - x|| / ||x|| over everything of ``kind`` ("activation" or "gradient") sent
+    this round: what the wire dtype cost (0 for float32 or when nothing was sent)."""
+    norm = traffic[f"{kind}_norm"]
+    return math.sqrt(traffic[f"{kind}_err"] / norm) if norm > 0 else 0.0
 
 
 class SplitTrainer:
@@ -127,8 +154,10 @@ class SplitTrainer:
     # ---------------------------------------------------------------- the seam
 
     def _body_forward(self, body: Body, step: int, hidden: torch.Tensor, mask: torch.Tensor,
-                      train: bool, traffic: dict[str, int]) -> torch.Tensor:
-        wire = self.noise(hidden.detach()).to(self.wire_dtype)
+                      train: bool, traffic: dict[str, float]) -> torch.Tensor:
+        sent = self.noise(hidden.detach())
+        wire = sent.to(self.wire_dtype)
+        _rounding(traffic, "activation", sent, wire)
         wire_mask = mask.to(torch.bool)
         traffic["up"] += nbytes(wire) + nbytes(wire_mask)
         traffic["mask"] += nbytes(wire_mask)
@@ -146,8 +175,9 @@ class SplitTrainer:
         return out.detach().to(device=self.device, dtype=self._compute_dtype)
 
     def _body_backward(self, body: Body, step: int, grad: torch.Tensor, expected: torch.Size,
-                       traffic: dict[str, int]) -> torch.Tensor:
+                       traffic: dict[str, float]) -> torch.Tensor:
         wire = grad.detach().to(self.wire_dtype)
+        _rounding(traffic, "gradient", grad.detach(), wire)
         traffic["up"] += nbytes(wire)
         back = body.backward(step, wire)
         if not isinstance(back, torch.Tensor) or not back.is_floating_point() or (
@@ -163,7 +193,7 @@ class SplitTrainer:
         return back.detach().to(device=self.device, dtype=self._compute_dtype)
 
     def _split_loss_step(self, batch: dict[str, torch.Tensor], body: Body,
-                         traffic: dict[str, int]) -> torch.Tensor:
+                         traffic: dict[str, float]) -> torch.Tensor:
         """One split step: head -> body -> tail, loss, and the gradients back to the prompts.
         Leaves gradients in the trainable tensors; returns the loss."""
         step = self._next_step
@@ -229,7 +259,8 @@ class SplitTrainer:
         return scores
 
     def prune(self, examples: Sequence[Any], gamma: float, *, batch_size: int = 16,
-              by_label: bool = True) -> list[Any]:
+              by_label: bool = True, method: str = "el2n", warmup_steps: int = 0,
+              lr: float = 5e-4, seed: int = 0) -> list[Any]:
         """The top ceil(gamma * n) examples by EL2N (ties: lower index), in their original
         order. gamma = 1 returns every example without scoring.
 
@@ -237,13 +268,40 @@ class SplitTrainer:
         top gamma overall. Scored before any training, EL2N is dominated by the random head's
         bias towards some classes, and a global cut dropped whole classes in the benchmark
         (a MiniLM shard of 4 labels kept 2); per label the shard's label mix survives
-        (``node.split.pruning.kept_examples``)."""
+        (``node.split.pruning.kept_examples``).
+
+        ``warmup_steps``: that many local-loss steps (no server; ``lr``, ``seed``) before
+        scoring, so that the tail that scores is not the untrained one; the trainable state
+        (and a private head adapter) is put back afterwards: the warm-up serves the scores
+        only. ``method = "random"``: the control; the same fraction (per label too), chosen
+        uniformly at random from ``seed``, no scoring and no warm-up."""
         if not is_number(gamma) or not 0.0 < gamma <= 1.0:
             raise ValueError(f"gamma is the fraction kept, in (0, 1], got {gamma!r}")
+        if method not in PRUNE_METHODS:
+            raise ValueError(f"method must be one of {', '.join(PRUNE_METHODS)}, got {method!r}")
+        if not is_int(warmup_steps) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         if gamma >= 1.0:
             self._batcher.check(examples)
             return list(examples)
-        scores = self.el2n_scores(examples, batch_size=batch_size)
+        if method == "random":
+            self._batcher.check(examples)
+            rng = random.Random(seed)
+            scores = [rng.random() for _ in examples]
+        elif warmup_steps:
+            saved = self.trainable_state()
+            private = [p.detach().clone() for p in self._private]
+            try:
+                self.train_round(examples, None, steps=warmup_steps, batch_size=batch_size,
+                                 lr=lr, local_loss_steps=warmup_steps, seed=seed)
+                scores = self.el2n_scores(examples, batch_size=batch_size)
+            finally:
+                self.load_trainable_state(saved)
+                with torch.no_grad():
+                    for param, value in zip(self._private, private, strict=True):
+                        param.copy_(value)
+        else:
+            scores = self.el2n_scores(examples, batch_size=batch_size)
         return kept_examples(examples, scores, gamma, by_label and self._classification)
 
     # ---------------------------------------------------------------- train / evaluate
@@ -268,22 +326,29 @@ class SplitTrainer:
         batch_size: int = 16,
         lr: float = 5e-4,
         local_loss_steps: int = 0,
+        schedule: str = "last",
         seed: int = 0,
         progress: ProgressFn | None = None,
     ) -> dict[str, float]:
-        """``steps`` split steps through ``body``, then ``local_loss_steps`` local-loss steps,
-        with one fresh AdamW over the prompts (+ tail); batches cycle through the shuffled
-        examples (seeded by ``seed``, as is dropout). Returns loss statistics and the bytes
-        that crossed the seam (``activation_bytes_up`` includes ``mask_bytes_up``).
-        ``progress(done, total, loss)`` after every step may raise to abort."""
+        """``steps`` steps in all, ``local_loss_steps`` of them local-loss steps (no server)
+        in place of split steps through ``body``; ``schedule`` says which
+        (``local_step_schedule``: "last" or "interleave"). One fresh AdamW over the prompts
+        (+ tail); batches cycle through the shuffled examples (seeded by ``seed``, as is
+        dropout). Returns loss statistics, the bytes that crossed the seam
+        (``activation_bytes_up`` includes ``mask_bytes_up``) and the relative rounding error
+        of what the device sent in the wire dtype (``activation_wire_rel_error``,
+        ``gradient_wire_rel_error``). ``progress(done, total, loss)`` after every step may
+        raise to abort."""
         self._batcher.check(examples)
         if not is_int(steps) or steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-        if not is_int(local_loss_steps) or local_loss_steps < 0:
-            raise ValueError(f"local_loss_steps must be an integer >= 0, got {local_loss_steps!r}")
-        if steps + local_loss_steps < 1:
-            raise ValueError("nothing to do: steps and local_loss_steps are both 0")
-        if steps > 0 and body is None:
+        if not is_int(local_loss_steps) or not 0 <= local_loss_steps <= steps:
+            raise ValueError(f"local_loss_steps replace some of the steps: an integer in "
+                             f"[0, {steps}], got {local_loss_steps!r}")
+        if steps < 1:
+            raise ValueError("nothing to do: steps is 0")
+        local = local_step_schedule(steps, local_loss_steps, schedule)
+        if not all(local) and body is None:
             raise ValueError("split steps need a body (the server side); got None")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -294,18 +359,17 @@ class SplitTrainer:
         batches = self._batcher.shuffled(examples, encoded, batch_size, random.Random(seed))
         params = [self._params[name] for name in self._keys] + self._private
         optimizer = torch.optim.AdamW(params, lr=lr)
-        total = steps + local_loss_steps
         split_losses: list[float] = []
         local_losses: list[float] = []
-        traffic = {"up": 0, "down": 0, "mask": 0, "calls": 0}
+        traffic = _traffic()
         self.head.train()
         self.tail.train()
         try:
             with seeded_rng(self.device, seed):
-                for done in range(1, total + 1):
+                for done, is_local in enumerate(local, start=1):
                     batch = next(batches)
                     optimizer.zero_grad(set_to_none=True)
-                    if done <= steps:
+                    if not is_local:
                         assert body is not None
                         loss = self._split_loss_step(batch, body, traffic)
                         split_losses.append(float(loss.detach()))
@@ -314,7 +378,7 @@ class SplitTrainer:
                         local_losses.append(float(loss.detach()))
                     optimizer.step()
                     if progress is not None:
-                        progress(done, total, float(loss.detach()))
+                        progress(done, steps, float(loss.detach()))
         finally:
             optimizer.zero_grad(set_to_none=True)
         losses = split_losses + local_losses
@@ -330,6 +394,8 @@ class SplitTrainer:
             "activation_bytes_down": traffic["down"],
             "mask_bytes_up": traffic["mask"],
             "body_calls": traffic["calls"],
+            "activation_wire_rel_error": wire_rel_error(traffic, "activation"),
+            "gradient_wire_rel_error": wire_rel_error(traffic, "gradient"),
         }
         if split_losses:
             metrics["split_loss_mean"] = sum(split_losses) / len(split_losses)
@@ -350,7 +416,7 @@ class SplitTrainer:
         loss_sum = 0.0
         count = 0
         correct = 0
-        traffic = {"up": 0, "down": 0, "mask": 0, "calls": 0}
+        traffic = _traffic()
         with self._eval():
             for batch in self._batcher.in_order(examples, encoded, batch_size):
                 mask = self.head.extend_mask(batch["attention_mask"])

@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 
 from confide.cluster.local import LocalCluster
 from confide.node.methods.cellm import RESIDUAL_PREFIX
+from confide.node.store import ModelStore
+from confide.protos.codec import wire_size
 from confide.sdk.client import Client
 from confide.v1 import coordinator_pb2 as pb
 from tests.integration.helpers import tiny_spec, wait_for_nodes
@@ -59,3 +61,42 @@ def test_cellm_sends_a_fraction_of_fedavg_lora_uplink(tmp_path, shards):
         memory = load_file(str(folder / "models" / cellm.job_id / "memory.safetensors"))
         assert set(memory) == {RESIDUAL_PREFIX + name for name in initial}
         assert any(bool(residual.any()) for residual in memory.values())
+
+
+def test_a_sparse_downlink_sends_each_node_the_largest_changes_since_its_state(tmp_path,
+                                                                            shards):
+    """downlink_density 0.1: after the seeded first round each node's task carries about a
+    tenth of the adapter (the largest changes since the state that node holds), the node
+    rebuilds the state the coordinator computed for it (digest-checked: a mismatch would
+    send the whole state, which the byte count would show), and the job trains."""
+    rounds = 3
+    data = shards(NODES, per_node=64)
+    spec = tiny_spec(method="cellm", params={"density": 0.1, "downlink_density": 0.1},
+                     rounds=rounds, min_nodes=NODES, max_steps=4)
+    with (
+        LocalCluster(tmp_path / "cluster", data, mqtt=False) as cluster,
+        Client(cluster.address) as client,
+    ):
+        wait_for_nodes(client, NODES)
+        final, initial, trained = _run(client, spec)
+        last_sent = client.fetch_global_model(final.job_id, rounds - 1)
+
+    dense = wire_size(initial)
+    assert final.rounds_completed == rounds
+    for summary in final.rounds:
+        assert summary.state == "completed" and len(summary.participants) == NODES
+        down = summary.bytes.down / NODES
+        print(f"round {summary.round}: down {down:.0f} B per node (dense state {dense} B)")
+        if summary.round == 1:
+            assert down < 4096  # the seeded state: only the task goes down
+        else:  # ~3.1 KB of entries (the unit test) + the task and ten tensors' framing
+            assert down < 0.4 * dense, (down, dense)
+    # each node trained from its own sparse view of the round-2 state: close to it, not it
+    for folder in data:
+        kept = ModelStore(folder / "models").load(final.job_id, "global")
+        assert kept is not None and kept.keys() == last_sent.keys()
+        assert any(not torch.equal(kept[k], last_sent[k]) for k in kept)
+        assert any(torch.equal(kept[k], last_sent[k]) or bool((kept[k] == last_sent[k]).any())
+                   for k in kept)
+    assert any(not torch.equal(initial[k], trained[k]) for k in initial)
+    assert all(torch.isfinite(t).all() for t in trained.values())

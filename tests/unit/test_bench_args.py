@@ -16,13 +16,13 @@ def test_methods_split_on_semicolons_or_on_commas_without_json():
     assert parse_methods('cellm:{"density": 0.1, "scope": "tensor"};ferret') == [
         ("cellm", {"density": 0.1, "scope": "tensor"}), ("ferret", {})]
     # every default row parses (JSON parameters with commas inside included)
-    assert len(parse_methods(DEFAULT_METHODS)) == DEFAULT_METHODS.count(";") + 1 == 15
+    assert len(parse_methods(DEFAULT_METHODS)) == DEFAULT_METHODS.count(";") + 1 == 16
     # a row's spec keys go to the job spec, the rest to the method
     from confide.bench.federated import spec_overrides
 
     assert spec_overrides({"k": 8, "optimizer": "sgd", "lora_r": 4}) == (
         {"k": 8}, {"optimizer": "sgd", "lora_r": 4})
-    assert len(parse_methods(SPLIT_METHODS)) == 5
+    assert len(parse_methods(SPLIT_METHODS)) == 9
 
 
 @pytest.mark.parametrize("text,message", [

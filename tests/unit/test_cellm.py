@@ -363,7 +363,11 @@ def test_aggregate_is_the_example_weighted_mean_of_the_densified_updates():
         ({"error_feedback": "yes"}, r"error_feedback must be true or false"),
         ({"value_dtype": "int8"}, r"value_dtype must be one of float32, float16, bfloat16"),
         ({"k": 10}, r"method 'cellm' has no parameter\(s\) k; its parameters are: density, "
-                    r"error_feedback, scope, selection, value_dtype"),
+                    r"downlink_density, error_feedback, scope, selection, value_dtype"),
+        ({"downlink_density": 0}, r"downlink_density must be a number in \(0, 1\]"),
+        ({"downlink_density": 1.5}, r"downlink_density must be a number in \(0, 1\]"),
+        ({"downlink_density": 0.1, "selection": "shared-random"},
+         r"downlink_density < 1 needs selection 'topk'"),
     ],
 )
 def test_bad_parameters_are_rejected_with_a_clear_message(params, message):
@@ -477,3 +481,81 @@ def test_shared_random_positions_are_the_same_everywhere_and_fresh_each_round():
         sent = to_dense(payload[name]).reshape(-1)
         delta = (local[name] - state[name]).reshape(-1)
         assert torch.allclose(sent + memory["residual/" + name].reshape(-1), delta)
+
+
+# ------------------------------------------------------------------------ sparse downlink
+
+
+def test_a_dense_downlink_keeps_no_node_state():
+    config = _config(density=0.1)
+    assert not CELLM.keeps_node_states(config)
+    assert CELLM.node_downlink(config, _state(0), _state(1)) is None
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_the_sparse_downlink_sends_the_largest_changes_and_later_the_rest(scope):
+    """Steps 8-10: w_r's values at the largest |w_r - h_i|, copied into h_i; what is left out
+    is sent in later rounds (the node holds w_r exactly once the changes are all sent)."""
+    config = _config(density=0.1, downlink_density=0.1, scope=scope)
+    assert CELLM.keeps_node_states(config)
+    held = _tiny_bert_state()
+    target = _moved(held, 3, scale=1e-2)
+    dense = wire_size(target)
+    payload, state = CELLM.node_downlink(config, target, held)
+    entries = sum(v.numel() for v in held.values())
+    sparse = sum(v.indices.numel() for v in payload.values() if isinstance(v, SparseTensor))
+    whole = sum(v.numel() for v in payload.values() if not isinstance(v, SparseTensor))
+    if scope == "global":  # k entries, but a tiny tensor goes whole where that is cheaper
+        assert sparse <= keep_count(0.1, entries) <= sparse + whole
+        assert whole < 0.01 * entries
+    # each sent entry is w_r's value, bit for bit; the others are the held ones
+    for name in held:
+        changed = state[name] != held[name]
+        assert torch.equal(state[name][changed], target[name][changed])
+        kept_change = (target[name] - held[name]).abs()[changed]
+        left = (target[name] - held[name]).abs()[~changed]
+        if scope == "tensor" and kept_change.numel() and left.numel():
+            assert kept_change.min() >= left.max()
+    # the node rebuilds the same bits from what went down
+    assert all(_bits(a) == _bits(b)
+               for a, b in zip(CELLM.apply_compact(config, held, payload).values(),
+                               state.values(), strict=True))
+    size = wire_size(payload)
+    print(f"tiny BERT downlink ({scope}): dense {dense} B, density 0.1 {size} B")
+    assert size < 0.2 * dense
+    # the left-out changes follow: after ten such rounds the node holds w_r exactly
+    for _ in range(10):
+        _, state = CELLM.node_downlink(config, target, state)
+    assert all(torch.equal(state[name], target[name]) for name in target)
+    # nothing changed, nothing sparse goes down
+    payload, _ = CELLM.node_downlink(config, target, state)
+    assert all(isinstance(v, SparseTensor) and v.indices.numel() == 0
+               for v in payload.values())
+
+
+def test_the_node_measures_its_update_from_what_it_holds():
+    """FLASC's rule: the node's delta is taken from the state it trained from, and the
+    coordinator adds the mean of those deltas to its dense state."""
+    config = _config(density=1.0, downlink_density=0.1)
+    dense_global = _state(0)
+    held = _moved(dense_global, 5, scale=0.1)
+    _, node_state = CELLM.node_downlink(config, dense_global, held)
+    local = _moved(node_state, 6, scale=0.01)
+    update = CELLM.client_update(config, node_state, local, {})
+    after = CELLM.aggregate(config, dense_global, [ClientUpdate("n", update, 3)], 1)
+    for name in dense_global:
+        assert torch.allclose(after[name], dense_global[name] + local[name] - node_state[name],
+                              atol=1e-6)
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    ({"lora_A": torch.zeros(8, 64)}, "does not name the held state's tensors"),
+    ({**{k: torch.zeros(v) for k, v in SHAPES.items()}, "lora_A": torch.zeros(64, 8)},
+     "has shape"),
+    ({**{k: torch.zeros(v) for k, v in SHAPES.items()},
+      "head.bias": SparseTensor(shape=(3,), indices=torch.tensor([5]),
+                                values=torch.tensor([1.0]))}, "out of range"),
+])
+def test_a_bad_downlink_is_refused(payload, message):
+    with pytest.raises(UpdateError, match=message):
+        CELLM.apply_compact(_config(downlink_density=0.1), _state(0), payload)

@@ -23,7 +23,7 @@ from transformers import (
 
 from confide.node.data import Example, synthetic_classification, synthetic_text
 from confide.node.methods import ClientUpdate, get_method
-from confide.node.methods.sfprompt import SFPrompt, SFPromptConfig
+from confide.node.methods.sfprompt import SFPrompt, SFPromptConfig, local_step_schedule
 from confide.node.models import ModelConfig, load_tokenizer
 from confide.node.split.body import LocalBody, activation_bytes
 from confide.node.split.model import (
@@ -35,7 +35,13 @@ from confide.node.split.model import (
     split_model,
 )
 from confide.node.split.pruning import el2n, top_fraction
-from confide.node.split.trainer import SplitTrainer, build_split_trainer
+from confide.node.split.trainer import (
+    SplitTrainer,
+    _traffic,
+    build_split_trainer,
+    wire_rel_error,
+)
+from confide.node.training.task import round_seed
 
 HIDDEN = 64
 
@@ -247,7 +253,7 @@ def test_split_steps_call_the_body_twice_and_local_steps_never(bert_parts):
     start = trainer.trainable_state()
     examples = synthetic_classification(8, 2, seed=2)
     body = RecordingBody(LocalBody(bert_parts.body))
-    metrics = trainer.train_round(examples, body, steps=3, batch_size=4, lr=1e-3,
+    metrics = trainer.train_round(examples, body, steps=5, batch_size=4, lr=1e-3,
                                   local_loss_steps=2)
     assert len(body.forwards) == 3 and len(body.backwards) == 3
     assert metrics["body_calls"] == 6
@@ -255,7 +261,7 @@ def test_split_steps_call_the_body_twice_and_local_steps_never(bert_parts):
     assert metrics["steps"] == 5
 
     body = RecordingBody(LocalBody(bert_parts.body))
-    metrics = trainer.train_round(examples, body, steps=0, batch_size=4, lr=1e-3,
+    metrics = trainer.train_round(examples, body, steps=3, batch_size=4, lr=1e-3,
                                   local_loss_steps=3)
     assert body.forwards == [] and body.backwards == []
     assert metrics["body_calls"] == 0 and metrics["activation_bytes_up"] == 0
@@ -412,7 +418,7 @@ def test_causal_lm_split_training_lowers_perplexity():
     metrics = trainer.train_round(examples, body, steps=6, batch_size=8, lr=3e-2,
                                   local_loss_steps=2)
     after = trainer.evaluate(examples, body)
-    assert metrics["body_calls"] == 12
+    assert metrics["body_calls"] == 8  # 4 split steps, 2 local-loss steps in their place
     assert after["perplexity"] < before["perplexity"]
     assert sorted(trainer.trainable_state()) == ["head.prompts", "tail.norm.weight"]
 
@@ -484,6 +490,11 @@ def _registry() -> set[str]:
         ({"train_tail": "yes"}, "train_tail must be true or false"),
         ({"num_prompts": 0, "train_tail": False}, "nothing to train"),
         ({"local_loss_steps": 1.5}, "must be an integer"),
+        ({"round_steps": 4, "local_loss_steps": 5}, "cannot exceed round_steps"),
+        ({"local_loss_schedule": "first"}, "local_loss_schedule must be one of last"),
+        ({"prune_method": "loss"}, "prune_method must be one of el2n, random"),
+        ({"prune_warmup_steps": -1}, "prune_warmup_steps must be an integer >= 0"),
+        ({"split_steps": 3}, "has no parameter"),
         ({"prompts": 3}, "has no parameter"),
     ],
 )
@@ -558,3 +569,188 @@ def test_bert_truncates_to_fit_the_prompts(tokenizer):
     with pytest.raises(ValueError, match="exceed the model's 512 positions"):
         head(too_long, torch.ones_like(too_long))
     assert trainer.evaluate([Example("word " * 600, 0)])["accuracy"] in (0.0, 1.0)
+
+
+# -------------------------------------------------------------------------------------------
+# Local-loss steps in place of split steps, wire precision, pruning controls
+
+
+@pytest.mark.parametrize("schedule", ["last", "interleave"])
+@pytest.mark.parametrize(("total", "local"), [(6, 0), (6, 2), (7, 3), (5, 5), (1, 0)])
+def test_local_step_schedule_keeps_the_count_and_places_the_local_steps(schedule, total,
+                                                                         local):
+    plan = local_step_schedule(total, local, schedule)
+    assert len(plan) == total and sum(plan) == local
+    if schedule == "last":
+        assert plan == [False] * (total - local) + [True] * local
+
+
+def test_interleaved_local_steps_are_spread_evenly():
+    assert local_step_schedule(6, 2, "interleave") == [False, False, True, False, False, True]
+    assert local_step_schedule(4, 2, "interleave") == [False, True, False, True]
+    with pytest.raises(ValueError, match="local_loss_steps <= steps"):
+        local_step_schedule(3, 4)
+    with pytest.raises(ValueError, match="local_loss_schedule must be one of"):
+        local_step_schedule(3, 1, "first")
+
+
+@pytest.mark.parametrize("schedule", ["last", "interleave"])
+def test_local_loss_steps_replace_split_steps_on_the_schedule(bert_parts, schedule):
+    trainer = _trainer(bert_parts)
+    start = trainer.trainable_state()
+    examples = synthetic_classification(8, 2, seed=2)
+    body = RecordingBody(LocalBody(bert_parts.body))
+    calls: list[int] = []
+    metrics = trainer.train_round(examples, body, steps=6, batch_size=4, lr=1e-3,
+                                  local_loss_steps=2, schedule=schedule,
+                                  progress=lambda done, total, loss: calls.append(
+                                      len(body.forwards)))
+    trainer.load_trainable_state(start)
+    assert metrics["steps"] == 6  # the round's work is fixed; only which steps are local
+    assert metrics["split_steps"] == 4 and metrics["local_loss_steps"] == 2
+    # a step went through the server iff the body's forward count grew at that step
+    through_server = [b > a for a, b in zip([0, *calls], calls, strict=False)]
+    assert [not s for s in through_server] == local_step_schedule(6, 2, schedule)
+    with pytest.raises(ValueError, match="replace some of the steps"):
+        trainer.train_round(examples, body, steps=2, local_loss_steps=3)
+    with pytest.raises(ValueError, match="split steps need a body"):
+        trainer.train_round(examples, None, steps=2, local_loss_steps=1)
+
+
+def _one_step_gradients(parts, dtype: str, examples) -> tuple[dict, dict]:
+    """The trainable gradients after one split step in ``dtype``, and the round's counters."""
+    trainer = _trainer(parts, activation_dtype=dtype)
+    batch = next(trainer._batcher.in_order(examples, trainer._batcher.encode(examples), 8))
+    for param in trainer._params.values():
+        param.grad = None
+    traffic = _traffic()
+    trainer._split_loss_step(batch, LocalBody(parts.body), traffic)
+    grads = {name: p.grad.detach().clone() for name, p in trainer._params.items()}
+    for param in trainer._params.values():
+        param.grad = None
+    return grads, traffic
+
+
+def test_half_precision_wire_error_is_measured_against_float32(bert_parts):
+    """bf16 / fp16 activations and gradients on the split link: the rounding of what is sent,
+    and what it does to one step's prompt gradient, measured against float32."""
+    examples = synthetic_classification(8, 2, seed=7)
+    exact, traffic32 = _one_step_gradients(bert_parts, "float32", examples)
+    assert wire_rel_error(traffic32, "activation") == 0.0
+    assert wire_rel_error(traffic32, "gradient") == 0.0
+    # unit roundoff: bfloat16 keeps 8 significant bits (2^-9), float16 11 (2^-12)
+    for dtype, roundoff in (("bfloat16", 2.0 ** -9), ("float16", 2.0 ** -12)):
+        grads, traffic = _one_step_gradients(bert_parts, dtype, examples)
+        for kind in ("activation", "gradient"):
+            error = wire_rel_error(traffic, kind)
+            assert 0.0 < error <= roundoff, (dtype, kind, error)
+        prompt = exact["head.prompts"]
+        end_to_end = float((grads["head.prompts"] - prompt).norm() / prompt.norm())
+        # four roundings (h up, z down, g_z up, g_h down) and the float32 head/tail around
+        assert 0.0 < end_to_end < 8 * roundoff * 4, (dtype, end_to_end)
+    # the round's metrics carry the same measurement
+    trainer = _trainer(bert_parts, activation_dtype="bfloat16")
+    start = trainer.trainable_state()
+    metrics = trainer.train_round(examples, LocalBody(bert_parts.body), steps=2, batch_size=4,
+                                  lr=1e-3)
+    trainer.load_trainable_state(start)
+    assert 0.0 < metrics["activation_wire_rel_error"] <= 2.0 ** -9
+    assert 0.0 < metrics["gradient_wire_rel_error"] <= 2.0 ** -9
+
+
+def test_random_pruning_is_the_seeded_control_and_scores_nothing(bert_parts, monkeypatch):
+    trainer = _trainer(bert_parts)
+    examples = synthetic_classification(20, 2, seed=4)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("random pruning must not score")
+
+    monkeypatch.setattr(trainer, "el2n_scores", boom)
+    first = trainer.prune(examples, 0.5, method="random", seed=3)
+    assert first == trainer.prune(examples, 0.5, method="random", seed=3)
+    assert first != trainer.prune(examples, 0.5, method="random", seed=4)
+    for label in (0, 1):  # by label, as EL2N keeps them
+        group = [e for e in examples if e.label == label]
+        assert sum(e.label == label for e in first) == math.ceil(0.5 * len(group))
+    with pytest.raises(ValueError, match="method must be one of el2n, random"):
+        trainer.prune(examples, 0.5, method="loss")
+
+
+def test_el2n_warm_up_trains_the_scorer_then_puts_the_state_back(bert_parts, monkeypatch):
+    trainer = _trainer(bert_parts)
+    examples = synthetic_classification(32, 2, seed=0)
+    start = trainer.trainable_state()
+    untrained = trainer.el2n_scores(examples)
+    seen: list[list[float]] = []
+    score = trainer.el2n_scores
+
+    def recording(ex, batch_size=16):
+        seen.append(score(ex, batch_size=batch_size))
+        return seen[-1]
+
+    monkeypatch.setattr(trainer, "el2n_scores", recording)
+    kept = trainer.prune(examples, 0.5, warmup_steps=12, lr=1e-2, batch_size=16, seed=1)
+    assert len(kept) == 16 and len(seen) == 1
+    # untrained, EL2N mostly says which label the random head leans to (close to a random
+    # choice within each label); the warm-up takes that bias out: the gap between the
+    # labels' mean scores shrinks, and the mean score falls
+
+    def label_gap(scores: list[float]) -> float:
+        means = [sum(s for s, e in zip(scores, examples, strict=True) if e.label == label)
+                 / sum(e.label == label for e in examples) for label in (0, 1)]
+        return abs(means[0] - means[1])
+
+    assert label_gap(seen[0]) < label_gap(untrained) / 2
+    assert sum(seen[0]) < sum(untrained)
+    after = trainer.trainable_state()
+    assert all(torch.equal(after[k], start[k]) for k in start)  # the warm-up is undone
+
+
+def _smollm2_shaped(task: str):
+    """SmolLM2-135M's architecture (30 layers, hidden 576, 9 heads / 3 KV heads, MLP 1536,
+    49,152 words, tied embeddings), weightless on the meta device: FLOPs need shapes only."""
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+                         tie_word_embeddings=True, num_labels=5, pad_token_id=0)
+    with torch.device("meta"):
+        if task == "causal-lm":
+            return LlamaForCausalLM(config)
+        return LlamaForSequenceClassification(config)
+
+
+def test_device_compute_share_on_a_smollm2_shaped_model_with_one_device_layer():
+    cut = SplitConfig(head_layers=1, tail_layers=0, num_prompts=8)
+    head, body, tail = split_model(_smollm2_shaped("sequence-classification"), cut)
+    costs = split_costs(head, body, tail, seq_len=104)
+    # one layer of 30 on the device, the 576 x 5 score head once per sequence: about 1/30
+    assert 1 / 31 < costs.device_train_flop_share < 1 / 29
+    assert costs.device_train_flop_share <= 0.05  # the issue's goal, by count
+    assert costs.device_vs_full_finetuning < costs.device_train_flop_share
+    head, body, tail = split_model(_smollm2_shaped("causal-lm"), cut)
+    lm = split_costs(head, body, tail, seq_len=104)
+    # as a causal LM the vocabulary projection (49,152 x 576 per position, ~8 layers' worth)
+    # stays on the device: its share is far above 5%
+    assert 0.15 < lm.device_train_flop_share < 0.3
+
+
+def test_a_job_prunes_once_and_refuses_more_local_steps_than_the_round_has(bert_parts):
+    """The worker's side (``SplitJobTrainer``): pruning (here the random control) runs once per
+    job and is kept; local-loss steps beyond the round's steps are refused before any server
+    is dialled (the peer's address is never used)."""
+    from confide.node.split.job import SplitJobTrainer
+    from confide.v1 import coordinator_pb2 as pb
+
+    examples = synthetic_classification(16, 2, seed=8)
+    config = SFPromptConfig(tail_layers=0, num_prompts=4, prune_gamma=0.5,
+                            prune_method="random", local_loss_steps=3)
+    job = SplitJobTrainer(_trainer(bert_parts), config)
+    task = pb.Task(job_id="j", round=1,
+                   spec=pb.JobSpec(train=pb.TrainSpec(batch_size=4, max_steps=2, local_epochs=1)),
+                   peers=[pb.Peer(role="split-server", address="127.0.0.1:1")])
+    scratch: dict = {}
+    with pytest.raises(ValueError, match=r"local_loss_steps \(3\) replace some of the round's "
+                                         r"2 steps"):
+        job.train_task(task, examples, lambda *args: None, scratch)
+    kept = scratch["pruned"]
+    assert len(kept) == 8 and kept == job.trainer.prune(examples, 0.5, method="random",
+                                                         seed=round_seed(task))
