@@ -41,6 +41,8 @@ Sign ``(m, ring = [P_0 .. P_{n-1}], x with P_pi = x*G, scope)``
     ``c_{i+1} = H_s(prefix || s_i*G + c_i*P_i || s_i*H + c_i*I)``.
     ``s_pi = a - c_pi * x``. The signature is ``(c_0, s_0 .. s_{n-1}, I)``.
     Random scalars are 64 bytes of ``os.urandom`` reduced mod L.
+    The signer knows ``x``, so it computes ``s_i*H + c_i*I`` as ``(s_i + c_i*x)*H``: the same
+    element (``I = x*H``) for one variable-base multiplication and no addition, not two and one.
 
 Verify
     Every ring key and ``I`` must be a canonical ristretto255 encoding other than the
@@ -49,7 +51,9 @@ Verify
     accept iff ``c_n == c_0``: one fixed-base and three variable-base multiplications per
     ring member, so the cost is linear in the ring and nothing else. Anything malformed gives
     ``False``, never an exception. A ring checked once (:class:`ValidatedRing`) is not checked
-    again by each signature verified against it.
+    again by each signature verified against it; a ring passed as a list of keys is looked up
+    in a small cache of validated rings keyed by the keys themselves (equal bytes, same
+    order), so a verifier of many signatures over one ring checks its keys once either way.
 
 Link
     Two valid signatures in the same scope come from the same key iff their key images are
@@ -115,6 +119,7 @@ _IDENTITY = bytes(POINT_BYTES)  # the ristretto255 encoding of the neutral eleme
 _reduce = rbcl.crypto_core_ristretto255_scalar_reduce
 _scalar_mul = rbcl.crypto_core_ristretto255_scalar_mul
 _scalar_sub = rbcl.crypto_core_ristretto255_scalar_sub
+_scalar_add = rbcl.crypto_core_ristretto255_scalar_add
 _add = rbcl.crypto_core_ristretto255_add
 _mul = rbcl.crypto_scalarmult_ristretto255
 _mul_base = rbcl.crypto_scalarmult_ristretto255_base
@@ -171,9 +176,10 @@ def _hash_to_point(scope: bytes) -> bytes:
 class ValidatedRing:
     """A ring whose keys were checked once (valid, distinct): sign and verify take it as
     is, so a verifier that checks many signatures against one ring (a coordinator and a
-    round's anonymity sets) validates each key once, not once per signature."""
+    round's anonymity sets) validates each key once, not once per signature. It also keeps
+    the challenge hash over its keys, which every signature over it starts with."""
 
-    __slots__ = ("keys",)
+    __slots__ = ("_ring_hash", "keys")
 
     def __init__(self, ring: Sequence[bytes]) -> None:
         keys = tuple(ring)
@@ -186,13 +192,31 @@ class ValidatedRing:
         if len(set(keys)) != len(keys):
             raise RingSignatureError("the ring holds a key twice")
         self.keys: tuple[bytes, ...] = keys
+        ring_hash = hashlib.sha512(_DOMAIN_CHALLENGE)
+        ring_hash.update(len(keys).to_bytes(4, "big"))
+        ring_hash.update(b"".join(keys))
+        self._ring_hash = ring_hash
 
     def __len__(self) -> int:
         return len(self.keys)
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_ring(keys: tuple[bytes, ...]) -> ValidatedRing:
+    """The validated ring of exactly these keys in this order. Keyed by the keys themselves
+    (a hit compares every byte), and validity depends on nothing else, so an entry can never
+    be stale or answer for another ring; an invalid ring raises and is not cached."""
+    return ValidatedRing(keys)
+
+
 def _validated(ring: Sequence[bytes] | ValidatedRing) -> ValidatedRing:
-    return ring if isinstance(ring, ValidatedRing) else ValidatedRing(ring)
+    if isinstance(ring, ValidatedRing):
+        return ring
+    keys = tuple(ring)
+    # plain bytes only: a subclass could hash or compare by more than its bytes
+    if not all(type(key) is bytes for key in keys):
+        return ValidatedRing(keys)
+    return _cached_ring(keys)
 
 
 def _check_bytes(name: str, value: object) -> bytes:
@@ -201,14 +225,12 @@ def _check_bytes(name: str, value: object) -> bytes:
     return bytes(value)
 
 
-def _challenge_state(ring: Sequence[bytes], scope: bytes, image: bytes,
+def _challenge_state(ring: ValidatedRing, scope: bytes, image: bytes,
                      message: bytes) -> hashlib._Hash:
     """SHA-512 over everything the challenges share; each step copies it and adds (L_i, R_i),
-    so a ring of n keys is hashed once rather than n times."""
-    state = hashlib.sha512(_DOMAIN_CHALLENGE)
-    state.update(len(ring).to_bytes(4, "big"))
-    for key in ring:
-        state.update(key)
+    so a ring of n keys is hashed once rather than n times (and once per ring, not per
+    signature: the part over its keys is the ring's)."""
+    state = ring._ring_hash.copy()
     state.update(_prefixed(scope))
     state.update(image)
     state.update(_prefixed(message))
@@ -312,7 +334,8 @@ def sign(message: bytes, ring: Sequence[bytes] | ValidatedRing, key: RingKeyPair
     list), with the link tag of ``scope``. Raises :class:`RingSignatureError` if the ring is
     empty, has an invalid or repeated key, or does not contain ``key.public``."""
     message, scope = _check_bytes("message", message), _check_bytes("scope", scope)
-    keys = _validated(ring).keys
+    validated = _validated(ring)
+    keys = validated.keys
     try:
         signer = keys.index(key.public)
     except ValueError:
@@ -321,7 +344,7 @@ def sign(message: bytes, ring: Sequence[bytes] | ValidatedRing, key: RingKeyPair
     x = key._secret
     h = _hash_to_point(scope)
     image = _mul(x, h)
-    state = _challenge_state(keys, scope, image, message)
+    state = _challenge_state(validated, scope, image, message)
 
     c: list[bytes] = [b""] * n
     s: list[bytes] = [b""] * n
@@ -329,8 +352,11 @@ def sign(message: bytes, ring: Sequence[bytes] | ValidatedRing, key: RingKeyPair
     c[(signer + 1) % n] = _next_challenge(state, _mul_base(alpha), _mul(alpha, h))
     for step in range(1, n):
         i = (signer + step) % n
-        s[i] = _random_scalar()
-        c[(i + 1) % n] = _next_challenge(state, *_commitments(s[i], c[i], keys[i], h, image))
+        s[i] = s_i = _random_scalar()
+        c_i = c[i]
+        left = _add(_mul_base(s_i), _mul(c_i, keys[i]))
+        right = _mul(_scalar_add(s_i, _scalar_mul(c_i, x)), h)  # = s_i*H + c_i*I
+        c[(i + 1) % n] = _next_challenge(state, left, right)
     s[signer] = _scalar_sub(alpha, _scalar_mul(c[signer], x))
     return RingSignature(c[0], tuple(s), image)
 
@@ -345,7 +371,8 @@ def verify(message: bytes, ring: Sequence[bytes] | ValidatedRing, signature: Rin
         raise TypeError(f"expected a RingSignature, got {type(signature).__name__}")
     message, scope = _check_bytes("message", message), _check_bytes("scope", scope)
     try:
-        keys = _validated(ring).keys
+        validated = _validated(ring)
+        keys = validated.keys
         if not isinstance(signature.s, tuple | list) or len(signature.s) != len(keys):
             return False
         if not all(_is_canonical_scalar(x) for x in (signature.c0, *signature.s)):
@@ -353,7 +380,7 @@ def verify(message: bytes, ring: Sequence[bytes] | ValidatedRing, signature: Rin
         if not is_valid_public_key(signature.key_image):
             return False
         h = _hash_to_point(scope)
-        state = _challenge_state(keys, scope, signature.key_image, message)
+        state = _challenge_state(validated, scope, signature.key_image, message)
         c = signature.c0
         for s_i, public in zip(signature.s, keys, strict=True):
             c = _next_challenge(state, *_commitments(s_i, c, public, h, signature.key_image))

@@ -431,6 +431,14 @@ def test_signature_bytes_are_pinned(monkeypatch):
 # ---------------------------------------------------------------- validated rings, v1 keys
 
 
+def _count_point_checks(monkeypatch) -> list[bytes]:
+    checks: list[bytes] = []
+    real = rbcl.crypto_core_ristretto255_is_valid_point
+    monkeypatch.setattr(rbcl, "crypto_core_ristretto255_is_valid_point",
+                        lambda p: checks.append(p) or real(p))
+    return checks
+
+
 def test_a_validated_ring_signs_and_verifies_like_a_list():
     ring = ValidatedRing(RING[:6])
     signature = sign(MESSAGE, ring, KEYS[4], SCOPE)
@@ -443,10 +451,7 @@ def test_a_validated_ring_signs_and_verifies_like_a_list():
 def test_a_validated_ring_is_not_checked_again_per_signature(monkeypatch):
     ring = ValidatedRing(RING[:4])
     signature = sign(MESSAGE, ring, KEYS[0], SCOPE)
-    checks = []
-    real = rbcl.crypto_core_ristretto255_is_valid_point
-    monkeypatch.setattr(rbcl, "crypto_core_ristretto255_is_valid_point",
-                        lambda p: checks.append(p) or real(p))
+    checks = _count_point_checks(monkeypatch)
     assert verify(MESSAGE, ring, signature, SCOPE)
     assert checks == [signature.key_image]  # the image only, no ring key
 
@@ -458,3 +463,64 @@ def test_v1_ring_keys_are_not_v2_keys():
     v1_public = bytes.fromhex("44d8d0fe7329306c087fc0381195364b45ee7ba1e5cc270bf1958bab21ca1046")
     key = RingKeyPair.from_seed(bytes(range(32)))
     assert key.public != v1_public
+
+
+# ---------------------------------------------------------------- the ring cache, sign's cost
+
+
+def test_a_ring_passed_as_a_list_is_validated_once(monkeypatch):
+    fresh = [RingKeyPair.generate() for _ in range(5)]  # keys no other test cached
+    ring = [k.public for k in fresh]
+    checks = _count_point_checks(monkeypatch)
+    signatures = [sign(MESSAGE, list(ring), key, SCOPE) for key in fresh]
+    assert all(verify(MESSAGE, list(ring), sig, SCOPE) for sig in signatures)
+    ring_checks = [p for p in checks if p in ring]
+    assert sorted(ring_checks) == sorted(ring)  # each key once, over 5 signs and 5 verifies
+
+
+def test_the_ring_cache_never_answers_for_another_ring():
+    """Equal bytes in the same order hit; anything else is checked (and verified) afresh."""
+    ring = RING[20:26]
+    signature = sign(MESSAGE, ring, KEYS[22], SCOPE)
+    assert verify(MESSAGE, ring, signature, SCOPE)
+    assert not verify(MESSAGE, [*ring[:3], RING[30], *ring[4:]], signature, SCOPE)
+    assert not verify(MESSAGE, ring[::-1], signature, SCOPE)
+    assert not verify(MESSAGE, [*ring[:5], RING[27]], signature, SCOPE)
+    # the same bytes as bytearrays are no ring keys (keys are bytes): refused, not a cache hit
+    assert verify(MESSAGE, [bytearray(k) for k in ring], signature, SCOPE) is False
+    for bad in ([*ring[:5], ring[0]], [*ring[:5], IDENTITY], [*ring[:5], NON_CANONICAL]):
+        with pytest.raises(RingSignatureError):
+            sign(MESSAGE, bad, KEYS[22], SCOPE)
+        assert verify(MESSAGE, bad, signature, SCOPE) is False
+    assert verify(MESSAGE, ring, signature, SCOPE)  # the good entry is still good
+
+
+@pytest.mark.parametrize("index", [0, 3, 7])
+def test_a_tampered_signature_fails_over_a_cached_ring(index):
+    ring = RING[40:48]
+    data = sign(MESSAGE, ring, KEYS[44], SCOPE).encode()
+    assert _accepts(MESSAGE, ring, data, SCOPE)  # the ring is cached now
+    tampered = bytearray(data)
+    tampered[32 * (index + 1)] ^= 1  # s_index
+    assert not _accepts(MESSAGE, ring, bytes(tampered), SCOPE)
+    assert not _accepts(MESSAGE + b"!", ring, data, SCOPE)
+    assert not _accepts(MESSAGE, ring, data, SCOPE + b"!")
+
+
+def test_signing_costs_three_multiplications_per_other_member(monkeypatch):
+    """Structural, not timed: the signer folds ``s_i*H + c_i*I`` into ``(s_i + c_i*x)*H``."""
+    from confide.privacy import ringsig
+
+    counts = {"_mul": 0, "_mul_base": 0, "_add": 0}
+    for attr in counts:
+        real = getattr(ringsig, attr)
+
+        def counted(*args, _real=real, _attr=attr):
+            counts[_attr] += 1
+            return _real(*args)
+        monkeypatch.setattr(ringsig, attr, counted)
+    n = 10
+    signature = sign(MESSAGE, RING[:n], KEYS[3], SCOPE)
+    # image x*H and a*H, then per other member c_i*P_i and (s_i + c_i*x)*H
+    assert counts == {"_mul": 2 + 2 * (n - 1), "_mul_base": 1 + (n - 1), "_add": n - 1}
+    assert verify(MESSAGE, RING[:n], signature, SCOPE)
