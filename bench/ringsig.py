@@ -22,7 +22,6 @@ writes JSON and a PNG so a run can be compared with the last one."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -235,6 +234,7 @@ def _group_operations() -> dict[str, dict]:
 def _anonymous_round(nodes: int, k: int) -> dict:
     """Every node of a round signs its update over its anonymity set; the coordinator's inbox
     verifies them all, as SubmitAnonymousUpdate does (without the network)."""
+    import torch
     from tqdm import tqdm
 
     from confide.coordinator.anonymous import AnonymousInbox, ChallengeBook
@@ -242,6 +242,7 @@ def _anonymous_round(nodes: int, k: int) -> dict:
     from confide.privacy.ringsig import RingKeyPair, RingSignature, sign, verify
     from confide.protos.anonymity_sets import anonymity_sets
     from confide.protos.identity import anonymous_scope, ring_epoch_id
+    from confide.protos.stream import stream_digest
     from confide.v1 import coordinator_pb2 as pb
 
     job = "bench-round"
@@ -255,16 +256,20 @@ def _anonymous_round(nodes: int, k: int) -> dict:
     book, inbox = ChallengeBook(), AnonymousInbox()
     inbox.open_round(job, 1, nodes)
     payload = os.urandom(256)
+    # the update as the wire carries it: a tensor map, its digest what the stream ended with
+    update = {"u": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+    digest = stream_digest(update)
     headers = []
     started = time.perf_counter()
     for member in tqdm(members, desc=f"{nodes} nodes sign (k = {k})", leave=False):
         signers = check_ring(ring, member, k, job, 1)
         headers.append(signed_update_header(member, job, 1, ring, signers, book.issue().nonce,
-                                            hashlib.sha256(payload).digest(), 10))
+                                            digest, 10))
     sign_s = time.perf_counter() - started
     started, started_cpu = time.perf_counter(), time.process_time()
     for header in tqdm(headers, desc="coordinator verifies", leave=False):
-        inbox.verify_and_file(header, payload, keys, book, set_size=k)
+        inbox.verify_and_file(header, update, keys, book, set_size=k,
+                              payload_sha256=digest)
     verify_s, verify_cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
     # the old way: every update over the whole ring (a few, then extrapolated)
     samples, scope, whole = 3, anonymous_scope(job, 1), []
