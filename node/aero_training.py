@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -149,8 +150,16 @@ def train_command(args: argparse.Namespace) -> int:
           f"({coverage:.1%} of training tokens covered); training {args.variant} "
           f"({DESCRIPTIONS[args.variant]}) for {args.steps} steps ...", flush=True)
     model, record = train_variant(args.variant, train, test, vocab_size, args)
-    path = write_trained(model, spec, test, node_data=args.node_data,
-                         name=args.name or args.variant, out=args.out)
+    from confide.node.aero_bound import ScoreBoundError
+
+    try:
+        path = write_trained(model, spec, test, node_data=args.node_data,
+                             name=args.name or args.variant, out=args.out)
+    except ScoreBoundError as exc:
+        print(f"error: {exc}. The bound was measured on the first {args.eval_articles} "
+              "held-out articles and checked on all of them; --eval-articles 0 measures it on "
+              "all (the model was not written)", file=sys.stderr)
+        return 1
     bound = record["softmax_bound"]
     print(f"held-out perplexity {record['perplexity']:.1f} ({record['held_out_tokens']} tokens),"
           f" {record['parameters']:,} parameters, trained in {record['train_s']:.0f}s; "
