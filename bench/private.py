@@ -31,9 +31,14 @@ Three more parts (``--parts``; ``daemon`` is the above):
   vocabulary; random weights: cost does not depend on them) for the baseline (LN + GELU),
   LN-free, softmax-only and AERO (softmax-only, the max-free softmax, FFN only in the first
   half of the blocks), plus AERO with the data owner embedding its tokens locally (a public
-  embedding table). ``--cost-layers N`` < 12 measures N blocks and extrapolates the per-block
-  costs linearly to 12 (every block of a kind has the same shapes, so bytes and rounds
-  extrapolate exactly; seconds approximately); the JSON says which.
+  embedding table). By default each configuration runs one direct 12-block forward;
+  ``--cost-layers N`` < 12 measures N blocks and extrapolates the per-block costs linearly to
+  12 (every block of a kind has the same shapes, so bytes and rounds extrapolate exactly;
+  seconds approximately); the JSON says which. ``--cost-configs`` runs some configurations
+  only (one at a time: the others' rows of the same kind come from the previous JSON, saying
+  from which run); direct figures take ``cost`` and the goals, the latest extrapolated ones
+  stay beside them as ``cost_extrapolated``. Each row records the 1-minute load average
+  before and after its run: seconds move with the load, bytes and rounds do not.
 * ``accuracy``: the trained AERO model with its measured score bound: the max-free softmax's
   error against the exact softmax over every held-out position (fixed point emulated in
   plaintext), and ``--accuracy-windows`` held-out windows through real 2PC: top-1 agreement
