@@ -143,11 +143,19 @@ def _ints(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s.strip()]
 
 
-def _names(text: str) -> list[str]:
+def _names(text: str, allowed=VARIANTS, what: str = "variant") -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in allowed]
     if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}: use {', '.join(VARIANTS)}")
+        raise SystemExit(f"unknown {what}(s) {unknown}: use {', '.join(allowed)}")
+    return names
+
+
+def cost_config_names(text: str) -> list[str]:
+    """``--cost-configs``: some of COST_CONFIGS, at least one."""
+    names = _names(text, COST_CONFIGS, "cost configuration")
+    if not names:
+        raise SystemExit(f"--cost-configs must name some of {', '.join(COST_CONFIGS)}")
     return names
 
 
@@ -214,9 +222,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if not 2 <= args.cost_layers <= GPT2_SMALL["n_layers"]:
         raise SystemExit(f"--cost-layers must be in [2, {GPT2_SMALL['n_layers']}] (AERO's "
                          "blocks with and without an FFN are both measured)")
-    cost_names = _names(args.cost_configs)
-    if not cost_names or set(cost_names) - set(COST_CONFIGS):
-        raise SystemExit(f"--cost-configs must name some of {', '.join(COST_CONFIGS)}")
+    cost_config_names(args.cost_configs)  # a typo fails now, not after the other parts
     workdir = Path(args.workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -655,7 +661,7 @@ def _cost_part(args, bound: float, workdir: Path) -> dict:
     from confide.privacy.local_parties import run_local
 
     full, t = GPT2_SMALL["n_layers"], GPT2_SMALL["seq_len"]
-    names = _names(args.cost_configs)
+    names = cost_config_names(args.cost_configs)
     configs = [c for c in cost_configs(args.cost_vocab, bound, args.cost_layers)
                if c["name"] in names]
     ids = [[(7 * i + 3) % args.cost_vocab for i in range(t)]]

@@ -293,3 +293,19 @@ def test_direct_cost_rows_accumulate_one_configuration_at_a_time_beside_the_extr
     # nothing run: the previous slots as they were; no previous at all: nothing
     assert combine_costs(None, previous)[0]["rows"][1]["from_run"] == "t2"
     assert combine_costs(None, None) == (None, None)
+
+
+def test_cost_configs_option_names_every_cost_configuration_and_refuses_others():
+    import argparse
+
+    from confide.bench.private import COST_CONFIGS, add_arguments, cost_config_names
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])
+    assert cost_config_names(args.cost_configs) == list(COST_CONFIGS)
+    assert [c["name"] for c in cost_configs(50257, 5.0, 12)] == list(COST_CONFIGS)
+    assert cost_config_names("aero-local-emb, baseline") == ["aero-local-emb", "baseline"]
+    for bad in ("", "aero,gpt2"):
+        with pytest.raises(SystemExit, match=r"cost configuration|--cost-configs"):
+            cost_config_names(bad)
