@@ -700,7 +700,7 @@ def _cost_part(args, bound: float, workdir: Path) -> dict:
                                   "model_owner_bytes": model_owner[c["name"]]["forwards"][0]
                                   ["stats"]["bytes"]},
                      "softmax_bound": cfg.get("softmax_bound"),
-                     "load_average_1min": load})
+                     "load_average_1min": f.get("load_average_1min", load)})
     return {"shape": GPT2_SMALL | {"vocab_size": args.cost_vocab}, "rows": rows,
             "layers_measured": args.cost_layers,
             "extrapolation": None if args.cost_layers == full else (
