@@ -31,9 +31,14 @@ Three more parts (``--parts``; ``daemon`` is the above):
   vocabulary; random weights: cost does not depend on them) for the baseline (LN + GELU),
   LN-free, softmax-only and AERO (softmax-only, the max-free softmax, FFN only in the first
   half of the blocks), plus AERO with the data owner embedding its tokens locally (a public
-  embedding table). ``--cost-layers N`` < 12 measures N blocks and extrapolates the per-block
-  costs linearly to 12 (every block of a kind has the same shapes, so bytes and rounds
-  extrapolate exactly; seconds approximately); the JSON says which.
+  embedding table). By default each configuration runs one direct 12-block forward;
+  ``--cost-layers N`` < 12 measures N blocks and extrapolates the per-block costs linearly to
+  12 (every block of a kind has the same shapes, so bytes and rounds extrapolate exactly;
+  seconds approximately); the JSON says which. ``--cost-configs`` runs some configurations
+  only (one at a time: the others' rows of the same kind come from the previous JSON, saying
+  from which run); direct figures take ``cost`` and the goals, the latest extrapolated ones
+  stay beside them as ``cost_extrapolated``. Each row records the 1-minute load average
+  before and after its run: seconds move with the load, bytes and rounds do not.
 * ``accuracy``: the trained AERO model with its measured score bound: the max-free softmax's
   error against the exact softmax over every held-out position (fixed point emulated in
   plaintext), and ``--accuracy-windows`` held-out windows through real 2PC: top-1 agreement
@@ -78,6 +83,7 @@ PARTS = ("daemon", "accuracy", "cost")
 GPT2_SMALL = {"n_layers": 12, "d_model": 768, "n_heads": 12, "d_ff": 3072, "seq_len": 128,
               "vocab_size": 50257}
 GOALS = {"bytes": 4.0, "latency": 2.0, "top1": 0.99}
+COST_CONFIGS = ("baseline", "ln-free", "softmax-only", "aero", "aero-local-emb")
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,6 +111,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cost-layers", type=int, default=12,
                    help="blocks measured per cost configuration; fewer than 12 are "
                         "extrapolated linearly to 12 (default: %(default)s)")
+    p.add_argument("--cost-configs", default=",".join(COST_CONFIGS),
+                   help="cost configurations to run, e.g. one at a time for 12 blocks: rows of "
+                        "the previous JSON with the same shape and blocks measured are kept "
+                        "for the others (default: %(default)s)")
     p.add_argument("--cost-vocab", type=int, default=GPT2_SMALL["vocab_size"],
                    help="vocabulary of the cost configurations (default: GPT-2's %(default)s)")
     p.add_argument("--cost-bound", type=float, default=0.0,
@@ -133,11 +143,19 @@ def _ints(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s.strip()]
 
 
-def _names(text: str) -> list[str]:
+def _names(text: str, allowed=VARIANTS, what: str = "variant") -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in allowed]
     if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}: use {', '.join(VARIANTS)}")
+        raise SystemExit(f"unknown {what}(s) {unknown}: use {', '.join(allowed)}")
+    return names
+
+
+def cost_config_names(text: str) -> list[str]:
+    """``--cost-configs``: some of COST_CONFIGS, at least one."""
+    names = _names(text, COST_CONFIGS, "cost configuration")
+    if not names:
+        raise SystemExit(f"--cost-configs must name some of {', '.join(COST_CONFIGS)}")
     return names
 
 
@@ -204,6 +222,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if not 2 <= args.cost_layers <= GPT2_SMALL["n_layers"]:
         raise SystemExit(f"--cost-layers must be in [2, {GPT2_SMALL['n_layers']}] (AERO's "
                          "blocks with and without an FFN are both measured)")
+    cost_config_names(args.cost_configs)  # a typo fails now, not after the other parts
     workdir = Path(args.workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -249,11 +268,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if accuracy is None and previous and previous.get("accuracy"):
         accuracy = previous["accuracy"] | {"from_run": previous["accuracy"].get("from_run")
                                            or previous.get("time")}
-    if cost is None and previous and previous.get("cost"):
-        # not repeated here: the last run's cost rows, saying when they were measured
-        cost = previous["cost"] | {"from_run": previous["cost"].get("from_run")
-                                   or previous.get("time")}
-    goals = _goals(cost, accuracy)
+    # rows not run here come from the previous JSON, saying when; direct 12-block figures
+    # take the "cost" slot, the extrapolated ones are kept beside them for comparison
+    cost, cost_extrapolated = combine_costs(cost, previous)
+    goals = _goals(cost, accuracy, cost_extrapolated)
 
     info = hardware() | {"cpu": cpu_model(), "load_average_1min": load_before}
     if rows:
@@ -263,7 +281,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if accuracy:
         _print_accuracy(accuracy)
     if cost:
-        _print_cost(cost)
+        _print_cost(cost, cost_extrapolated)
     for g in goals:
         measured_text = "-" if g["measured"] is None else f"{g['measured']:.3f}"
         verdict = {True: "MET", False: "missed", None: "not measured"}[g["met"]]
@@ -274,7 +292,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
               | {"vocab_size": vocab_size, "vocab_coverage": coverage,
                  "train_articles": n_train, "held_out_articles": len(test)},
               "paper": PAPER, "perplexity": trained, "results": rows, "ratios": ratios,
-              "accuracy": accuracy, "cost": cost, "goals": goals,
+              "accuracy": accuracy, "cost": cost, "cost_extrapolated": cost_extrapolated,
+              "goals": goals,
               "seconds_total": time.perf_counter() - bench_start}
     if "daemon" not in parts and previous:
         # this run did not repeat the daemon rows: keep the last run's, saying so
@@ -283,7 +302,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
                    "ratios": previous.get("ratios", []),
                    "results_from": previous.get("results_from") or previous.get("time")}
     (out / "private.json").write_text(json.dumps(report, indent=2))
-    _plot_costs(cost, accuracy, out / "private.png")
+    _plot_costs(cost, accuracy, out / "private.png", cost_extrapolated)
     if rows:
         _plot(rows, trained, ratios, out / "private_daemon.png", args.provider)
     print(f"wrote {out / 'private.json'} and {out / 'private.png'} "
@@ -634,22 +653,31 @@ def extrapolate(by_layer: dict[tuple[str, int], dict], full_layers: int,
     return out
 
 
+def _load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def _cost_part(args, bound: float, workdir: Path) -> dict:
     from confide.privacy.local_parties import run_local
 
     full, t = GPT2_SMALL["n_layers"], GPT2_SMALL["seq_len"]
-    configs = cost_configs(args.cost_vocab, bound, args.cost_layers)
+    names = cost_config_names(args.cost_configs)
+    configs = [c for c in cost_configs(args.cost_vocab, bound, args.cost_layers)
+               if c["name"] in names]
     ids = [[(7 * i + 3) % args.cost_vocab for i in range(t)]]
     jobs = [{"name": c["name"], "config": c["config"], "seq_len": t,
              "weights": {"random": args.seed}, "windows": ids}
             | ({"public_embedding": {"random": args.seed}} if c.get("public_embedding") else {})
             for c in configs]
-    print(f"cost: {len(jobs)} configurations, GPT-2-small shape (width {GPT2_SMALL['d_model']}, "
-          f"{GPT2_SMALL['n_heads']} heads, T={t}, vocabulary {args.cost_vocab}), "
-          f"{args.cost_layers} of {full} blocks measured, random weights ...", flush=True)
-    start = time.perf_counter()
+    how = ("direct forwards" if args.cost_layers == full
+           else f"{args.cost_layers} of {full} blocks measured")
+    print(f"cost: {', '.join(c['name'] for c in configs)}, GPT-2-small shape (width "
+          f"{GPT2_SMALL['d_model']}, {GPT2_SMALL['n_heads']} heads, T={t}, vocabulary "
+          f"{args.cost_vocab}), {how}, random weights ...", flush=True)
+    start, load_before = time.perf_counter(), _load()
     data_owner, model_owner = run_local(jobs, workdir / "cost", timeout_s=max(args.timeout, 600),
                                         limit_s=4 * 3600)
+    load = {"before": load_before, "after": _load()}
     rows = []
     for c in configs:
         f = data_owner[c["name"]]["forwards"][0]
@@ -671,7 +699,8 @@ def _cost_part(args, bound: float, workdir: Path) -> dict:
                                   "unaccounted": f["ledger"]["unaccounted"],
                                   "model_owner_bytes": model_owner[c["name"]]["forwards"][0]
                                   ["stats"]["bytes"]},
-                     "softmax_bound": cfg.get("softmax_bound")})
+                     "softmax_bound": cfg.get("softmax_bound"),
+                     "load_average_1min": f.get("load_average_1min", load)})
     return {"shape": GPT2_SMALL | {"vocab_size": args.cost_vocab}, "rows": rows,
             "layers_measured": args.cost_layers,
             "extrapolation": None if args.cost_layers == full else (
@@ -681,7 +710,40 @@ def _cost_part(args, bound: float, workdir: Path) -> dict:
             "wall_s": time.perf_counter() - start}
 
 
-def _print_cost(cost: dict) -> None:
+def combine_costs(new: dict | None, previous: dict | None) -> tuple[dict | None, dict | None]:
+    """The report's (cost, cost_extrapolated): this run's cost rows merged with the previous
+    JSON's rows of the same shape and blocks measured (configurations run one at a time; a
+    carried row says ``from_run``). Direct forwards (all blocks measured) take ``cost`` and the
+    goals; the latest extrapolated figures stay beside them for comparison, and are ``cost``
+    only while no direct run exists."""
+    previous = previous or {}
+    slots: dict[bool, dict | None] = {True: None, False: None}  # extrapolated?
+    for old in (previous.get("cost"), previous.get("cost_extrapolated")):
+        if old and slots[bool(old["extrapolation"])] is None:
+            slots[bool(old["extrapolation"])] = _carried(old, previous.get("time"))
+    if new is not None:
+        kind = bool(new["extrapolation"])
+        old = slots[kind]
+        same = old is not None and old["shape"] == new["shape"] \
+            and old["layers_measured"] == new["layers_measured"]
+        if same:
+            fresh = {r["config"] for r in new["rows"]}
+            rows = new["rows"] + [r for r in old["rows"] if r["config"] not in fresh]
+            new = new | {"rows": sorted(rows, key=lambda r: COST_CONFIGS.index(r["config"]))}
+        slots[kind] = new
+    if slots[False] is not None:
+        return slots[False], slots[True]
+    return slots[True], None
+
+
+def _carried(cost: dict, run: str | None) -> dict:
+    """A previous run's cost, each row stamped with the run it was measured in."""
+    rows = [r | {"from_run": r.get("from_run") or cost.get("from_run") or run}
+            for r in cost["rows"]]
+    return {k: v for k, v in cost.items() if k != "from_run"} | {"rows": rows}
+
+
+def _print_cost(cost: dict, extrapolated: dict | None = None) -> None:
     from confide.privacy.op_ledger import OPS
 
     rows = cost["rows"]
@@ -691,8 +753,11 @@ def _print_cost(cost: dict) -> None:
           f"{shape['d_model']}, {shape['n_heads']} heads, FFN {shape['d_ff']}, T="
           f"{shape['seq_len']}, vocabulary {shape['vocab_size']}), random weights, per party "
           "(MB sent + received / rounds)")
-    if cost["extrapolation"]:
-        print(f"  NOTE: {cost['extrapolation']}")
+    print(f"  NOTE: {cost['extrapolation']}" if cost["extrapolation"] else
+          f"  direct: every configuration ran all {shape['n_layers']} blocks in one forward")
+    for r in rows:
+        if r.get("from_run"):
+            print(f"  {r['config']}: from the run of {r['from_run']}")
     print(f"{'operation':<20}" + "".join(f"{r['config']:>22}" for r in rows))
     for op in OPS:
         cells = []
@@ -703,18 +768,51 @@ def _print_cost(cost: dict) -> None:
     print(f"{'total':<20}" + "".join(f"{r['bytes'] / 1e6:>13.1f}/{r['rounds']:>8.0f}"
                                      for r in rows))
     print(f"{'seconds':<20}" + "".join(f"{r['seconds']:>22.1f}" for r in rows))
+    print(f"{'load (1 min)':<20}" + "".join(f"{_load_text(r):>22}" for r in rows))
     base = next((r for r in rows if r["config"] == "baseline"), None)
     if base:
         print("baseline / configuration: " + ", ".join(
             f"{r['config']} {base['bytes'] / r['bytes']:.2f}x bytes, "
             f"{base['seconds'] / r['seconds']:.2f}x latency" for r in rows if r is not base))
+    if extrapolated:
+        old = {r["config"]: r for r in extrapolated["rows"]}
+        print(f"direct vs extrapolated from {extrapolated['layers_measured']} block(s) (run of "
+              f"{extrapolated['rows'][0].get('from_run', '?')}): " + ", ".join(
+                  f"{r['config']} {r['bytes'] / 1e6:.0f} vs {old[r['config']]['bytes'] / 1e6:.0f}"
+                  f" MB, {r['seconds']:.0f} vs {old[r['config']]['seconds']:.0f} s"
+                  for r in rows if r["config"] in old))
 
 
-def _goals(cost: dict | None, accuracy: dict | None) -> list[dict]:
+def _load_text(row: dict) -> str:
+    load = row.get("load_average_1min") or {}
+    if load.get("before") is None:
+        return "-"
+    return f"{load['before']:.1f}->{load['after']:.1f}"
+
+
+def _has_pair(cost: dict | None) -> bool:
+    return bool(cost) and {"baseline", "aero"} <= {r["config"] for r in cost["rows"]}
+
+
+def _ratios_text(cost: dict | None) -> str:
+    if not _has_pair(cost):
+        return ""
+    rows = {r["config"]: r for r in cost["rows"]}
+    base, aero = rows["baseline"], rows["aero"]
+    return (f"; extrapolated from {cost['layers_measured']} block(s): "
+            f"{base['bytes'] / aero['bytes']:.2f}x bytes, "
+            f"{base['seconds'] / aero['seconds']:.2f}x latency")
+
+
+def _goals(cost: dict | None, accuracy: dict | None,
+           extrapolated: dict | None = None) -> list[dict]:
     goals = []
+    if not _has_pair(cost) and _has_pair(extrapolated):  # direct rows not all run yet
+        cost, extrapolated = extrapolated, None
     rows = {r["config"]: r for r in cost["rows"]} if cost else {}
     base, aero = rows.get("baseline"), rows.get("aero")
-    note = f" ({cost['extrapolation']})" if cost and cost["extrapolation"] else ""
+    note = (f" ({cost['extrapolation']})" if cost["extrapolation"]
+            else " (direct 12-block forwards" + _ratios_text(extrapolated) + ")") if cost else ""
     if base and aero:
         ratio = base["bytes"] / aero["bytes"]
         goals.append(goal_record(
@@ -727,9 +825,11 @@ def _goals(cost: dict | None, accuracy: dict | None) -> list[dict]:
             "aero_vs_baseline_latency_gpt2_small_T128", GOALS["latency"], ratio,
             ratio >= GOALS["latency"],
             f"{base['seconds']:.0f} s vs {aero['seconds']:.0f} s per forward on 2 shared, loaded "
-            f"cores, both parties on one machine: {ratio:.2f}x{note}"))
+            f"cores (1-min load {_load_text(base)} vs {_load_text(aero)}), both parties on one "
+            f"machine: {ratio:.2f}x{note}"))
     else:
-        goals += [goal_record(g, GOALS[k], None, None, "cost part not run")
+        goals += [goal_record(g, GOALS[k], None, None, "baseline and aero cost rows not both "
+                              "measured")
                   for g, k in (("aero_vs_baseline_bytes_gpt2_small_T128", "bytes"),
                                ("aero_vs_baseline_latency_gpt2_small_T128", "latency"))]
     if accuracy:
@@ -747,7 +847,8 @@ def _goals(cost: dict | None, accuracy: dict | None) -> list[dict]:
     return goals
 
 
-def _plot_costs(cost: dict | None, accuracy: dict | None, path: Path) -> None:
+def _plot_costs(cost: dict | None, accuracy: dict | None, path: Path,
+                extrapolated: dict | None = None) -> None:
     from confide.privacy.op_ledger import OPS
 
     plt = pyplot()
@@ -769,13 +870,25 @@ def _plot_costs(cost: dict | None, accuracy: dict | None, path: Path) -> None:
             ax.set_title(f"{key} per forward, by operation")
             ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         legend_outside(axes[1])
-        axes[2].bar(names, [r["seconds"] for r in rows], color="tab:gray")
+        old = {r["config"]: r for r in extrapolated["rows"]} if extrapolated else {}
+        x = list(range(len(rows)))
+        width = 0.4 if old else 0.8
+        axes[2].bar([i - (width / 2 if old else 0) for i in x], [r["seconds"] for r in rows],
+                    width, color="tab:gray", label="measured" if cost["extrapolation"] else
+                    f"direct {cost['shape']['n_layers']}-block forward")
+        if old:
+            axes[2].bar([i + width / 2 for i in x],
+                        [old[r["config"]]["seconds"] if r["config"] in old else 0 for r in rows],
+                        width, color="tab:gray", alpha=0.45, hatch="//",
+                        label=f"extrapolated from {extrapolated['layers_measured']} block(s)")
+            axes[2].legend(fontsize=7)
+        axes[2].set_xticks(x, names)
         axes[2].set_ylabel("seconds (2 shared cores, loaded)")
         axes[2].set_title("latency per forward")
         axes[2].tick_params(axis="x", labelrotation=20, labelsize=8)
         shape = cost["shape"]
-        extra = " - extrapolated from " + f"{cost['layers_measured']} block(s)" \
-            if cost["extrapolation"] else ""
+        extra = (" - extrapolated from " + f"{cost['layers_measured']} block(s)"
+                 if cost["extrapolation"] else " - direct forwards")
         title = (f"CrypTen 2PC, GPT-2-small shape ({shape['n_layers']} blocks, width "
                  f"{shape['d_model']}, T={shape['seq_len']}, vocabulary "
                  f"{shape['vocab_size']}){extra}")

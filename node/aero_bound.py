@@ -112,7 +112,8 @@ def measure_score_bound(model: Any, sequences: Sequence[Sequence[int]],
     if not margin >= 1.0:
         raise ValueError(f"margin must be >= 1, got {margin!r}")
     worst, tokens = max_abs_score(model, sequences)
-    return ScoreBound(round(worst * margin, 4), worst, tokens, margin)
+    # rounded up: a bound rounded down could fall below the scores it was measured on
+    return ScoreBound(math.ceil(worst * margin * 1e4) / 1e4, worst, tokens, margin)
 
 
 def check_score_bound(model: Any, bound: ScoreBound | None,

@@ -6,7 +6,9 @@ and ``confide bench private``, so the product command and the benchmark train al
        the mapping travels as the model's public TokenizerSpec
     3. build the variant (VARIANTS: baseline, ln-free, softmax-only, aero) at equal width
        and depth, train it (``train_aero``), measure held-out perplexity
-    4. publish it into a node's ``private/`` folder (``publish_model``) or save it
+    4. publish it into a node's ``private/`` folder (``publish_model``) or write the same
+       servable file elsewhere (``export_model``, ``--out``); an AERO model's score bound
+       (``node.aero_bound``) is measured on held-out text, checked and stored in either
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -140,23 +144,44 @@ def train_variant(variant: str, train, test, vocab_size: int, args: argparse.Nam
 
 def train_command(args: argparse.Namespace) -> int:
     """``confide aero train``: train one variant on BBC News and publish it for a node."""
-    from confide.node.aero import save_aero
-    from confide.node.private_inference import publish_model
-
     print(f"tokenizing BBC News (vocabulary {args.vocab or 'full MiniLM'}) ...", flush=True)
     train, test, spec, vocab_size, coverage = bbc_split(args.vocab, args.seed)
     print(f"{len(train)} training / {len(test)} held-out articles, vocabulary {vocab_size} "
           f"({coverage:.1%} of training tokens covered); training {args.variant} "
           f"({DESCRIPTIONS[args.variant]}) for {args.steps} steps ...", flush=True)
     model, record = train_variant(args.variant, train, test, vocab_size, args)
-    bound = getattr(model, "softmax_bound", None)
-    if args.node_data:
-        # the bound, measured on the first --eval-articles held-out articles, is checked on all
-        path = publish_model(model, args.node_data, args.name or args.variant, spec,
-                             softmax_bound=bound, calibration=test if bound else None)
-    else:
-        path = save_aero(model, args.out)
+    from confide.node.aero_bound import ScoreBoundError
+
+    try:
+        path = write_trained(model, spec, test, node_data=args.node_data,
+                             name=args.name or args.variant, out=args.out)
+    except ScoreBoundError as exc:
+        print(f"error: {exc}. The bound was measured on the first {args.eval_articles} "
+              "held-out articles and checked on all of them; --eval-articles 0 measures it on "
+              "all (the model was not written)", file=sys.stderr)
+        return 1
+    bound = record["softmax_bound"]
     print(f"held-out perplexity {record['perplexity']:.1f} ({record['held_out_tokens']} tokens),"
           f" {record['parameters']:,} parameters, trained in {record['train_s']:.0f}s; "
-          f"wrote {path}")
+          + (f"softmax bound {bound:g} (max |score| {record['max_abs_score']:.3f}) stored; "
+             if bound is not None else "")
+          + f"wrote {path}")
     return 0
+
+
+def write_trained(model: Any, spec: Any, test: Any, *, node_data: str | None = None,
+                  name: str = "", out: str | None = None) -> Path:
+    """Publish a trained model into ``node_data``'s ``private/`` folder, or write it to ``out``:
+    the same servable file either way (tokenizer spec, and the score bound ``train_variant``
+    measured, checked on all of ``test``: it was measured on the first --eval-articles), so a
+    copied ``--out`` file runs the max-free softmax under ``confide infer --private`` too."""
+    from confide.node.private_inference import export_model, publish_model
+
+    bound = getattr(model, "softmax_bound", None)
+    calibration = test if bound is not None else None
+    if node_data:
+        return publish_model(model, node_data, name, spec, softmax_bound=bound,
+                             calibration=calibration)
+    if not out:
+        raise ValueError("give node_data or out")
+    return export_model(model, out, spec, softmax_bound=bound, calibration=calibration)

@@ -1,8 +1,9 @@
 """Private inference, the model owner's side: which models a node serves, and the sessions.
 
 A node serves the AERO-family models (``node.aero``) found in ``<data dir>/private/`` as
-``<name>.safetensors`` files written by :func:`node.aero.save_aero` (or :func:`publish_model`,
-which adds the tokenizer the data owner should use). Only safetensors are read, never a pickle.
+``<name>.safetensors`` files written by :func:`node.aero.save_aero` (or :func:`publish_model` /
+:func:`export_model`, which add the tokenizer the data owner should use and, for the max-free
+softmax, the model's checked score bound). Only safetensors are read, never a pickle.
 
 ``OpenPrivateInference`` (``node.peer``) lands in :meth:`PrivateInference.open`: the request is
 checked (a known model, ``1 <= seq_len <= max_len``, provider TFP or TTP, a sane timeout), a free
@@ -77,6 +78,7 @@ __all__ = [
     "PrivateModelRegistry",
     "ServableModel",
     "TokenizerSpec",
+    "export_model",
     "publish_model",
 ]
 
@@ -291,7 +293,17 @@ class PrivateModelRegistry:
 def publish_model(model: Any, data_dir: Path | str, name: str,
                   tokenizer: TokenizerSpec | None = None, *, softmax_bound: Any = None,
                   calibration: Any = None) -> Path:
-    """Save an :class:`node.aero.AeroModel` where a node serves it: ``<data_dir>/private/``.
+    """Save an :class:`node.aero.AeroModel` where a node serves it: ``<data_dir>/private/``
+    (:func:`export_model` into the node's registry folder, under a checked name)."""
+    path = PrivateModelRegistry(Path(data_dir) / "private").path(name)
+    return export_model(model, path, tokenizer, softmax_bound=softmax_bound,
+                        calibration=calibration)
+
+
+def export_model(model: Any, path: Path | str, tokenizer: TokenizerSpec | None = None, *,
+                 softmax_bound: Any = None, calibration: Any = None) -> Path:
+    """Write an :class:`node.aero.AeroModel` as a servable file (copy it into a node's
+    ``private/`` folder to serve it).
 
     Same file format as :func:`node.aero.save_aero` (``load_aero`` reads it), plus the public
     tokenizer spec in the metadata so a data owner can send text. With ``softmax_bound`` (a
@@ -301,8 +313,7 @@ def publish_model(model: Any, data_dir: Path | str, name: str,
     """
     from safetensors.torch import save_file
 
-    registry = PrivateModelRegistry(Path(data_dir) / "private")
-    path = registry.path(name)
+    path = Path(path)
     config = model.config.to_dict()
     metadata = {METADATA_KEY: json.dumps(config), "format": "pt"}
     if tokenizer is not None:
@@ -317,7 +328,7 @@ def publish_model(model: Any, data_dir: Path | str, name: str,
         metadata[BOUND_KEY] = softmax_bound.to_json()
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path

@@ -33,6 +33,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _load() -> float | None:
+    """The machine's 1-minute load average: seconds measured here move with it."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def random_weights(config: dict[str, Any], seq_len: int, seed: int, public: bool,
                    std: float = 0.02) -> dict[str, Any]:
     """weight_spec's tensors filled with N(0, std^2) (biases zero), reproducibly."""
@@ -82,6 +87,7 @@ def _run_job(rank: int, job: dict[str, Any], workdir: Path, party) -> dict[str, 
         ids = torch.tensor(window) if rank == DATA_OWNER else None
         ledger = OpLedger(mpc.comm_stats)
         party.reset_stats()
+        load_before = _load()
         start = time.perf_counter()
         logits = aero_2pc.private_forward(config, t, state_dict=state, folded=folded,
                                           token_ids=ids, model_owner=MODEL_OWNER,
@@ -92,7 +98,9 @@ def _run_job(rank: int, job: dict[str, Any], workdir: Path, party) -> dict[str, 
             save_file({"logits": logits.contiguous()}, str(workdir / f"{job['name']}.{k}"
                                                            ".safetensors"))
         out["forwards"].append({"seconds": seconds, "stats": party.stats().to_dict(),
-                                "ledger": ledger.to_dict()})
+                                "ledger": ledger.to_dict(),
+                                "load_average_1min": {"before": load_before,
+                                                      "after": _load()}})
     return out
 
 

@@ -52,6 +52,7 @@ def test_per_op_bytes_add_up_to_the_total(runs):
             assert ledger["unaccounted"] == {"bytes": 0, "rounds": 0}, name
             assert sum(v["bytes"] for v in ledger["by_op"].values()) == f["stats"]["bytes"]
             assert sum(v["rounds"] for v in ledger["by_op"].values()) == f["stats"]["rounds"]
+            assert set(f["load_average_1min"]) == {"before", "after"}  # seconds move with it
     ops = data_owner["baseline"]["forwards"][0]["ledger"]["by_op"]
     assert {"softmax_max", "softmax_exp", "softmax_reciprocal", "layernorm", "gelu",
             "embedding", "head"} <= {op for op, v in ops.items() if v["bytes"] > 0}
