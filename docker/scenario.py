@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128, help="tokens per example")
     p.add_argument("--noise-multiplier", type=float, default=1.0, help="DP-LoRA sigma")
     p.add_argument("--clip-norm", type=float, default=1.0, help="DP-LoRA clipping bound C")
+    p.add_argument("--dimat-lr", type=float, default=5e-5,
+                   help="DIMAT's rate for the pretrained body (full fine-tuning)")
+    p.add_argument("--dimat-head-lr", type=float, default=5e-3,
+                   help="DIMAT's rate for the freshly initialized classification head")
     p.add_argument("--private-node", default="",
                    help="peer HOST:PORT serving the private model ('' = the split-server's)")
     p.add_argument("--private-model", default="aero", help="its name")
@@ -123,14 +127,23 @@ def step_dp_lora(client, args, devices, servers) -> dict:
             "global_tensors": len(model)}
 
 
-def step_dimat(client, args, devices, servers) -> dict:
+def dimat_spec(args, nodes: int):
+    """The DIMAT step's job: one round on a ring. DIMAT trains every parameter, so its rates
+    are full fine-tuning's (a pretrained body at ``--dimat-lr``, the fresh head at
+    ``--dimat-head-lr``), not DP-LoRA's 2e-3: at 2e-3 for the whole model each node's own
+    model collapsed to one class within its 10 steps (held-out 0.20 before any merge; the
+    merge of three collapsed models cannot be better: docker/README.md)."""
     from confide.sdk.client import job_spec
 
-    spec = job_spec("dimat", name="scenario dimat", rounds=1, min_nodes=len(devices),
+    return job_spec("dimat", name="scenario dimat", rounds=1, min_nodes=nodes,
                     base=args.base, num_labels=args.num_labels, max_length=args.max_length,
-                    max_steps=args.max_steps, learning_rate=2e-3, round_timeout_s=args.timeout,
+                    max_steps=args.max_steps, learning_rate=args.dimat_lr,
+                    head_learning_rate=args.dimat_head_lr, round_timeout_s=args.timeout,
                     wait_for_nodes_s=120, params={"topology": "ring", "match_examples": 16})
-    job_id, final = _run_job(client, spec)
+
+
+def step_dimat(client, args, devices, servers) -> dict:
+    job_id, final = _run_job(client, dimat_spec(args, len(devices)))
     summary = final.rounds[-1]
     merged = summary.metrics.get("neighbours_merged", 0.0)
     if merged < 1:
