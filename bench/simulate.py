@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     p.add_argument("--dp-max-steps", type=int, default=4,
                    help="local steps per node and round in the DP curve (default: %(default)s)")
+    p.add_argument("--dp-round-timeout", type=float, default=1800.0,
+                   help="round deadline of the DP curve's runs, s: every node trains each "
+                        "round, 200 of them take minutes on 2 cores (default: %(default)s)")
     p.add_argument("--dp-params", default=json.dumps(DP_PARAMS),
                    help="dp-lora's options in the DP curve (JSON; rounds is added) "
                         "(default: %(default)s)")
@@ -97,13 +100,13 @@ def _row(result, per_round: int, wall_s: float) -> dict:
 
 def _simulate(args: argparse.Namespace, nodes: int, per_round: int, rounds: int, base: str,
               max_steps: int, method: str = "fedavg-lora", params: dict | None = None,
-              tag: str = "") -> dict:
+              tag: str = "", round_timeout_s: float = 300.0) -> dict:
     from confide.sdk.simulation import simulate
 
     started = time.monotonic()
     result = simulate(nodes=nodes, rounds=rounds, per_round=per_round, base=base,
                       max_steps=max_steps, backend=args.backend, test_size=200,
-                      method=method, params=params or {},
+                      method=method, params=params or {}, round_timeout_s=round_timeout_s,
                       workdir=Path(args.workdir) / f"{base}-{nodes}{tag}", quiet=True)
     row = _row(result, per_round, time.monotonic() - started) | {"method": method}
     print(f"  {nodes} nodes ({per_round}/round, {base}, {method}): {row['state']}, round "
@@ -118,7 +121,8 @@ def _dp_point(args: argparse.Namespace, n: int, params: dict) -> dict:
     runs = {}
     for method, options in ((DP_REFERENCE, None), ("dp-lora", params)):
         runs[method] = _simulate(args, n, n, args.dp_rounds, args.dp_base, args.dp_max_steps,
-                                 method, options, tag=f"-{method}")
+                                 method, options, tag=f"-{method}",
+                                 round_timeout_s=args.dp_round_timeout)
     dp = runs["dp-lora"]
     return {"nodes_per_round": n, "base": args.dp_base, "rounds": args.dp_rounds,
             "max_steps": args.dp_max_steps, "params": params,
