@@ -32,6 +32,8 @@ GOAL_NODES, GOAL_PER_ROUND, GOAL_ROUNDS, GOAL_MINUTES = 200, 20, 5, 15.0
 #: the most seconds per trained node at the largest size may cost, relative to the smallest
 GOAL_LINEAR_RATIO = 2.0
 DP_EPSILON = 8.0
+#: the nodes per round the issue's curve names
+DP_SIZES = (10, 50, 200)
 DP_REFERENCE = "fedavg-lora"
 #: DP-FedAvg at node level, the coordinator adding the noise once (its clip as in
 #: ``confide bench federated``'s node-level row); ``rounds`` is filled from --dp-rounds
@@ -55,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-curve", action="store_true",
                    help="also run the node-level DP curve: dp-lora at epsilon 8 vs fedavg-lora "
                         "at --dp-sizes nodes per round")
-    p.add_argument("--dp-sizes", default="10,50,200",
+    p.add_argument("--dp-sizes", default=",".join(map(str, DP_SIZES)),
                    help="nodes per round of the DP curve, all trained each round (default: "
                         "%(default)s)")
     p.add_argument("--dp-base", default="minilm", help="model of the DP curve (default: "
@@ -120,9 +122,15 @@ def _dp_point(args: argparse.Namespace, n: int, params: dict) -> dict:
     reference on the same shards (same seed, same workdir layout)."""
     runs = {}
     for method, options in ((DP_REFERENCE, None), ("dp-lora", params)):
-        runs[method] = _simulate(args, n, n, args.dp_rounds, args.dp_base, args.dp_max_steps,
-                                 method, options, tag=f"-{method}",
-                                 round_timeout_s=args.dp_round_timeout)
+        try:
+            runs[method] = _simulate(args, n, n, args.dp_rounds, args.dp_base,
+                                     args.dp_max_steps, method, options, tag=f"-{method}",
+                                     round_timeout_s=args.dp_round_timeout)
+        except Exception as exc:  # e.g. an actor killed for memory: the point says so
+            print(f"  {n} nodes ({method}): ERROR {type(exc).__name__}: {exc}", flush=True)
+            runs[method] = {"state": "ERROR", "reason": f"{type(exc).__name__}: {exc}",
+                            "accuracy_before": None, "accuracy_after": None,
+                            "epsilon": None, "noise_multiplier": None, "wall_s": None}
     dp = runs["dp-lora"]
     return {"nodes_per_round": n, "base": args.dp_base, "rounds": args.dp_rounds,
             "max_steps": args.dp_max_steps, "params": params,
@@ -164,37 +172,59 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _merge_dp(previous: dict, dp_rows: list[dict]) -> tuple[list[dict], list[int]]:
+    """This run's DP points, and the previous JSON's points at the other sizes (a size run
+    again replaces its old point); the sizes carried over."""
+    ran = {r["nodes_per_round"] for r in dp_rows}
+    kept = [r for r in previous.get("dp_curve") or [] if r["nodes_per_round"] not in ran]
+    merged = sorted(kept + dp_rows, key=lambda r: r["nodes_per_round"])
+    return merged, [r["nodes_per_round"] for r in kept]
+
+
 def run_benchmark(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     dp_sizes = [int(s) for s in args.dp_sizes.split(",") if s.strip()] if args.dp_curve else []
     params = dp_params(args) if args.dp_curve else {}
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     previous = _previous(out)
-    rows = []
+    rows: list[dict] = []
+    goal_row: dict | None = None
+    dp_done: list[dict] = []
+
+    def write() -> tuple[list[dict], dict | None, list[dict], list[dict]]:
+        """The JSON as it stands; written after every DP point too, so a run killed part
+        way (e.g. Ray's memory monitor on a shared machine) keeps the points it measured.
+        What this invocation did not run is kept from the previous JSON, and said so."""
+        carried: dict = {}
+        all_rows, goal = rows, goal_row
+        if not sizes and previous.get("results"):
+            all_rows, carried["results"] = previous["results"], previous.get("args")
+        if goal is None and previous.get("goal_run"):
+            goal, carried["goal_run"] = previous["goal_run"], previous.get("args")
+        dp_rows, kept = _merge_dp(previous, dp_done)
+        if kept:
+            carried["dp_curve"] = {"sizes": kept, "args": previous.get("args")}
+        goals = _goals(all_rows, goal, dp_rows)
+        report = {"benchmark": "simulate", "hardware": hardware() | {
+                      "load_average": round(os.getloadavg()[0], 1)},
+                  "args": vars(args) | {"func": None}, "results": all_rows, "goal_run": goal,
+                  "dp_curve": dp_rows, "goals": goals, "carried_over": carried,
+                  "note": "timings on a 2-core machine shared with other jobs (inflated by "
+                          "load)"}
+        (out / "simulate.json").write_text(json.dumps(report, indent=1, default=str))
+        return all_rows, goal, dp_rows, goals
+
     for n in sizes:
         rows.append(_simulate(args, n, max(1, round(n * args.fraction)), args.rounds,
                               args.base, args.max_steps))
-    goal_row = None
     if args.goal:
         goal_row = _simulate(args, GOAL_NODES, GOAL_PER_ROUND, GOAL_ROUNDS, "minilm",
                              args.goal_max_steps)
-    dp_rows = [_dp_point(args, n, params) for n in dp_sizes]
-    # what this invocation did not run is kept from the previous JSON, and said so
-    carried = {}
-    if not sizes and previous.get("results"):
-        rows, carried["results"] = previous["results"], previous.get("args")
-    if goal_row is None and previous.get("goal_run"):
-        goal_row, carried["goal_run"] = previous["goal_run"], previous.get("args")
-    if not dp_rows and previous.get("dp_curve"):
-        dp_rows, carried["dp_curve"] = previous["dp_curve"], previous.get("args")
-    goals = _goals(rows, goal_row, dp_rows)
-    report = {"benchmark": "simulate", "hardware": hardware() | {
-                  "load_average": round(os.getloadavg()[0], 1)},
-              "args": vars(args) | {"func": None}, "results": rows, "goal_run": goal_row,
-              "dp_curve": dp_rows, "goals": goals, "carried_over": carried,
-              "note": "timings on a 2-core machine shared with other jobs (inflated by load)"}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "simulate.json").write_text(json.dumps(report, indent=1, default=str))
+    for n in dp_sizes:
+        dp_done.append(_dp_point(args, n, params))
+        write()
+    rows, goal_row, dp_rows, goals = write()
     _plot(rows, dp_rows, out / "simulate.png")
     print(f"\n{'nodes':>6}{'/round':>7}{'hosts':>6}{'up s':>7}{'round s':>9}{'s/node':>8}"
           f"{'peak MB':>9}{'host MB':>9}{'acc':>7}  state")
@@ -217,7 +247,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         print("goal: " + goal["text"])
     print(f"wrote {out / 'simulate.json'} and {out / 'simulate.png'}")
     ran = ([r["state"] for r in rows] if sizes else []) + [
-        state for r in dp_rows[:len(dp_sizes)] for state in r["states"].values()]
+        state for r in dp_done for state in r["states"].values()]
     return 0 if all(state == "COMPLETED" for state in ran) else 1
 
 
@@ -233,11 +263,15 @@ def _dp_goal(dp_rows: list[dict]) -> dict:
     epsilons = [r["epsilon"] for r in dp_rows]
     complete = all(s == "COMPLETED" for r in dp_rows for s in r["states"].values())
     spent = max((e for e in epsilons if e is not None), default=None)
-    met = complete and None not in epsilons and spent <= DP_EPSILON + 1e-9
+    ok = complete and None not in epsilons and spent <= DP_EPSILON + 1e-9
+    missing = sorted(set(DP_SIZES) - {r["nodes_per_round"] for r in dp_rows})
+    # a failed or overspent point is a miss; a curve that lacks a size is not measured yet
+    met = False if not ok else (None if missing else True)
+    verdict = ("NOT measured (a run failed or overspent)" if not ok else
+               f"partial: n = {', '.join(map(str, missing))} not run" if missing else "measured")
     return goal_record(name, DP_EPSILON, spent, met,
                        f"{name}: held-out accuracy dp-lora vs fedavg-lora {points}; largest "
-                       f"epsilon spent {_fmt(spent, 2)} -> "
-                       f"{'measured' if met else 'NOT measured (a run failed or overspent)'}",
+                       f"epsilon spent {_fmt(spent, 2)} -> {verdict}",
                        sizes=[r["nodes_per_round"] for r in dp_rows])
 
 

@@ -184,17 +184,27 @@ def test_bench_keeps_what_it_did_not_run_and_records_the_dp_curve_goal(tmp_path)
              "accuracy_before": 0.2, "accuracy_dp": 0.3, "accuracy_reference": 0.6,
              "epsilon": 7.99, "noise_multiplier": 1.1,
              "states": {"fedavg-lora": "COMPLETED", "dp-lora": "COMPLETED"}}
+    curve = [point, point | {"nodes_per_round": 50},
+             point | {"nodes_per_round": 200, "accuracy_dp": 0.55}]
     previous = {"args": {"sizes": "10,50"}, "results": [], "goal_run": None,
-                "dp_curve": [point, point | {"nodes_per_round": 200, "accuracy_dp": 0.55}]}
+                "dp_curve": curve}
     (tmp_path / "simulate.json").write_text(json.dumps(previous))
     assert bench_simulate.run_benchmark(_bench_args(tmp_path)) == 0
     report = json.loads((tmp_path / "simulate.json").read_text())
-    assert report["dp_curve"] == previous["dp_curve"]
-    assert report["carried_over"] == {"dp_curve": {"sizes": "10,50"}}
+    assert report["dp_curve"] == curve
+    assert report["carried_over"] == {"dp_curve": {"sizes": [10, 50, 200],
+                                                   "args": {"sizes": "10,50"}}}
     (dp_goal,) = [g for g in report["goals"] if g["goal"].startswith("node-level DP")]
     assert dp_goal["met"] is True and dp_goal["measured"] == 7.99
     assert "n=200: 0.550 vs 0.600" in dp_goal["text"]
-    # an overspent or failed point is not a measured curve
-    failed = [point | {"epsilon": 9.0}]
-    assert bench_simulate._dp_goal(failed)["met"] is False
+    # a size run again replaces its old point, the others stay
+    merged, kept = bench_simulate._merge_dp(previous, [point | {"nodes_per_round": 50,
+                                                                "accuracy_dp": 0.4}])
+    assert kept == [10, 200] and [r["accuracy_dp"] for r in merged] == [0.3, 0.4, 0.55]
+    # an overspent or failed point is a miss; a curve without all three sizes is partial
+    assert bench_simulate._dp_goal([point | {"epsilon": 9.0}])["met"] is False
+    failed = point | {"states": {"fedavg-lora": "COMPLETED", "dp-lora": "ERROR"}}
+    assert bench_simulate._dp_goal([failed])["met"] is False
+    partial = bench_simulate._dp_goal(curve[:2])
+    assert partial["met"] is None and "n = 200 not run" in partial["text"]
     assert bench_simulate._dp_goal([])["met"] is None
