@@ -197,14 +197,19 @@ def run_benchmark(args: argparse.Namespace) -> int:
         way (e.g. Ray's memory monitor on a shared machine) keeps the points it measured.
         What this invocation did not run is kept from the previous JSON, and said so."""
         carried: dict = {}
+        # the arguments of the run that measured a part: the previous run's, or, when that
+        # run carried it over too, the ones it recorded
+        origin = previous.get("carried_over") or {}
         all_rows, goal = rows, goal_row
         if not sizes and previous.get("results"):
-            all_rows, carried["results"] = previous["results"], previous.get("args")
+            all_rows = previous["results"]
+            carried["results"] = origin.get("results", previous.get("args"))
         if goal is None and previous.get("goal_run"):
-            goal, carried["goal_run"] = previous["goal_run"], previous.get("args")
+            goal = previous["goal_run"]
+            carried["goal_run"] = origin.get("goal_run", previous.get("args"))
         dp_rows, kept = _merge_dp(previous, dp_done)
-        if kept:
-            carried["dp_curve"] = {"sizes": kept, "args": previous.get("args")}
+        if kept:  # each point records its own settings (base, rounds, steps, params)
+            carried["dp_curve"] = {"sizes": kept}
         goals = _goals(all_rows, goal, dp_rows)
         report = {"benchmark": "simulate", "hardware": hardware() | {
                       "load_average": round(os.getloadavg()[0], 1)},

@@ -186,14 +186,20 @@ def test_bench_keeps_what_it_did_not_run_and_records_the_dp_curve_goal(tmp_path)
              "states": {"fedavg-lora": "COMPLETED", "dp-lora": "COMPLETED"}}
     curve = [point, point | {"nodes_per_round": 50},
              point | {"nodes_per_round": 200, "accuracy_dp": 0.55}]
-    previous = {"args": {"sizes": "10,50"}, "results": [], "goal_run": None,
-                "dp_curve": curve}
+    goal_run = {"nodes": 200, "per_round": 20, "hosts": 2, "startup_s": 60.0, "wall_s": 600.0,
+                "round_s_mean": 23.0, "s_per_trained_node": 1.2, "total_rss_peak_mb": 5e3,
+                "host_rss_peak_mb": 2e3, "accuracy_after": 0.4, "state": "COMPLETED",
+                "base": "minilm"}
+    previous = {"args": {"dp_sizes": "200"}, "results": [], "goal_run": goal_run,
+                "dp_curve": curve, "carried_over": {"goal_run": {"goal": True}}}
     (tmp_path / "simulate.json").write_text(json.dumps(previous))
     assert bench_simulate.run_benchmark(_bench_args(tmp_path)) == 0
     report = json.loads((tmp_path / "simulate.json").read_text())
-    assert report["dp_curve"] == curve
-    assert report["carried_over"] == {"dp_curve": {"sizes": [10, 50, 200],
-                                                   "args": {"sizes": "10,50"}}}
+    assert report["dp_curve"] == curve and report["goal_run"] == goal_run
+    # the goal run was carried into the previous JSON: its origin stays the run that made it
+    assert report["carried_over"] == {"goal_run": {"goal": True},
+                                      "dp_curve": {"sizes": [10, 50, 200]}}
+    assert report["goals"][0]["met"] is True and report["goals"][0]["measured"] == 10.0
     (dp_goal,) = [g for g in report["goals"] if g["goal"].startswith("node-level DP")]
     assert dp_goal["met"] is True and dp_goal["measured"] == 7.99
     assert "n=200: 0.550 vs 0.600" in dp_goal["text"]
