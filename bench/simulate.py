@@ -268,12 +268,16 @@ def _dp_goal(dp_rows: list[dict]) -> dict:
     epsilons = [r["epsilon"] for r in dp_rows]
     complete = all(s == "COMPLETED" for r in dp_rows for s in r["states"].values())
     spent = max((e for e in epsilons if e is not None), default=None)
-    ok = complete and None not in epsilons and spent <= DP_EPSILON + 1e-9
+    overspent = spent is not None and spent > DP_EPSILON + 1e-9
     missing = sorted(set(DP_SIZES) - {r["nodes_per_round"] for r in dp_rows})
-    # a failed or overspent point is a miss; a curve that lacks a size is not measured yet
-    met = False if not ok else (None if missing else True)
-    verdict = ("NOT measured (a run failed or overspent)" if not ok else
-               f"partial: n = {', '.join(map(str, missing))} not run" if missing else "measured")
+    # an overspent point is a miss; a failed run (e.g. killed for memory) or a missing size
+    # leaves the curve not measured yet
+    met = (False if overspent else
+           None if missing or not complete or None in epsilons else True)
+    verdict = ("MISSED: epsilon over the target" if overspent else
+               "NOT measured: a run failed (see the point's reasons)" if not complete else
+               f"partial: n = {', '.join(map(str, missing))} not run" if missing else
+               "measured")
     return goal_record(name, DP_EPSILON, spent, met,
                        f"{name}: held-out accuracy dp-lora vs fedavg-lora {points}; largest "
                        f"epsilon spent {_fmt(spent, 2)} -> {verdict}",

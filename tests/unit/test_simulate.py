@@ -207,10 +207,11 @@ def test_bench_keeps_what_it_did_not_run_and_records_the_dp_curve_goal(tmp_path)
     merged, kept = bench_simulate._merge_dp(previous, [point | {"nodes_per_round": 50,
                                                                 "accuracy_dp": 0.4}])
     assert kept == [10, 200] and [r["accuracy_dp"] for r in merged] == [0.3, 0.4, 0.55]
-    # an overspent or failed point is a miss; a curve without all three sizes is partial
+    # an overspent point is a miss; a failed run or a missing size: not measured (yet)
     assert bench_simulate._dp_goal([point | {"epsilon": 9.0}])["met"] is False
     failed = point | {"states": {"fedavg-lora": "COMPLETED", "dp-lora": "ERROR"}}
-    assert bench_simulate._dp_goal([failed])["met"] is False
+    assert bench_simulate._dp_goal([failed])["met"] is None
+    assert "a run failed" in bench_simulate._dp_goal([failed])["text"]
     partial = bench_simulate._dp_goal(curve[:2])
     assert partial["met"] is None and "n = 200 not run" in partial["text"]
     assert bench_simulate._dp_goal([])["met"] is None
