@@ -132,7 +132,8 @@ def _dp_point(args: argparse.Namespace, n: int, params: dict) -> dict:
                             "accuracy_before": None, "accuracy_after": None,
                             "epsilon": None, "noise_multiplier": None, "wall_s": None}
     dp = runs["dp-lora"]
-    return {"nodes_per_round": n, "base": args.dp_base, "rounds": args.dp_rounds,
+    return {"nodes_per_round": n, "backend": args.backend, "base": args.dp_base,
+            "rounds": args.dp_rounds,
             "max_steps": args.dp_max_steps, "params": params,
             "accuracy_before": dp["accuracy_before"],
             "accuracy_dp": dp["accuracy_after"],
