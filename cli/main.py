@@ -737,7 +737,8 @@ BENCHMARKS = {
     "soak": "one coordinator under many simulated node sessions (1,000 by default): sessions "
             "held, round latency, heartbeat RTT, coordinator memory",
     "simulate": "many virtual nodes on Ray (10-200): wall time per round and peak memory vs "
-                "nodes, and the 200 MiniLM LoRA nodes goal",
+                "nodes, the 200 MiniLM LoRA nodes goal, and (--dp-curve) accuracy vs nodes "
+                "per round at node-level epsilon 8",
     "dashboard": "the web dashboard with 10-3,000 nodes online: page load to rendered node "
                  "table in headless Chromium",
     "stream": "tensor-map streaming vs a memory copy and a raw gRPC stream (150 MB-2 GB "

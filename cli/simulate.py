@@ -21,8 +21,13 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
                    help="valid updates a round needs (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=0.3,
                    help="Dirichlet label-skew concentration (default: %(default)s)")
+    p.add_argument("--dataset", choices=["bbc", "trivia"], default="bbc",
+                   help="bbc: BBC News classification (label skew); trivia: the trivia "
+                        "questions for a causal LM (quantity skew; --base tiny-llama or "
+                        "smollm2) (default: %(default)s)")
     p.add_argument("--base", default="tiny-bert",
-                   help="base model: tiny-bert (tests) or minilm (default: %(default)s)")
+                   help="base model: tiny-bert (tests) or minilm; tiny-llama or smollm2 for "
+                        "--dataset trivia (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per article")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-steps", type=int, default=0,
@@ -54,8 +59,30 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent-trainers", type=int, default=0,
                    help="nodes training at once, i.e. hosts (default: the CPUs / "
                         "--cpus-per-node)")
+    p.add_argument("--params", default="", type=_json_object,
+                   help='the method\'s options as JSON, e.g. for dp-lora '
+                        '\'{"unit": "node", "target_epsilon": 8}\'')
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="SecAgg+: the coordinator learns only each round's sum")
+    p.add_argument("--anonymous", action="store_true",
+                   help="ring-signed uploads: the coordinator cannot tell which node sent which")
+    p.add_argument("--anonymity-set", type=int, default=0,
+                   help="the smallest ring of an anonymous upload (default: the coordinator's)")
     p.add_argument("--workdir", default="runs/simulate")
     p.add_argument("--json", default="", help="also write the result to this JSON file")
+
+
+def _json_object(text: str) -> dict:
+    """``--params``: a JSON object, or a clear error from argparse."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc.msg}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def config_from_args(args: argparse.Namespace):
@@ -63,40 +90,15 @@ def config_from_args(args: argparse.Namespace):
 
     return SimulationConfig(
         nodes=args.nodes, method=args.method, rounds=args.rounds, per_round=args.per_round,
-        min_nodes=args.min_nodes, alpha=args.alpha, base=args.base,
+        min_nodes=args.min_nodes, alpha=args.alpha, dataset=args.dataset, base=args.base,
         max_length=args.max_length, batch_size=args.batch_size, max_steps=args.max_steps,
         learning_rate=args.learning_rate, round_timeout_s=args.round_timeout, seed=args.seed,
         test_size=args.test_size, dropout=args.dropout, stragglers=args.stragglers,
         delay_mean_s=args.delay_mean, delay_max_s=args.delay_max, backend=args.backend,
         address=args.address, cpus_per_node=args.cpus_per_node,
         gpus_per_node=args.gpus_per_node, max_concurrent_trainers=args.max_concurrent_trainers,
-        workdir=Path(args.workdir))
-
-
-def print_table(result) -> None:
-    """The demo's table (cli.demo), with the simulation's own lines around it."""
-    exp = result.experiment
-    sizes = result.shard_sizes
-    print(f"\n{result.config['nodes']} virtual nodes on {result.hosts} host(s) "
-          f"({result.config['backend']}), shards min/median/max "
-          f"{sizes['min']}/{sizes['median']:g}/{sizes['max']} articles; up in "
-          f"{result.startup_s:.0f}s")
-    print(f"job {exp.job_id} ({exp.method}): {exp.state} {exp.reason}")
-    print(f"{'round':>5} {'nodes':>5} {'dropped':>7} {'train loss':>10} {'accuracy':>9} "
-          f"{'up (KB)':>10} {'down (KB)':>10} {'seconds':>8}")
-    if exp.before:
-        print(f"{0:>5} {'-':>5} {'-':>7} {'-':>10} {exp.before['accuracy']:>9.3f}")
-    for r in exp.rounds:
-        loss = r["metrics"].get("loss_last", float("nan"))
-        acc = r["eval"].get("accuracy", float("nan"))
-        print(f"{r['round']:>5} {r['participants']:>5} {len(r['dropped']):>7} {loss:>10.4f} "
-              f"{acc:>9.3f} {r['bytes_up'] / 1e3:>10.1f} {r['bytes_down'] / 1e3:>10.1f} "
-              f"{r['seconds']:>8.1f}")
-    injected = {k: sum(h[k] for h in result.host_stats) for k in ("dropped", "delayed")}
-    print(f"injected: {injected['dropped']} dropout(s), {injected['delayed']} straggler(s); "
-          f"memory: peak {result.memory['total_rss_peak_mb']:.0f} MB summed RSS of every "
-          f"process, {result.memory['host_rss_peak_mb']:.0f} MB the largest host")
-    print("listeners: " + ", ".join(result.listeners))
+        params=args.params, secure_aggregation=args.secure_aggregation,
+        anonymous=args.anonymous, anonymity_set=args.anonymity_set, workdir=Path(args.workdir))
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -107,7 +109,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     except (SimulationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print_table(result)
+    print(result.table())
     if args.json:
         Path(args.json).write_text(json.dumps(result.as_dict(), indent=1, default=str))
     return 0 if result.experiment.ok else 1

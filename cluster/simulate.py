@@ -8,15 +8,22 @@ many real node sessions over one shared base model (``cluster.simulate_host``). 
 cluster; otherwise a local Ray on 127.0.0.1 only); with ``backend="local"`` the hosts run in
 this process (no Ray needed: tests, and a check of the same code without Ray).
 
-Data: BBC News split over the nodes with Dirichlet label skew (``node.data.dirichlet_shards``:
-per label, Dirichlet(alpha) proportions over the nodes), which also gives quantity skew (the
-shards' sizes vary with the draws); every node gets at least
-``max(1, min(10, train // (2 * nodes)))`` articles: 4 at 200 nodes.
+Data (``dataset``): "bbc", BBC News split over the nodes with Dirichlet label skew
+(``node.data.dirichlet_shards``: per label, Dirichlet(alpha) proportions over the nodes), which
+also gives quantity skew (the shards' sizes vary with the draws); every node gets at least
+``max(1, min(10, train // (2 * nodes)))`` articles: 4 at 200 nodes. "trivia", the trivia
+question/answer pairs for a causal LM (``node.data_trivia``: quantity skew, at least one pair a
+node; 209 training pairs, so at most 209 nodes), evaluated by held-out perplexity.
+
+Privacy options of the job go through unchanged: ``secure_aggregation`` (SecAgg+ among the
+round's virtual nodes, through the coordinator) and ``anonymous`` (ring-signed uploads on their
+own calls), as ``params`` does for a method's options (e.g. dp-lora's node-level DP).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import statistics
@@ -30,8 +37,14 @@ import psutil  # installed with peft and amqtt, core dependencies
 from confide.cluster.experiment import ExperimentResult, run_experiment, shard_dirs
 from confide.cluster.local import LocalCluster
 from confide.cluster.simulate_host import Faults, HostSpec, VirtualNodeHost
+from confide.coordinator.jobs import normalize_spec
 from confide.node.data import load_jsonl, prepare_bbc_shards
+from confide.node.data_trivia import prepare_trivia_shards
 from confide.sdk.client import Client, job_spec
+
+#: ``--dataset``: what each trains (the job's task) and the bases that can train it
+DATASETS = {"bbc": "sequence-classification", "trivia": "causal-lm"}
+CAUSAL_BASES = ("tiny-llama", "smollm2")
 
 #: what Ray must be told so that it stays on loopback and sends nothing home
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
@@ -51,6 +64,8 @@ class SimulationConfig:
     per_round: int = 0
     min_nodes: int = 1
     alpha: float = 0.3
+    #: "bbc" (classification) or "trivia" (causal LM): ``DATASETS``
+    dataset: str = "bbc"
     base: str = "tiny-bert"
     max_length: int = 64
     batch_size: int = 8
@@ -72,7 +87,13 @@ class SimulationConfig:
     max_concurrent_trainers: int = 0
     workdir: Path = Path("runs/simulate")
     quiet: bool = False
+    #: the method's options (e.g. dp-lora's ``{"unit": "node", "target_epsilon": 8}``)
     params: dict = field(default_factory=dict)
+    #: SecAgg+: the coordinator learns only each round's sum
+    secure_aggregation: bool = False
+    #: ring-signed uploads; ``anonymity_set``: the smallest ring (0: the coordinator's default)
+    anonymous: bool = False
+    anonymity_set: int = 0
 
 
 @dataclass
@@ -92,12 +113,53 @@ class SimulationResult:
                 "host_stats": self.host_stats, "memory": self.memory,
                 "listeners": self.listeners}
 
+    @property
+    def ok(self) -> bool:
+        """The job completed (``experiment.state``, ``experiment.reason`` say why not)."""
+        return self.experiment.ok
+
+    def table(self) -> str:
+        """What ``confide simulate`` prints: the demo's table (cli.demo) with the simulation's
+        own lines around it. Classification shows held-out accuracy; a causal LM (trivia),
+        held-out perplexity."""
+        exp = self.experiment
+        sizes = self.shard_sizes
+        trivia = self.config.get("dataset") == "trivia"
+        metric, unit = ("perplexity", "pairs") if trivia else ("accuracy", "articles")
+        lines = [
+            f"\n{self.config['nodes']} virtual nodes on {self.hosts} host(s) "
+            f"({self.config['backend']}), shards min/median/max "
+            f"{sizes['min']}/{sizes['median']:g}/{sizes['max']} {unit}; up in "
+            f"{self.startup_s:.0f}s",
+            f"job {exp.job_id} ({exp.method}): {exp.state} {exp.reason}",
+            f"{'round':>5} {'nodes':>5} {'dropped':>7} {'train loss':>10} {metric:>10} "
+            f"{'up (KB)':>10} {'down (KB)':>10} {'seconds':>8}"]
+        if exp.before:
+            lines.append(f"{0:>5} {'-':>5} {'-':>7} {'-':>10} "
+                         f"{exp.before.get(metric, math.nan):>10.3f}")
+        for r in exp.rounds:
+            loss = r["metrics"].get("loss_last", math.nan)
+            lines.append(f"{r['round']:>5} {r['participants']:>5} {len(r['dropped']):>7} "
+                         f"{loss:>10.4f} {r['eval'].get(metric, math.nan):>10.3f} "
+                         f"{r['bytes_up'] / 1e3:>10.1f} {r['bytes_down'] / 1e3:>10.1f} "
+                         f"{r['seconds']:>8.1f}")
+        injected = {k: sum(h[k] for h in self.host_stats) for k in ("dropped", "delayed")}
+        lines.append(f"injected: {injected['dropped']} dropout(s), {injected['delayed']} "
+                     f"straggler(s); memory: peak {self.memory['total_rss_peak_mb']:.0f} MB "
+                     f"summed RSS of every process, {self.memory['host_rss_peak_mb']:.0f} MB "
+                     "the largest host")
+        lines.append("listeners: " + ", ".join(self.listeners))
+        return "\n".join(lines)
+
 
 def prepare_data(cfg: SimulationConfig) -> tuple[list[Path], dict]:
     """The nodes' shards (one folder each: a node keeps its key there between runs) and the
     summary of their sizes."""
     root = Path(cfg.workdir) / "data"
-    summary = prepare_bbc_shards(root, cfg.nodes, alpha=cfg.alpha, seed=cfg.seed)
+    if cfg.dataset == "trivia":
+        summary = prepare_trivia_shards(root, cfg.nodes, alpha=cfg.alpha, seed=cfg.seed)
+    else:
+        summary = prepare_bbc_shards(root, cfg.nodes, alpha=cfg.alpha, seed=cfg.seed)
     sizes = summary["train_sizes"]
     return shard_dirs(root, cfg.nodes), {
         "min": min(sizes), "median": statistics.median(sizes), "max": max(sizes),
@@ -243,16 +305,17 @@ def _wait_online(address: str, count: int, timeout: float) -> None:
 def simulation_spec(cfg: SimulationConfig, labels: int):
     """The job the simulation submits (the same job run on daemons gives the same result)."""
     return job_spec(cfg.method, name=f"simulate-{cfg.nodes}", rounds=cfg.rounds,
-                    min_nodes=cfg.min_nodes, nodes_per_round=cfg.per_round, base=cfg.base,
-                    num_labels=labels, max_length=cfg.max_length, max_steps=cfg.max_steps,
+                    min_nodes=cfg.min_nodes, nodes_per_round=cfg.per_round,
+                    task=DATASETS[cfg.dataset], base=cfg.base, num_labels=labels,
+                    max_length=cfg.max_length, max_steps=cfg.max_steps,
                     batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
                     round_timeout_s=cfg.round_timeout_s, seed=cfg.seed,
-                    params=cfg.params or None)
+                    params=cfg.params or None, secure_aggregation=cfg.secure_aggregation,
+                    anonymous=cfg.anonymous, anonymity_set=cfg.anonymity_set)
 
 
-def run_simulation(cfg: SimulationConfig) -> SimulationResult:
-    """Prepare the shards, start the coordinator and the host pool, run the job with a
-    progress bar, evaluate the global model on held-out articles, tear everything down."""
+def check_config(cfg: SimulationConfig) -> None:
+    """Refuse a configuration before any work (no data written, no process started)."""
     if cfg.backend not in ("ray", "local"):
         raise ValueError(f"backend must be 'ray' or 'local', got {cfg.backend!r}")
     if cfg.nodes < 1 or cfg.rounds < 1:
@@ -260,7 +323,23 @@ def run_simulation(cfg: SimulationConfig) -> SimulationResult:
     if not 0 <= cfg.per_round <= cfg.nodes:
         raise ValueError(f"per_round must be 0 (all) to nodes ({cfg.nodes}), got "
                          f"{cfg.per_round}")
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
+    if cfg.dataset == "trivia" and cfg.base not in CAUSAL_BASES:
+        raise ValueError(f"the trivia dataset trains a causal LM: base must be one of "
+                         f"{', '.join(CAUSAL_BASES)}, got {cfg.base!r}")
+    if cfg.anonymity_set < 0:
+        raise ValueError(f"anonymity_set must be >= 0, got {cfg.anonymity_set}")
     Faults(cfg.dropout, cfg.stragglers, cfg.delay_mean_s, cfg.delay_max_s)  # checks them
+    # the job itself, as the coordinator will check it (e.g. secure aggregation's two nodes
+    # a round, a method's params): before any data is written or process started
+    normalize_spec(simulation_spec(cfg, labels=2))
+
+
+def run_simulation(cfg: SimulationConfig) -> SimulationResult:
+    """Prepare the shards, start the coordinator and the host pool, run the job with a
+    progress bar, evaluate the global model on held-out articles, tear everything down."""
+    check_config(cfg)
     if cfg.backend == "ray":
         require_ray()  # before any work: a missing extra is the first thing said
     folders, sizes = prepare_data(cfg)
