@@ -86,3 +86,19 @@ def test_merged_runs_keep_old_rows_replace_same_names_and_refuse_another_workloa
     assert dp_goals(merged["results"])[0]["measured"] == 0.90
     with pytest.raises(SystemExit, match="max_length: 128 vs 64"):
         merged_report(path, {**new, "workload": {**workload, "max_length": 64}})
+
+
+def test_dimat_goals_take_the_worst_round_against_gossip_or_say_not_measured():
+    from confide.bench.dimat import dimat_goals
+
+    def row(topology, merge, accs, state="COMPLETED"):
+        return {"topology": topology, "merge": merge, "state": state,
+                "rounds": [{"accuracy_mean": a} for a in accs]}
+
+    mlp = [row("ring", "dimat", [0.5, 0.7, 0.8]), row("ring", "gossip", [0.4, 0.72, 0.7]),
+           row("full", "dimat", [0.6, 0.8]), row("full", "gossip", [0.6, 0.7])]
+    daemons = [row("ring", "dimat", [0.9]), row("ring", "gossip", [0.8], state="FAILED")]
+    ring_mlp, full_mlp, ring_daemons, full_daemons = dimat_goals(daemons, mlp)
+    assert ring_mlp["met"] is False and abs(ring_mlp["measured"] + 0.02) < 1e-9
+    assert full_mlp["met"] is True and full_mlp["measured"] == 0.0  # a tie counts as at
+    assert ring_daemons["met"] is None and full_daemons["met"] is None  # gossip failed / absent
