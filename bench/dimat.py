@@ -140,7 +140,8 @@ def _mlp_part(args: argparse.Namespace) -> list[dict]:
             for n, net in nets.items():
                 self_weight, row = mixing_weights(adjacency, n)
                 merged = dimat_merge(net, states[n], {j: states[j] for j in row}, row,
-                                     data[n][0], merge, self_weight=self_weight)
+                                     data[n][0], merge, self_weight=self_weight,
+                                     identity_margin=config.identity_margin)
                 net.load_state_dict(merged)
             accs = [accuracy(net) for net in nets.values()]
             curve.append({"round": round_number, "accuracy_mean": sum(accs) / len(accs),
