@@ -308,40 +308,39 @@ def _best(rows: list[dict], prefix: str) -> dict | None:
     return max(done, key=lambda r: r["accuracy"]) if done else None
 
 
+UPLINK = "uplink_bytes_per_node_per_round"
+
+
+def _gap_goal(goal: str, rows: list[dict], prefix: str, reference: dict | None,
+              reference_name: str, share: float, target: float) -> dict:
+    """The accuracy gap between ``reference`` and the best ``prefix`` row that sends at most
+    ``share`` of its uplink: met when the gap is <= ``target``, not measured when either
+    side did not run."""
+    cheap = [r for r in rows if reference and r[UPLINK] <= reference[UPLINK] * share]
+    best = _best(cheap, prefix)
+    gap = None if best is None or reference is None else reference["accuracy"] - best["accuracy"]
+    return goal_record(goal, target, gap, None if gap is None else gap <= target,
+                       f"{best['method'] if best else 'not run'} vs {reference_name}: accuracy "
+                       f"gap {'-' if gap is None else f'{gap:.3f}'}")
+
+
 def method_goals(rows: list[dict]) -> list[dict]:
     """The methods issue's goals against their references in the same run: Ferret within 5
     points of fedavg-full at <= 1/1000 of its uplink, and at the FedKSeed point (<= 18 KB per
     node per round); CELLM at <= 1/10 of FedAvg-LoRA's uplink, <= 2 points lower. A goal whose
     rows did not run is recorded as not measured."""
-    up = "uplink_bytes_per_node_per_round"
     full, lora = _best(rows, "fedavg-full"), _best(rows, "fedavg-lora")
-    goals = []
-    ferret = [r for r in rows if r["method"].startswith("ferret") and r["accuracy"] is not None]
-    cheap = [r for r in ferret if full and r[up] <= full[up] / 1000]
-    best = max(cheap, key=lambda r: r["accuracy"]) if cheap else None
-    gap = None if best is None or full is None else full["accuracy"] - best["accuracy"]
-    goals.append(goal_record(
-        "Ferret within 5 points of fedavg-full at <= 1/1000 of its uplink", 0.05, gap,
-        None if gap is None else gap <= 0.05,
-        f"{best['method'] if best else 'not run'} vs fedavg-full: accuracy gap "
-        f"{'-' if gap is None else f'{gap:.3f}'}"))
-    small = [r for r in ferret if r[up] <= 18_000]
-    point = max(small, key=lambda r: r["accuracy"]) if small else None
-    goals.append(goal_record(
-        "Ferret's accuracy at the FedKSeed point (<= 18 KB per node per round)", 18_000,
-        point["accuracy"] if point else None, None,
-        f"{point['method']}: {point[up] / 1e3:.1f} KB up" if point else "not run",
-        reported_not_judged=True))
-    cellm = [r for r in rows if r["method"].startswith("cellm") and r["accuracy"] is not None
-             and lora and r[up] <= lora[up] / 10]
-    best_c = max(cellm, key=lambda r: r["accuracy"]) if cellm else None
-    gap_c = None if best_c is None or lora is None else lora["accuracy"] - best_c["accuracy"]
-    goals.append(goal_record(
-        "CELLM <= 2 points below FedAvg-LoRA at <= 1/10 of its uplink", 0.02, gap_c,
-        None if gap_c is None else gap_c <= 0.02,
-        f"{best_c['method'] if best_c else 'not run'} vs fedavg-lora: accuracy gap "
-        f"{'-' if gap_c is None else f'{gap_c:.3f}'}"))
-    return goals
+    point = _best([r for r in rows if r[UPLINK] <= 18_000], "ferret")
+    return [
+        _gap_goal("Ferret within 5 points of fedavg-full at <= 1/1000 of its uplink", rows,
+                  "ferret", full, "fedavg-full", 1 / 1000, 0.05),
+        goal_record("Ferret's accuracy at the FedKSeed point (<= 18 KB per node per round)",
+                    18_000, point["accuracy"] if point else None, None,
+                    f"{point['method']}: {point[UPLINK] / 1e3:.1f} KB up" if point
+                    else "not run", reported_not_judged=True),
+        _gap_goal("CELLM <= 2 points below FedAvg-LoRA at <= 1/10 of its uplink", rows, "cellm",
+                  lora, "fedavg-lora", 1 / 10, 0.02),
+    ]
 
 
 def _compare_with_previous(path: Path, rows: list[dict]) -> None:
