@@ -46,6 +46,8 @@ from confide.sdk.client import Client, job_spec
 DATASETS = {"bbc": "sequence-classification", "trivia": "causal-lm"}
 CAUSAL_BASES = ("tiny-llama", "smollm2")
 
+#: tries at starting a local Ray; Ray gives its raylet a fixed 30 s to register per try
+RAY_START_ATTEMPTS = 3
 #: what Ray must be told so that it stays on loopback and sends nothing home
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -218,16 +220,34 @@ class _RayPool:
                 ray.init(address=address, runtime_env={"env_vars": RAY_ENV},
                          log_to_driver=False)
             else:
-                # a short path: Ray's unix sockets live under it (about 100 bytes at most)
-                ray.init(num_cpus=max(1, os.cpu_count() or 1), include_dashboard=False,
-                         _node_ip_address="127.0.0.1", _temp_dir=str(self._temp),
-                         runtime_env={"env_vars": RAY_ENV}, log_to_driver=False)
+                self._start_local_ray()
         cpus = ray.cluster_resources().get("CPU", 1.0)
         specs = specs_for(pool_size(cfg, cpus))
         actor = ray.remote(num_cpus=cfg.cpus_per_node, num_gpus=cfg.gpus_per_node)(
             VirtualNodeHost)
         self.actors = [actor.remote(spec) for spec in specs]
         ray.get([a.start.remote() for a in self.actors])
+
+    def _start_local_ray(self, attempts: int = RAY_START_ATTEMPTS) -> None:
+        """Start a one-machine Ray. Ray waits a fixed 30 s for its raylet to register with
+        its GCS; a loaded 2-core machine can take longer, so a timed-out start is shut down
+        and tried again before the simulation gives up with a clear error."""
+        for attempt in range(1, attempts + 1):
+            try:
+                # a short path: Ray's unix sockets live under it (about 100 bytes at most)
+                self.ray.init(num_cpus=max(1, os.cpu_count() or 1), include_dashboard=False,
+                              _node_ip_address="127.0.0.1", _temp_dir=str(self._temp),
+                              runtime_env={"env_vars": RAY_ENV}, log_to_driver=False)
+                return
+            except Exception as exc:  # Ray raises a bare Exception on a startup timeout
+                with contextlib.suppress(Exception):
+                    self.ray.shutdown()
+                shutil.rmtree(self._temp, ignore_errors=True)
+                if "timed out during startup" not in str(exc) or attempt == attempts:
+                    raise SimulationError(
+                        f"Ray did not start on this machine (attempt {attempt} of "
+                        f"{attempts}): {exc}; a busy machine slows Ray's start, try again "
+                        "or use --backend local") from exc
 
     def stats(self) -> list[dict]:
         return self.ray.get([a.stats.remote() for a in self.actors])

@@ -215,3 +215,53 @@ def test_bench_keeps_what_it_did_not_run_and_records_the_dp_curve_goal(tmp_path)
     partial = bench_simulate._dp_goal(curve[:2])
     assert partial["met"] is None and "n = 200 not run" in partial["text"]
     assert bench_simulate._dp_goal([])["met"] is None
+
+
+class _SlowStartingRay:
+    """Stands in for Ray (a third-party library) whose raylet misses its 30 s registration
+    window a given number of times; records each call."""
+
+    def __init__(self, timeouts: int) -> None:
+        self.timeouts = timeouts
+        self.inits = 0
+        self.shutdowns = 0
+
+    def init(self, **kwargs) -> None:
+        self.inits += 1
+        if self.inits <= self.timeouts:
+            raise Exception("The current node timed out during startup. This could happen ...")
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def _pool_with(ray) -> object:
+    from confide.cluster.simulate import _RayPool
+
+    pool = object.__new__(_RayPool)
+    pool.ray = ray
+    pool._temp = Path("/tmp") / "confide-ray-test-unused"
+    return pool
+
+
+def test_a_slow_ray_start_is_tried_again_and_then_refused_clearly():
+    ray = _SlowStartingRay(timeouts=2)
+    _pool_with(ray)._start_local_ray(attempts=3)
+    assert (ray.inits, ray.shutdowns) == (3, 2)
+
+    ray = _SlowStartingRay(timeouts=5)
+    with pytest.raises(SimulationError, match=r"attempt 3 of 3.*--backend local"):
+        _pool_with(ray)._start_local_ray(attempts=3)
+    assert ray.inits == 3
+
+
+def test_a_ray_start_error_other_than_the_timeout_is_not_retried():
+    class BrokenRay(_SlowStartingRay):
+        def init(self, **kwargs) -> None:
+            self.inits += 1
+            raise ValueError("bad argument")
+
+    ray = BrokenRay(timeouts=0)
+    with pytest.raises(SimulationError, match="attempt 1 of 3"):
+        _pool_with(ray)._start_local_ray(attempts=3)
+    assert ray.inits == 1
