@@ -86,7 +86,15 @@ class LocalCluster:
                                 cwd=Path(__file__).resolve().parent.parent)
 
     def start_coordinator(self, timeout: float = 60.0) -> str:
-        ready = self.root / "coordinator.ready"
+        self._spawn_coordinator()
+        return self._wait_for_coordinator(timeout)
+
+    @property
+    def _ready_file(self) -> Path:
+        return self.root / "coordinator.ready"
+
+    def _spawn_coordinator(self) -> None:
+        ready = self._ready_file
         ready.unlink(missing_ok=True)
         args = ["coordinator", "serve", "--listen", self.listen,
                 "--data", str(self.root / "coordinator"), "--ready-file", str(ready),
@@ -98,8 +106,11 @@ class LocalCluster:
             args += ["--anonymous-listen", f"127.0.0.1:{self.anonymous_port}"]
         args += self.coordinator_args
         self.coordinator = self._spawn("coordinator", args, threads=1)
+
+    def _wait_for_coordinator(self, timeout: float) -> str:
+        assert self.coordinator is not None
         deadline = time.monotonic() + timeout
-        while not ready.exists():
+        while not self._ready_file.exists():
             if self.coordinator.poll() is not None:
                 raise ClusterError("coordinator exited; see " + str(self.log("coordinator")))
             if time.monotonic() > deadline:
@@ -154,12 +165,19 @@ class LocalCluster:
             args += ["--anonymous-coordinator", f"127.0.0.1:{self.anonymous_port}"]
         return args
 
-    def start(self) -> LocalCluster:
-        self.start_coordinator()
+    def start(self, timeout: float = 60.0) -> LocalCluster:
+        """Every process at once: the nodes load their libraries (seconds) while the
+        coordinator starts, and dial it with backoff until it listens."""
+        self._spawn_coordinator()
         for index in range(len(self.node_data_dirs)):
             self.start_node(index)
         if self.split_server:
             self.start_split_server()
+        try:
+            self._wait_for_coordinator(timeout)
+        except ClusterError:
+            self.stop()  # the nodes already started: a failed start leaves no process behind
+            raise
         return self
 
     def log(self, name: str) -> Path:

@@ -18,11 +18,11 @@ from tests.integration.wire_capture import WireCapture
 def test_a_secure_job_trains_like_the_plain_one(tmp_path, shards):
     data = shards(3, per_node=64)
     finals = {}
-    for secure in (False, True):
-        spec = tiny_spec(rounds=2, min_nodes=3, max_steps=4, secure_aggregation=secure)
-        with LocalCluster(tmp_path / f"cluster-{secure}", data, mqtt=False) as cluster, \
-                Client(cluster.address) as client:
-            wait_for_nodes(client, 3)
+    with LocalCluster(tmp_path / "cluster", data, mqtt=False) as cluster, \
+            Client(cluster.address) as client:
+        wait_for_nodes(client, 3)
+        for secure in (False, True):  # one after the other on the same nodes
+            spec = tiny_spec(rounds=2, min_nodes=3, max_steps=4, secure_aggregation=secure)
             job = client.submit_job(spec)
             final = client.wait_job(job.job_id)
             assert final.state == pb.COMPLETED, final.reason

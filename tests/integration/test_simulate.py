@@ -83,7 +83,7 @@ def test_simulated_nodes_and_the_same_nodes_as_daemons_give_the_same_aggregate(t
 def test_stragglers_past_the_round_deadline_are_dropped_by_the_coordinator(tmp_path):
     cfg = SimulationConfig(nodes=4, rounds=1, base="tiny-bert", max_steps=2, test_size=20,
                            stragglers=0.5, delay_mean_s=1000.0, delay_max_s=60.0,
-                           round_timeout_s=20.0, backend="local", workdir=tmp_path, quiet=True)
+                           round_timeout_s=12.0, backend="local", workdir=tmp_path, quiet=True)
     faults = Faults(0.0, cfg.stragglers, cfg.delay_mean_s, cfg.delay_max_s, cfg.seed)
     delays = [faults.fate(f"sim{i}", 1)[1] for i in range(cfg.nodes)]
     # the seed draws delays far from the deadline either way: no timing-sensitive case
