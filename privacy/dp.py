@@ -38,11 +38,12 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import dp_accounting
 import torch
-from dp_accounting.rdp import rdp_privacy_accountant
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 __all__ = [
     "DEFAULT_ORDERS",
@@ -55,7 +56,8 @@ __all__ = [
 ]
 
 DEFAULT_ORDERS: tuple[float, ...] = tuple(
-    float(a) for a in rdp_privacy_accountant.DEFAULT_RDP_ORDERS
+    [1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(11, 64)]
+    + [128.0, 256.0, 512.0, 1024.0]
 )
 """The Renyi orders alpha the accountant evaluates: dp-accounting's own default set,
 1.1, 1.2, ..., 10.9 (step 0.1), 11, 12, ..., 63, and 128, 256, 512, 1024 (156 orders). epsilon
@@ -206,12 +208,24 @@ def _sampled_gaussian(
     noise_multiplier: float, sampling_rate: float, steps: int
 ) -> dp_accounting.DpEvent:
     """``steps`` compositions of the Poisson-subsampled Gaussian mechanism."""
+    import dp_accounting  # here, not at the top: see _accounting
+
     return dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(
             sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
         ),
         steps,
     )
+
+
+def _accounting():
+    """dp-accounting's RDP accountant module, imported on first use: the library pulls in
+    SciPy's signal processing (0.4 s of CPU), which every daemon would pay at start for jobs
+    that may never be private. :data:`DEFAULT_ORDERS` is written out for the same reason (a
+    unit test checks it against the library's set)."""
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    return rdp_privacy_accountant
 
 
 @functools.lru_cache(maxsize=4096)
@@ -229,7 +243,7 @@ def _epsilon(
 def _composed_epsilon(
     orders: tuple[float, ...], events: tuple[tuple[float, float, int], ...], delta: float
 ) -> float:
-    accountant = rdp_privacy_accountant.RdpAccountant(list(orders))
+    accountant = _accounting().RdpAccountant(list(orders))
     with _quiet_absl():
         for sigma, q, steps in events:
             accountant.compose(_sampled_gaussian(sigma, q, steps))
@@ -245,9 +259,11 @@ def _calibrate(
     steps: int,
     tol: float,
 ) -> float:
+    import dp_accounting  # here, not at the top: see _accounting
+
     with _quiet_absl():
         sigma = dp_accounting.calibrate_dp_mechanism(
-            lambda: rdp_privacy_accountant.RdpAccountant(list(orders)),
+            lambda: _accounting().RdpAccountant(list(orders)),
             lambda sigma: _sampled_gaussian(sigma, sampling_rate, steps),
             target_epsilon,
             delta,
@@ -339,6 +355,8 @@ class RdpAccountant:
             raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
         if steps < 1 or sampling_rate <= 0:
             raise ValueError("calibration needs at least one step at a sampling rate > 0")
+        from dp_accounting.mechanism_calibration import NoBracketIntervalFoundError
+
         try:
             return _calibrate(
                 self.orders,
@@ -348,7 +366,7 @@ class RdpAccountant:
                 int(steps),
                 float(tol),
             )
-        except (dp_accounting.mechanism_calibration.NoBracketIntervalFoundError, ValueError) as exc:
+        except (NoBracketIntervalFoundError, ValueError) as exc:
             raise ValueError(
                 f"no noise multiplier reaches epsilon={target_epsilon:g} at delta={delta:g} "
                 f"over {steps} step(s) at q={sampling_rate:g}: {exc}"
