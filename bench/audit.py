@@ -20,6 +20,7 @@ import argparse
 import json
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -83,6 +84,43 @@ def reference_losses(spec, pool: Sequence, candidates: Sequence, count: int, siz
     return out
 
 
+def unused_training_articles(members_pool: Sequence, seed: int) -> list:
+    """The BBC training split's articles that no node holds (the per-node cap leaves most
+    of each Dirichlet shard unused): the same distribution as the members, never trained on.
+    The test split's articles beyond the accuracy set are too few (126) on their own."""
+    from confide.node.data import bbc_news, split_train_test
+
+    train, _ = split_train_test(bbc_news()[0], 0.2, seed)  # prepare_bbc_shards' split
+    held = {ex.text for ex in members_pool}
+    return [ex for ex in train if ex.text not in held]
+
+
+def candidate_pools(members_pool: Sequence, outsiders: Sequence, candidates: int,
+                    reference_size: int, seed: int) -> tuple[list, list, list]:
+    """(members, non-members, reference pool). Non-members match the members' label counts:
+    a label mix that differs between the two would let a loss attack score well on a model
+    that never saw a member. The reference pool is what is left, never a candidate. Checked
+    here, before any job runs: a pool too small is a clear error, not a lost hour."""
+    rng = random.Random(seed)
+    members = rng.sample(list(members_pool), min(candidates, len(members_pool)))
+    by_label: dict = {}
+    for ex in rng.sample(list(outsiders), len(outsiders)):
+        by_label.setdefault(ex.label, []).append(ex)
+    nonmembers = []
+    for label, count in sorted(Counter(ex.label for ex in members).items()):
+        pool = by_label.get(label, [])
+        if len(pool) < count:
+            raise ValueError(f"audit: {count} non-members of label {label} needed, only "
+                             f"{len(pool)} unused articles have it: lower --candidates")
+        nonmembers += pool[:count]
+        by_label[label] = pool[count:]
+    reference_pool = [ex for pool in by_label.values() for ex in pool]
+    if reference_size > 0 and len(reference_pool) < reference_size:
+        raise ValueError(f"audit: {len(reference_pool)} articles left for the reference "
+                         f"models, --reference-size asks {reference_size}")
+    return members, nonmembers, reference_pool
+
+
 def audit_global_model(spec, state: dict, members: Sequence, nonmembers: Sequence,
                        references: list[list[float]], delta: float) -> list[dict]:
     """Both attacks on one global model: ``references[k]`` holds reference model k's losses on
@@ -109,14 +147,14 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
     args.test_size = 300
     workdir, data_root, labels, test = bbc_workload(args)
-    held_out = load_jsonl(data_root / "test.jsonl")[len(test):]
-    rng = random.Random(args.seed)
-    rng.shuffle(held_out)
     members_pool = [ex for d in shard_dirs(data_root, args.nodes)
                     for ex in load_jsonl(d / "train.jsonl")]
-    members = rng.sample(members_pool, min(args.candidates, len(members_pool)))
-    nonmembers = held_out[: len(members)]
-    reference_pool = held_out[len(members):]
+    unused = unused_training_articles(members_pool, args.seed)
+    held_out = load_jsonl(data_root / "test.jsonl")[len(test):]
+    members, nonmembers, reference_pool = candidate_pools(
+        members_pool, unused + held_out, args.candidates, args.reference_size, args.seed)
+    print(f"audit: {len(members)} members, {len(nonmembers)} non-members (label-matched), "
+          f"{len(reference_pool)} articles for the reference models")
     jobs = parse_methods(args.jobs)
     rows = []
     cluster = LocalCluster(workdir, shard_dirs(data_root, args.nodes))

@@ -89,3 +89,25 @@ def test_roc_of_separated_scores_is_perfect_and_the_bound_follows_the_rates():
     assert empirical_epsilon(0.3, 0.3, 0.0) == 0.0
     low, high = clopper_pearson(5, 100)
     assert 0 < low < 0.05 < high < 0.15
+
+
+def test_bench_candidate_pools_are_disjoint_label_matched_and_checked_before_any_job():
+    from collections import Counter
+
+    from confide.bench.audit import candidate_pools
+    from confide.node.data import Example
+
+    members_pool = [Example(f"m{i}", i % 3) for i in range(90)]
+    outsiders = [Example(f"o{i}", i % 3) for i in range(150)]
+    members, nonmembers, reference = candidate_pools(members_pool, outsiders, 60, 30, seed=1)
+    assert len(members) == len(nonmembers) == 60
+    assert Counter(e.label for e in members) == Counter(e.label for e in nonmembers)
+    texts = [e.text for e in members + nonmembers + reference]
+    assert len(texts) == len(set(texts))  # no article in two roles
+    assert all(e.text.startswith("o") for e in nonmembers + reference)
+    assert len(reference) == 150 - 60
+
+    with pytest.raises(ValueError, match="lower --candidates"):
+        candidate_pools(members_pool, [Example("o", 0)] * 10, 60, 0, seed=1)
+    with pytest.raises(ValueError, match="--reference-size asks 200"):
+        candidate_pools(members_pool, outsiders, 60, 200, seed=1)
