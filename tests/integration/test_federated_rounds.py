@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
 import torch
 
 from confide.cluster.experiment import Evaluator
@@ -43,33 +46,43 @@ def test_two_rounds_change_the_adapter_and_lower_the_loss(tmp_path, shards):
     assert after["accuracy"] > 0.6
 
 
-def test_events_follow_the_round_structure(tmp_path, shards):
-    with LocalCluster(tmp_path / "cluster", shards(2), mqtt=False) as cluster, \
+@pytest.fixture(scope="module")
+def three_nodes(tmp_path_factory):
+    """One cluster for the tests below, in file order: the events of a round, then a node
+    killed mid-round (two are left), then a second killed (too few)."""
+    from tests.conftest import make_shards
+
+    root = tmp_path_factory.mktemp("rounds")
+    with LocalCluster(root / "cluster", make_shards(root / "data", 3), mqtt=False) as cluster, \
             Client(cluster.address) as client:
-        wait_for_nodes(client, 2)
-        job = client.submit_job(tiny_spec(rounds=1, max_steps=3))
-        kinds = [e.kind for e in client.watch_job(job.job_id)]
-        nodes = client.list_nodes()
+        online = wait_for_nodes(client, 3)
+        cluster.node_ids = {n.info.name: n.node_id for n in online}
+        yield cluster, client
+
+
+def test_events_follow_the_round_structure(three_nodes):
+    _, client = three_nodes
+    job = client.submit_job(tiny_spec(rounds=1, max_steps=3))
+    kinds = [e.kind for e in client.watch_job(job.job_id)]
+    nodes = client.list_nodes()
     assert kinds[0] == "job.submitted"
     assert kinds[-1] == "job.completed"
     assert kinds.index("round.started") < kinds.index("node.done") < kinds.index(
         "round.completed")
-    assert kinds.count("node.done") == 2
-    assert all(n.online for n in nodes) and len(nodes) == 2
+    assert kinds.count("node.done") == 3
+    assert all(n.online for n in nodes) and len(nodes) == 3
     assert all(n.info.datasets["train"] == 64 for n in nodes)
 
 
-def test_node_killed_mid_round_the_round_completes_with_the_others(tmp_path, shards):
+def test_node_killed_mid_round_the_round_completes_with_the_others(three_nodes):
+    cluster, client = three_nodes
     # long enough local training that the kill lands mid-round
     spec = tiny_spec(rounds=2, min_nodes=2, epochs=40)
-    with LocalCluster(tmp_path / "cluster", shards(3), mqtt=False) as cluster, \
-            Client(cluster.address) as client:
-        online = wait_for_nodes(client, 3)
-        victim_id = next(n.node_id for n in online if n.info.name == "node0")
-        job = client.submit_job(spec)
-        events_until(client, job.job_id, "round.started")
-        cluster.kill_node(0)
-        final = client.wait_job(job.job_id)
+    victim_id = cluster.node_ids["node0"]
+    job = client.submit_job(spec)
+    events_until(client, job.job_id, "round.started")
+    cluster.kill_node(0)
+    final = client.wait_job(job.job_id)
     assert final.state == pb.COMPLETED, final.reason
     first = final.rounds[0]
     assert victim_id in first.dropped
@@ -78,15 +91,19 @@ def test_node_killed_mid_round_the_round_completes_with_the_others(tmp_path, sha
     assert victim_id not in final.rounds[1].selected
 
 
-def test_job_fails_with_a_clear_reason_when_too_few_nodes_answer(tmp_path, shards):
+def test_job_fails_with_a_clear_reason_when_too_few_nodes_answer(three_nodes):
+    cluster, client = three_nodes
+    if 0 in cluster.nodes:  # run alone: take node0 away first, two nodes are left
+        cluster.kill_node(0)
+    deadline = time.monotonic() + 60
+    while {n.info.name for n in client.list_nodes() if n.online} != {"node1", "node2"}:
+        assert time.monotonic() < deadline, "the coordinator never saw node0 go"
+        time.sleep(0.2)
     spec = tiny_spec(rounds=2, min_nodes=2, epochs=40)
-    with LocalCluster(tmp_path / "cluster", shards(2), mqtt=False) as cluster, \
-            Client(cluster.address) as client:
-        wait_for_nodes(client, 2)
-        job = client.submit_job(spec)
-        events_until(client, job.job_id, "round.started")
-        cluster.kill_node(1)
-        final = client.wait_job(job.job_id)
+    job = client.submit_job(spec)
+    events_until(client, job.job_id, "round.started")
+    cluster.kill_node(1)
+    final = client.wait_job(job.job_id)
     assert final.state == pb.FAILED
     assert "round 1: 1 of 2 node(s) returned a valid update, min_nodes is 2" in final.reason
     assert "disconnected" in final.reason

@@ -4,6 +4,7 @@ fraction of FedAvg-LoRA's and the residuals stay in the nodes' own folders."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -19,6 +20,23 @@ NODES = 2
 ROUNDS = 2
 
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """The nodes every job of this file runs on (the jobs are independent: each keeps its
+    residuals and states under its own job id)."""
+    from tests.conftest import make_shards
+
+    root = tmp_path_factory.mktemp("cellm")
+    data = make_shards(root / "data", NODES, per_node=64)
+    with (
+        LocalCluster(root / "cluster", data, mqtt=False) as cluster,
+        Client(cluster.address) as client,
+    ):
+        wait_for_nodes(client, NODES)
+        cluster.client = client
+        yield cluster
+
+
 def _run(client: Client, spec: pb.JobSpec) -> tuple[pb.JobStatus, dict, dict]:
     job = client.submit_job(spec)
     final = client.wait_job(job.job_id)
@@ -26,18 +44,13 @@ def _run(client: Client, spec: pb.JobSpec) -> tuple[pb.JobStatus, dict, dict]:
     return final, client.fetch_global_model(job.job_id, 0), client.fetch_global_model(job.job_id)
 
 
-def test_cellm_sends_a_fraction_of_fedavg_lora_uplink(tmp_path, shards):
-    data = shards(NODES, per_node=64)
+def test_cellm_sends_a_fraction_of_fedavg_lora_uplink(cluster):
+    data, client = cluster.node_data_dirs, cluster.client
     options = dict(rounds=ROUNDS, min_nodes=NODES, max_steps=4)
     cellm_spec = tiny_spec(method="cellm", params={"density": 0.1}, **options)
     fedavg_spec = tiny_spec(method="fedavg-lora", **options)
-    with (
-        LocalCluster(tmp_path / "cluster", data, mqtt=False) as cluster,
-        Client(cluster.address) as client,
-    ):
-        wait_for_nodes(client, NODES)
-        cellm, initial, trained = _run(client, cellm_spec)
-        fedavg, _, _ = _run(client, fedavg_spec)
+    cellm, initial, trained = _run(client, cellm_spec)
+    fedavg, _, _ = _run(client, fedavg_spec)
 
     assert cellm.rounds_completed == fedavg.rounds_completed == ROUNDS
     for sparse, dense in zip(cellm.rounds, fedavg.rounds, strict=True):
@@ -63,23 +76,17 @@ def test_cellm_sends_a_fraction_of_fedavg_lora_uplink(tmp_path, shards):
         assert any(bool(residual.any()) for residual in memory.values())
 
 
-def test_a_sparse_downlink_sends_each_node_the_largest_changes_since_its_state(tmp_path,
-                                                                            shards):
+def test_a_sparse_downlink_sends_each_node_the_largest_changes_since_its_state(cluster):
     """downlink_density 0.1: after the seeded first round each node's task carries about a
     tenth of the adapter (the largest changes since the state that node holds), the node
     rebuilds the state the coordinator computed for it (digest-checked: a mismatch would
     send the whole state, which the byte count would show), and the job trains."""
     rounds = 3
-    data = shards(NODES, per_node=64)
+    data, client = cluster.node_data_dirs, cluster.client
     spec = tiny_spec(method="cellm", params={"density": 0.1, "downlink_density": 0.1},
                      rounds=rounds, min_nodes=NODES, max_steps=4)
-    with (
-        LocalCluster(tmp_path / "cluster", data, mqtt=False) as cluster,
-        Client(cluster.address) as client,
-    ):
-        wait_for_nodes(client, NODES)
-        final, initial, trained = _run(client, spec)
-        last_sent = client.fetch_global_model(final.job_id, rounds - 1)
+    final, initial, trained = _run(client, spec)
+    last_sent = client.fetch_global_model(final.job_id, rounds - 1)
 
     dense = wire_size(initial)
     assert final.rounds_completed == rounds

@@ -17,22 +17,32 @@ SIGMA = 1.0
 DELTA = 1e-5
 
 
-def _run(tmp_path, shards, spec) -> tuple[pb.JobStatus, list[pb.Event], dict, dict]:
-    events: list[pb.Event] = []
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    """Two nodes for every job of this file (node-level DP charges no node's ledger, and
+    these nodes set no budget: the jobs do not depend on one another)."""
+    from tests.conftest import make_shards
+
+    root = tmp_path_factory.mktemp("dp-lora")
     with (
-        LocalCluster(tmp_path / "cluster", shards(2), mqtt=False) as cluster,
+        LocalCluster(root / "cluster", make_shards(root / "data", 2), mqtt=False) as cluster,
         Client(cluster.address) as client,
     ):
         wait_for_nodes(client, 2)
-        job = client.submit_job(spec)
-        final = client.wait_job(job.job_id, on_event=events.append)
-        initial = client.fetch_global_model(job.job_id, 0)
-        trained = client.fetch_global_model(job.job_id)
+        yield client
+
+
+def _run(client: Client, spec) -> tuple[pb.JobStatus, list[pb.Event], dict, dict]:
+    events: list[pb.Event] = []
+    job = client.submit_job(spec)
+    final = client.wait_job(job.job_id, on_event=events.append)
+    initial = client.fetch_global_model(job.job_id, 0)
+    trained = client.fetch_global_model(job.job_id)
     return final, events, initial, trained
 
 
 @pytest.mark.parametrize("mode", ["local", "central"])
-def test_dp_job_reports_increasing_epsilon_every_round(tmp_path, shards, mode):
+def test_dp_job_reports_increasing_epsilon_every_round(client, mode):
     spec = tiny_spec(
         method="dp-lora",
         rounds=3,
@@ -40,7 +50,7 @@ def test_dp_job_reports_increasing_epsilon_every_round(tmp_path, shards, mode):
         max_steps=3,
         params={"unit": "node", "noise_multiplier": SIGMA, "clip_norm": 1.0, "mode": mode},
     )
-    final, events, initial, trained = _run(tmp_path, shards, spec)
+    final, events, initial, trained = _run(client, spec)
 
     assert final.state == pb.COMPLETED, final.reason
     assert final.rounds_completed == 3
@@ -66,7 +76,7 @@ def test_dp_job_reports_increasing_epsilon_every_round(tmp_path, shards, mode):
     assert all(torch.isfinite(t).all() for t in trained.values())
 
 
-def test_job_stops_cleanly_when_the_budget_would_be_exceeded(tmp_path, shards):
+def test_job_stops_cleanly_when_the_budget_would_be_exceeded(client):
     accountant = RdpAccountant()
     after_two = accountant.epsilon(SIGMA, 1.0, 2, DELTA)
     after_three = accountant.epsilon(SIGMA, 1.0, 3, DELTA)
@@ -78,7 +88,7 @@ def test_job_stops_cleanly_when_the_budget_would_be_exceeded(tmp_path, shards):
         max_steps=2,
         params={"unit": "node", "noise_multiplier": SIGMA, "target_epsilon": target},
     )
-    final, events, _initial, _trained = _run(tmp_path, shards, spec)
+    final, events, _initial, _trained = _run(client, spec)
 
     assert final.state == pb.COMPLETED, final.reason
     assert final.rounds_completed == 2 < 5

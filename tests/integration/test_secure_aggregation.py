@@ -123,31 +123,33 @@ def test_every_summable_method_runs_securely_and_the_wire_carries_only_masks(tmp
     float32 deltas (a skewed byte histogram), under secure aggregation only masked ring
     vectors (bytes uniform up to framing)."""
     data = shards(3, per_node=64)
-    with LocalCluster(tmp_path / "cluster", data, mqtt=False) as cluster:
-        host, port = cluster.address.rsplit(":", 1)
-        with WireCapture(host, int(port)) as capture, Client(cluster.address) as client:
-            cluster.nodes[0].kill()
-            cluster.nodes[0].wait()
-            cluster.start_node(0, coordinator=capture.address)
-            wait_for_nodes(client, 3)
-            streams, finals, initial = {}, {}, {}
-            for name, method, params, secure in [
-                ("plain-full", "fedavg-full", None, False),
-                ("fedavg-full", "fedavg-full", None, True),
-                ("ferret", "ferret", {"k": 8}, True),
-                ("dp-lora-local", "dp-lora",
-                 {"unit": "node", "mode": "local", "noise_multiplier": 0.3}, True),
-                ("dp-lora-example", "dp-lora",
-                 {"unit": "example", "noise_multiplier": 1.0, "expected_batch_size": 16,
-                  "local_steps": 2, "rounds": 1}, True),
-            ]:
-                start = len(capture.upstream)
-                job = client.submit_job(tiny_spec(method=method, rounds=1, min_nodes=3,
-                                                  max_steps=2, secure_aggregation=secure,
-                                                  params=params))
-                finals[name] = client.wait_job(job.job_id)
-                streams[name] = bytes(capture.upstream[start:])
-                initial[name] = client.fetch_global_model(job.job_id, 0)
+    cluster = LocalCluster(tmp_path / "cluster", data, mqtt=False)
+    host, port = cluster.address.rsplit(":", 1)
+    with WireCapture(host, int(port)) as capture:
+        cluster.start(dial={0: capture.address})  # node0 dials through the recording relay
+        try:
+            with Client(cluster.address) as client:
+                wait_for_nodes(client, 3)
+                streams, finals, initial = {}, {}, {}
+                for name, method, params, secure in [
+                    ("plain-full", "fedavg-full", None, False),
+                    ("fedavg-full", "fedavg-full", None, True),
+                    ("ferret", "ferret", {"k": 8}, True),
+                    ("dp-lora-local", "dp-lora",
+                     {"unit": "node", "mode": "local", "noise_multiplier": 0.3}, True),
+                    ("dp-lora-example", "dp-lora",
+                     {"unit": "example", "noise_multiplier": 1.0, "expected_batch_size": 16,
+                      "local_steps": 2, "rounds": 1}, True),
+                ]:
+                    start = len(capture.upstream)
+                    job = client.submit_job(tiny_spec(method=method, rounds=1, min_nodes=3,
+                                                      max_steps=2, secure_aggregation=secure,
+                                                      params=params))
+                    finals[name] = client.wait_job(job.job_id)
+                    streams[name] = bytes(capture.upstream[start:])
+                    initial[name] = client.fetch_global_model(job.job_id, 0)
+        finally:
+            cluster.stop()
     for name, final in finals.items():
         assert final.state == pb.COMPLETED, (name, final.reason)
         if name != "plain-full":

@@ -46,22 +46,23 @@ def test_tasks_results_and_fetched_models_stream_per_tensor(tmp_path):
     folder = tmp_path / "node0"
     folder.mkdir()
     write_jsonl(folder / "train.jsonl", synthetic_classification(32, 2, seed=5))
-    with LocalCluster(tmp_path / "cluster", [folder], mqtt=False) as cluster:
-        host, port = cluster.address.rsplit(":", 1)
-        with WireCapture(host, int(port)) as capture:
-            cluster.nodes[0].kill()  # restart the node behind the capturing relay
-            cluster.nodes[0].wait()
-            cluster.start_node(0, coordinator=capture.address)
+    cluster = LocalCluster(tmp_path / "cluster", [folder], mqtt=False)
+    host, port = cluster.address.rsplit(":", 1)
+    with WireCapture(host, int(port)) as capture:
+        try:
+            cluster.start(dial={0: capture.address})  # the node behind the capturing relay
             with Client(cluster.address) as client:
                 wait_for_nodes(client, 1)
                 job = client.submit_job(tiny_spec(rounds=2, min_nodes=1, max_steps=2))
                 final = client.wait_job(job.job_id)
                 fetched = client.fetch_global_model(job.job_id)
             connections = [(bytes(up), bytes(down)) for up, down in capture.connections]
-        with grpc.insecure_channel(cluster.address) as channel:
-            stub = pb_grpc.CoordinatorStub(channel)
-            raw = list(stub.FetchGlobalModel(pb.FetchGlobalModelRequest(job_id=job.job_id),
-                                             timeout=60))
+            with grpc.insecure_channel(cluster.address) as channel:
+                stub = pb_grpc.CoordinatorStub(channel)
+                raw = list(stub.FetchGlobalModel(
+                    pb.FetchGlobalModelRequest(job_id=job.job_id), timeout=60))
+        finally:
+            cluster.stop()
     assert final.state == pb.COMPLETED, final.reason
     session = max(connections, key=lambda c: len(c[0]) + len(c[1]))
     up = _parsed(pb.NodeMessage, grpc_messages(session[0]))

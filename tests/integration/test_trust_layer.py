@@ -159,10 +159,10 @@ def test_anonymous_submissions_reject_replays_doubles_outsiders_and_tampering(tm
 
 def test_budgeted_job_selects_by_truthful_auction_and_pays_critical_values(tmp_path, shards):
     budget = 10.0
-    with LocalCluster(tmp_path / "cluster", shards(3), mqtt=False) as cluster:
+    cluster = LocalCluster(tmp_path / "cluster", shards(3), mqtt=False)
+    try:
+        cluster.start_coordinator()
         for index, cost in enumerate((1.0, 2.0, 40.0)):
-            cluster.nodes[index].kill()
-            cluster.nodes[index].wait()
             cluster.start_node(index, "--cost", str(cost))
         with Client(cluster.address) as client:
             nodes = {n.info.name: n for n in wait_for_nodes(client, 3)}
@@ -170,6 +170,8 @@ def test_budgeted_job_selects_by_truthful_auction_and_pays_critical_values(tmp_p
                                               budget=budget))
             final = client.wait_job(job.job_id)
             ledger = client.get_ledger(job.job_id)
+    finally:
+        cluster.stop()
     assert final.state == pb.COMPLETED, final.reason
     expensive = nodes["node2"].node_id
     for summary in final.rounds:
