@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from confide.coordinator.broker import free_port
@@ -166,17 +166,19 @@ class LocalCluster:
             args += ["--anonymous-coordinator", f"127.0.0.1:{self.anonymous_port}"]
         return args
 
-    def start(self, timeout: float = 60.0, dial: Mapping[int, str] | None = None
-              ) -> LocalCluster:
+    def start(self, timeout: float = 60.0, dial: Mapping[int, str] | None = None,
+              flags: Mapping[int, Sequence[str]] | None = None,
+              split_server_flags: Sequence[str] = ()) -> LocalCluster:
         """Every process at once: the nodes load their libraries (seconds) while the
         coordinator starts, and dial it with backoff until it listens. ``dial`` gives some
-        nodes another address to dial (a relay in front of the coordinator)."""
-        dial = dial or {}
+        nodes another address to dial (a relay in front of the coordinator), ``flags`` some
+        nodes extra ``node serve`` flags."""
+        dial, flags = dial or {}, flags or {}
         self._spawn_coordinator()
         for index in range(len(self.node_data_dirs)):
-            self.start_node(index, coordinator=dial.get(index, ""))
+            self.start_node(index, *flags.get(index, ()), coordinator=dial.get(index, ""))
         if self.split_server:
-            self.start_split_server()
+            self.start_split_server(*split_server_flags)
         try:
             self._wait_for_coordinator(timeout)
         except ClusterError:

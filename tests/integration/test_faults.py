@@ -144,16 +144,15 @@ def cluster(tmp_path_factory):
     broker_port = free_port()
     broker = _start_broker(broker_port)
     cluster = LocalCluster(root / "cluster", make_shards(root / "data", 2), mqtt=False,
-                           heartbeat_interval_s=1.0,
+                           heartbeat_interval_s=1.0, split_server=True,
                            coordinator_args=("--mqtt", f"mqtt://127.0.0.1:{broker_port}"))
     cluster.broker = broker
     cluster.broker_port = broker_port
     try:
-        cluster.start_coordinator()
         # the nodes' agents and Minions use the 2-layer test model, not SmolLM2
-        for index in range(len(cluster.node_data_dirs)):
-            cluster.start_node(index, "--local-model", "tiny")
-        cluster.start_split_server("--local-model", "tiny")
+        tiny = ("--local-model", "tiny")
+        cluster.start(flags={i: tiny for i in range(len(cluster.node_data_dirs))},
+                      split_server_flags=tiny)
         with Client(cluster.address) as client:
             nodes = {n.info.name: n for n in wait_for_nodes(client, 3)}
         cluster.peer = {name: n.info.peer_address for name, n in nodes.items()}

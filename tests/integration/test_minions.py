@@ -42,11 +42,10 @@ def cluster(tmp_path_factory):
     cluster = LocalCluster(root / "cluster", dirs, mqtt=False,
                            coordinator_args=("--remote-model", "tiny",
                                              "--minions-max-tokens", "8"))
-    cluster.start_coordinator()
     host, port = cluster.address.rsplit(":", 1)
     with WireCapture(host, int(port)) as capture:
-        cluster.start_node(0, "--local-model", "tiny", coordinator=capture.address)
-        cluster.start_node(1, "--local-model", "tiny")
+        cluster.start(dial={0: capture.address},
+                      flags={0: ("--local-model", "tiny"), 1: ("--local-model", "tiny")})
         try:
             with Client(cluster.address) as client:
                 wait_for_nodes(client, 2)

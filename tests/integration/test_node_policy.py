@@ -40,8 +40,7 @@ def test_a_node_refuses_what_its_owner_did_not_allow(tmp_path, shards):
                   "--max-rounds", "2", "--max-local-steps", "3")
     cluster = LocalCluster(tmp_path / "cluster", shards(1, per_node=64), mqtt=False)
     try:
-        cluster.start_coordinator()
-        cluster.start_node(0, *node_flags)
+        cluster.start(flags={0: node_flags})
         with Client(cluster.address) as client:
             wait_for_nodes(client, 1)
 

@@ -28,9 +28,7 @@ def _cluster(tmp_path, dirs, *flags: str) -> Iterator[tuple[LocalCluster, Client
     """A coordinator and one node per folder, every node started with ``flags``."""
     cluster = LocalCluster(tmp_path / "cluster", dirs, mqtt=False)
     try:
-        cluster.start_coordinator()
-        for i in range(len(dirs)):
-            cluster.start_node(i, *flags)
+        cluster.start(flags={i: flags for i in range(len(dirs))})
         with Client(cluster.address) as client:
             wait_for_nodes(client, len(dirs))
             yield cluster, client

@@ -90,8 +90,7 @@ def node(tmp_path_factory):
     cluster = LocalCluster(root / "cluster", [folder], mqtt=False)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(node_private.AUDIT_ENV, "1")  # the node's parties record their view
-        cluster.start_coordinator()
-        cluster.start_node(0, "--listen", f"127.0.0.1:{port}")
+        cluster.start(flags={0: ("--listen", f"127.0.0.1:{port}")})
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

@@ -161,9 +161,8 @@ def test_budgeted_job_selects_by_truthful_auction_and_pays_critical_values(tmp_p
     budget = 10.0
     cluster = LocalCluster(tmp_path / "cluster", shards(3), mqtt=False)
     try:
-        cluster.start_coordinator()
-        for index, cost in enumerate((1.0, 2.0, 40.0)):
-            cluster.start_node(index, "--cost", str(cost))
+        cluster.start(flags={i: ("--cost", str(cost))
+                             for i, cost in enumerate((1.0, 2.0, 40.0))})
         with Client(cluster.address) as client:
             nodes = {n.info.name: n for n in wait_for_nodes(client, 3)}
             job = client.submit_job(tiny_spec(rounds=2, min_nodes=2, max_steps=2,
