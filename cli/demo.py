@@ -76,9 +76,6 @@ def dp_lora_defaults(params: dict | None, rounds: int) -> dict:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from confide.cluster.experiment import run_experiment, shard_dirs
-    from confide.cluster.local import ClusterError, LocalCluster
-    from confide.node.data import load_jsonl, prepare_bbc_shards
     from confide.node.methods import get_method
     from confide.sdk.client import job_spec
 
@@ -93,6 +90,11 @@ def run_demo(args: argparse.Namespace) -> int:
     except ValueError as exc:  # json.JSONDecodeError included
         print(f"error: {exc}")
         return 2
+    # checked first: these import the training stack (PEFT, transformers: seconds)
+    from confide.cluster.experiment import run_experiment, shard_dirs
+    from confide.cluster.local import ClusterError, LocalCluster
+    from confide.node.data import load_jsonl, prepare_bbc_shards
+
     workdir = Path(args.workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
